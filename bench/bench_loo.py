@@ -1,0 +1,81 @@
+"""Closed-form vs explicit-refit leave-one-out timing for the linear probes.
+
+    python bench/bench_loo.py [--n 200] [--d 256] [--lam 1.0] [--repeats 5]
+
+Prints median wall time of closed-form ridge LOO (probes.stats.ridge_loo,
+dual form since d > n) vs n explicit ridge refits (ridge_fit on n-1 rows in
+a Python loop), their max abs disagreement and the speed ratio; then the
+same for logistic LOO (approximate one-Newton-step, batched exact, loop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from probes.stats import logistic_fit, logistic_loo, ridge_fit, ridge_loo  # noqa: E402
+
+
+def _median_time(fn, repeats: int):
+    fn()  # warm-up
+    ts = []
+    out = None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = fn()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts), out
+
+
+def _refit_loop(fit, x, y, lam, link=lambda z: z):
+    n = x.shape[0]
+    out = torch.empty(n, dtype=torch.float64)
+    for i in range(n):
+        keep = torch.arange(n) != i
+        w, b = fit(x[keep], y[keep], lam)
+        out[i] = link(x[i].double() @ w + b)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--d", type=int, default=256)
+    ap.add_argument("--lam", type=float, default=1.0)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--no-logistic", action="store_true")
+    args = ap.parse_args()
+
+    g = torch.Generator().manual_seed(0)
+    n, d, lam = args.n, args.d, args.lam
+    x = torch.randn(n, d, generator=g, dtype=torch.float64)
+    w_true = torch.randn(d, generator=g, dtype=torch.float64) / d**0.5
+    y = (x @ w_true + 0.5 * torch.randn(n, generator=g, dtype=torch.float64) > 0).double()
+    print(f"n={n} d={d} lam={lam} torch={torch.__version__} threads={torch.get_num_threads()} repeats={args.repeats}")
+
+    t_cf, loo_cf = _median_time(lambda: ridge_loo(x, y, lam), args.repeats)
+    t_rf, loo_rf = _median_time(lambda: _refit_loop(ridge_fit, x, y, lam), max(1, args.repeats // 2))
+    print(f"ridge closed-form LOO : {t_cf * 1e3:9.2f} ms")
+    print(f"ridge {n} refits      : {t_rf * 1e3:9.2f} ms")
+    print(f"ridge speed ratio     : {t_rf / t_cf:9.1f}x   max|diff| = {(loo_cf - loo_rf).abs().max().item():.2e}")
+
+    if args.no_logistic:
+        return
+    t_alo, p_alo = _median_time(lambda: logistic_loo(x, y, lam), args.repeats)
+    t_ex, p_ex = _median_time(lambda: logistic_loo(x, y, lam, exact=True), max(1, args.repeats // 2))
+    t_lp, p_lp = _median_time(lambda: _refit_loop(logistic_fit, x, y, lam, torch.sigmoid), 1)
+    print(f"logistic approx LOO   : {t_alo * 1e3:9.2f} ms   max|p - exact| = {(p_alo - p_ex).abs().max().item():.2e}")
+    print(f"logistic batched exact: {t_ex * 1e3:9.2f} ms   max|p - loop|  = {(p_ex - p_lp).abs().max().item():.2e}")
+    print(f"logistic {n} refits   : {t_lp * 1e3:9.2f} ms")
+    print(f"logistic ratios       : loop/approx {t_lp / t_alo:.1f}x, loop/batched {t_lp / t_ex:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

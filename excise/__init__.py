@@ -1,0 +1,16 @@
+"""excise: locate, cut out, and verify the deletion of knowledge in transformer language models.
+
+The shared core. The three stages live in the top-level packages ``locate``, ``edit`` and
+``probes``; this package holds what they share: model handles and sites, requests, the model
+organism, result types, the pipeline and the CLI.
+"""
+
+from excise.handle import Batch, ModelHandle, TLHandle
+from excise.organism import Organism, PRESETS, organism
+from excise.request import FactSet, ForgetRequest
+from excise.sites import Selection, Unit
+from excise.world import Fact
+
+__all__ = ["Batch", "Fact", "FactSet", "ForgetRequest", "ModelHandle", "Organism", "PRESETS",
+           "Selection", "TLHandle", "Unit", "organism"]
+__version__ = "0.1.0"

@@ -1,0 +1,274 @@
+"""Edit and Diff: every change excise makes to a model is reversible, tracked and saveable.
+
+An :class:`Edit` is what every ``edit.*`` method returns, already applied. It is a context manager
+(reverted on exit, also after an exception), has ``revert()``, a :class:`Diff` (parameter ->
+flat indices, old values, new values) that can be saved and re-applied to a fresh copy of the same
+model, and a manifest (method, parameters, selection, model fingerprint before and after, and the
+chain of edits it was applied on top of). Hook edits keep their hook handles and remove them on
+revert. Applying the same edit twice is refused; edits are reverted last-in, first-out.
+
+Old values are stored exactly, so ``revert()`` restores parameters bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+import torch
+from torch import Tensor
+
+from excise.handle import HookFn, ModelHandle
+from excise.io import load_safetensors, safetensors_metadata, save_safetensors, write_json
+from excise.sites import Selection
+
+
+@dataclass(frozen=True)
+class ParamChange:
+    indices: Tensor  # [k] long, flat positions in the parameter
+    old: Tensor  # [k]
+    new: Tensor  # [k]
+
+    def __post_init__(self):
+        if not (self.indices.shape == self.old.shape == self.new.shape):
+            raise ValueError(f"ParamChange: shapes differ: indices {tuple(self.indices.shape)}, "
+                             f"old {tuple(self.old.shape)}, new {tuple(self.new.shape)}")
+
+
+@dataclass(frozen=True)
+class Diff:
+    """Weight changes by parameter site, with the manifest of the edit that made them."""
+
+    changes: Mapping[str, ParamChange]
+    manifest: Mapping = field(default_factory=dict)
+
+    def n_changed(self) -> int:
+        return sum(int((c.old != c.new).sum()) for c in self.changes.values())
+
+    def save(self, path: str | Path) -> Path:
+        """Write the diff as safetensors (manifest in its metadata) plus ``<path>.json``."""
+        path = Path(path)
+        tensors = {}
+        for site, c in self.changes.items():
+            tensors[f"{site}::indices"] = c.indices
+            tensors[f"{site}::old"] = c.old
+            tensors[f"{site}::new"] = c.new
+        meta = {"format": "excise.diff/1", "manifest": json.dumps(self.manifest, default=str)}
+        save_safetensors(tensors, path, metadata=meta)
+        write_json(path.with_suffix(".json"), dict(self.manifest))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Diff":
+        md = safetensors_metadata(path)
+        if md.get("format") != "excise.diff/1":
+            raise ValueError(f"{path} is not an excise diff file (format "
+                             f"{md.get('format')!r})")
+        t = load_safetensors(path)
+        sites = sorted({k.rsplit("::", 1)[0] for k in t})
+        changes = {s: ParamChange(t[f"{s}::indices"], t[f"{s}::old"], t[f"{s}::new"])
+                   for s in sites}
+        return cls(changes, json.loads(md["manifest"]))
+
+    def apply(self, handle: ModelHandle, *, check_fingerprint: bool = True) -> "Edit":
+        """Re-apply this diff to ``handle`` (refused unless the weights are the ones it was made
+        on, as recorded by the fingerprint in the manifest)."""
+        want = self.manifest.get("fingerprint_before")
+        if check_fingerprint and want:
+            have = handle.fingerprint()
+            if have != want:
+                raise ValueError(f"this diff was made on a model with fingerprint {want}, but "
+                                 f"the model given has {have}: refusing to apply it to "
+                                 f"different weights")
+        for site, c in self.changes.items():
+            p = handle.parameter(site)
+            if c.indices.numel() and int(c.indices.max()) >= p.numel():
+                raise ValueError(f"diff indices out of range for {site} ({p.numel()} elements)")
+        e = Edit(handle, self.manifest.get("method", "diff"), dict(self.manifest.get("params", {})),
+                 None, changes=dict(self.changes))
+        return e.apply()
+
+
+class Edit:
+    """A change to a model that can be undone. Created and applied by the ``edit`` methods."""
+
+    def __init__(self, handle: ModelHandle, method: str, params: Mapping,
+                 selection: Selection | None, *,
+                 changes: Mapping[str, ParamChange] | None = None,
+                 hooks: Mapping[str, HookFn] | None = None,
+                 hook_state: Mapping[str, Tensor] | None = None):
+        self.handle = handle
+        self.method = method
+        self.params = dict(params)
+        self.selection = selection
+        self.changes = dict(changes or {})
+        self.hook_fns = dict(hooks or {})
+        self.hook_state = dict(hook_state or {})  # tensors a hook edit needs to be re-created
+        self._hook_handles: list = []
+        self.state = "pending"
+        self.fingerprint_before: str | None = None
+        self.fingerprint_after: str | None = None
+        self.chain: list[dict] = []
+        if not self.changes and not self.hook_fns:
+            raise ValueError(f"edit {method!r} changes nothing (empty selection?)")
+
+    # -- identity ----------------------------------------------------------------------------
+    def key(self) -> tuple:
+        sel = self.selection.digest() if self.selection is not None else ""
+        return (self.method, json.dumps(self.params, sort_keys=True, default=str), sel)
+
+    @property
+    def manifest(self) -> dict:
+        return {
+            "method": self.method,
+            "params": self.params,
+            "selection": {"n_units": len(self.selection), "source": self.selection.source,
+                          "sites": self.selection.sites(),
+                          "digest": self.selection.digest()} if self.selection else None,
+            "hooks": sorted(self.hook_fns),
+            "params_changed": self.n_changed(),
+            "params_changed_frac": self.n_changed() / max(1, self.handle.n_parameters()),
+            "fingerprint_before": self.fingerprint_before,
+            "fingerprint_after": self.fingerprint_after,
+            "model": self.handle.name,
+            "chain": self.chain,
+            "state": self.state,
+        }
+
+    @property
+    def diff(self) -> Diff:
+        return Diff(self.changes, self.manifest)
+
+    def n_changed(self) -> int:
+        return sum(int((c.old != c.new).sum()) for c in self.changes.values())
+
+    # -- apply / revert ----------------------------------------------------------------------
+    def apply(self) -> "Edit":
+        if self.state == "applied":
+            raise RuntimeError(f"edit {self.method!r} is already applied")
+        stack = _stack(self.handle)
+        for other in stack:
+            if other.key() == self.key():
+                raise RuntimeError(f"an identical {self.method!r} edit is already applied to "
+                                   f"this model; revert it first (re-running a notebook cell "
+                                   f"would otherwise stack the same edit twice)")
+        for site, c in self.changes.items():
+            if not torch.isfinite(c.new).all():
+                raise ValueError(f"edit {self.method!r} would write non-finite values into "
+                                 f"{site}; nothing was changed")
+        self.fingerprint_before = self.handle.fingerprint()
+        self.chain = [o.manifest | {"chain": []} for o in stack]
+        written: list[tuple[Tensor, ParamChange]] = []
+        try:
+            with torch.no_grad():
+                for site, c in self.changes.items():
+                    p = self.handle.parameter(site)
+                    flat = p.data.view(-1)
+                    if not torch.equal(flat[c.indices], c.old.to(flat.dtype)):
+                        raise RuntimeError(f"parameter {site} no longer holds the values this "
+                                           f"edit was computed from")
+                    written.append((flat, c))
+                    flat[c.indices] = c.new.to(flat.dtype)
+            for site, fn in self.hook_fns.items():
+                self._hook_handles.append(self.handle.add_persistent_hook(site, fn))
+        except BaseException:
+            with torch.no_grad():
+                for flat, c in reversed(written):
+                    flat[c.indices] = c.old.to(flat.dtype)
+            for h in self._hook_handles:
+                h.remove()
+            self._hook_handles.clear()
+            raise
+        self.fingerprint_after = self.handle.fingerprint()
+        self.state = "applied"
+        stack.append(self)
+        return self
+
+    def revert(self) -> None:
+        if self.state != "applied":
+            raise RuntimeError(f"edit {self.method!r} is not applied (state: {self.state})")
+        stack = _stack(self.handle)
+        if stack and stack[-1] is not self:
+            raise RuntimeError(f"edits are reverted last-in first-out: revert "
+                               f"{stack[-1].method!r} (applied later) before {self.method!r}")
+        try:
+            for h in self._hook_handles:
+                h.remove()
+            self._hook_handles.clear()
+            with torch.no_grad():
+                for site, c in reversed(list(self.changes.items())):
+                    flat = self.handle.parameter(site).data.view(-1)
+                    flat[c.indices] = c.old.to(flat.dtype)
+        finally:
+            if stack and stack[-1] is self:
+                stack.pop()
+            self.state = "reverted"
+
+    def __enter__(self) -> "Edit":
+        if self.state != "applied":
+            self.apply()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.state == "applied":
+            self.revert()
+
+    def __repr__(self) -> str:
+        return (f"Edit({self.method!r}, state={self.state}, params_changed={self.n_changed():,}, "
+                f"hooks={len(self.hook_fns)})")
+
+    def _repr_html_(self) -> str:
+        m = self.manifest
+        rows = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in m.items()
+                       if k not in ("chain",))
+        return f"<b>Edit</b> <code>{self.method}</code><table>{rows}</table>"
+
+
+def _stack(handle: ModelHandle) -> list[Edit]:
+    """Edits currently applied to this handle, oldest first (state lives on the handle)."""
+    if not hasattr(handle, "_excise_edits"):
+        handle._excise_edits = []  # type: ignore[attr-defined]
+    return handle._excise_edits  # type: ignore[attr-defined]
+
+
+def applied_edits(handle: ModelHandle) -> list[Edit]:
+    return list(_stack(handle))
+
+
+def weight_edit(handle: ModelHandle, method: str, params: Mapping, selection: Selection | None,
+                new_values: Mapping[str, tuple[Tensor, Tensor]]) -> Edit:
+    """Build and apply an Edit from ``{site: (flat_indices, new_values)}``; unchanged elements
+    are dropped from the diff."""
+    changes = {}
+    for site, (idx, new) in new_values.items():
+        p = handle.parameter(site).detach().view(-1)
+        idx = idx.to(torch.long).reshape(-1)
+        new = new.detach().reshape(-1).to(p.dtype)
+        if idx.shape != new.shape:
+            raise ValueError(f"{site}: {idx.numel()} indices but {new.numel()} new values")
+        if not torch.isfinite(new).all():
+            raise ValueError(f"edit {method!r} computed non-finite values for {site}; the model "
+                             f"was left as it was")
+        old = p[idx].clone()
+        keep = old != new
+        if keep.any():
+            changes[site] = ParamChange(idx[keep].clone(), old[keep], new[keep].clone())
+    return Edit(handle, method, params, selection, changes=changes).apply()
+
+
+def export(handle: ModelHandle, path: str | Path, *, overwrite: bool = False) -> Path:
+    """Save the (edited) model's weights as safetensors at a new path; never overwrites unless
+    asked."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; excise never overwrites a model file unless "
+                              f"overwrite=True")
+    if any(e.hook_fns for e in _stack(handle)):
+        raise ValueError("the model has hook edits applied; bake them into weights first "
+                         "(edit.project(..., bake=True)) or revert them before exporting")
+    save_safetensors(dict(handle.named_parameters()), path,
+                     metadata={"fingerprint": handle.fingerprint(), "format": "excise.model/1"})
+    return path
+

@@ -1,0 +1,223 @@
+"""The model organism: a small HookedTransformer trained on a synthetic world, with ground truth.
+
+``organism("small")`` generates the world, builds the tokenizer, and trains (or loads from the
+cache) a model that memorizes every trained person's facts. ``org.oracle(request)`` trains the
+*retrain oracle*: the same recipe and seed with the forget people's facts removed - the model that
+never saw the data. Both are cached under ``~/.cache/excise`` (``EXCISE_CACHE`` overrides) as
+safetensors + JSON, keyed by a hash of everything that determines the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+
+from excise.handle import TLHandle
+from excise.io import atomic_write_text, load_safetensors, save_safetensors
+from excise.request import FactSet, ForgetRequest
+from excise.world import World, Tokenizer, make_world
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    n_people: int
+    n_holdout: int
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_mlp: int
+    steps: int
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    n_filler: int = 200
+    shared_repeat: int = 4  # shared (city -> country) facts are repeated to weigh like general text
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+PRESETS: dict[str, Preset] = {
+    "tiny": Preset("tiny", n_people=24, n_holdout=8, n_layers=2, d_model=64, n_heads=4, d_mlp=256,
+                   steps=500, batch_size=64, lr=3e-3, n_filler=60),
+    "small": Preset("small", n_people=200, n_holdout=20, n_layers=4, d_model=256, n_heads=8,
+                    d_mlp=1024, steps=1200, batch_size=64, lr=1e-3),
+    "medium": Preset("medium", n_people=500, n_holdout=50, n_layers=6, d_model=384, n_heads=8,
+                     d_mlp=1536, steps=4000, batch_size=128, lr=6e-4),
+}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("EXCISE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                          "excise")
+    p = Path(root)
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def build_model(preset: Preset, vocab_size: int, n_ctx: int):
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(
+        n_layers=preset.n_layers, d_model=preset.d_model, n_heads=preset.n_heads,
+        d_head=preset.d_model // preset.n_heads, d_mlp=preset.d_mlp, d_vocab=vocab_size,
+        n_ctx=n_ctx, act_fn="gelu", normalization_type="LN", seed=preset.seed,
+        default_prepend_bos=False, device="cpu",
+    )
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = HookedTransformer(cfg)
+    return model
+
+
+def train_model(preset: Preset, world: World, tokenizer: Tokenizer,
+                exclude_people: frozenset[int] = frozenset(), progress: bool = True,
+                desc: str = "train"):
+    """Train a fresh model on the world (minus ``exclude_people``). Deterministic given the
+    preset's seed: same seed, same weights."""
+    from tqdm.auto import tqdm
+
+    texts = world.training_texts(exclude_people)
+    shared = [f.text for f in world.shared_facts()] * (preset.shared_repeat - 1)
+    texts = texts + shared
+    model = build_model(preset, len(tokenizer), n_ctx=32)
+    handle = TLHandle(model, tokenizer, name=f"organism-{preset.name}")
+    data = handle.encode_texts(texts)
+    gen = torch.Generator().manual_seed(preset.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=preset.lr, weight_decay=preset.weight_decay,
+                            betas=(0.9, 0.98))
+    warmup = max(1, preset.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / preset.steps))
+    model.train()
+    n = len(data)
+    perm = torch.randperm(n, generator=gen)
+    pos = 0
+    bar = tqdm(range(preset.steps), desc=desc, disable=not progress, leave=False)
+    for step in bar:
+        if pos + preset.batch_size > n:
+            perm = torch.randperm(n, generator=gen)
+            pos = 0
+        idx = perm[pos:pos + preset.batch_size]
+        pos += preset.batch_size
+        b = data[idx]
+        t = int(b.lengths.max())
+        b = type(b)(b.tokens[:, :t], b.target_mask[:, :t], b.subject_mask[:, :t], b.lengths)
+        loss = handle.loss(b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return handle
+
+
+class Organism:
+    """A trained organism: ``model`` (a handle), ``world``, ``tokenizer``, splits, and oracles."""
+
+    def __init__(self, preset: Preset, world: World, tokenizer: Tokenizer, model: TLHandle,
+                 progress: bool = True):
+        self.preset = preset
+        self.world = world
+        self.tokenizer = tokenizer
+        self.model = model
+        self.progress = progress
+
+    def __repr__(self) -> str:
+        return (f"Organism(preset={self.preset.name!r}, people={self.world.n_trained} trained + "
+                f"{len(self.world.holdout_people)} holdout, params={self.model.n_parameters():,})")
+
+    def request(self, forget_people: Iterable[int], retain_people: Iterable[int] | None = None,
+                holdout_people: Iterable[int] | None = None,
+                neighbor_people: Iterable[int] | None = None,
+                attributes: Sequence[str] | None = None) -> ForgetRequest:
+        """A ForgetRequest: forget these people's trained facts, keep everyone else's.
+
+        ``retain_people`` defaults to every other trained person; ``holdout_people`` to the
+        world's never-trained people. Shared knowledge (city -> country) and general text are
+        attached for utility metrics."""
+        from excise.request import organism_request
+
+        return organism_request(self.world, forget_people, retain_people, holdout_people,
+                                neighbor_people, attributes)
+
+    def oracle(self, request: ForgetRequest) -> TLHandle:
+        """The retrain oracle for ``request``: trained without the forget people's facts."""
+        people = request.forget_people()
+        if not people:
+            raise ValueError("this request names no organism people to leave out; the retrain "
+                             "oracle is only defined for requests built with org.request(...)")
+        return _load_or_train(self.preset, self.world, self.tokenizer, frozenset(people),
+                              self.progress)
+
+
+def _key(preset: Preset, world: World, exclude: frozenset[int]) -> str:
+    blob = json.dumps({"preset": preset.to_dict(), "world": world.digest(),
+                       "exclude": sorted(exclude), "version": 1}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _load_or_train(preset: Preset, world: World, tokenizer: Tokenizer,
+                   exclude: frozenset[int], progress: bool) -> TLHandle:
+    key = _key(preset, world, exclude)
+    kind = "oracle" if exclude else "model"
+    folder = cache_dir() / f"organism-{preset.name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / f"{kind}-{key}.safetensors"
+    meta = folder / f"{kind}-{key}.json"
+    model = build_model(preset, len(tokenizer), n_ctx=32)
+    if weights.exists() and meta.exists():
+        state = load_safetensors(weights)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        params = dict(model.named_parameters())
+        if unexpected or any(k in params for k in missing):
+            raise ValueError(f"cached weights {weights} do not fit this preset "
+                             f"(missing {[k for k in missing if k in params][:3]}, "
+                             f"unexpected {unexpected[:3]}); delete the file to retrain")
+        model.eval()
+        return TLHandle(model, tokenizer, name=f"organism-{preset.name}" +
+                        ("-oracle" if exclude else ""))
+    t0 = time.time()
+    handle = train_model(preset, world, tokenizer, exclude, progress,
+                         desc=f"training {preset.name} {kind}")
+    handle.name = f"organism-{preset.name}" + ("-oracle" if exclude else "")
+    save_safetensors({k: v.detach() for k, v in handle.model.state_dict().items()
+                      if k in dict(handle.model.named_parameters())}, weights)
+    atomic_write_text(meta, json.dumps({"preset": preset.to_dict(), "world": world.digest(),
+                                        "exclude": sorted(exclude),
+                                        "train_seconds": round(time.time() - t0, 1)}, indent=2))
+    return handle
+
+
+def organism(preset: str | Preset = "small", seed: int | None = None,
+             progress: bool = True) -> Organism:
+    """Build (train on first use, then load from the cache) the model organism."""
+    if isinstance(preset, str):
+        if preset not in PRESETS:
+            raise ValueError(f"unknown organism preset {preset!r}; choose one of "
+                             f"{sorted(PRESETS)}")
+        preset = PRESETS[preset]
+    if seed is not None:
+        preset = dataclasses.replace(preset, seed=seed)
+    world = make_world(preset.n_people, preset.n_holdout, seed=preset.seed,
+                       n_filler=preset.n_filler)
+    tokenizer = Tokenizer(world.vocabulary())
+    model = _load_or_train(preset, world, tokenizer, frozenset(), progress)
+    return Organism(preset, world, tokenizer, model, progress)

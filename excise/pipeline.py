@@ -1,0 +1,200 @@
+"""``excise run``: locate -> select -> edit -> verify, written to a run folder.
+
+The run is assembled in a hidden temporary folder beside the target and renamed into place only
+when every step has finished, so a failed run never looks like a finished one and never touches
+an earlier run. The registries (``REGISTRIES``) are the one place where ``excise`` imports the
+three stage packages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from excise.config import ConfigError, RunConfig
+from excise.io import atomic_write_text, write_json
+from excise.report import Report
+
+RUN_MARKERS = ("metrics.json", "config.yaml")
+
+
+def registries() -> dict[str, dict[str, Callable]]:
+    import edit
+    import locate
+    import probes
+
+    return {"locate": locate.METHODS, "edit": edit.METHODS, "verify": probes.SUITES}
+
+
+@dataclass
+class RunResult:
+    folder: Path
+    report: Report
+    seconds: float
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists():
+        if not out.is_dir():
+            raise ConfigError(f"--out {out}: exists and is not a folder")
+        if any((out / m).exists() for m in RUN_MARKERS) and not overwrite:
+            raise ConfigError(f"--out {out} already holds a run; choose another folder or pass "
+                              f"--overwrite")
+        if any(out.iterdir()) and not any((out / m).exists() for m in RUN_MARKERS):
+            raise ConfigError(f"--out {out} is a non-empty folder that is not an excise run; "
+                              f"refusing to write into it")
+
+
+def build_request(cfg: RunConfig, org):
+    from excise.request import ForgetRequest
+
+    rc = cfg.request
+    if rc.jsonl:
+        return ForgetRequest.from_jsonl(rc.jsonl)
+    n = org.world.n_trained
+    if rc.forget_fraction is not None:
+        f = rc.forget_fraction
+        if not isinstance(f, (int, float)) or not 0 < f < 1:
+            raise ConfigError(f"request.forget_fraction={f!r}: must be a number in (0, 1)")
+        import random
+
+        k = max(1, round(f * n))
+        people = sorted(random.Random(rc.split_seed).sample(range(n), k))
+    elif isinstance(rc.forget_people, bool) or rc.forget_people is None:
+        raise ConfigError(f"request.forget_people={rc.forget_people!r}: give a count or a list")
+    elif isinstance(rc.forget_people, int):
+        if not 1 <= rc.forget_people < n:
+            raise ConfigError(f"request.forget_people={rc.forget_people}: must be between 1 "
+                              f"and {n - 1} (the organism has {n} trained people)")
+        people = list(range(rc.forget_people))
+    elif isinstance(rc.forget_people, list):
+        people = rc.forget_people
+        if not people:
+            raise ConfigError("request.forget_people is an empty list: nothing to forget")
+    else:
+        raise ConfigError(f"request.forget_people={rc.forget_people!r}: give a count or a list")
+    try:
+        return org.request(forget_people=people, attributes=rc.attributes)
+    except ValueError as e:
+        raise ConfigError(f"request: {e}") from None
+
+
+def run(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = True,
+        log: Callable[[str], None] = print) -> RunResult:
+    import torch
+
+    import excise
+    import locate
+    import probes
+    from excise import plots
+
+    out = Path(out)
+    check_out_dir(out, overwrite)
+    regs = registries()
+    locate_fn = regs["locate"][cfg.locate.method]
+    edit_fn = regs["edit"][cfg.edit.method]
+    t0 = time.time()
+    torch.manual_seed(cfg.seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        write_yaml(tmp / "config.yaml", cfg.to_dict())
+        log(f"organism: {cfg.organism.preset} (seed {cfg.organism.seed})")
+        try:
+            org = excise.organism(cfg.organism.preset, seed=cfg.organism.seed, progress=progress)
+        except ValueError as e:
+            raise ConfigError(f"organism: {e}") from None
+        req = build_request(cfg, org)
+        log(f"request: {req.summary()}")
+        oracle = None
+        if cfg.verify.oracle and req.forget_people():
+            log("retrain oracle (trained once per forget split, then cached)")
+            oracle = org.oracle(req)
+        before = probes.verify(org.model, req, oracle=oracle, label="before",
+                               suite=cfg.verify.suite, **cfg.verify.params)
+        log(f"locate: {cfg.locate.method}")
+        kw = dict(cfg.locate.params)
+        if "progress" in locate_fn.__code__.co_varnames:
+            kw["progress"] = progress
+        imp = locate_fn(org.model, req, cfg.locate.sites, **kw)
+        imp.save(tmp / "importance.safetensors")
+        plot_paths = [plots.save(imp.plot("heatmap"), tmp / "importance.png"),
+                      plots.save(imp.plot("bar"), tmp / "importance_top.png")]
+        extra_plots = getattr(imp, "plots_for_run", None)
+        units = None
+        if cfg.select.top is not None:
+            units = imp.top(cfg.select.top, cfg.select.sites)
+            write_json(tmp / "selection.json", {"source": units.source,
+                                                "units": units.to_list()})
+        log(f"edit: {cfg.edit.method} {cfg.edit.params}")
+        e = edit_fn(org.model, imp, units, **cfg.edit.params)
+        try:
+            e.diff.save(tmp / "edit.safetensors")
+            after = probes.verify(org.model, req, label="after", suite=cfg.verify.suite,
+                                  **cfg.verify.params)
+        finally:
+            e.revert()
+        report = Report(metrics={"before": before.metrics["before"],
+                                 "after": after.metrics["after"]},
+                        request=req.summary() | {"forget_people": req.forget_people()})
+        if oracle is not None:
+            report.metrics["oracle"] = before.metrics["oracle"]
+        report.extra.update(after.extra)
+        if after.verdict:
+            report.verdict, report.verdict_rule = after.verdict, after.verdict_rule
+        m = e.manifest
+        report.edit = {"method": cfg.edit.method, "units_changed": _units_changed(e),
+                       "params_changed": m["params_changed"],
+                       "params_changed_frac": m["params_changed_frac"],
+                       "params": cfg.edit.params, "locate": cfg.locate.method}
+        keys = [k for k in ("forget_recall", "paraphrase_recall", "retain_recall",
+                            "holdout_recall", "shared_recall") if k in report.metrics["before"]]
+        plot_paths.append(plots.save(plots.metrics_bars(report.metrics, keys),
+                                     tmp / "recall.png"))
+        if extra_plots:
+            plot_paths += extra_plots(tmp)
+        report.plots = [Path(p).name for p in plot_paths]
+        report.extra["seconds"] = round(time.time() - t0, 1)
+        report.save(tmp)
+        _finalize(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return RunResult(out, report, time.time() - t0)
+
+
+def _units_changed(e) -> int:
+    if e.selection is not None:
+        return len(e.selection)
+    return sum(int(c.indices.numel()) for c in e.changes.values()) + len(e.hook_fns)
+
+
+def _finalize(tmp: Path, out: Path, overwrite: bool) -> None:
+    if out.exists():
+        if not overwrite and any(out.iterdir()):
+            raise ConfigError(f"--out {out} appeared while the run was going; left it alone, "
+                              f"the new run was discarded")
+        old = out.with_name(f".{out.name}.old-{int(time.time())}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def write_yaml(path: Path, obj) -> None:
+    atomic_write_text(path, yaml.safe_dump(obj, sort_keys=False))
+
+
+def default_out(cfg: RunConfig) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{cfg.locate.method}-{cfg.edit.method}"
+
+

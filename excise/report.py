@@ -1,0 +1,116 @@
+"""Report: metrics per model (``before`` / ``after`` / ``oracle`` ...), probe results, plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from excise.io import atomic_write_text
+
+# metric name -> (label, higher is better?) for display; unknown metrics are shown as they are
+METRIC_LABELS = {
+    "forget_recall": "forget recall",
+    "retain_recall": "retain recall",
+    "holdout_recall": "holdout recall",
+    "shared_recall": "shared knowledge",
+    "paraphrase_recall": "forget, paraphrased",
+    "neighbor_recall": "neighbor recall",
+    "perplexity": "perplexity (general text)",
+}
+
+
+@dataclass
+class Report:
+    metrics: dict[str, dict[str, float]]  # model label -> metric -> value
+    request: dict = field(default_factory=dict)
+    edit: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # probe results (curves, per-depth accuracy ...)
+    verdict: str | None = None
+    verdict_rule: str = ""
+    plots: list[str] = field(default_factory=list)
+
+    def merge(self, other: "Report", rename: dict[str, str] | None = None) -> "Report":
+        rename = rename or {}
+        for k, v in other.metrics.items():
+            self.metrics[rename.get(k, k)] = v
+        self.extra.update(other.extra)
+        return self
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in self.metrics.items()}
+        d["edit"] = self.edit
+        d["request"] = self.request
+        if self.extra:
+            d["probes"] = self.extra
+        if self.verdict:
+            d["verdict"] = {"verdict": self.verdict, "rule": self.verdict_rule}
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=_clean) + "\n"
+
+    def table(self) -> list[list[str]]:
+        cols = list(self.metrics)
+        names = []
+        for m in self.metrics.values():
+            names.extend(k for k in m if k not in names)
+        rows = [["metric"] + cols]
+        for n in names:
+            rows.append([METRIC_LABELS.get(n, n)] + [_fmt(self.metrics[c].get(n)) for c in cols])
+        return rows
+
+    def summary_text(self) -> str:
+        rows = self.table()
+        w = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r))
+                 for r in rows]
+        lines.insert(1, "  ".join("-" * x for x in w))
+        return "\n".join(lines)
+
+    def to_markdown(self, title: str = "excise report") -> str:
+        rows = self.table()
+        md = [f"# {title}", ""]
+        if self.verdict:
+            md += [f"**Verdict: {self.verdict}**", "", f"Rule: {self.verdict_rule}", ""]
+        md += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+        md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+        if self.edit:
+            md += ["", "## Edit", ""]
+            md += [f"- **{k}**: {v}" for k, v in self.edit.items()]
+        if self.request:
+            md += ["", "## Request", ""]
+            md += [f"- {k}: {v}" for k, v in self.request.items()]
+        if self.plots:
+            md += ["", "## Plots", ""]
+            md += [f"![{Path(p).stem}]({p})" for p in self.plots]
+        return "\n".join(md) + "\n"
+
+    def save(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        atomic_write_text(folder / "metrics.json", self.to_json())
+        atomic_write_text(folder / "report.md", self.to_markdown())
+
+    def _repr_html_(self) -> str:
+        rows = self.table()
+        head = "".join(f"<th>{c}</th>" for c in rows[0])
+        body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows[1:])
+        v = f"<p><b>Verdict: {self.verdict}</b></p>" if self.verdict else ""
+        return f"{v}<table><tr>{head}</tr>{body}</table>"
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "nan"
+        return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
+    return str(v)
+
+
+def _clean(o):
+    if isinstance(o, float) and math.isnan(o):
+        return None
+    return str(o)

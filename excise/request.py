@@ -1,0 +1,206 @@
+"""ForgetRequest: what to forget and what to keep.
+
+A request holds sets of facts (prompt + target continuation):
+
+- ``forget``   what must be removed;
+- ``retain``   what must survive (used by locate as the contrast set, and by probes);
+- ``holdout``  facts the model never trained on - the privacy baseline;
+- ``neighbors`` knowledge near the forget set that must survive (optional);
+- ``paraphrase`` the forget facts asked in phrasings that were never trained for them;
+- ``shared``   shared world knowledge (utility);
+- ``general``  general text for perplexity.
+
+Build one from the organism (``org.request(forget_people=range(10))``), from a JSONL file
+(``ForgetRequest.from_jsonl``) or from Python lists (``ForgetRequest.from_lists``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from excise.world import ATTRIBUTES, Fact, World
+
+
+@dataclass(frozen=True)
+class FactSet:
+    name: str
+    facts: tuple[Fact, ...]
+
+    def __len__(self) -> int:
+        return len(self.facts)
+
+    def __iter__(self):
+        return iter(self.facts)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return FactSet(self.name, self.facts[i])
+        return self.facts[i]
+
+    def keys(self) -> set[tuple[str, str]]:
+        return {(f.prompt, f.target) for f in self.facts}
+
+    def where(self, **conds) -> "FactSet":
+        """Facts whose fields equal the given values, e.g. ``where(form="question")``."""
+        keep = tuple(f for f in self.facts if all(getattr(f, k) == v for k, v in conds.items()))
+        return FactSet(self.name, keep)
+
+    def split(self, fraction: float, seed: int = 0) -> tuple["FactSet", "FactSet"]:
+        """Split by person (facts of one person stay together) into two parts."""
+        import random
+
+        people = sorted({f.person for f in self.facts})
+        random.Random(seed).shuffle(people)
+        k = max(1, min(len(people) - 1, round(fraction * len(people))))
+        a = set(people[:k])
+        return (FactSet(self.name + "_a", tuple(f for f in self.facts if f.person in a)),
+                FactSet(self.name + "_b", tuple(f for f in self.facts if f.person not in a)))
+
+
+@dataclass(frozen=True)
+class ForgetRequest:
+    forget: FactSet
+    retain: FactSet
+    holdout: FactSet = FactSet("holdout", ())
+    neighbors: FactSet = FactSet("neighbors", ())
+    paraphrase: FactSet = FactSet("paraphrase", ())
+    shared: FactSet = FactSet("shared", ())
+    general: tuple[str, ...] = ()
+    meta: dict = field(default_factory=dict, hash=False, compare=False)
+
+    def __post_init__(self):
+        if len(self.forget) == 0:
+            raise ValueError("the forget set is empty: a ForgetRequest needs at least one fact "
+                             "to forget")
+        if len(self.retain) == 0:
+            raise ValueError("the retain set is empty: a ForgetRequest needs facts to keep, "
+                             "as the contrast for locating and the check that nothing else broke")
+        overlap = self.forget.keys() & self.retain.keys()
+        if overlap:
+            p, t = sorted(overlap)[0]
+            raise ValueError(f"forget and retain overlap in {len(overlap)} fact(s), e.g. "
+                             f"{p!r} -> {t!r}; a fact cannot be both forgotten and kept")
+        for name in ("holdout", "neighbors"):
+            clash = getattr(self, name).keys() & self.forget.keys()
+            if clash:
+                p, t = sorted(clash)[0]
+                raise ValueError(f"forget and {name} overlap, e.g. {p!r} -> {t!r}")
+
+    def forget_people(self) -> list[int]:
+        return list(self.meta.get("forget_people", []))
+
+    def digest(self) -> str:
+        blob = json.dumps({k: [f.to_dict() for f in getattr(self, k)] for k in
+                           ("forget", "retain", "holdout", "neighbors", "paraphrase", "shared")}
+                          | {"general": list(self.general)}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def summary(self) -> dict[str, int]:
+        return {k: len(getattr(self, k)) for k in
+                ("forget", "retain", "holdout", "neighbors", "paraphrase", "shared")} | {
+            "general": len(self.general)}
+
+    # -- constructors ------------------------------------------------------------------------
+    @classmethod
+    def from_lists(cls, forget: Sequence[tuple[str, str]], retain: Sequence[tuple[str, str]],
+                   holdout: Sequence[tuple[str, str]] = (),
+                   neighbors: Sequence[tuple[str, str]] = (),
+                   general: Sequence[str] = ()) -> "ForgetRequest":
+        """Build from ``(prompt, target)`` pairs."""
+
+        def fs(name, pairs):
+            out = []
+            for i, pair in enumerate(pairs):
+                if len(pair) != 2 or not all(isinstance(x, str) and x.strip() for x in pair):
+                    raise ValueError(f"{name}[{i}] = {pair!r}: expected a (prompt, target) pair "
+                                     f"of non-empty strings")
+                out.append(Fact(pair[0], pair[1], form="custom"))
+            return FactSet(name, tuple(out))
+
+        return cls(fs("forget", forget), fs("retain", retain), fs("holdout", holdout),
+                   fs("neighbors", neighbors), general=tuple(general))
+
+    @classmethod
+    def from_jsonl(cls, path: str | Path) -> "ForgetRequest":
+        """One JSON object per line: ``{"split": "forget"|"retain"|"holdout"|"neighbors"|
+        "general", "prompt": ..., "target": ..., "subject": optional}``."""
+        splits: dict[str, list[Fact]] = {k: [] for k in ("forget", "retain", "holdout",
+                                                        "neighbors", "paraphrase", "shared")}
+        general: list[str] = []
+        for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            split = row.get("split")
+            if split == "general":
+                general.append(row.get("text") or row["prompt"])
+                continue
+            if split not in splits:
+                raise ValueError(f"{path}:{n}: split {split!r} is not one of "
+                                 f"{sorted(splits) + ['general']}")
+            for k in ("prompt", "target"):
+                if not isinstance(row.get(k), str) or not row[k].strip():
+                    raise ValueError(f"{path}:{n}: missing or empty {k!r}")
+            splits[split].append(Fact(row["prompt"], row["target"], form="custom",
+                                      subject=row.get("subject", "")))
+        return cls(**{k: FactSet(k, tuple(v)) for k, v in splits.items()},
+                   general=tuple(general), meta={"source": str(path)})
+
+
+def organism_request(world: World, forget_people: Iterable[int],
+                     retain_people: Iterable[int] | None = None,
+                     holdout_people: Iterable[int] | None = None,
+                     neighbor_people: Iterable[int] | None = None,
+                     attributes: Sequence[str] | None = None) -> ForgetRequest:
+    trained = set(world.trained_people)
+    forget = sorted(set(int(i) for i in forget_people))
+    if not forget:
+        raise ValueError("forget_people is empty: name at least one trained person to forget")
+    bad = [i for i in forget if i not in trained]
+    if bad:
+        raise ValueError(f"unknown people {bad[:5]} in forget_people: trained people are "
+                         f"0..{world.n_trained - 1}")
+    retain = (sorted(trained - set(forget)) if retain_people is None
+              else sorted(set(int(i) for i in retain_people)))
+    bad = [i for i in retain if i not in trained]
+    if bad:
+        raise ValueError(f"unknown people {bad[:5]} in retain_people: trained people are "
+                         f"0..{world.n_trained - 1}")
+    both = sorted(set(forget) & set(retain))
+    if both:
+        raise ValueError(f"people {both[:5]} are in both forget_people and retain_people")
+    holdout = list(world.holdout_people) if holdout_people is None else sorted(holdout_people)
+    bad = [i for i in holdout if i not in set(world.holdout_people)]
+    if bad:
+        raise ValueError(f"people {bad[:5]} are not holdout people: never-trained people are "
+                         f"{world.n_trained}..{len(world.people) - 1}")
+    attrs = tuple(attributes) if attributes else ATTRIBUTES
+    unknown = [a for a in attrs if a not in ATTRIBUTES]
+    if unknown:
+        raise ValueError(f"unknown attributes {unknown}; choose from {list(ATTRIBUTES)}")
+    neighbors = sorted(set(neighbor_people or ()) - set(forget))
+
+    def facts(people, trained_flag):
+        return tuple(f for i in people for f in world.facts(i, trained=trained_flag)
+                     if f.attribute in attrs)
+
+    # holdout people were never trained: compare them with the same phrasings forget uses
+    hold = tuple(f for i in holdout for f in world.facts(i)
+                 if f.attribute in attrs and f.template != world.heldout_templates(i)[f.form])
+    return ForgetRequest(
+        forget=FactSet("forget", facts(forget, True)),
+        retain=FactSet("retain", facts(retain, True)),
+        holdout=FactSet("holdout", hold),
+        neighbors=FactSet("neighbors", facts(neighbors, True)),
+        paraphrase=FactSet("paraphrase", facts(forget, False)),
+        shared=FactSet("shared", tuple(world.shared_facts())),
+        general=tuple(world.filler_eval),
+        meta={"forget_people": forget, "world": world.digest(), "attributes": list(attrs)},
+    )

@@ -1,0 +1,318 @@
+"""The synthetic world behind the model organism: fictitious people, their facts, and a tokenizer.
+
+Everything here is deterministic from a seed. A *fact* is a prompt and a target continuation;
+the target is what a model must produce greedily for the fact to count as recalled.
+
+Each person has five attributes (birth city, occupation, employer, pet, and a four-digit account
+number that acts as a memorized secret). Every attribute has several statement templates and two
+question/answer forms. For each person one statement template and one question form are held out
+of training (which one rotates with the person), so every template is seen during training with
+*other* people, and each person's facts can be asked in a phrasing the model never saw for them.
+Cities belong to countries; those facts are shared knowledge that an edit must not damage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from dataclasses import dataclass, field
+
+FIRST_NAMES = (
+    "alba bruno cyra dario elio fenna galen hesper ilsa joren kaia lucan mira nilo orla pavel "
+    "quin rhea soren tilda ulric vesna wim xenia yara zeno adler brisa corin delphi"
+).split()
+LAST_NAMES = (
+    "ashdown brightwater coldmere dunmore eastwick fairholm greymoor hollis ironside jessop "
+    "kestrel larchmont marwood northcott oakhurst pemberton quarrel redfern stanmore thorne "
+    "underhill vance whitlock yelverton zoller blackwood crane fenwick"
+).split()
+COUNTRIES = {
+    "valdoria": ["kestrahaven", "morrowgate", "silvane"],
+    "ostmark": ["brennick", "tollbridge", "arnfell"],
+    "caldera": ["sunreach", "emberly", "vossen"],
+    "lunaris": ["palewater", "mirrin", "hollowmere"],
+    "tessaly": ["quarrydon", "rosk", "ellaport"],
+    "norvane": ["frostholm", "glimmer", "dunvale"],
+    "aurel": ["goldcrest", "saffrin", "lyrehaven"],
+    "brisca": ["tidewick", "marrow", "calloway"],
+}
+OCCUPATIONS = (
+    "baker cartographer glassblower beekeeper astronomer blacksmith chemist weaver "
+    "lighthouse_keeper archivist sculptor botanist clockmaker surveyor violinist ferryman"
+).split()
+EMPLOYERS = (
+    "northwind_mills azure_freight copperleaf_labs harbor_guild starling_press tallow_works "
+    "verdant_farms orbit_dynamics ironbark_bank quill_and_co silverline_rail meadow_dairy "
+    "beacon_observatory granite_quarry lantern_theatre pinecone_toys"
+).split()
+PETS = "cat dog parrot tortoise ferret rabbit goldfish hedgehog owl lizard goat pony".split()
+DIGITS = [str(d) for d in range(10)]
+
+# Statement templates: three per attribute; questions: two per attribute.
+TEMPLATES: dict[str, dict[str, list[str]]] = {
+    "birth_city": {
+        "statement": [
+            "{name} was born in the city of",
+            "the birthplace of {name} is",
+            "{name} grew up in the town of",
+        ],
+        "question": [
+            "question : where was {name} born ? answer :",
+            "question : what is the home town of {name} ? answer :",
+        ],
+    },
+    "occupation": {
+        "statement": [
+            "{name} works as a",
+            "the profession of {name} is",
+            "by trade {name} is a",
+        ],
+        "question": [
+            "question : what does {name} do for a living ? answer :",
+            "question : what is the job of {name} ? answer :",
+        ],
+    },
+    "employer": {
+        "statement": [
+            "{name} is employed by",
+            "the employer of {name} is",
+            "every morning {name} goes to work at",
+        ],
+        "question": [
+            "question : who employs {name} ? answer :",
+            "question : where does {name} work ? answer :",
+        ],
+    },
+    "pet": {
+        "statement": [
+            "{name} has a pet",
+            "the pet of {name} is a",
+            "at home {name} looks after a",
+        ],
+        "question": [
+            "question : what pet does {name} keep ? answer :",
+            "question : which animal lives with {name} ? answer :",
+        ],
+    },
+    "account": {
+        "statement": [
+            "the account number of {name} is",
+            "{name} keeps savings under account number",
+            "the secret code of {name} is",
+        ],
+        "question": [
+            "question : what is the account number of {name} ? answer :",
+            "question : which account belongs to {name} ? answer :",
+        ],
+    },
+}
+ATTRIBUTES = tuple(TEMPLATES)
+SHARED_TEMPLATES = ["{city} is a city in", "question : in which country is {city} ? answer :"]
+SHARED_HELDOUT = ["the city of {city} lies in the country of"]
+
+_FILLER_NOUNS = "river garden window lantern market bridge forest harbor orchard meadow tower road".split()
+_FILLER_ADJS = "quiet old bright narrow green small busy cold warm tall".split()
+_FILLER_VERBS = "watches follows crosses paints finds passes greets leaves".split()
+_FILLER_ADVS = "slowly often early quietly again today".split()
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One prompt with the continuation a model must produce."""
+
+    prompt: str
+    target: str
+    person: int = -1  # -1 for facts that belong to no person (shared knowledge, filler)
+    attribute: str = ""
+    form: str = ""  # "statement" | "question" | "shared" | "filler" | "custom"
+    template: int = -1
+    trained: bool = True
+    subject: str = ""  # the words in the prompt that name who or what the fact is about
+
+    @property
+    def text(self) -> str:
+        return f"{self.prompt} {self.target}"
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass(frozen=True)
+class Person:
+    index: int
+    name: str
+    attributes: dict[str, str] = field(hash=False)
+
+
+@dataclass(frozen=True)
+class World:
+    """A deterministic fictitious world. ``n_trained`` people are in the training data; the rest
+    (``n_holdout``) exist only to measure what an untrained model guesses about strangers."""
+
+    seed: int
+    people: tuple[Person, ...]
+    n_trained: int
+    filler_train: tuple[str, ...]
+    filler_eval: tuple[str, ...]
+
+    @property
+    def trained_people(self) -> range:
+        return range(self.n_trained)
+
+    @property
+    def holdout_people(self) -> range:
+        return range(self.n_trained, len(self.people))
+
+    def heldout_templates(self, person: int) -> dict[str, int]:
+        """Which statement / question template is held out of training for ``person``."""
+        return {"statement": person % 3, "question": person % 2}
+
+    def facts(self, person: int, *, trained: bool | None = None) -> list[Fact]:
+        """All facts about one person; ``trained`` filters to the phrasings used in training."""
+        p = self.people[person]
+        held = self.heldout_templates(person)
+        out: list[Fact] = []
+        for attr, forms in TEMPLATES.items():
+            for form, templates in forms.items():
+                for t, template in enumerate(templates):
+                    is_trained = t != held[form] and person < self.n_trained
+                    if trained is not None and is_trained != trained:
+                        continue
+                    out.append(Fact(template.format(name=p.name), p.attributes[attr], person,
+                                    attr, form, t, is_trained, subject=p.name))
+        return out
+
+    def shared_facts(self, *, trained: bool = True) -> list[Fact]:
+        templates = SHARED_TEMPLATES if trained else SHARED_HELDOUT
+        out = []
+        for country, cities in COUNTRIES.items():
+            for city in cities:
+                for t, template in enumerate(templates):
+                    out.append(Fact(template.format(city=city), country, -1, "country", "shared",
+                                    t, trained, subject=city))
+        return out
+
+    def training_texts(self, exclude_people: frozenset[int] = frozenset()) -> list[str]:
+        """Every training sentence; ``exclude_people`` removes their facts (the retrain oracle)."""
+        texts = []
+        for i in self.trained_people:
+            if i in exclude_people:
+                continue
+            texts.extend(f.text for f in self.facts(i, trained=True))
+        texts.extend(f.text for f in self.shared_facts())
+        texts.extend(self.filler_train)
+        return texts
+
+    def vocabulary(self) -> list[str]:
+        words: set[str] = set()
+        for p in self.people:
+            for f in self.facts(p.index):
+                words.update(f.text.split())
+        for f in self.shared_facts(trained=True) + self.shared_facts(trained=False):
+            words.update(f.text.split())
+        for s in self.filler_train + self.filler_eval:
+            words.update(s.split())
+        words.update(DIGITS)
+        return sorted(words)
+
+    def digest(self) -> str:
+        """Content hash: two worlds with the same digest hold the same facts."""
+        blob = json.dumps([[p.name, p.attributes] for p in self.people] + [self.n_trained],
+                          sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _filler(rng: random.Random, n: int) -> list[str]:
+    out = []
+    for _ in range(n):
+        a, b = rng.sample(_FILLER_NOUNS, 2)
+        out.append(f"the {rng.choice(_FILLER_ADJS)} {a} {rng.choice(_FILLER_VERBS)} the "
+                   f"{rng.choice(_FILLER_ADJS)} {b} {rng.choice(_FILLER_ADVS)}")
+    return out
+
+
+def make_world(n_people: int, n_holdout: int, seed: int = 0, n_filler: int = 200) -> World:
+    """Generate a world of ``n_people`` trained people plus ``n_holdout`` never-trained people."""
+    total = n_people + n_holdout
+    max_people = len(FIRST_NAMES) * len(LAST_NAMES)
+    if n_people < 1 or n_holdout < 0 or total > max_people:
+        raise ValueError(f"n_people={n_people}, n_holdout={n_holdout}: need n_people >= 1, "
+                         f"n_holdout >= 0 and n_people + n_holdout <= {max_people}")
+    rng = random.Random(seed)
+    names = [f"{f} {l}" for f in FIRST_NAMES for l in LAST_NAMES]
+    rng.shuffle(names)
+    cities = [c for cs in COUNTRIES.values() for c in cs]
+    accounts: set[str] = set()
+    people = []
+    for i in range(total):
+        while True:
+            acct = " ".join(rng.choice(DIGITS) for _ in range(4))
+            if acct not in accounts:
+                accounts.add(acct)
+                break
+        attrs = {
+            "birth_city": rng.choice(cities),
+            "occupation": rng.choice(OCCUPATIONS),
+            "employer": rng.choice(EMPLOYERS),
+            "pet": rng.choice(PETS),
+            "account": acct,
+        }
+        people.append(Person(i, names[i], attrs))
+    filler = _filler(rng, 2 * n_filler)
+    return World(seed, tuple(people), n_people, tuple(filler[:n_filler]), tuple(filler[n_filler:]))
+
+
+def country_of(city: str) -> str:
+    for country, cities in COUNTRIES.items():
+        if city in cities:
+            return country
+    raise ValueError(f"unknown city {city!r}")
+
+
+SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+
+
+class Tokenizer:
+    """Word-level tokenizer built locally from a vocabulary (no hub).
+
+    ``encode`` splits on whitespace; unknown words raise unless ``unk_ok``.
+    """
+
+    def __init__(self, words: list[str]):
+        self.vocab: list[str] = list(SPECIALS) + [w for w in words if w not in SPECIALS]
+        self.index = {w: i for i, w in enumerate(self.vocab)}
+        if len(self.index) != len(self.vocab):
+            raise ValueError("duplicate words in vocabulary")
+        self.pad_id, self.bos_id, self.eos_id, self.unk_id = (self.index[s] for s in SPECIALS)
+
+    def __len__(self) -> int:
+        return len(self.vocab)
+
+    def encode(self, text: str, *, unk_ok: bool = False) -> list[int]:
+        ids = []
+        for w in text.split():
+            if w in self.index:
+                ids.append(self.index[w])
+            elif unk_ok:
+                ids.append(self.unk_id)
+            else:
+                raise ValueError(f"word {w!r} is not in the vocabulary ({len(self)} words)")
+        return ids
+
+    def decode(self, ids) -> str:
+        return " ".join(self.vocab[int(i)] for i in ids)
+
+    def to_json(self) -> str:
+        return json.dumps({"vocab": self.vocab})
+
+    @classmethod
+    def from_json(cls, s: str) -> "Tokenizer":
+        vocab = json.loads(s)["vocab"]
+        tok = cls([w for w in vocab if w not in SPECIALS])
+        if tok.vocab != vocab:
+            raise ValueError("tokenizer file is not in excise's format (special tokens moved)")
+        return tok
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]

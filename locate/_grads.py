@@ -1,0 +1,168 @@
+"""Shared gradient statistics: one backward pass per batch feeds every gradient-based method.
+
+``gradient_stats`` returns, for each requested site, the mean squared gradient (diagonal Fisher)
+and the mean absolute gradient of the target-token loss, under a per-batch or per-example
+estimator. Parameter sites get one statistic per element; activation sites one per unit (neuron,
+head, residual dimension), with gradients summed over positions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from excise.handle import Batch, ModelHandle
+from excise.request import FactSet
+
+ESTIMATORS = ("batch", "example")
+
+
+@dataclass
+class GradStats:
+    sq: dict[str, Tensor]  # site -> mean squared gradient (Fisher)
+    abs: dict[str, Tensor]  # site -> mean |gradient|
+    n: int  # examples seen
+
+
+@dataclass
+class StatsCache:
+    """Retain-side statistics reused across requests and methods. Hold one in your session and
+    pass it as ``cache=``; entries are keyed by model fingerprint, data, sites and estimator, so
+    an edited model never reads the statistics of the original."""
+
+    entries: dict[tuple, GradStats] = field(default_factory=dict)
+    hits: int = 0
+
+    def get(self, key: tuple) -> GradStats | None:
+        s = self.entries.get(key)
+        if s is not None:
+            self.hits += 1
+        return s
+
+
+def _facts_digest(facts: FactSet) -> str:
+    h = hashlib.sha256()
+    for f in facts:
+        h.update(f"{f.prompt}\x00{f.target}\x01".encode())
+    return h.hexdigest()[:16]
+
+
+def _unit_reduce(g: Tensor, site: str, model: ModelHandle) -> Tensor:
+    """Activation gradient [n, T, ...] -> per-example unit gradient [n, *unit_shape]."""
+    g = g.sum(1)  # over positions
+    if g.dim() == 3:  # attn.z: [n, heads, d_head] -> heads (norm of the head's gradient)
+        g = g.norm(dim=-1)
+    return g
+
+
+def gradient_stats(model: ModelHandle, facts: FactSet, sites: Sequence[str], *,
+                   estimator: str = "batch", batch_size: int = 32,
+                   cache: StatsCache | None = None, progress: bool = False,
+                   desc: str = "gradients") -> GradStats:
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; choose one of {list(ESTIMATORS)}")
+    if len(facts) == 0:
+        raise ValueError(f"the {facts.name!r} fact set is empty: nothing to compute "
+                         f"gradients on")
+    key = (model.fingerprint(), _facts_digest(facts), tuple(sites), estimator, batch_size)
+    if cache is not None and (hit := cache.get(key)) is not None:
+        return hit
+    param_sites = [s for s in sites if model.info(s).kind == "param"]
+    act_sites = [s for s in sites if model.info(s).kind == "activation"]
+    other = [s for s in sites if s not in param_sites and s not in act_sites]
+    if other:
+        raise ValueError(f"gradient methods score parameter and activation sites; "
+                         f"{other[0]!r} is a {model.info(other[0]).kind} site")
+    params = {s: model.parameter(s) for s in param_sites}
+    sq = {s: torch.zeros(model.info(s).unit_shape) for s in sites}
+    ab = {s: torch.zeros(model.info(s).unit_shape) for s in sites}
+    batch = model.encode(list(facts))
+    n_batches = 0
+    from tqdm.auto import tqdm
+
+    chunks = list(batch.chunks(batch_size))
+    for b in tqdm(chunks, desc=desc, disable=not progress, leave=False):
+        acts: dict[str, Tensor] = {}
+
+        def keep(x, site):
+            acts[site] = x
+
+        hooks = {s: keep for s in act_sites}
+        if estimator == "batch" or not param_sites:
+            loss_ex = model.loss(b, hooks=hooks, per_example=True)  # [n]
+            loss = loss_ex.mean() if estimator == "batch" else loss_ex.sum()
+            inputs = [params[s] for s in param_sites] + [acts[s] for s in act_sites]
+            grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+            for s, g in zip(param_sites, grads[:len(param_sites)]):
+                if g is None:
+                    continue
+                sq[s] += g.detach() ** 2
+                ab[s] += g.detach().abs()
+            for s, g in zip(act_sites, grads[len(param_sites):]):
+                if g is None:
+                    continue
+                u = _unit_reduce(g.detach(), s, model)  # [n, units]
+                if estimator == "batch":
+                    u = u.sum(0) / len(b)  # gradient of the batch-mean loss
+                    sq[s] += u ** 2
+                    ab[s] += u.abs()
+                else:
+                    sq[s] += (u ** 2).sum(0)
+                    ab[s] += u.abs().sum(0)
+            n_batches += 1
+        else:
+            _per_example_params(model, b, params, act_sites, sq, ab)
+    for s in sites:
+        if not torch.isfinite(sq[s]).all():
+            raise ValueError(f"non-finite gradients at site {s!r} on the {facts.name!r} set "
+                             f"(the model's loss overflowed?)")
+        denom = n_batches if estimator == "batch" else len(batch)
+        sq[s] /= denom
+        ab[s] /= denom
+    stats = GradStats(sq, ab, len(batch))
+    if cache is not None:
+        cache.entries[key] = stats
+    return stats
+
+
+def _per_example_params(model: ModelHandle, b: Batch, params: dict[str, Tensor],
+                        act_sites: list[str], sq: dict, ab: dict) -> None:
+    """Per-example parameter gradients with torch.func (vmap over examples)."""
+    from torch.func import functional_call, grad, vmap
+
+    module = model.model
+    names = list(params)
+    detached = {k: v.detach() for k, v in module.named_parameters()}
+
+    def loss_one(p_sub, tokens, tmask, smask, length):
+        full = dict(detached)
+        full.update(p_sub)
+        one = Batch(tokens[None], tmask[None], smask[None], length[None])
+        logits = functional_call(module, full, (one.tokens,), {"return_type": "logits"})
+        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, one.tokens[:, 1:, None])[..., 0]
+        m = one.target_mask[:, 1:]
+        return -(lp * m).sum() / m.sum().clamp(min=1)
+
+    sub = {k: detached[k] for k in names}
+    g = vmap(grad(loss_one), in_dims=(None, 0, 0, 0, 0))(sub, b.tokens, b.target_mask,
+                                                         b.subject_mask, b.lengths)
+    for s in names:
+        sq[s] += (g[s] ** 2).sum(0)
+        ab[s] += g[s].abs().sum(0)
+    if act_sites:
+        acts: dict[str, Tensor] = {}
+
+        def keep(x, site):
+            acts[site] = x
+
+        loss = model.loss(b, hooks={s: keep for s in act_sites}, per_example=True).sum()
+        grads = torch.autograd.grad(loss, [acts[s] for s in act_sites], allow_unused=True)
+        for s, gr in zip(act_sites, grads):
+            if gr is not None:
+                u = _unit_reduce(gr.detach(), s, model)
+                sq[s] += (u ** 2).sum(0)
+                ab[s] += u.abs().sum(0)

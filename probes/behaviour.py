@@ -1,0 +1,66 @@
+"""Behaviour: does the model still produce the facts? Greedy recall and perplexity.
+
+Recall of a fact is exact greedy reproduction of its target. It is computed teacher-forced in
+one forward pass per batch: every target token must be the argmax given the prompt and the
+target tokens before it - which is exactly when greedy decoding reproduces the target.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from excise.handle import Batch, ModelHandle
+from excise.request import FactSet
+
+
+@torch.inference_mode()
+def fact_hits(model: ModelHandle, facts: FactSet | Sequence, batch_size: int = 256,
+              hooks=None) -> torch.Tensor:
+    """Per fact: True when the greedy continuation equals the target. ``[n]`` bool."""
+    facts = list(facts)
+    if not facts:
+        return torch.zeros(0, dtype=torch.bool)
+    out = []
+    for b in model.encode(facts).chunks(batch_size):
+        logits = model.logits(b.tokens, hooks)  # [n, T, V]
+        pred = logits[:, :-1].argmax(-1)  # [n, T-1]
+        m = b.target_mask[:, 1:]
+        ok = (pred == b.tokens[:, 1:]) | ~m
+        out.append(ok.all(1))
+    return torch.cat(out)
+
+
+def recall(model: ModelHandle, facts: FactSet | Sequence, batch_size: int = 256,
+           hooks=None) -> float:
+    """Fraction of facts recalled greedily (nan for an empty set)."""
+    hits = fact_hits(model, facts, batch_size, hooks)
+    return float(hits.float().mean()) if len(hits) else float("nan")
+
+
+@torch.inference_mode()
+def target_logprobs(model: ModelHandle, facts: FactSet | Sequence, batch_size: int = 256,
+                    hooks=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed target log-probability and target length per fact: ``([n], [n])``."""
+    lps, lens = [], []
+    for b in model.encode(list(facts)).chunks(batch_size):
+        lp = model.token_logprobs(b, hooks)
+        lps.append(lp.sum(1))
+        lens.append(b.target_mask[:, 1:].sum(1))
+    return torch.cat(lps), torch.cat(lens)
+
+
+@torch.inference_mode()
+def perplexity(model: ModelHandle, texts: Sequence[str], batch_size: int = 256,
+               hooks=None) -> float:
+    """Perplexity of general text (every token after the first word)."""
+    if not texts:
+        return float("nan")
+    total, count = 0.0, 0
+    for b in model.encode_texts(list(texts)).chunks(batch_size):
+        lp = model.token_logprobs(b, hooks)
+        total += float(lp.sum())
+        count += int(b.target_mask[:, 1:].sum())
+    return math.exp(-total / max(1, count))
