@@ -52,37 +52,53 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
                               f"refusing to write into it")
 
 
-def build_request(cfg: RunConfig, org):
-    from excise.request import ForgetRequest
+def forget_people(cfg: RunConfig) -> list[int] | None:
+    """The people a config asks to forget, checked against the preset before any training."""
+    from excise.organism import PRESETS
 
     rc = cfg.request
     if rc.jsonl:
-        return ForgetRequest.from_jsonl(rc.jsonl)
-    n = org.world.n_trained
+        return None
+    if cfg.organism.preset not in PRESETS:
+        raise ConfigError(f"organism.preset: unknown preset {cfg.organism.preset!r}; choose one "
+                          f"of {sorted(PRESETS)}")
+    n = PRESETS[cfg.organism.preset].n_people
     if rc.forget_fraction is not None:
         f = rc.forget_fraction
-        if not isinstance(f, (int, float)) or not 0 < f < 1:
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1:
             raise ConfigError(f"request.forget_fraction={f!r}: must be a number in (0, 1)")
         import random
 
         k = max(1, round(f * n))
-        people = sorted(random.Random(rc.split_seed).sample(range(n), k))
-    elif isinstance(rc.forget_people, bool) or rc.forget_people is None:
-        raise ConfigError(f"request.forget_people={rc.forget_people!r}: give a count or a list")
-    elif isinstance(rc.forget_people, int):
-        if not 1 <= rc.forget_people < n:
-            raise ConfigError(f"request.forget_people={rc.forget_people}: must be between 1 "
-                              f"and {n - 1} (the organism has {n} trained people)")
-        people = list(range(rc.forget_people))
-    elif isinstance(rc.forget_people, list):
-        people = rc.forget_people
-        if not people:
+        return sorted(random.Random(rc.split_seed).sample(range(n), k))
+    fp = rc.forget_people
+    if isinstance(fp, bool) or fp is None:
+        raise ConfigError(f"request.forget_people={fp!r}: give a count or a list of people")
+    if isinstance(fp, int):
+        if not 1 <= fp < n:
+            raise ConfigError(f"request.forget_people={fp}: must be between 1 and {n - 1} "
+                              f"(the {cfg.organism.preset} organism has {n} trained people)")
+        return list(range(fp))
+    if isinstance(fp, list):
+        if not fp:
             raise ConfigError("request.forget_people is an empty list: nothing to forget")
-    else:
-        raise ConfigError(f"request.forget_people={rc.forget_people!r}: give a count or a list")
+        bad = [i for i in fp if isinstance(i, bool) or not isinstance(i, int)
+               or not 0 <= i < n]
+        if bad:
+            raise ConfigError(f"request.forget_people: unknown people {bad[:5]}; the "
+                              f"{cfg.organism.preset} organism's trained people are 0..{n - 1}")
+        return sorted(set(fp))
+    raise ConfigError(f"request.forget_people={fp!r}: give a count or a list of people")
+
+
+def build_request(cfg: RunConfig, org, people: list[int] | None):
+    from excise.request import ForgetRequest
+
     try:
-        return org.request(forget_people=people, attributes=rc.attributes)
-    except ValueError as e:
+        if cfg.request.jsonl:
+            return ForgetRequest.from_jsonl(cfg.request.jsonl)
+        return org.request(forget_people=people, attributes=cfg.request.attributes)
+    except (ValueError, FileNotFoundError) as e:
         raise ConfigError(f"request: {e}") from None
 
 
@@ -97,6 +113,14 @@ def run(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = 
 
     out = Path(out)
     check_out_dir(out, overwrite)
+    people = forget_people(cfg)
+    if cfg.request.jsonl:
+        from excise.request import ForgetRequest
+
+        try:
+            ForgetRequest.from_jsonl(cfg.request.jsonl)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"request: {e}") from None
     regs = registries()
     locate_fn = regs["locate"][cfg.locate.method]
     edit_fn = regs["edit"][cfg.edit.method]
@@ -111,7 +135,7 @@ def run(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = 
             org = excise.organism(cfg.organism.preset, seed=cfg.organism.seed, progress=progress)
         except ValueError as e:
             raise ConfigError(f"organism: {e}") from None
-        req = build_request(cfg, org)
+        req = build_request(cfg, org, people)
         log(f"request: {req.summary()}")
         oracle = None
         if cfg.verify.oracle and req.forget_people():

@@ -3,7 +3,8 @@
 ``gradient_stats`` returns, for each requested site, the mean squared gradient (diagonal Fisher)
 and the mean absolute gradient of the target-token loss, under a per-batch or per-example
 estimator. Parameter sites get one statistic per element; activation sites one per unit (neuron,
-head, residual dimension), with gradients summed over positions.
+head, residual dimension): the gradient of a multiplicative gate on the unit, summed over
+positions (activation x gradient).
 """
 
 from __future__ import annotations
@@ -51,12 +52,14 @@ def _facts_digest(facts: FactSet) -> str:
     return h.hexdigest()[:16]
 
 
-def _unit_reduce(g: Tensor, site: str, model: ModelHandle) -> Tensor:
-    """Activation gradient [n, T, ...] -> per-example unit gradient [n, *unit_shape]."""
-    g = g.sum(1)  # over positions
-    if g.dim() == 3:  # attn.z: [n, heads, d_head] -> heads (norm of the head's gradient)
-        g = g.norm(dim=-1)
-    return g
+def _unit_reduce(g: Tensor, act: Tensor) -> Tensor:
+    """Gradient of the loss with respect to a multiplicative gate on each unit (gate = 1):
+    ``sum over positions of activation * gradient`` -> ``[n, *unit_shape]``. A silent unit
+    gets zero, whatever its output weights."""
+    ga = (g * act.detach()).sum(1)  # over positions
+    if ga.dim() == 3:  # attn.z: [n, heads, d_head] -> one gate per head
+        ga = ga.sum(-1)
+    return ga
 
 
 def gradient_stats(model: ModelHandle, facts: FactSet, sites: Sequence[str], *,
@@ -105,7 +108,7 @@ def gradient_stats(model: ModelHandle, facts: FactSet, sites: Sequence[str], *,
             for s, g in zip(act_sites, grads[len(param_sites):]):
                 if g is None:
                     continue
-                u = _unit_reduce(g.detach(), s, model)  # [n, units]
+                u = _unit_reduce(g.detach(), acts[s])  # [n, units]
                 if estimator == "batch":
                     u = u.sum(0) / len(b)  # gradient of the batch-mean loss
                     sq[s] += u ** 2
@@ -163,6 +166,6 @@ def _per_example_params(model: ModelHandle, b: Batch, params: dict[str, Tensor],
         grads = torch.autograd.grad(loss, [acts[s] for s in act_sites], allow_unused=True)
         for s, gr in zip(act_sites, grads):
             if gr is not None:
-                u = _unit_reduce(gr.detach(), s, model)
+                u = _unit_reduce(gr.detach(), acts[s])
                 sq[s] += (u ** 2).sum(0)
                 ab[s] += u.abs().sum(0)
