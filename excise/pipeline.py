@@ -8,7 +8,7 @@ three stage packages.
 
 from __future__ import annotations
 
-import dataclasses
+import inspect
 import shutil
 import tempfile
 import time
@@ -141,38 +141,42 @@ def run(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = 
         if cfg.verify.oracle and req.forget_people():
             log("retrain oracle (trained once per forget split, then cached)")
             oracle = org.oracle(req)
-        before = probes.verify(org.model, req, oracle=oracle, label="before",
-                               suite=cfg.verify.suite, **cfg.verify.params)
+        before = probes.verify(org.model, req, label="before")
         log(f"locate: {cfg.locate.method}")
         kw = dict(cfg.locate.params)
-        if "progress" in locate_fn.__code__.co_varnames:
+        if "progress" in inspect.signature(locate_fn).parameters:
             kw["progress"] = progress
         imp = locate_fn(org.model, req, cfg.locate.sites, **kw)
         imp.save(tmp / "importance.safetensors")
         plot_paths = [plots.save(imp.plot("heatmap"), tmp / "importance.png"),
                       plots.save(imp.plot("bar"), tmp / "importance_top.png")]
-        extra_plots = getattr(imp, "plots_for_run", None)
+        run_plots = getattr(locate, "run_plots", None)
+        if run_plots is not None:  # method-specific figures (e.g. causal-trace heatmaps)
+            plot_paths += run_plots(imp, org.model, req, tmp)
         units = None
         if cfg.select.top is not None:
             units = imp.top(cfg.select.top, cfg.select.sites)
             write_json(tmp / "selection.json", {"source": units.source,
                                                 "units": units.to_list()})
+        original = org.model.clone()
         log(f"edit: {cfg.edit.method} {cfg.edit.params}")
         e = edit_fn(org.model, imp, units, **cfg.edit.params)
         try:
             e.diff.save(tmp / "edit.safetensors")
-            after = probes.verify(org.model, req, label="after", suite=cfg.verify.suite,
+            log(f"verify: {cfg.verify.suite}")
+            after = probes.verify(org.model, req, oracle=oracle, label="after",
+                                  suite=cfg.verify.suite, original=original,
                                   **cfg.verify.params)
         finally:
             e.revert()
-        report = Report(metrics={"before": before.metrics["before"],
-                                 "after": after.metrics["after"]},
+        report = Report(metrics={"before": before.metrics["before"]},
                         request=req.summary() | {"forget_people": req.forget_people()})
-        if oracle is not None:
-            report.metrics["oracle"] = before.metrics["oracle"]
-        report.extra.update(after.extra)
+        report.merge(after)
         if after.verdict:
             report.verdict, report.verdict_rule = after.verdict, after.verdict_rule
+        write_plots = getattr(probes, "write_plots", None)
+        if write_plots is not None:  # attack curves, per-depth probes ...
+            plot_paths += write_plots(report, tmp)
         m = e.manifest
         report.edit = {"method": cfg.edit.method, "units_changed": _units_changed(e),
                        "params_changed": m["params_changed"],
@@ -182,8 +186,6 @@ def run(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = 
                             "holdout_recall", "shared_recall") if k in report.metrics["before"]]
         plot_paths.append(plots.save(plots.metrics_bars(report.metrics, keys),
                                      tmp / "recall.png"))
-        if extra_plots:
-            plot_paths += extra_plots(tmp)
         report.plots = [Path(p).name for p in plot_paths]
         report.extra["seconds"] = round(time.time() - t0, 1)
         report.save(tmp)
