@@ -1,13 +1,22 @@
 """edit: targeted, reversible changes to a model.
 
-Every method takes a model handle plus an Importance and/or a Selection, and returns an applied
-:class:`excise.edits.Edit` (a context manager with ``revert()``, a saveable ``diff`` and a
-manifest).
+Every method is ``name(model, importance=None, units=None, **params) -> Edit``: it takes a model
+handle plus an Importance and/or a Selection (when ``units`` is None it takes the ``top`` units
+of the importance) and returns an applied :class:`excise.edits.Edit` (a context manager with
+``revert()``, a saveable ``diff`` and a manifest). Methods that need data (``project``,
+``finetune``, ``prune(mode="mean")``) take ``request=`` (a ForgetRequest).
 """
 
 from edit.dampen import dampen
-from excise.edits import Diff, Edit, export
+from edit.finetune import finetune
+from edit.noise import noise
+from edit.project import project
+from edit.prune import prune
+from edit.sequential import Step, sequential
+from excise.edits import Diff, Edit, HookSpec, export
 
-METHODS = {"dampen": dampen}
+METHODS = {"dampen": dampen, "prune": prune, "noise": noise, "project": project,
+           "finetune": finetune}
 
-__all__ = ["Diff", "Edit", "METHODS", "dampen", "export"]
+__all__ = ["Diff", "Edit", "HookSpec", "METHODS", "Step", "dampen", "export", "finetune",
+           "noise", "project", "prune", "sequential"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from edit._common import check_number, importance_digest, param_slices
 from excise.edits import Edit, weight_edit
 from excise.handle import ModelHandle
 from excise.importance import Importance
@@ -26,31 +27,29 @@ def ssd_factors(f_forget: torch.Tensor, f_retain: torch.Tensor, alpha: float,
     return idx, beta
 
 
-def dampen(model: ModelHandle, importance: Importance, units: Selection | None = None, *,
-           alpha: float = 10.0, lam: float = 1.0) -> Edit:
+def dampen(model: ModelHandle, importance: Importance | None = None,
+           units: Selection | None = None, *, alpha: float = 10.0, lam: float = 1.0) -> Edit:
     """Apply SSD using the forget/retain Fisher in ``importance.parts`` (from ``locate.fisher``).
 
-    ``units`` optionally restricts dampening to a Selection of parameter elements (SSD's rule
-    still decides which of them change). Returns the applied, reversible :class:`Edit`."""
-    if not (alpha > 0 and lam >= 0) or alpha != alpha or lam != lam:
-        raise ValueError(f"dampen: need alpha > 0 and lambda >= 0, got alpha={alpha}, "
-                         f"lambda={lam}")
+    ``units`` optionally restricts dampening to a Selection of parameter elements, or of
+    neurons / heads (their parameter slices); SSD's rule still decides which of them change.
+    Returns the applied, reversible :class:`Edit`."""
+    check_number("dampen", "alpha", alpha, low=0, low_open=True)
+    check_number("dampen", "lam", lam, low=0)
+    if importance is None:
+        raise ValueError("dampen needs an Importance with forget and retain Fisher in its "
+                         "parts (from locate.fisher)")
     parts = importance.parts
     if "forget" not in parts or "retain" not in parts:
         raise ValueError(f"dampen needs forget and retain Fisher in Importance.parts; "
                          f"{importance.method!r} has parts {sorted(parts)} - use locate.fisher")
-    if units is not None and len(units) == 0:
-        raise ValueError("dampen: the selection is empty")
     allowed = None
     if units is not None:
-        allowed = {}
-        for site, idxs in units.by_site().items():
-            if site not in parts["forget"]:
-                raise ValueError(f"selected unit at site {site!r} has no Fisher in this "
-                                 f"Importance (sites: {list(parts['forget'])[:4]}...)")
-            shape = parts["forget"][site].shape
-            flat = torch.tensor([int(torch.tensor(ix).dot(_strides(shape))) for ix in idxs])
-            allowed[site] = flat
+        allowed = param_slices("dampen", model, units)
+        missing = [s for s in allowed if s not in parts["forget"]]
+        if missing:
+            raise ValueError(f"selected units own parameter {missing[0]!r}, which has no "
+                             f"Fisher in this Importance (sites: {list(parts['forget'])[:4]}...)")
     new = {}
     for site in parts["forget"]:
         if model.info(site).kind != "param":
@@ -67,14 +66,9 @@ def dampen(model: ModelHandle, importance: Importance, units: Selection | None =
         new[site] = (idx, (p[idx].double() * beta).to(p.dtype))
     if not new:
         raise ValueError(f"dampen(alpha={alpha}) selects no parameter: no forget Fisher exceeds "
-                         f"alpha x retain Fisher; lower alpha")
+                         f"alpha x retain Fisher" + (" within the selected units" if units
+                                                     else "") + "; lower alpha")
     return weight_edit(model, "dampen", {"alpha": alpha, "lambda": lam,
-                                         "importance": importance.method}, units, new)
-
-
-def _strides(shape) -> torch.Tensor:
-    st, acc = [], 1
-    for d in reversed(shape):
-        st.append(acc)
-        acc *= d
-    return torch.tensor(list(reversed(st)))
+                                         "importance": importance.method,
+                                         "importance_digest": importance_digest(importance)},
+                       units, new)

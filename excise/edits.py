@@ -8,14 +8,22 @@ chain of edits it was applied on top of). Hook edits keep their hook handles and
 revert. Applying the same edit twice is refused; edits are reverted last-in, first-out.
 
 Old values are stored exactly, so ``revert()`` restores parameters bit for bit.
+
+Hook edits that should survive a save are described by :class:`HookSpec` (a registered hook
+*kind*, the site, JSON parameters and named tensors). A Diff saves their tensors in the
+safetensors file and the specs as JSON in its metadata; loading re-creates the hook functions
+from :data:`HOOK_KINDS` - nothing is ever pickled. Plain ``hooks={site: fn}`` still work but
+cannot be saved.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -38,24 +46,102 @@ class ParamChange:
 
 
 @dataclass(frozen=True)
+class HookSpec:
+    """A saveable hook edit: ``HOOK_KINDS[kind](site, params, tensors)`` builds the hook fn."""
+
+    kind: str
+    site: str
+    params: Mapping = field(default_factory=dict)  # JSON-serialisable
+    tensors: Mapping[str, Tensor] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.kind not in HOOK_KINDS:
+            raise ValueError(f"unknown hook kind {self.kind!r}; registered kinds: "
+                             f"{sorted(HOOK_KINDS)}")
+        for name, t in self.tensors.items():
+            if not isinstance(t, Tensor):
+                raise ValueError(f"hook {self.kind!r} at {self.site}: tensor {name!r} is a "
+                                 f"{type(t).__name__}, not a Tensor")
+            if not torch.isfinite(t).all():
+                raise ValueError(f"hook {self.kind!r} at {self.site}: tensor {name!r} holds "
+                                 f"non-finite values")
+        json.dumps(dict(self.params))  # raises TypeError early for non-JSON parameters
+
+    def build(self) -> HookFn:
+        return HOOK_KINDS[self.kind](self.site, dict(self.params), dict(self.tensors))
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "site": self.site, "params": dict(self.params),
+                "tensors": sorted(self.tensors)}
+
+    def digest(self) -> str:
+        h = hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode())
+        for name in sorted(self.tensors):
+            h.update(self.tensors[name].detach().cpu().contiguous().view(torch.uint8)
+                     .numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+HookFactory = Callable[[str, dict, dict], HookFn]
+HOOK_KINDS: dict[str, HookFactory] = {}
+
+
+def register_hook_kind(name: str) -> Callable[[HookFactory], HookFactory]:
+    """Register a factory ``(site, params, tensors) -> hook fn`` under ``name``."""
+    def deco(factory: HookFactory) -> HookFactory:
+        HOOK_KINDS[name] = factory
+        return factory
+    return deco
+
+
+@register_hook_kind("rank_one")
+def _rank_one_hook(site: str, params: dict, tensors: dict) -> HookFn:
+    """Rank-one projection of the last axis: ``remove``: ``x - (x.u) u``; ``align``:
+    ``x + (c - x.u) u`` (the component along ``u`` set to the constant ``c``)."""
+    u = tensors["u"].detach().clone()  # fresh, aligned memory: loaded tensors may be views
+    mode = params.get("mode", "remove")
+    if mode not in ("remove", "align"):
+        raise ValueError(f"rank_one hook: mode {mode!r}; choose 'remove' or 'align'")
+    c = tensors["c"].detach().clone() if mode == "align" else None
+
+    def fn(x: Tensor, _site: str) -> Tensor:
+        uu = u.to(x.device, x.dtype)
+        coef = x @ uu  # [..., ]
+        target = 0.0 if c is None else c.to(x.device, x.dtype)
+        return x + (target - coef)[..., None] * uu
+
+    return fn
+
+
+@dataclass(frozen=True)
 class Diff:
     """Weight changes by parameter site, with the manifest of the edit that made them."""
 
     changes: Mapping[str, ParamChange]
     manifest: Mapping = field(default_factory=dict)
+    hook_specs: Sequence[HookSpec] = ()
 
     def n_changed(self) -> int:
         return sum(int((c.old != c.new).sum()) for c in self.changes.values())
 
     def save(self, path: str | Path) -> Path:
-        """Write the diff as safetensors (manifest in its metadata) plus ``<path>.json``."""
+        """Write the diff as safetensors (manifest and hook specs in its metadata) plus
+        ``<path>.json``. Hook tensors are stored as ``hook{i}::{name}``."""
         path = Path(path)
+        if self.manifest.get("unsaveable_hooks"):
+            raise ValueError(f"this edit has plain hook functions at "
+                             f"{self.manifest['unsaveable_hooks']} that cannot be saved; use a "
+                             f"registered HookSpec (kinds: {sorted(HOOK_KINDS)})")
         tensors = {}
         for site, c in self.changes.items():
             tensors[f"{site}::indices"] = c.indices
             tensors[f"{site}::old"] = c.old
             tensors[f"{site}::new"] = c.new
-        meta = {"format": "excise.diff/1", "manifest": json.dumps(self.manifest, default=str)}
+        for i, spec in enumerate(self.hook_specs):
+            for name, t in spec.tensors.items():
+                tensors[f"hook{i}::{name}"] = t
+        meta = {"format": "excise.diff/1", "manifest": json.dumps(self.manifest, default=str),
+                "hooks": json.dumps([h.to_json() for h in self.hook_specs])}
         save_safetensors(tensors, path, metadata=meta)
         write_json(path.with_suffix(".json"), dict(self.manifest))
         return path
@@ -67,10 +153,19 @@ class Diff:
             raise ValueError(f"{path} is not an excise diff file (format "
                              f"{md.get('format')!r})")
         t = load_safetensors(path)
-        sites = sorted({k.rsplit("::", 1)[0] for k in t})
+        specs = []
+        for i, h in enumerate(json.loads(md.get("hooks", "[]"))):
+            if not isinstance(h, dict) or not {"kind", "site", "params", "tensors"} <= set(h):
+                raise ValueError(f"{path}: hook spec {i} is malformed: {h!r}")
+            missing = [n for n in h["tensors"] if f"hook{i}::{n}" not in t]
+            if missing:
+                raise ValueError(f"{path}: hook spec {i} ({h['kind']}) misses tensors {missing}")
+            specs.append(HookSpec(h["kind"], h["site"], h["params"],
+                                  {n: t[f"hook{i}::{n}"] for n in h["tensors"]}))
+        sites = sorted({k.rsplit("::", 1)[0] for k in t if not re.match(r"hook\d+::", k)})
         changes = {s: ParamChange(t[f"{s}::indices"], t[f"{s}::old"], t[f"{s}::new"])
                    for s in sites}
-        return cls(changes, json.loads(md["manifest"]))
+        return cls(changes, json.loads(md["manifest"]), tuple(specs))
 
     def apply(self, handle: ModelHandle, *, check_fingerprint: bool = True) -> "Edit":
         """Re-apply this diff to ``handle`` (refused unless the weights are the ones it was made
@@ -86,8 +181,11 @@ class Diff:
             p = handle.parameter(site)
             if c.indices.numel() and int(c.indices.max()) >= p.numel():
                 raise ValueError(f"diff indices out of range for {site} ({p.numel()} elements)")
+        for spec in self.hook_specs:
+            handle.info(spec.site)  # unknown site -> ValueError with suggestions
         e = Edit(handle, self.manifest.get("method", "diff"), dict(self.manifest.get("params", {})),
-                 None, changes=dict(self.changes))
+                 None, changes=dict(self.changes), hook_specs=self.hook_specs,
+                 selection_digest=(self.manifest.get("selection") or {}).get("digest", ""))
         return e.apply()
 
 
@@ -98,14 +196,23 @@ class Edit:
                  selection: Selection | None, *,
                  changes: Mapping[str, ParamChange] | None = None,
                  hooks: Mapping[str, HookFn] | None = None,
-                 hook_state: Mapping[str, Tensor] | None = None):
+                 hook_state: Mapping[str, Tensor] | None = None,
+                 hook_specs: Sequence[HookSpec] = (), selection_digest: str = ""):
         self.handle = handle
+        self._selection_digest = selection_digest  # a re-applied diff's original selection
         self.method = method
         self.params = dict(params)
         self.selection = selection
         self.changes = dict(changes or {})
-        self.hook_fns = dict(hooks or {})
+        self.hook_specs = tuple(hook_specs)
+        self._plain_hooks = sorted(hooks or {})
+        # (site, fn) pairs: plain hooks first, then those built from specs
+        self._hooks: list[tuple[str, HookFn]] = list((hooks or {}).items())
+        self._hooks += [(h.site, h.build()) for h in self.hook_specs]
+        self.hook_fns = {site: fn for site, fn in self._hooks}
         self.hook_state = dict(hook_state or {})  # tensors a hook edit needs to be re-created
+        for h in self.hook_specs:
+            self.hook_state.update({f"{h.site}::{k}": v for k, v in h.tensors.items()})
         self._hook_handles: list = []
         self.state = "pending"
         self.fingerprint_before: str | None = None
@@ -116,7 +223,7 @@ class Edit:
 
     # -- identity ----------------------------------------------------------------------------
     def key(self) -> tuple:
-        sel = self.selection.digest() if self.selection is not None else ""
+        sel = self.selection.digest() if self.selection is not None else self._selection_digest
         return (self.method, json.dumps(self.params, sort_keys=True, default=str), sel)
 
     @property
@@ -128,6 +235,8 @@ class Edit:
                           "sites": self.selection.sites(),
                           "digest": self.selection.digest()} if self.selection else None,
             "hooks": sorted(self.hook_fns),
+            "hook_specs": [h.to_json() for h in self.hook_specs],
+            "unsaveable_hooks": self._plain_hooks,
             "params_changed": self.n_changed(),
             "params_changed_frac": self.n_changed() / max(1, self.handle.n_parameters()),
             "fingerprint_before": self.fingerprint_before,
@@ -139,7 +248,7 @@ class Edit:
 
     @property
     def diff(self) -> Diff:
-        return Diff(self.changes, self.manifest)
+        return Diff(self.changes, self.manifest, self.hook_specs)
 
     def n_changed(self) -> int:
         return sum(int((c.old != c.new).sum()) for c in self.changes.values())
@@ -171,7 +280,7 @@ class Edit:
                                            f"edit was computed from")
                     written.append((flat, c))
                     flat[c.indices] = c.new.to(flat.dtype)
-            for site, fn in self.hook_fns.items():
+            for site, fn in self._hooks:
                 self._hook_handles.append(self.handle.add_persistent_hook(site, fn))
         except BaseException:
             with torch.no_grad():
@@ -240,7 +349,15 @@ def applied_edits(handle: ModelHandle) -> list[Edit]:
 def weight_edit(handle: ModelHandle, method: str, params: Mapping, selection: Selection | None,
                 new_values: Mapping[str, tuple[Tensor, Tensor]]) -> Edit:
     """Build and apply an Edit from ``{site: (flat_indices, new_values)}``; unchanged elements
-    are dropped from the diff."""
+    are dropped from the diff. An identical edit already applied is refused up front (before
+    "changes nothing" could hide it)."""
+    probe = Edit.__new__(Edit)
+    probe.method, probe.params, probe.selection = method, dict(params), selection
+    probe._selection_digest = ""
+    for other in _stack(handle):
+        if other.key() == probe.key():
+            raise RuntimeError(f"an identical {method!r} edit is already applied to this model; "
+                               f"revert it first")
     changes = {}
     for site, (idx, new) in new_values.items():
         p = handle.parameter(site).detach().view(-1)
@@ -265,7 +382,7 @@ def export(handle: ModelHandle, path: str | Path, *, overwrite: bool = False) ->
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; excise never overwrites a model file unless "
                               f"overwrite=True")
-    if any(e.hook_fns for e in _stack(handle)):
+    if any(e.hook_fns for e in _stack(handle)):  # (baked projections are weight edits)
         raise ValueError("the model has hook edits applied; bake them into weights first "
                          "(edit.project(..., bake=True)) or revert them before exporting")
     save_safetensors(dict(handle.named_parameters()), path,

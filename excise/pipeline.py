@@ -57,6 +57,9 @@ def forget_people(cfg: RunConfig) -> list[int] | None:
     from excise.organism import PRESETS
 
     rc = cfg.request
+    if (cfg.model.name or cfg.model.path) and not rc.jsonl:
+        raise ConfigError("model: a real model has no organism people; give the facts to forget "
+                          "and keep as request.jsonl")
     if rc.jsonl:
         return None
     if cfg.organism.preset not in PRESETS:
@@ -130,12 +133,27 @@ def run(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         write_yaml(tmp / "config.yaml", cfg.to_dict())
-        log(f"organism: {cfg.organism.preset} (seed {cfg.organism.seed})")
-        try:
-            org = excise.organism(cfg.organism.preset, seed=cfg.organism.seed, progress=progress)
-        except ValueError as e:
-            raise ConfigError(f"organism: {e}") from None
-        req = build_request(cfg, org, people)
+        not_known = None
+        if cfg.model.name or cfg.model.path:  # a real model (excise.hf) instead of the organism
+            from types import SimpleNamespace
+
+            from excise.hf import load_model, screen_known
+
+            log(f"model: {cfg.model.name or cfg.model.path}")
+            try:
+                org = SimpleNamespace(model=load_model(cfg.model.name, cfg.model.path,
+                                                       on_split=cfg.model.on_split, log=log))
+            except (ValueError, ModuleNotFoundError) as e:
+                raise ConfigError(f"model: {e}") from None
+            req, not_known = screen_known(org.model, build_request(cfg, org, people), log=log)
+        else:
+            log(f"organism: {cfg.organism.preset} (seed {cfg.organism.seed})")
+            try:
+                org = excise.organism(cfg.organism.preset, seed=cfg.organism.seed,
+                                      progress=progress)
+            except ValueError as e:
+                raise ConfigError(f"organism: {e}") from None
+            req = build_request(cfg, org, people)
         log(f"request: {req.summary()}")
         oracle = None
         if cfg.verify.oracle and req.forget_people():
@@ -160,7 +178,10 @@ def run(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = 
                                                 "units": units.to_list()})
         original = org.model.clone()
         log(f"edit: {cfg.edit.method} {cfg.edit.params}")
-        e = edit_fn(org.model, imp, units, **cfg.edit.params)
+        ekw = dict(cfg.edit.params)
+        if "request" in inspect.signature(edit_fn).parameters:
+            ekw.setdefault("request", req)
+        e = edit_fn(org.model, imp, units, **ekw)
         try:
             e.diff.save(tmp / "edit.safetensors")
             log(f"verify: {cfg.verify.suite}")
@@ -172,6 +193,8 @@ def run(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = 
         report = Report(metrics={"before": before.metrics["before"]},
                         request=req.summary() | {"forget_people": req.forget_people()})
         report.merge(after)
+        if not_known:  # facts the model did not produce before editing: not "forgotten"
+            report.extra["not_known"] = not_known
         if after.verdict:
             report.verdict, report.verdict_rule = after.verdict, after.verdict_rule
         write_plots = getattr(probes, "write_plots", None)

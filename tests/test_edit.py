@@ -1,0 +1,363 @@
+"""edit: every registered method is reversible, saveable, refuses bad input, and lowers forget
+recall; plus method-specific guarantees (masked fine-tuning, baked == hook projections, mean
+ablation == hook, seeded noise, export, sequential requests).
+
+The generated tests run over ``edit.METHODS``: a new method is covered as soon as it is
+registered. ``FAST`` / ``EFFECTIVE`` hold per-method keyword arguments (a method not listed is
+called with none, plus ``request=`` when its signature takes one).
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+
+import pytest
+import torch
+
+import edit
+import locate
+from excise.edits import Diff, HookSpec, applied_edits, export, weight_edit
+from excise.importance import Importance
+from excise.sites import Selection, Unit
+from probes.behaviour import recall
+
+FAST = {  # cheap settings for the mechanical tests
+    "finetune": {"steps": 3, "batch_size": 8},
+}
+EFFECTIVE = {  # settings under which the edit should lower forget recall on the tiny organism
+    "prune": {"top": 4, "units_from": "sum"},
+    "noise": {"scale": 3.0},
+    "project": {"sites": "blocks.*.resid_mid", "mode": "align"},
+    "finetune": {"steps": 30, "lr": 3e-3},
+}
+BAD_STRENGTHS = {  # (kwargs, words the error must contain)
+    "dampen": [({"alpha": 0}, "alpha"), ({"alpha": -1.0}, "alpha"), ({"lam": -0.5}, "lam"),
+               ({"alpha": float("nan")}, "alpha")],
+    "prune": [({"mode": "half"}, "mode"), ({"weights": "some"}, "weights")],
+    "noise": [({"scale": -1.0}, "scale"), ({"scale": 0.0}, "scale"),
+              ({"relative": "rms"}, "relative"), ({"seed": -1}, "seed")],
+    "project": [({"mode": "flip"}, "mode"), ({"direction": "pca"}, "direction"),
+                ({"positions": "end"}, "positions"),
+                ({"direction": torch.full((64,), float("nan")),
+                  "sites": "blocks.0.mlp.out"}, "direction")],
+    "finetune": [({"lr": -1e-3}, "lr"), ({"lr": 0.0}, "lr"), ({"steps": 0}, "steps"),
+                 ({"method": "sgd"}, "method"), ({"beta": 0.0}, "beta"),
+                 ({"retain_weight": -1.0}, "retain_weight"), ({"units": "some"}, "all")],
+}
+
+
+def _state(h):
+    return {k: v.detach().clone() for k, v in h.named_parameters().items()}
+
+
+def _identical(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.fixture(scope="module")
+def tiny_imp(tiny, tiny_request):
+    return locate.fisher(tiny.model, tiny_request)
+
+
+def call(name, h, imp, req, units=None, **kw):
+    fn = edit.METHODS[name]
+    args = dict(FAST.get(name, {})) | kw
+    if "request" in inspect.signature(fn).parameters:
+        args.setdefault("request", req)
+    if "units" in args:
+        units = args.pop("units")
+    return fn(h, imp, units, **args)
+
+
+@pytest.mark.parametrize("name", sorted(edit.METHODS))
+def test_revert_exception_and_twice(name, tiny_model, tiny_request, tiny_imp):
+    h = tiny_model
+    before, hooks0 = _state(h), h.hook_count()
+    tokens = h.encode(list(tiny_request.forget)[:8]).tokens
+    logits0 = h.logits(tokens)
+    with call(name, h, tiny_imp, tiny_request) as e:
+        assert e.state == "applied"
+        assert not torch.equal(h.logits(tokens), logits0), f"{name} changed nothing"
+        with pytest.raises(RuntimeError, match="already applied"):
+            call(name, h, tiny_imp, tiny_request)
+    assert _identical(before, _state(h)) and h.hook_count() == hooks0
+    assert torch.equal(h.logits(tokens), logits0)
+    with pytest.raises(RuntimeError, match="boom"):
+        with call(name, h, tiny_imp, tiny_request):
+            raise RuntimeError("boom")
+    assert _identical(before, _state(h)) and h.hook_count() == hooks0
+    e = call(name, h, tiny_imp, tiny_request)
+    e.revert()
+    assert _identical(before, _state(h)) and h.hook_count() == hooks0
+
+
+@pytest.mark.parametrize("name", sorted(edit.METHODS))
+def test_diff_round_trip(name, tiny, tiny_request, tiny_imp, tiny_oracle, tmp_path):
+    h = tiny.model.clone()
+    e = call(name, h, tiny_imp, tiny_request)
+    path = e.diff.save(tmp_path / f"{name}.safetensors")
+    fresh = tiny.model.clone()
+    back = Diff.load(path)
+    assert back.n_changed() == e.n_changed() and len(back.hook_specs) == len(e.hook_specs)
+    e2 = back.apply(fresh)
+    tokens = fresh.encode(list(tiny_request.forget)).tokens
+    assert torch.equal(fresh.logits(tokens), h.logits(tokens))
+    assert fresh.fingerprint() == h.fingerprint()
+    with pytest.raises(ValueError, match="refusing to apply it to different weights"):
+        Diff.load(path).apply(tiny_oracle.clone())
+    e2.revert()
+    assert fresh.fingerprint() == tiny.model.fingerprint() and fresh.hook_count() == 0
+    json.loads(path.with_suffix(".json").read_text())  # manifest is plain JSON
+
+
+@pytest.mark.parametrize("name", sorted(edit.METHODS))
+def test_bad_units_leave_model_unchanged(name, tiny_model, tiny_request, tiny_imp):
+    h = tiny_model
+    before = _state(h)
+    bad = [(Selection(()), "empty"),
+           (Selection((Unit("blocks.1.mlp.pots", (0,)),)), "did you mean 'blocks.1.mlp.post'"),
+           (Selection((Unit("blocks.1.mlp.post", (9999,)),)), "does not exist"),
+           (Selection((Unit("blocks.0.attn.z", (0, 1)),)), "does not exist")]
+    for units, words in bad:
+        with pytest.raises(ValueError, match=words):
+            call(name, h, tiny_imp, tiny_request, units=units)
+        assert _identical(before, _state(h)) and h.hook_count() == 0
+    if "request" in inspect.signature(edit.METHODS[name]).parameters and name != "prune":
+        with pytest.raises(ValueError, match="request"):
+            call(name, h, tiny_imp, None, request=None)
+    for kw, words in BAD_STRENGTHS.get(name, []):
+        with pytest.raises(ValueError, match=words):
+            call(name, h, tiny_imp, tiny_request, **kw)
+        assert _identical(before, _state(h)) and h.hook_count() == 0
+
+
+def test_non_finite_results_are_refused(tiny_model, tiny_request, tiny_imp):
+    h = tiny_model
+    before = _state(h)
+    with pytest.raises(ValueError, match="non-finite"):
+        edit.noise(h, tiny_imp, scale=1e300)  # overflows float32
+    with pytest.raises(ValueError, match="non-finite"):
+        edit.finetune(h, tiny_imp, request=tiny_request, lr=1e38, optimizer="sgd", steps=2,
+                      max_grad_norm=1e30)
+    with pytest.raises(ValueError, match="non-finite"):
+        weight_edit(h, "x", {}, None, {"blocks.0.mlp.b_in": (torch.tensor([0]),
+                                                             torch.tensor([float("inf")]))})
+    with pytest.raises(ValueError, match="non-finite"):
+        HookSpec("rank_one", "blocks.0.mlp.out", {}, {"u": torch.tensor([float("nan")])})
+    assert _identical(before, _state(h)) and h.hook_count() == 0
+
+
+@pytest.mark.parametrize("name", sorted(edit.METHODS))
+def test_lowers_forget_recall_on_fisher_top_units(name, tiny, tiny_request, tiny_imp):
+    h = tiny.model.clone()
+    kw = dict(EFFECTIVE.get(name, {}))
+    units = None
+    if kw.pop("units_from", None) == "sum":
+        units = tiny_imp.by_unit("sum").top(kw.pop("top"))
+    r0 = recall(h, tiny_request.forget)
+    with call(name, h, tiny_imp, tiny_request, units=units, **kw):
+        r1 = recall(h, tiny_request.forget)
+    assert r1 < r0 - 0.05, f"{name}: forget recall {r0:.3f} -> {r1:.3f}"
+
+
+def test_masked_finetune_touches_only_the_selection(tiny_model, tiny_request, tiny_imp):
+    from edit._common import param_slices
+
+    h = tiny_model
+    before = _state(h)
+    units = Selection((Unit("blocks.1.mlp.post", (3,)), Unit("blocks.0.attn.z", (1,)),
+                       Unit("blocks.1.mlp.W_out", (5, 7))))
+    with edit.finetune(h, None, units, request=tiny_request, steps=5, lr=1e-2,
+                       method="npo") as e:
+        after = _state(h)
+        allowed = param_slices("t", h, units)
+        for site, p in after.items():
+            diff = (p != before[site]).reshape(-1)
+            inside = torch.zeros_like(diff)
+            if site in allowed:
+                inside[allowed[site]] = True
+            assert not (diff & ~inside).any(), f"{site} changed outside the selection"
+        assert set(e.changes) <= set(allowed) and e.n_changed() > 0
+        assert "blocks.1.mlp.W_in" in e.changes and "blocks.0.attn.W_Q" in e.changes
+    assert _identical(before, _state(h))
+    with edit.finetune(h, None, "all", request=tiny_request, steps=2) as e:  # global baseline
+        assert e.n_changed() > 0.5 * h.n_parameters() and e.selection is None
+
+
+def test_finetune_and_noise_are_seeded(tiny, tiny_request, tiny_imp):
+    a, b = tiny.model.clone(), tiny.model.clone()
+    for fn, kw in [(edit.noise, {}), (edit.finetune, {"request": tiny_request, "steps": 3})]:
+        ea, eb = fn(a, tiny_imp, **kw), fn(b, tiny_imp, **kw)
+        assert a.fingerprint() == b.fingerprint()
+        eb.revert()
+        ec = fn(b, tiny_imp, **kw, seed=1)
+        assert a.fingerprint() != b.fingerprint()
+        ec.revert()
+        ea.revert()
+
+
+@pytest.mark.parametrize("site", ["blocks.1.mlp.out", "blocks.0.attn.out", "embed"])
+@pytest.mark.parametrize("mode", ["remove", "align"])
+def test_project_baked_equals_hook(site, mode, tiny_model, tiny_request):
+    h = tiny_model
+    tokens = h.encode(list(tiny_request.forget) + list(tiny_request.retain)[:20]).tokens
+    with edit.project(h, request=tiny_request, sites=site, mode=mode) as e:
+        assert e.hook_specs and not e.changes
+        hooked = h.logits(tokens)
+    with edit.project(h, request=tiny_request, sites=site, mode=mode, bake=True) as e:
+        assert not e.hook_fns and e.changes
+        baked = h.logits(tokens)
+    torch.testing.assert_close(baked, hooked, rtol=1e-4, atol=1e-4)
+
+
+def test_project_bake_refused_where_it_cannot_match(tiny_model, tiny_request):
+    with pytest.raises(ValueError, match="cannot fold a projection at 'blocks.1.resid_mid'"):
+        edit.project(tiny_model, request=tiny_request, sites="blocks.1.resid_mid", bake=True)
+    assert tiny_model.hook_count() == 0
+
+
+def test_project_given_direction_removes_it(tiny_model, tiny_request):
+    h = tiny_model
+    u = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    with edit.project(h, direction=u, sites="blocks.0.mlp.out"):
+        store = h.run_with_cache(h.encode(list(tiny_request.forget)[:4]).tokens,
+                                 ["blocks.0.mlp.out"])
+    assert float((store["blocks.0.mlp.out"].detach() @ (u / u.norm())).abs().max()) < 1e-4
+
+
+def test_mean_prune_equals_mean_ablation_hook(tiny_model, tiny_request):
+    from edit.prune import _mean_activations
+
+    h = tiny_model
+    units = Selection((Unit("blocks.1.mlp.post", (3,)), Unit("blocks.1.mlp.post", (9,)),
+                       Unit("blocks.0.attn.z", (2,))))
+    means = _mean_activations(h, tiny_request, units.sites(), 256)
+    tokens = h.encode(list(tiny_request.forget)).tokens
+
+    def mlp(x, s):
+        x = x.clone()
+        x[..., [3, 9]] = means[s][[3, 9]].to(x.dtype)
+        return x
+
+    def attn(x, s):
+        x = x.clone()
+        x[..., 2, :] = means[s][2].to(x.dtype)
+        return x
+
+    hooked = h.logits(tokens, {"blocks.1.mlp.post": mlp, "blocks.0.attn.z": attn})
+    with edit.prune(h, None, units, mode="mean", request=tiny_request):
+        baked = h.logits(tokens)
+    torch.testing.assert_close(baked, hooked, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="can only be zeroed"):
+        edit.prune(h, None, Selection((Unit("blocks.0.mlp.W_in", (0, 0)),)), mode="mean",
+                   request=tiny_request)
+
+
+def test_prune_zeroes_exactly_the_unit_slices(tiny_model):
+    h = tiny_model
+    with edit.prune(h, None, Selection((Unit("blocks.1.mlp.post", (7,)),
+                                        Unit("blocks.0.attn.z", (1,)),
+                                        Unit("blocks.0.mlp.W_in", (2, 3))))):
+        assert not h.parameter("blocks.1.mlp.W_in")[:, 7].any()
+        assert not h.parameter("blocks.1.mlp.W_out")[7].any()
+        assert float(h.parameter("blocks.1.mlp.b_in").detach()[7]) == 0
+        assert not h.parameter("blocks.0.attn.W_O")[1].any()
+        assert not h.parameter("blocks.0.attn.W_V")[1].any()
+        assert float(h.parameter("blocks.0.mlp.W_in").detach()[2, 3]) == 0
+        assert h.parameter("blocks.0.attn.W_O")[0].any()
+
+
+def test_hook_diff_is_json_and_safetensors_only(tiny, tiny_request, tmp_path):
+    from safetensors import safe_open
+
+    h = tiny.model.clone()
+    e = edit.project(h, request=tiny_request, sites="blocks.*.mlp.out", mode="align")
+    path = e.diff.save(tmp_path / "p.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        keys, meta = set(f.keys()), f.metadata()
+    assert keys == {"hook0::u", "hook0::c", "hook1::u", "hook1::c"}
+    specs = json.loads(meta["hooks"])
+    assert [s["kind"] for s in specs] == ["rank_one", "rank_one"]
+    specs[0]["kind"] = "exec_anything"
+    from excise.io import load_safetensors, save_safetensors
+
+    save_safetensors(load_safetensors(path), tmp_path / "bad.safetensors",
+                     metadata=dict(meta) | {"hooks": json.dumps(specs)})
+    with pytest.raises(ValueError, match="unknown hook kind 'exec_anything'"):
+        Diff.load(tmp_path / "bad.safetensors")
+    # a plain (unregistered) hook function cannot be saved
+    from excise.edits import Edit
+
+    plain = Edit(tiny.model.clone(), "plain", {}, None, hooks={"blocks.0.mlp.out": lambda x, s: x})
+    with pytest.raises(ValueError, match="cannot be saved"):
+        plain.diff.save(tmp_path / "plain.safetensors")
+
+
+def test_export(tiny, tiny_request, tiny_imp, tmp_path):
+    from excise.io import load_safetensors
+
+    h = tiny.model.clone()
+    out = tmp_path / "model.safetensors"
+    with edit.dampen(h, tiny_imp):
+        export(h, out)
+        state = load_safetensors(out)
+        assert all(torch.equal(state[k], p.detach()) for k, p in h.named_parameters().items())
+        with pytest.raises(FileExistsError, match="never overwrites"):
+            export(h, out)
+    with edit.project(h, request=tiny_request, sites="blocks.1.mlp.out"):
+        with pytest.raises(ValueError, match="bake them into weights"):
+            export(h, tmp_path / "hooked.safetensors")
+    with edit.project(h, request=tiny_request, sites="blocks.1.mlp.out", bake=True):
+        export(h, tmp_path / "baked.safetensors")
+        tokens = h.encode(list(tiny_request.forget)).tokens
+        edited = h.logits(tokens)
+    fresh = tiny.model.clone()
+    fresh.model.load_state_dict(load_safetensors(tmp_path / "baked.safetensors"), strict=False)
+    assert torch.equal(fresh.logits(tokens), edited)
+
+
+def test_three_sequential_requests(tiny):
+    h = tiny.model.clone()
+    before = _state(h)
+    reqs = [tiny.request(forget_people=[i]) for i in (0, 1, 2)]
+    keep = tiny.request(forget_people=[0, 1, 2]).retain  # people none of the requests name
+    steps = edit.sequential(
+        h, reqs, locate.fisher, edit.dampen, edit_params={"alpha": 20.0},
+        metrics_fn=lambda m, r: {"forget": recall(m, r.forget),
+                                 "earlier": [recall(m, q.forget) for q in reqs],
+                                 "retain": recall(m, keep)})
+    assert [len(s.edit.chain) for s in steps] == [0, 1, 2]
+    assert [c["method"] for c in steps[2].edit.manifest["chain"]] == ["dampen", "dampen"]
+    for i, s in enumerate(steps):
+        assert s.metrics["forget"] < 0.5, (i, s.metrics)
+        assert s.metrics["retain"] > 0.3, (i, s.metrics)  # SSD's damage accumulates
+    print("sequential dampen:", [s.metrics for s in steps])
+    # earlier requests stay forgotten after later ones
+    assert all(r < 0.5 for r in steps[-1].metrics["earlier"])
+    with pytest.raises(RuntimeError, match="last-in first-out"):
+        steps[0].edit.revert()
+    for s in reversed(steps):
+        s.edit.revert()
+    assert _identical(before, _state(h))
+
+
+def test_sequential_reverts_on_error(tiny):
+    h = tiny.model.clone()
+    fp = h.fingerprint()
+    reqs = [tiny.request(forget_people=[0]), tiny.request(forget_people=[1])]
+    with pytest.raises(ValueError, match="alpha"):
+        edit.sequential(h, reqs, locate.fisher, lambda m, i, u: edit.dampen(
+            m, i, u, alpha=5.0 if not applied_edits(m) else -1.0))
+    assert h.fingerprint() == fp
+
+
+def test_dampen_accepts_neuron_units(tiny_model, tiny_imp):
+    h = tiny_model
+    units = tiny_imp.by_unit("mean").top(10)
+    with edit.dampen(h, tiny_imp, units, alpha=2.0) as e:
+        assert set(e.changes) <= {f"blocks.{L}.mlp.{p}" for L in (0, 1)
+                                  for p in ("W_in", "b_in", "W_out")}
+    bad = Importance("x", {"blocks.0.mlp.b_in": torch.ones(256)})
+    with pytest.raises(ValueError, match="use locate.fisher"):
+        edit.dampen(h, bad)
