@@ -71,9 +71,11 @@ def gradient_stats(model: ModelHandle, facts: FactSet, sites: Sequence[str], *,
     if len(facts) == 0:
         raise ValueError(f"the {facts.name!r} fact set is empty: nothing to compute "
                          f"gradients on")
-    key = (model.fingerprint(), _facts_digest(facts), tuple(sites), estimator, batch_size)
-    if cache is not None and (hit := cache.get(key)) is not None:
-        return hit
+    key = None
+    if cache is not None:  # the fingerprint hashes every weight: only when a cache is used
+        key = (model.fingerprint(), _facts_digest(facts), tuple(sites), estimator, batch_size)
+        if (hit := cache.get(key)) is not None:
+            return hit
     param_sites = [s for s in sites if model.info(s).kind == "param"]
     act_sites = [s for s in sites if model.info(s).kind == "activation"]
     other = [s for s in sites if s not in param_sites and s not in act_sites]
@@ -103,8 +105,9 @@ def gradient_stats(model: ModelHandle, facts: FactSet, sites: Sequence[str], *,
             for s, g in zip(param_sites, grads[:len(param_sites)]):
                 if g is None:
                     continue
-                sq[s] += g.detach() ** 2
-                ab[s] += g.detach().abs()
+                g = g.detach()
+                sq[s].addcmul_(g, g)
+                ab[s].add_(g.abs())
             for s, g in zip(act_sites, grads[len(param_sites):]):
                 if g is None:
                     continue

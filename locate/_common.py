@@ -1,0 +1,64 @@
+"""Small helpers every locate method shares: site resolution with clear errors, metadata."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from excise.handle import ModelHandle
+from excise.request import FactSet, ForgetRequest
+
+# the neuron / head sites (one unit = one neuron or one head)
+UNIT_SITES = ("blocks.*.mlp.post", "blocks.*.attn.z")
+
+
+def resolve_sites(model: ModelHandle, sites: str | Sequence[str] | None, default,
+                  method: str, *, kinds: Sequence[str] = ("activation",),
+                  suffixes: Sequence[str] | None = None, why: str = "") -> list[str]:
+    """Expand ``sites`` (globs allowed; ``None`` -> ``default``) and check that ``method`` can
+    score every one of them. Unknown names raise the handle's "did you mean" error; a site of
+    the wrong kind raises ``ValueError`` naming the site and what the method accepts."""
+    pattern = default if sites is None else sites
+    if isinstance(pattern, (list, tuple)) and not pattern:
+        raise ValueError(f"{method}: the list of sites is empty")
+    names = model.sites(pattern)
+    if not names:
+        raise ValueError(f"{method}: no site matches {pattern!r}")
+    for s in names:
+        info = model.info(s)
+        ok = info.kind in kinds and (suffixes is None or s == "embed" and "embed" in suffixes
+                                     or any(s.endswith("." + x) for x in suffixes))
+        if not ok:
+            accepted = ", ".join(f"blocks.L.{x}" for x in suffixes) if suffixes else \
+                " or ".join(f"{k} sites" for k in kinds)
+            raise ValueError(f"{method} cannot score site {s!r} (a {info.kind} site); "
+                             f"it scores {accepted}" + (f" - {why}" if why else ""))
+    return names
+
+
+def check_facts(facts: FactSet, method: str) -> None:
+    if len(facts) == 0:
+        raise ValueError(f"{method}: the {facts.name!r} fact set is empty")
+
+
+def check_finite(t: Tensor, what: str, site: str, method: str) -> None:
+    if not torch.isfinite(t).all():
+        bad = int((~torch.isfinite(t)).sum())
+        raise ValueError(f"{method}: {bad} non-finite {what} at site {site!r} (the model "
+                         f"overflowed, or its weights hold NaN/inf?)")
+
+
+def base_meta(model: ModelHandle, request: ForgetRequest, **config) -> dict:
+    return {"model": model.fingerprint(), "request": request.digest(),
+            "n_forget": len(request.forget), "n_retain": len(request.retain)} | config
+
+
+def unit_names(scores: dict[str, Tensor]) -> dict[str, float]:
+    """``{"blocks.1.mlp.post[5]": score, ...}`` for 1-D per-site score tensors."""
+    out = {}
+    for site, s in scores.items():
+        for i, v in enumerate(s.reshape(-1).tolist()):
+            out[f"{site}[{i}]"] = v
+    return out

@@ -1,0 +1,316 @@
+"""locate: every method finds a planted answer, exact causal tracing equals a plain loop, and bad
+input fails with an error that names the culprit. (SAT resolution: tests/test_sat.py.)"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import locate
+from conftest import make_planted
+from excise.importance import Importance
+from excise.request import FactSet
+from excise.sites import Unit
+from locate.causal_trace import Trace, window_layers
+from locate.sat import Conflict
+
+
+@pytest.fixture(scope="module", params=[(2, 1, 5), (3, 2, 11)], ids=["L1of2", "L2of3"])
+def planted_any(request):
+    n_layers, layer, neuron = request.param
+    return make_planted(n_layers=n_layers, layer=layer, neuron=neuron, seed=n_layers)
+
+
+def _ranks_first(imp: Importance, unit: Unit, margin: float = 2.0) -> None:
+    top = imp.top(2)
+    assert top.units[0] == unit, f"{imp.method} ranks {top.units[0]} first, not {unit}"
+    first, second = (imp.score_of(u) for u in top.units)
+    assert first > margin * max(second, 0.0) and first > 0, (imp.method, first, second)
+
+
+# ------------------------------------------------------------------------------ planted answer --
+@pytest.mark.parametrize("method", ["fisher", "grad_ratio", "activations", "attribution",
+                                    "circuit", "causal_trace"])
+def test_planted_neuron_ranks_first(planted_any, method):
+    p = planted_any
+    sites = ["blocks.*.mlp.post", "blocks.*.attn.z"]
+    imp = locate.METHODS[method](p.handle, p.request, sites)
+    _ranks_first(imp, Unit(p.site, (p.neuron,)))
+
+
+def test_grad_ratio_per_unit_from_parameters(planted_any):
+    p = planted_any
+    imp = locate.grad_ratio(p.handle, p.request, "blocks.*", unit=True)
+    assert set(imp.scores) >= {p.site}
+    _ranks_first(imp, Unit(p.site, (p.neuron,)))
+    assert set(imp.parts) == {"forget", "retain"}
+    per_param = locate.grad_ratio(p.handle, p.request, f"blocks.{p.layer}.mlp.W_out")
+    assert per_param.scores[f"blocks.{p.layer}.mlp.W_out"].shape == (16, 64)
+    assert per_param.top(1).units[0].index[0] == p.neuron  # a row of the planted neuron
+
+
+def test_circuit_labels_and_selection(planted_any):
+    p = planted_any
+    imp = locate.circuit(p.handle, p.request, "blocks.*.mlp.post")
+    name = f"{p.site}[{p.neuron}]"
+    assert imp.meta["edit"][0] == name
+    assert imp.meta["labels"][name] == "forget_only"
+    sel = locate.circuit_selection(imp, "edit")
+    assert sel.units[0] == Unit(p.site, (p.neuron,)) and sel.labels[0] == "forget_only"
+    assert len(locate.circuit_selection(imp).with_label("forget_only")) >= 1
+
+
+def test_circuit_conflict_core_names_units(planted, tiny, tiny_request):
+    p = planted
+    unit = f"{p.site}[{p.neuron}]"
+    with pytest.raises(Conflict) as e:
+        locate.circuit(p.handle, p.request, "blocks.*.mlp.post", must_edit=[unit],
+                       must_keep=[unit])
+    assert set(e.value.core) == {f"must_edit:{unit}", f"must_keep:{unit}"}
+    # a real organism has a retain circuit: forcing an edit of a protected unit conflicts
+    imp = locate.circuit(tiny.model, tiny_request)
+    protected = next(u for u, lab in imp.meta["labels"].items() if lab == "retain_only")
+    with pytest.raises(Conflict) as e:
+        locate.circuit(tiny.model, tiny_request, must_edit=[protected])
+    assert set(e.value.core) == {f"must_edit:{protected}", f"protect:{protected}"}
+    assert protected in str(e.value)
+
+
+def test_causal_trace_peaks_at_planted_layer():
+    # attention is off, so everything flows through the subject token (which is also the last
+    # prompt token): restoring the MLP output there recovers the answer only at the planted layer
+    p = make_planted(n_layers=3, layer=1, neuron=5)
+    for mode in ("exact", "fast"):
+        t = locate.trace(p.handle, p.request.forget, mode=mode, samples=8)
+        assert t.high > t.low + 0.1, t
+        eff = t.layer_effect("mlp.out", "last token")
+        assert int(eff.argmax()) == p.layer, (mode, eff)
+        assert float(eff[p.layer]) > 0.5 * (t.high - t.low), (mode, eff, t)
+        others = torch.cat([eff[:p.layer], eff[p.layer + 1:]])
+        assert float(others.abs().max()) < 0.05, (mode, eff)
+    imp = locate.causal_trace(p.handle, p.request)
+    assert imp.meta["peak_layer"]["mlp.out"] == p.layer
+
+
+# ------------------------------------------------------------------- exact tracing vs a loop --
+def _loop_trace(handle, fact, comps, window, samples, seed):
+    """Plain reference: one forward per (component, layer, position, noise sample)."""
+    b = handle.encode([fact])
+    T = int(b.target_mask[0].int().argmax())
+    tokens = b.tokens[:, :T]
+    answer = int(b.tokens[0, T])
+    subj = b.subject_mask[0, :T].clone()
+    if not subj.any():
+        subj[1:] = True
+    sigma = 3.0 * float(handle.parameter("embed.W_E").detach().std())
+    d = handle.info("embed").unit_shape[0]
+    noise = sigma * torch.randn(samples, T, d, generator=torch.Generator().manual_seed(seed))
+    n_layers = handle.n_layers
+    clean = {}
+
+    def grab(x, site):
+        clean[site] = x.detach().clone()
+
+    every = {f"blocks.{L}.{c}": grab for c in comps for L in range(n_layers)}
+    with torch.no_grad():
+        handle.logits(tokens, every)
+
+    def prob(restore):
+        ps = []
+        for s in range(samples):
+            def corrupt(x, site, s=s):
+                return x + noise[s] * subj[:, None]
+
+            hooks = {"embed": corrupt}
+            for site, t in restore:
+                def put(x, site, t=t):
+                    x = x.clone()
+                    x[0, t] = clean[site][0, t]
+                    return x
+
+                hooks[site] = put
+            with torch.no_grad():
+                logits = handle.logits(tokens, hooks)
+            ps.append(torch.softmax(logits[0, -1].double(), -1)[answer])
+        return float(torch.stack(ps).mean())
+
+    low = prob([])
+    out = torch.zeros(len(comps), n_layers, T)
+    for ci, c in enumerate(comps):
+        for L in range(n_layers):
+            for t in range(T):
+                layers = [L] if c.startswith("resid") else range(
+                    max(0, L - window // 2), min(n_layers, L - (-window // 2)))
+                out[ci, L, t] = prob([(f"blocks.{L2}.{c}", t) for L2 in layers])
+    return out, low
+
+
+@pytest.mark.parametrize("window", [1, 2])
+def test_exact_trace_equals_plain_loop(tiny, tiny_request, window):
+    comps = ("resid_post", "mlp.out", "attn.out")
+    facts = [tiny_request.forget[0], tiny_request.forget[2]]  # two prompt lengths
+    assert len({len(f.prompt.split()) for f in facts}) == 2
+    # max_rows small enough that a prompt's restorations span several forwards
+    ts = locate.traces(tiny.model, facts, components=comps, window=window, samples=2, seed=3,
+                       max_rows=50)
+    for f, t in zip(facts, ts):
+        ref, low = _loop_trace(tiny.model, f, comps, window, 2, 3)
+        assert t.scores.shape == ref.shape
+        assert torch.allclose(t.scores, ref, atol=1e-5), (t.scores - ref).abs().max()
+        assert abs(t.low - low) <= 1e-5
+        assert t.subject and all(t.labels[i] in f.subject.split() for i in t.subject)
+
+
+def test_window_layers_match_rome():
+    assert list(window_layers("mlp.out", 5, 10, 48)) == list(range(0, 10))
+    assert list(window_layers("mlp.out", 20, 10, 48)) == list(range(15, 25))
+    assert list(window_layers("attn.out", 47, 10, 48)) == list(range(42, 48))
+    assert list(window_layers("resid_post", 3, 10, 48)) == [3]
+
+
+def test_fast_trace_tracks_exact_and_round_trips(tiny, tiny_request, tmp_path):
+    facts = tiny_request.forget[:6]
+    exact = locate.trace(tiny.model, facts)
+    fast = locate.trace(tiny.model, facts, mode="fast")
+    assert exact.n_prompts == fast.n_prompts == 6
+    assert exact.labels == fast.labels and abs(exact.low - fast.low) < 1e-6
+    from excise.importance import spearman
+
+    assert spearman(exact.scores.flatten(), fast.scores.flatten()) > 0.5
+    again = Trace.from_dict(exact.to_dict())
+    assert torch.allclose(again.scores, exact.scores) and again.labels == exact.labels
+    one = locate.trace(tiny.model, facts[0])
+    assert one.n_prompts == 1 and len(one.labels) == len(facts[0].prompt.split()) + 1
+    ax = one.plot("mlp.out")
+    assert ax.get_title()
+    imp = locate.causal_trace(tiny.model, tiny_request, max_facts=4, samples=2)
+    imp.save(tmp_path / "ct.safetensors")
+    back = Importance.load(tmp_path / "ct.safetensors")
+    assert Trace.from_dict(back.meta["trace"]).n_prompts == 4
+    assert [p.split("/")[-1] for p in locate.run_plots(back, tiny.model, tiny_request,
+                                                       tmp_path)] == ["causal_trace.png"]
+    assert (tmp_path / "causal_trace.png").stat().st_size > 1000
+
+
+# ------------------------------------------------------------------------------------- sae ----
+def test_sae_trains_caches_and_finds_forget_latent(planted, tmp_path, monkeypatch):
+    monkeypatch.setenv("EXCISE_CACHE", str(tmp_path))
+    p = planted
+    kw = dict(steps=300, expansion=4, l1=1.0, batch_tokens=16)
+    imp = locate.sae(p.handle, p.request, f"blocks.{p.layer}.resid_post", **kw)
+    site = f"blocks.{p.layer}.resid_post.sae"
+    assert list(imp.scores) == [site] and imp.scores[site].shape == (256,)
+    best = imp.top(1).units[0]
+    assert float(imp.parts["forget"][site][best.index]) > 0
+    assert float(imp.parts["retain"][site][best.index]) < 0.1 * float(
+        imp.parts["forget"][site][best.index])
+    path = imp.meta["sae_path"][site]
+    assert (tmp_path / "sae").exists() and path.startswith(str(tmp_path))
+    again = locate.sae(p.handle, p.request, site, **kw)  # from the cache
+    assert torch.equal(again.scores[site], imp.scores[site])
+    from sae_lens import StandardTrainingSAE
+
+    user = StandardTrainingSAE.load_from_disk(path)
+    scale = __import__("json").loads(open(f"{path}/excise.json").read())["input_scale"]
+    assert scale > 0
+    theirs = locate.sae(p.handle, p.request, f"blocks.{p.layer}.resid_post", sae=user)
+    assert theirs.scores[site].shape == (256,)
+
+
+# ----------------------------------------------------------------------------- compare, plots --
+def test_compare_matrix_and_plot(planted):
+    p = planted
+    imps = [locate.fisher(p.handle, p.request), locate.activations(p.handle, p.request),
+            locate.attribution(p.handle, p.request)]
+    m = locate.compare(imps, k=1)
+    names = ["fisher", "activations", "attribution"]
+    assert list(m["spearman"]) == names
+    for a in names:
+        assert m["spearman"][a][a] == 1.0
+        for b in names:
+            assert m["spearman"][a][b] == pytest.approx(m["spearman"][b][a])
+            assert m["topk_jaccard"][a][b] == 1.0  # all agree on the planted neuron
+    from locate.plots import agreement_matrix
+
+    ax = agreement_matrix(m["spearman"])
+    assert len(ax.get_xticklabels()) == 3
+    with pytest.raises(ValueError, match="at least two"):
+        locate.compare(imps[:1])
+
+
+# -------------------------------------------------------------------------------- bad input --
+def test_unknown_site_is_named(planted):
+    for name in ("grad_ratio", "activations", "causal_trace", "circuit", "sae"):
+        with pytest.raises(ValueError, match="did you mean 'blocks.1.mlp.post'"):
+            locate.METHODS[name](planted.handle, planted.request, "blocks.1.mlp.pots")
+
+
+@pytest.mark.parametrize("method,site", [("activations", "blocks.1.mlp.W_out"),
+                                         ("activations", "blocks.1.resid_post"),
+                                         ("causal_trace", "blocks.0.attn.W_Q"),
+                                         ("attribution", "embed"),
+                                         ("circuit", "blocks.1.mlp.W_in"),
+                                         ("sae", "blocks.1.attn.z")])
+def test_site_the_method_cannot_score(planted, method, site):
+    with pytest.raises(ValueError, match=f"{method} cannot score site '{site}'"):
+        locate.METHODS[method](planted.handle, planted.request, site)
+
+
+def test_empty_data_and_bad_options(planted):
+    h, req = planted.handle, planted.request
+    with pytest.raises(ValueError, match="at least one fact"):
+        locate.trace(h, [])
+    with pytest.raises(ValueError, match="empty"):
+        locate.trace(h, FactSet("forget", ()))
+    with pytest.raises(ValueError, match="the list of sites is empty"):
+        locate.activations(h, req, [])
+    with pytest.raises(ValueError, match="component 'mlp.post'"):
+        locate.trace(h, req.forget, components=["mlp.post"])
+    with pytest.raises(ValueError, match="unknown mode"):
+        locate.causal_trace(h, req, mode="slow")
+    with pytest.raises(ValueError, match="unknown stat"):
+        locate.activations(h, req, stat="median")
+    with pytest.raises(ValueError, match="noise"):
+        locate.trace(h, req.forget, noise=0.0)
+    with pytest.raises(ValueError, match="empty prompt"):
+        from excise.world import Fact
+
+        locate.trace(h, [Fact("", "a0")])
+
+
+def test_non_finite_is_named():
+    p = make_planted()
+    with torch.no_grad():
+        p.handle.model.blocks[1].mlp.W_in[0, 3] = float("nan")
+    with pytest.raises(ValueError, match="non-finite activations at site 'blocks.1.mlp.post'"):
+        locate.activations(p.handle, p.request)
+    with pytest.raises(ValueError, match="non-finite"):
+        locate.grad_ratio(p.handle, p.request, "blocks.*.mlp.post")
+    with pytest.raises(ValueError, match="non-finite"):
+        locate.causal_trace(p.handle, p.request)
+
+
+def test_methods_are_registered_with_pipeline_signature():
+    import inspect
+
+    assert set(locate.METHODS) == {"fisher", "grad_ratio", "activations", "causal_trace",
+                                   "attribution", "sae", "circuit"}
+    for name, fn in locate.METHODS.items():
+        params = list(inspect.signature(fn).parameters.values())
+        assert [q.name for q in params[:3]] == ["model", "request", "sites"], name
+        assert "progress" in inspect.signature(fn).parameters, name
+    assert locate.StatsCache is not None and math.isfinite(1.0)
+
+
+def test_every_method_runs_from_the_default_config():
+    # --set locate.method=X on configs/default.yaml (which carries fisher's parameters)
+    from excise.config import DEFAULT_CONFIG, load
+    from excise.pipeline import registries
+
+    for name in locate.METHODS:
+        cfg = load(DEFAULT_CONFIG, [f"locate.method={name}"], registries())
+        assert cfg.locate.method == name
+    cfg = load(DEFAULT_CONFIG, ["locate.method=fisher"], registries())
+    assert cfg.locate.params == {"estimator": "batch", "batch_size": 32}  # same method: kept
