@@ -18,6 +18,30 @@ METRIC_LABELS = {
     "paraphrase_recall": "forget, paraphrased",
     "neighbor_recall": "neighbor recall",
     "perplexity": "perplexity (general text)",
+    "forget_statement_recall": "forget, statements",
+    "forget_question_recall": "forget, questions",
+    "paraphrase_statement_recall": "forget, paraphrased statements",
+    "paraphrase_question_recall": "forget, paraphrased questions",
+    "truth_ratio_forget": "truth ratio (forget)",
+    "forget_quality": "forget quality (KS p vs oracle)",
+    "kl_oracle_forget": "KL to oracle (forget)",
+    "kl_oracle_retain": "KL to oracle (retain)",
+    "forget_recall_gap": "forget recall - oracle",
+    "retain_recall_gap": "retain recall - oracle",
+    "paraphrase_recall_gap": "paraphrase recall - oracle",
+    "mia_auc_loss": "MIA AUC (loss)",
+    "mia_auc_mink": "MIA AUC (min-k%)",
+    "privleak": "PrivLeak vs oracle",
+    "exposure_forget": "canary exposure (forget)",
+    "exposure_holdout": "canary exposure (holdout)",
+    "exposure_max": "canary exposure (max)",
+    "loo_chance": "LOO probe chance",
+    "attack_relearn": "attack: relearn (peak)",
+    "attack_benign": "attack: benign relearn (peak)",
+    "attack_refit": "attack: probe refit (peak)",
+    "attack_sae": "attack: SAE steering (peak)",
+    "attack_quantize": "attack: quantization (peak)",
+    "attack_paraphrase": "attack: paraphrase (peak)",
 }
 
 
@@ -76,6 +100,22 @@ class Report:
             md += [f"**Verdict: {self.verdict}**", "", f"Rule: {self.verdict_rule}", ""]
         md += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
         md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+        attacks = self.extra.get("attacks") or {}
+        if attacks:
+            md += ["", "## Restoration attacks (forget recall along each attack)", ""]
+            for name, a in attacks.items():
+                md += [f"**{name}** ({a['xlabel']})", "",
+                       "| model | " + " | ".join(str(x) for x in a["x"]) + " |",
+                       "|---|" + "---|" * len(a["x"])]
+                md += [f"| {lab} | " + " | ".join(_fmt(float(v)) for v in ys) + " |"
+                       for lab, ys in a["curves"].items()]
+                md += [""]
+        checks = (self.extra.get("verdict") or {}).get("checks")
+        if checks:
+            md += ["## Verdict checks", ""]
+            md += [f"- {k}: {'pass' if c['ok'] else 'FAIL'} "
+                   + ", ".join(f"{kk}={_fmt(vv)}" for kk, vv in c.items() if kk != "ok")
+                   for k, c in checks.items()]
         if self.edit:
             md += ["", "## Edit", ""]
             md += [f"- **{k}**: {v}" for k, v in self.edit.items()]

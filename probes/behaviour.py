@@ -64,3 +64,33 @@ def perplexity(model: ModelHandle, texts: Sequence[str], batch_size: int = 256,
         total += float(lp.sum())
         count += int(b.target_mask[:, 1:].sum())
     return math.exp(-total / max(1, count))
+
+
+def behaviour_metrics(model: ModelHandle, request) -> dict[str, float]:
+    """Recall on every split of the request (forget also by form; paraphrases by form),
+    perplexity on general text, shared-knowledge accuracy."""
+    m = {
+        "forget_recall": recall(model, request.forget),
+        "retain_recall": recall(model, request.retain),
+        "holdout_recall": recall(model, request.holdout),
+        "shared_recall": recall(model, request.shared),
+        "perplexity": perplexity(model, request.general),
+    }
+    for form in ("statement", "question"):
+        part = request.forget.where(form=form)
+        if 0 < len(part) < len(request.forget):
+            m[f"forget_{form}_recall"] = recall(model, part)
+    if len(request.paraphrase):
+        m["paraphrase_recall"] = recall(model, request.paraphrase)
+        for form in ("statement", "question"):
+            part = request.paraphrase.where(form=form)
+            if 0 < len(part) < len(request.paraphrase):
+                m[f"paraphrase_{form}_recall"] = recall(model, part)
+    if len(request.neighbors):
+        m["neighbor_recall"] = recall(model, request.neighbors)
+    return m
+
+
+def first_target_positions(batch: Batch) -> torch.Tensor:
+    """Index of the first target token per row ``[n]``; the last prompt token is one before."""
+    return batch.target_mask.float().argmax(1)

@@ -52,6 +52,9 @@ __all__ = [
     "logistic_fit",
     "logistic_loo",
     "loo_probe_accuracy",
+    "ridge_group_loo",
+    "logistic_group_loo",
+    "group_loo_accuracy",
 ]
 
 _F64 = torch.float64
@@ -500,3 +503,79 @@ def loo_probe_accuracy(x: Tensor, y: Tensor, method: str = "ridge", lam: float =
         prob = logistic_loo(x, y, lam, exact=exact)
         return float(((prob > 0.5).to(_F64) == t).to(_F64).mean())
     raise ValueError("method must be 'ridge' or 'logistic'")
+
+
+# --------------------------------------------------------------------------- #
+# Leave-one-group-out (e.g. leave one *person* out: all of a person's facts share identity
+# features, so leaving one sequence out would let the probe recognise the person)
+# --------------------------------------------------------------------------- #
+def _group_index(groups) -> list[Tensor]:
+    g = torch.as_tensor(groups).reshape(-1)
+    return [torch.nonzero(g == u, as_tuple=True)[0] for u in torch.unique(g)]
+
+
+def ridge_group_loo(x: Tensor, y: Tensor, lam: float, groups) -> Tensor:
+    """Exact leave-one-group-out predictions of ``ridge_fit`` in closed form.
+
+    With the hat matrix H of the full fit and residuals e = y - H y, the residuals of the fit
+    without group G on G are (I - H_GG)^-1 e_G (block Sherman-Morrison-Woodbury), so
+    loo_G = y_G - (I - H_GG)^-1 e_G.  x: [n, d], y: [n], groups: [n] labels.  Returns [n].
+    """
+    x, y = _check_xy(x, y)
+    n, d = x.shape
+    if len(torch.as_tensor(groups).reshape(-1)) != n:
+        raise ValueError(f"ridge_group_loo: {n} samples but {len(groups)} group labels")
+    xc = x - x.mean(0)
+    if d <= n:
+        g = xc.T @ xc + lam * torch.eye(d, dtype=_F64, device=x.device)
+        h = xc @ torch.linalg.solve(g, xc.T)  # [n, n]
+    else:
+        if lam <= 0:
+            raise ValueError("ridge_group_loo: lam must be > 0 when d > n")
+        k = xc @ xc.T
+        h = torch.linalg.solve(k + lam * torch.eye(n, dtype=_F64, device=x.device), k)
+    h = h + 1.0 / n
+    e = y - h @ y
+    out = torch.empty(n, dtype=_F64, device=x.device)
+    for idx in _group_index(groups):
+        hgg = h[idx][:, idx]
+        eye = torch.eye(len(idx), dtype=_F64, device=x.device)
+        out[idx] = y[idx] - torch.linalg.solve(eye - hgg, e[idx])
+    return out
+
+
+def logistic_group_loo(x: Tensor, y: Tensor, lam: float, groups, *, tol: float = 1e-22,
+                       max_iter: int = 100) -> Tensor:
+    """Leave-one-group-out probabilities of ``logistic_fit`` by exact batched refits (one
+    weighted Newton problem per group, warm-started at the full fit). Returns [n]."""
+    x, y = _check_xy(x, y)
+    t = _to01(y)
+    n = x.shape[0]
+    a, _ = _design(x)
+    p = a.shape[1]
+    full = torch.ones(1, n, dtype=_F64, device=x.device)
+    theta = _logistic_newton(a, t, full, lam, torch.zeros(1, p, dtype=_F64, device=x.device),
+                             tol, max_iter)
+    idxs = _group_index(groups)
+    sw = torch.ones(len(idxs), n, dtype=_F64, device=x.device)
+    for j, idx in enumerate(idxs):
+        sw[j, idx] = 0.0
+    th = _logistic_newton(a, t, sw, lam, theta.expand(len(idxs), p), tol, max_iter)
+    out = torch.empty(n, dtype=_F64, device=x.device)
+    for j, idx in enumerate(idxs):
+        out[idx] = a[idx] @ th[j]
+    return torch.sigmoid(out)
+
+
+def group_loo_accuracy(x: Tensor, y: Tensor, groups, method: str = "ridge",
+                       lam: float = 1.0) -> float:
+    """Leave-one-group-out accuracy of a ridge (closed form) or logistic (refits) probe."""
+    x, y = _check_xy(x, y)
+    t = _to01(y)
+    if method == "ridge":
+        pred = ridge_group_loo(x, t, lam, groups) > 0.5
+    elif method == "logistic":
+        pred = logistic_group_loo(x, y, lam, groups) > 0.5
+    else:
+        raise ValueError("method must be 'ridge' or 'logistic'")
+    return float((pred.to(_F64) == t).to(_F64).mean())

@@ -1,0 +1,74 @@
+"""The whole verification suite on the `small` organism (with its retrain oracle), timed.
+
+    EXCISE_CACHE=/tmp/exc OMP_NUM_THREADS=1 python bench/bench_probes.py [--preset small]
+        [--forget 10] [--edit default|none] [--out DIR]
+
+Verifies the model edited by the default pipeline (Fisher + SSD dampening, configs/default.yaml)
+beside the original and the oracle, and prints the metric table, the verdict and seconds per
+suite. Needs the organism and its oracle in the cache (trains them otherwise - minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--forget", type=int, default=10)
+    ap.add_argument("--edit", default="default", choices=["default", "none"])
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+
+    import torch
+
+    import excise
+    import probes
+    from excise import config as C
+    from excise import pipeline
+
+    t0 = time.time()
+    org = excise.organism(a.preset, progress=False)
+    req = org.request(forget_people=range(a.forget))
+    oracle = org.oracle(req)
+    t_load = time.time() - t0
+    original = org.model.clone()
+    edited = org.model.clone()
+    t1 = time.time()
+    if a.edit == "default":
+        cfg = C.load(None, [], pipeline.registries())
+        regs = pipeline.registries()
+        torch.manual_seed(cfg.seed)
+        imp = regs["locate"][cfg.locate.method](edited, req, cfg.locate.sites,
+                                                **cfg.locate.params)
+        units = imp.top(cfg.select.top, cfg.select.sites) if cfg.select.top is not None else None
+        regs["edit"][cfg.edit.method](edited, imp, units, **cfg.edit.params)
+    t_edit = time.time() - t1
+    t2 = time.time()
+    rep = probes.verify(edited, req, oracle=oracle, suite="all", label="after",
+                        original=original)
+    t_verify = time.time() - t2
+    print(rep.summary_text())
+    print(f"\nverdict: {rep.verdict}\nrule: {rep.verdict_rule}")
+    for name, att in rep.extra["attacks"].items():
+        print(f"attack {name:10s} x={att['x']}")
+        for lab, ys in att["curves"].items():
+            print(f"    {lab:7s} " + " ".join(f"{y:.2f}" for y in ys))
+    print(f"\nload {t_load:.1f} s, edit {t_edit:.1f} s, verify (all suites) {t_verify:.1f} s "
+          f"on {torch.get_num_threads()} thread(s)")
+    print("per suite:", rep.extra["verify_seconds"])
+    if a.out:
+        os.makedirs(a.out, exist_ok=True)
+        rep.plots = [os.path.basename(p) for p in probes.write_plots(rep, a.out)]
+        rep.save(a.out)
+        print(f"report: {a.out}")
+
+
+if __name__ == "__main__":
+    main()

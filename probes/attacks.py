@@ -1,0 +1,451 @@
+"""Restoration attacks: try to bring forgotten facts back, on the edited model and on the oracle.
+
+Every attack works on a clone (or through temporary hooks): the model passed in is never changed.
+Every attack is seeded. Each returns a :class:`Curve` of forget recall against the attack's
+budget; ``run_attacks`` runs each attack with identical settings on every model it is given, so
+the edited model's curve can be compared with the retrain oracle's ("deleted" = recovers no
+faster than a model that never saw the data).
+
+- ``relearn``   fine-tune on one part of the forget set (split by person, retain data mixed in);
+                measure recall on the other part ("Unlearning or Obfuscating?").
+- ``benign``    fine-tune on retain / neighbour data only; measure forget recall.
+- ``refit``     logit-lens readout per depth, re-fitted on retain activations, read on forget.
+- ``sae``       amplify SAE latents that fire more on forget than retain in the original
+                ("Suppression or Deletion"); SAE trained with sae-lens classes when not given.
+- ``quantize``  round-to-nearest per-channel weight quantization (8 and 4 bit).
+- ``paraphrase``forget facts asked in never-trained phrasings, by form.
+
+Defaults are tuned on positive controls (models where the facts are known to be only
+suppressed, see tests/test_probes.py), not on the edit methods being judged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from excise.handle import Batch, ModelHandle
+from excise.request import FactSet, ForgetRequest
+from probes.behaviour import fact_hits, first_target_positions, recall
+from probes.checks import check_positive
+
+ATTACKS = ("relearn", "benign", "refit", "sae", "quantize", "paraphrase")
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """Settings shared by every model an attack runs on. Budgets must be positive."""
+
+    attacks: tuple[str, ...] = ATTACKS
+    seed: int = 0
+    # relearning on part of the forget set
+    relearn_fraction: float = 0.5
+    relearn_steps: int = 30
+    relearn_lr: float = 3e-3
+    relearn_batch: int = 64
+    retain_mix: float = 1.0  # retain facts per forget fact in every relearning batch
+    eval_every: int = 5
+    # benign relearning (retain / neighbour data only)
+    benign_steps: int = 30
+    benign_lr: float = 3e-3
+    benign_batch: int = 64
+    # probe re-fitting
+    refit_steps: int = 100
+    refit_lr: float = 1e-2
+    refit_max_facts: int = 1000
+    # SAE-latent steering
+    sae_layer: int | None = None  # default: the middle layer
+    sae_expansion: int = 8
+    sae_steps: int = 1500
+    sae_l1: float = 2.0
+    sae_top_k: int = 16
+    sae_gains: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    # quantization
+    quant_bits: tuple[int, ...] = (8, 4)
+
+    def __post_init__(self):
+        bad = [a for a in self.attacks if a not in ATTACKS]
+        if bad:
+            raise ValueError(f"unknown attack {bad[0]!r}; choose from {list(ATTACKS)}")
+        if not self.attacks:
+            raise ValueError("attacks is empty: name at least one of " + ", ".join(ATTACKS))
+        for name in ("relearn_steps", "relearn_batch", "eval_every", "benign_steps",
+                     "benign_batch", "refit_steps", "refit_max_facts", "sae_expansion",
+                     "sae_steps", "sae_top_k"):
+            check_positive(name, getattr(self, name))
+        for name in ("relearn_lr", "benign_lr", "refit_lr"):
+            check_positive(name, getattr(self, name), 1e-12)
+        if not 0 < self.relearn_fraction < 1:
+            raise ValueError(f"relearn_fraction={self.relearn_fraction!r}: must be in (0, 1)")
+        if self.retain_mix < 0:
+            raise ValueError(f"retain_mix={self.retain_mix!r}: must be >= 0")
+        if not self.sae_gains:
+            raise ValueError("sae_gains is empty: give at least one amplification factor")
+        if not self.quant_bits or any(not 2 <= int(b) <= 16 for b in self.quant_bits):
+            raise ValueError(f"quant_bits={self.quant_bits!r}: give bit widths in 2..16")
+
+    @classmethod
+    def from_params(cls, params: dict | None) -> "AttackConfig":
+        params = dict(params or {})
+        fields = {f.name for f in dataclasses.fields(cls)}
+        bad = [k for k in params if k not in fields]
+        if bad:
+            raise ValueError(f"unknown attack setting {bad[0]!r}; valid: {sorted(fields)}")
+        for k in ("attacks", "sae_gains", "quant_bits"):
+            if k in params:
+                v = params[k]
+                params[k] = (v,) if isinstance(v, (str, int, float)) else tuple(v)
+        return cls(**params)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Curve:
+    """Forget recall of one model along an attack's budget axis."""
+
+    x: list
+    y: list[float]
+    xlabel: str
+    ylabel: str = "forget recall"
+    aux: dict[str, list[float]] = field(default_factory=dict)
+
+
+# -- helpers -----------------------------------------------------------------------------------
+def _trim(b: Batch) -> Batch:
+    t = int(b.lengths.max())
+    return Batch(b.tokens[:, :t], b.target_mask[:, :t], b.subject_mask[:, :t], b.lengths)
+
+
+def _trainable_clone(model: ModelHandle) -> ModelHandle:
+    m = model.clone()
+    for p in m.named_parameters().values():
+        p.requires_grad_(True)
+    return m
+
+
+def finetune_curve(model: ModelHandle, train: Sequence, evaluate: Sequence,
+                   mix: Sequence = (), *, steps: int, lr: float, batch: int, mix_ratio: float,
+                   eval_every: int, seed: int, also: Sequence = ()) -> Curve:
+    """Fine-tune a clone of ``model`` on ``train`` (with ``mix_ratio`` x as many ``mix`` facts
+    per batch) by AdamW; recall on ``evaluate`` (and ``also``) every ``eval_every`` steps."""
+    train, mix = list(train), list(mix)
+    if not train and not mix:
+        raise ValueError("nothing to fine-tune on")
+    m = _trainable_clone(model)
+    gen = torch.Generator().manual_seed(seed)
+    data = m.encode(train + mix)
+    n_tr, n_mix = len(train), len(mix)
+    opt = torch.optim.AdamW([p for p in m.named_parameters().values()], lr=lr,
+                            weight_decay=0.0)
+    xs, ys, aux = [0], [recall(m, evaluate)], [recall(m, also)] if also else []
+    with torch.enable_grad():
+        for step in range(1, steps + 1):
+            parts = []
+            k_tr = min(n_tr, batch)
+            if k_tr:
+                parts.append(torch.randperm(n_tr, generator=gen)[:k_tr])
+            k_mix = min(n_mix, round(mix_ratio * k_tr) if n_tr else batch)
+            if k_mix:
+                parts.append(n_tr + torch.randperm(n_mix, generator=gen)[:k_mix])
+            b = _trim(data[torch.cat(parts)])
+            loss = m.loss(b)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(m.named_parameters().values()), 1.0)
+            opt.step()
+            if step % eval_every == 0 or step == steps:
+                xs.append(step)
+                ys.append(recall(m, evaluate))
+                if also:
+                    aux.append(recall(m, also))
+    return Curve(xs, ys, "fine-tuning steps", aux={"trained part": aux} if also else {})
+
+
+# -- the attacks -------------------------------------------------------------------------------
+def relearn(model: ModelHandle, request: ForgetRequest, cfg: AttackConfig = AttackConfig(),
+            facts: FactSet | None = None) -> Curve:
+    """Fine-tune on part of ``facts`` (default: the forget set), split by person; recall on the
+    other part. Retain facts are mixed into every batch."""
+    facts = request.forget if facts is None else facts
+    people = {f.person for f in facts}
+    if len(people) < 2 or -1 in people:
+        raise ValueError(f"the relearning attack splits the forget set by person and needs "
+                         f"facts of at least 2 people; have {len(people - {-1})}")
+    a, b = facts.split(cfg.relearn_fraction, seed=cfg.seed)
+    c = finetune_curve(model, a, b, request.retain, steps=cfg.relearn_steps, lr=cfg.relearn_lr,
+                       batch=cfg.relearn_batch, mix_ratio=cfg.retain_mix,
+                       eval_every=cfg.eval_every, seed=cfg.seed, also=a)
+    c.ylabel = "forget recall (held-out people)"
+    return c
+
+
+def benign(model: ModelHandle, request: ForgetRequest,
+           cfg: AttackConfig = AttackConfig()) -> Curve:
+    """Fine-tune on neighbour data (or retain data when there are no neighbours)."""
+    data = request.neighbors if len(request.neighbors) else request.retain
+    c = finetune_curve(model, [], request.forget, data, steps=cfg.benign_steps,
+                       lr=cfg.benign_lr, batch=cfg.benign_batch, mix_ratio=1.0,
+                       eval_every=cfg.eval_every, seed=cfg.seed)
+    return c
+
+
+@torch.no_grad()
+def _readout_data(model: ModelHandle, facts: Sequence, sites: Sequence[str]):
+    """Per target-predicting position: ln_final(resid) at each site, the token, and the fact."""
+    feats: dict[str, list[Tensor]] = {s: [] for s in sites}
+    toks, owner = [], []
+    offset = 0
+    for b in model.encode(list(facts)).chunks(256):
+        acts = model.run_with_cache(b.tokens, sites)
+        m = b.target_mask[:, 1:]  # logits at j predict token j+1
+        rows, cols = m.nonzero(as_tuple=True)
+        toks.append(b.tokens[rows, cols + 1])
+        owner.append(rows + offset)
+        offset += len(b)
+        for s in sites:
+            feats[s].append(acts[s][rows, cols].float().cpu())
+    ln = model.model.ln_final
+    out = {s: ln(torch.cat(v)[:, None, :])[:, 0].detach() for s, v in feats.items()}
+    return out, torch.cat(toks), torch.cat(owner)
+
+
+def refit(model: ModelHandle, request: ForgetRequest, cfg: AttackConfig = AttackConfig()) -> Curve:
+    """Logit-lens readout from every depth, initialised at the model's unembedding and re-fitted
+    on retain activations; forget recall when reading the forget activations with it."""
+    rng = random.Random(cfg.seed)
+    retain = list(request.retain)
+    if len(retain) > cfg.refit_max_facts:
+        retain = rng.sample(retain, cfg.refit_max_facts)
+    sites = [f"blocks.{L}.resid_post" for L in range(model.n_layers)]
+    xr, tr, _ = _readout_data(model, retain, sites)
+    xf, tf, of = _readout_data(model, list(request.forget), sites)
+    W0 = model.model.unembed.W_U.detach().float().cpu()
+    b0 = model.model.unembed.b_U.detach().float().cpu()
+    ys = []
+    for s in sites:
+        W = W0.clone().requires_grad_(True)
+        bias = b0.clone().requires_grad_(True)
+        opt = torch.optim.Adam([W, bias], lr=cfg.refit_lr)
+        with torch.enable_grad():
+            for _ in range(cfg.refit_steps):
+                loss = torch.nn.functional.cross_entropy(xr[s] @ W + bias, tr)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        with torch.no_grad():
+            ok = ((xf[s] @ W + bias).argmax(-1) == tf).float()
+        hit = torch.ones(len(request.forget))
+        hit.scatter_reduce_(0, of, ok, "amin")
+        ys.append(float(hit.mean()))
+    return Curve(list(range(model.n_layers)), ys, "depth of the re-fitted readout (layer)")
+
+
+# -- SAE ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def _token_acts(model: ModelHandle, texts_or_facts, site: str, max_rows: int, seed: int) -> Tensor:
+    b = model.encode(list(texts_or_facts))
+    rows = []
+    for c in b.chunks(256):
+        a = model.run_with_cache(c.tokens, [site])[site]
+        real = torch.arange(c.tokens.shape[1])[None, :] < c.lengths[:, None]
+        real[:, 0] = False
+        rows.append(a[real.to(a.device)].float().cpu())
+    x = torch.cat(rows)
+    if len(x) > max_rows:
+        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_rows]]
+    return x
+
+
+def train_sae(model: ModelHandle, request: ForgetRequest, site: str, expansion: int = 4,
+              steps: int = 400, l1: float = 3e-3, seed: int = 0):
+    """An SAE on ``site`` activations of the request's facts: ``(sae, input_scale)``.
+
+    Reuses ``locate.sae.train_sae`` (sae-lens ``StandardTrainingSAE`` trained with sae-lens'
+    own training step, cached) when it is installed; otherwise a minimal loop over a sae-lens
+    ``StandardSAE``."""
+    facts = FactSet("sae", tuple(request.forget) + tuple(request.retain)
+                    + tuple(request.neighbors))
+    try:
+        from locate.sae import SAETrainConfig
+        from locate.sae import train_sae as _locate_train
+    except ImportError:
+        _locate_train = None
+    if _locate_train is not None:
+        sae, scale, _ = _locate_train(model, facts, site, SAETrainConfig(
+            expansion=expansion, steps=steps, l1=l1, seed=seed))
+        for p in sae.parameters():
+            p.requires_grad_(False)
+        return sae, float(scale)
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    x = _token_acts(model, facts, site, 20000, seed)
+    scale = float(x.shape[1] ** 0.5 / x.norm(dim=1).mean().clamp(min=1e-12))
+    x = x * scale
+    d = x.shape[1]
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        sae = StandardSAE(StandardSAEConfig(d_in=d, d_sae=expansion * d))
+        with torch.no_grad():
+            sae.b_dec.copy_(x.mean(0))
+        g = torch.Generator().manual_seed(seed)
+        opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
+        with torch.enable_grad():
+            for _ in range(steps):
+                xb = x[torch.randint(len(x), (256,), generator=g)]
+                f = sae.encode(xb)
+                loss = ((sae.decode(f) - xb).pow(2).sum(-1).mean()
+                        + l1 * (f * sae.W_dec.norm(dim=1)).sum(-1).mean())
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+    sae.eval()
+    for p in sae.parameters():
+        p.requires_grad_(False)
+    return sae, scale
+
+
+@torch.inference_mode()
+def forget_latents(model: ModelHandle, sae, request: ForgetRequest, site: str, k: int,
+                   scale: float = 1.0) -> Tensor:
+    """The ``k`` latents whose mean activation at the last prompt token (where the answer is
+    produced) is most higher on forget than on retain prompts."""
+    def mean_act(facts):
+        b = model.encode(list(facts))
+        tot, cnt = 0.0, 0
+        for c in b.chunks(256):
+            a = model.run_with_cache(c.tokens, [site])[site].float()
+            last = first_target_positions(c) - 1  # the position that must produce the answer
+            f = sae.encode(a[torch.arange(len(c)), last] * scale)
+            tot = tot + f.sum(0)
+            cnt += len(f)
+        return tot / max(1, cnt)
+
+    diff = mean_act(request.forget) - mean_act(request.retain)
+    return torch.topk(diff, min(k, diff.numel())).indices
+
+
+def latent_hook(sae, latents: Tensor, gain: float, scale: float = 1.0):
+    """Hook: scale the contribution of ``latents`` to the activation by ``gain`` (the SAE reads
+    ``activation * scale``)."""
+    W = sae.W_dec[latents].detach() / scale  # [k, d]
+
+    def fn(x, site):
+        f = sae.encode(x.float() * scale)[..., latents]  # [..., k]
+        return x + ((gain - 1.0) * f @ W).to(x.dtype)
+    return fn
+
+
+def sae_steer(model: ModelHandle, request: ForgetRequest, sae, latents: Tensor, site: str,
+              cfg: AttackConfig = AttackConfig(), scale: float = 1.0) -> Curve:
+    ys = []
+    for g in cfg.sae_gains:
+        hooks = {} if g == 1 else {site: latent_hook(sae, latents, float(g), scale)}
+        ys.append(recall(model, request.forget, hooks=hooks))
+    return Curve(list(cfg.sae_gains), ys, f"gain on {len(latents)} forget latents ({site})")
+
+
+# -- quantization ------------------------------------------------------------------------------
+def rtn(w: Tensor, bits: int, dim: int | None) -> Tensor:
+    """Symmetric round-to-nearest, one scale per slice along ``dim`` (amax over the others)."""
+    qmax = 2 ** (bits - 1) - 1
+    if dim is None:
+        amax = w.abs().amax()
+    else:
+        other = [i for i in range(w.dim()) if i != dim % w.dim()]
+        amax = w.abs().amax(dim=other, keepdim=True)
+    scale = (amax / qmax).clamp(min=1e-12)
+    return (w / scale).round().clamp(-qmax, qmax) * scale
+
+
+def quantized(model: ModelHandle, bits: int) -> ModelHandle:
+    """A clone with every weight matrix quantized per output channel (biases and norms kept)."""
+    m = model.clone()
+    with torch.no_grad():
+        for name, p in m.named_parameters().items():
+            last = name.split(".")[-1]
+            if p.dim() < 2 or not last.startswith("W_"):
+                continue
+            dim = 0 if last in ("W_E", "W_pos") else -1  # per token row / per output unit
+            p.copy_(rtn(p.float(), bits, dim).to(p.dtype))
+    return m
+
+
+def quantize(model: ModelHandle, request: ForgetRequest,
+             cfg: AttackConfig = AttackConfig()) -> Curve:
+    xs, ys, ret = ["fp32"], [recall(model, request.forget)], [recall(model, request.retain)]
+    for b in cfg.quant_bits:
+        q = quantized(model, int(b))
+        xs.append(f"{int(b)}-bit")
+        ys.append(recall(q, request.forget))
+        ret.append(recall(q, request.retain))
+    return Curve(xs, ys, "weights", aux={"retain recall": ret})
+
+
+def paraphrase(model: ModelHandle, request: ForgetRequest,
+               cfg: AttackConfig = AttackConfig()) -> Curve:
+    xs, ys = ["trained"], [recall(model, request.forget)]
+    for form in ("statement", "question", "custom"):
+        part = request.paraphrase.where(form=form)
+        if len(part):
+            xs.append(f"paraphrase {form}")
+            ys.append(recall(model, part))
+    if len(xs) == 1:
+        raise ValueError("the paraphrase attack needs request.paraphrase facts (never-trained "
+                         "phrasings of the forget facts); the request has none")
+    return Curve(xs, ys, "phrasing")
+
+
+# -- all together ------------------------------------------------------------------------------
+def run_attacks(models: dict[str, ModelHandle], request: ForgetRequest,
+                cfg: AttackConfig = AttackConfig(), *, sae_source: ModelHandle | None = None,
+                sae=None, log=None) -> dict[str, dict]:
+    """Run every attack of ``cfg`` with identical settings on each model.
+
+    Returns ``{attack: {"x", "xlabel", "ylabel", "curves": {label: [...]}, "aux": {...}}}``.
+    ``sae_source`` is the model whose activations define the SAE and the forget latents
+    (the original, unedited model); ``sae`` may be given instead of training one."""
+    out: dict[str, dict] = {}
+    first = next(iter(models.values()))
+    if "paraphrase" in cfg.attacks and not len(request.paraphrase):
+        raise ValueError("the paraphrase attack needs request.paraphrase facts; drop it from "
+                         "attacks or give never-trained phrasings of the forget facts")
+    sae_site = latents = None
+    if "sae" in cfg.attacks:
+        L = cfg.sae_layer if cfg.sae_layer is not None else first.n_layers // 2
+        if not 0 <= L < first.n_layers:
+            raise ValueError(f"sae_layer={L}: the model has layers 0..{first.n_layers - 1}")
+        sae_site = f"blocks.{L}.resid_post"
+        src = sae_source or first
+        if sae is None:
+            sae = train_sae(src, request, sae_site, cfg.sae_expansion, cfg.sae_steps,
+                            cfg.sae_l1, cfg.seed)
+        sae, sae_scale = sae if isinstance(sae, tuple) else (sae, 1.0)
+        latents = forget_latents(src, sae, request, sae_site, cfg.sae_top_k, sae_scale)
+    for name in cfg.attacks:
+        if log:
+            log(f"attack: {name}")
+        curves, aux, c = {}, {}, None
+        for label, model in models.items():
+            if name == "sae":
+                c = sae_steer(model, request, sae, latents, sae_site, cfg, sae_scale)
+            else:
+                c = {"relearn": relearn, "benign": benign, "refit": refit,
+                     "quantize": quantize, "paraphrase": paraphrase}[name](model, request, cfg)
+            curves[label] = c.y
+            for k, v in c.aux.items():
+                aux.setdefault(k, {})[label] = v
+        out[name] = {"x": c.x, "xlabel": c.xlabel, "ylabel": c.ylabel, "curves": curves,
+                     "aux": aux}
+    return out
+
+
+def peak_recovery(curve: Sequence[float], skip_first: bool = False) -> float:
+    ys = list(curve)[1:] if skip_first and len(curve) > 1 else list(curve)
+    return max(ys)

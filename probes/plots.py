@@ -1,0 +1,82 @@
+"""Figures for a verification report: attack curves (model vs oracle), per-depth probe accuracy,
+representation drift. Each function returns its Axes and never calls ``show()``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from excise import plots as P
+
+_STYLE = {"oracle": dict(color="#2a9d4b", ls="--"), "before": dict(color="#888888", ls=":"),
+          "original": dict(color="#888888", ls=":")}
+
+
+def _style(label: str, i: int) -> dict:
+    return _STYLE.get(label, dict(color=["#c0392b", "#3b6ea8", "#8e44ad"][i % 3], ls="-"))
+
+
+def attack_curve(report, name: str, ax=None):
+    """Forget recall along one attack's budget, one line per model."""
+    a = report.extra["attacks"][name]
+    ax = P._axes(ax, (5, 3.2))
+    x = list(range(len(a["x"])))
+    numeric = all(isinstance(v, (int, float)) for v in a["x"])
+    for i, (label, ys) in enumerate(a["curves"].items()):
+        ax.plot(a["x"] if numeric else x, ys, marker="o", label=label, **_style(label, i))
+    if not numeric:
+        ax.set_xticks(x, [str(v) for v in a["x"]], fontsize=8)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_xlabel(a["xlabel"])
+    ax.set_ylabel(a["ylabel"])
+    ax.set_title(f"attack: {name}")
+    ax.legend(fontsize=8)
+    return ax
+
+
+def loo_probe_plot(report, ax=None):
+    """Leave-one-out probe accuracy per depth, one line per model and probe kind."""
+    d = report.extra["loo_probe"]
+    ax = P._axes(ax, (5, 3.2))
+    for i, (label, res) in enumerate(d["curves"].items()):
+        st = _style(label, i)
+        for kind, accs in res.items():
+            ax.plot(d["depths"], accs, marker="o" if kind == "ridge" else "s",
+                    alpha=1.0 if kind == "ridge" else 0.6, color=st["color"], ls=st["ls"],
+                    label=f"{label} ({kind})")
+    ax.axhline(d["chance"], color="k", lw=0.8, alpha=0.5, label="chance")
+    ax.set_ylim(0.3, 1.03)
+    ax.set_xlabel("layer (resid_post, last prompt token)")
+    ax.set_ylabel("leave-one-out accuracy")
+    ax.set_title("memorized-vs-not probe")
+    ax.legend(fontsize=7)
+    return ax
+
+
+def drift_plot(report, ax=None):
+    d = report.extra["drift"]
+    ax = P._axes(ax, (5, 3.2))
+    for i, (label, res) in enumerate(d["curves"].items()):
+        for key, vals in res.items():
+            if key.endswith("/forget") and not (label == "oracle" and key.startswith("oracle")):
+                ax.plot(d["depths"], vals, marker="o", label=f"{label} vs {key.split('/')[0]}",
+                        **_style(label, i))
+    ax.set_ylim(0, 1.03)
+    ax.set_xlabel("layer")
+    ax.set_ylabel("linear CKA (forget prompts)")
+    ax.set_title("representation drift")
+    ax.legend(fontsize=7)
+    return ax
+
+
+def write_plots(report, folder) -> list[str]:
+    """Save every figure the report has data for into ``folder``; returns the paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in report.extra.get("attacks", {}):
+        paths.append(P.save(attack_curve(report, name), folder / f"attack_{name}.png"))
+    if "loo_probe" in report.extra:
+        paths.append(P.save(loo_probe_plot(report), folder / "loo_probe.png"))
+    if "drift" in report.extra:
+        paths.append(P.save(drift_plot(report), folder / "drift.png"))
+    return paths

@@ -1,0 +1,321 @@
+"""probes: verification suites, restoration attacks, positive controls, verdict, bad input.
+
+Positive controls are models where the forget facts are known to be only suppressed; every
+restoration attack must bring them back there (an attack that cannot undo known suppression
+proves nothing), and must not on the retrain oracle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import probes
+from excise.handle import TLHandle
+from excise.request import FactSet, ForgetRequest
+from excise.world import Tokenizer
+from probes import attacks as A
+from probes import stats
+from probes.behaviour import recall
+from probes.privacy import membership
+from probes.verdict import decide
+
+FAST = A.AttackConfig(relearn_steps=20, benign_steps=20, eval_every=5, refit_steps=60,
+                      sae_steps=600)
+
+
+# -- controls ----------------------------------------------------------------------------------
+def gradient_ascent(model, req, steps=40, lr=3e-4):
+    """Known suppression: a few steps of gradient ascent on forget (descent on retain)."""
+    m = model.clone()
+    opt = torch.optim.Adam(list(m.model.parameters()), lr=lr)
+    fb, rb = m.encode(list(req.forget)), m.encode(list(req.retain))
+    for i in range(steps):
+        loss = -m.loss(fb).clamp(max=20) + m.loss(rb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i % 5 == 4 and recall(m, req.forget) <= 0.05:
+            break
+    return m
+
+
+class PromptFilter(TLHandle):
+    """Known suppression: an output filter that blocks the answer after exact trained prompts."""
+
+    def __init__(self, base: TLHandle, facts):
+        super().__init__(base.model, base.tokenizer, base.name)
+        self.blocked = [torch.tensor([base.tokenizer.bos_id] + base.tokenizer.encode(f.prompt))
+                        for f in facts]
+
+    def logits(self, tokens, hooks=None):
+        out = super().logits(tokens, hooks).clone()
+        for i, row in enumerate(tokens):
+            for p in self.blocked:
+                if len(p) <= len(row) and torch.equal(row[:len(p)], p):
+                    out[i, len(p) - 1, self.tokenizer.pad_id] = 1e4
+        return out
+
+    def clone(self):
+        c = PromptFilter(TLHandle(self.model, self.tokenizer), [])
+        c.model = super().clone().model
+        c.blocked = self.blocked
+        return c
+
+
+def unembed_ascent(model, req, steps=60, lr=3e-3):
+    """Known suppression: gradient ascent on the unembedding alone - the residual stream still
+    carries every fact, only the readout is bent."""
+    m = model.clone()
+    params = [m.model.unembed.W_U, m.model.unembed.b_U]
+    opt = torch.optim.Adam(params, lr=lr)
+    fb, rb = m.encode(list(req.forget)), m.encode(list(req.retain))
+    for i in range(steps):
+        loss = -m.loss(fb).clamp(max=20) + m.loss(rb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if i % 5 == 4 and recall(m, req.forget) <= 0.1:
+            break
+    return m
+
+
+@pytest.fixture(scope="module")
+def suppressed(tiny, tiny_request):
+    m = gradient_ascent(tiny.model, tiny_request)
+    assert recall(m, tiny_request.forget) <= 0.1
+    return m
+
+
+def _peak(c):
+    return max(c.y)
+
+
+# -- attacks: positive controls and oracle -----------------------------------------------------
+def test_probe_refit_restores_unembedding_suppression(tiny, tiny_oracle, tiny_request):
+    control = unembed_ascent(tiny.model, tiny_request)
+    assert recall(control, tiny_request.forget) <= 0.15
+    sup = A.refit(control, tiny_request, FAST)
+    orc = A.refit(tiny_oracle, tiny_request, FAST)
+    assert _peak(sup) >= 0.5
+    assert _peak(sup) >= _peak(orc) + 0.3
+
+
+@pytest.mark.parametrize("attack", ["relearn", "benign"])
+def test_finetune_attacks_restore_known_suppression(attack, suppressed, tiny_oracle,
+                                                    tiny_request):
+    fn = getattr(A, attack)
+    before = suppressed.fingerprint()
+    sup = fn(suppressed, tiny_request, FAST)
+    orc = fn(tiny_oracle, tiny_request, FAST)
+    assert suppressed.fingerprint() == before  # attacks work on clones
+    assert _peak(sup) >= 0.3
+    assert _peak(sup) >= _peak(orc) + 0.2
+
+
+def test_attacks_are_seeded(suppressed, tiny_request):
+    a = A.relearn(suppressed, tiny_request, dataclasses.replace(FAST, relearn_steps=5))
+    b = A.relearn(suppressed, tiny_request, dataclasses.replace(FAST, relearn_steps=5))
+    assert a.y == b.y
+
+
+def test_relearning_on_oracle_is_like_learning_new_people(tiny_oracle, tiny_request):
+    forget = A.relearn(tiny_oracle, tiny_request, FAST)
+    strangers = A.relearn(tiny_oracle, tiny_request, FAST, facts=tiny_request.holdout)
+    assert max(forget.y) <= 0.3 and max(strangers.y) <= 0.3
+    assert abs(max(forget.y) - max(strangers.y)) <= 0.2
+    assert max(forget.aux["trained part"]) > max(forget.y)  # it does learn what it is shown
+
+
+@pytest.mark.xfail(strict=False, reason="open finding: on the tiny organism the SAE (relative "
+                   "reconstruction error ~0.5) leaves most of the forget signal in its error "
+                   "term; amplifying latents does not undo dampened latents, so the sae attack "
+                   "is not yet a validated restoration attack")
+def test_sae_steering_restores_dampened_latents(tiny, tiny_request, tiny_oracle):
+    """Known suppression in SAE space: the contribution of the latents most active on forget
+    prompts is dampened to 20% by a hook. (On this organism the forget facts are spread over
+    many latents: dampening the top 64 of 512 alone leaves recall at 0.9, so the control
+    dampens the top half.)"""
+    site = "blocks.0.resid_post"
+    sae, scale = A.train_sae(tiny.model, tiny_request, site, 8, 1500, 2.0, 0)
+    lat = A.forget_latents(tiny.model, sae, tiny_request, site, sae.cfg.d_sae // 2, scale)
+    control = tiny.model.clone()
+    control.add_persistent_hook(site, A.latent_hook(sae, lat, 0.2, scale))
+    base = recall(control, tiny_request.forget)
+    assert base <= 0.5
+    cfg = dataclasses.replace(FAST, sae_gains=(1.0, 2.0, 5.0, 10.0))
+    sup = A.sae_steer(control, tiny_request, sae, lat, site, cfg, scale)
+    orc = A.sae_steer(tiny_oracle, tiny_request, sae, lat, site, cfg, scale)
+    assert max(sup.y) >= base + 0.3
+    assert max(sup.y) >= max(orc.y) + 0.2
+
+
+def test_quantization_8bit_keeps_unedited_recall(tiny, tiny_request):
+    c = A.quantize(tiny.model, tiny_request, dataclasses.replace(FAST, quant_bits=(8,)))
+    assert c.y[1] == c.y[0]
+    assert c.aux["retain recall"][1] == c.aux["retain recall"][0]
+
+
+def test_quantization_restores_sub_resolution_suppression(tiny, tiny_request, tiny_oracle):
+    """Known suppression below the quantization step: weights = 8-bit grid + a projected
+    gradient-ascent perturbation of at most 0.45 steps; RTN snaps it back. 4-bit, because
+    the tiny model keeps full recall at 4 bits and the box is wide enough to suppress."""
+    bits = 4
+    m = A.quantized(tiny.model, bits)
+    grid = {k: v.detach().clone() for k, v in m.named_parameters().items()}
+    step = {}
+    for k, v in grid.items():
+        last = k.split(".")[-1]
+        if v.dim() >= 2 and last.startswith("W_"):
+            dim = 0 if last in ("W_E", "W_pos") else -1
+            other = [i for i in range(v.dim()) if i != dim % v.dim()]
+            step[k] = v.abs().amax(dim=other, keepdim=True) / (2 ** (bits - 1) - 1)
+    opt = torch.optim.Adam([m.named_parameters()[k] for k in step], lr=1e-2)
+    fb, rb = m.encode(list(tiny_request.forget)), m.encode(list(tiny_request.retain))
+    params = m.named_parameters()
+    for i in range(60):
+        loss = -m.loss(fb).clamp(max=20) + m.loss(rb)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for k, s in step.items():
+                lo, hi = grid[k] - 0.45 * s, grid[k] + 0.45 * s
+                keep = grid[k].abs() == grid[k].abs().amax(
+                    dim=[j for j in range(grid[k].dim()) if j != (0 if k.endswith(("W_E", "W_pos")) else grid[k].dim() - 1)],
+                    keepdim=True)
+                params[k].copy_(torch.where(keep, grid[k], params[k].clamp(lo, hi)))
+        if i % 5 == 4 and recall(m, tiny_request.forget) <= 0.2:
+            break
+    base = recall(m, tiny_request.forget)
+    assert base <= 0.3
+    cfg = dataclasses.replace(FAST, quant_bits=(bits,))
+    sup = A.quantize(m, tiny_request, cfg)
+    orc = A.quantize(tiny_oracle, tiny_request, cfg)
+    assert sup.y[1] >= base + 0.4
+    assert max(sup.y) >= max(orc.y) + 0.2
+
+
+def test_paraphrase_attack_restores_output_filter(tiny, tiny_request, tiny_oracle):
+    control = PromptFilter(tiny.model, tiny_request.forget)
+    assert recall(control, tiny_request.forget) == 0.0
+    sup = A.paraphrase(control, tiny_request, FAST)
+    orc = A.paraphrase(tiny_oracle, tiny_request, FAST)
+    assert max(sup.y[1:]) >= 0.3
+    assert max(sup.y[1:]) >= max(orc.y[1:]) + 0.2
+
+
+# -- privacy -----------------------------------------------------------------------------------
+def test_membership_auc_is_one_on_memorized_vs_strangers(tiny, tiny_request):
+    m = membership(tiny.model, tiny_request)
+    assert m["mia_auc_loss"] == 1.0
+
+
+def test_membership_auc_is_half_when_losses_are_identical(tiny_model, tiny_request):
+    with torch.no_grad():  # uniform next-token distribution: every target has the same loss
+        tiny_model.model.unembed.W_U.zero_()
+        tiny_model.model.unembed.b_U.zero_()
+    same = ForgetRequest(forget=tiny_request.forget.where(attribute="pet"),
+                         retain=tiny_request.retain,
+                         holdout=tiny_request.holdout.where(attribute="pet"))
+    m = membership(tiny_model, same)
+    assert m["mia_auc_loss"] == 0.5 and m["mia_auc_mink"] == 0.5
+
+
+# -- closed-form leave-one-person-out against explicit refits ---------------------------------
+def test_group_loo_matches_refits():
+    g = torch.Generator().manual_seed(0)
+    n, d = 40, 12
+    x = torch.randn(n, d, generator=g, dtype=torch.float64) + 0.2
+    y = (torch.rand(n, generator=g) > 0.5).double()
+    groups = torch.arange(n) // 3
+    fast = stats.ridge_group_loo(x, y, 2.0, groups)
+    lg = stats.logistic_group_loo(x, y, 2.0, groups)
+    for u in groups.unique():
+        m = groups == u
+        w, b = stats.ridge_fit(x[~m], y[~m], 2.0)
+        assert torch.allclose(fast[m], x[m] @ w + b, atol=1e-8)
+        w, b = stats.logistic_fit(x[~m], y[~m], 2.0)
+        assert torch.allclose(lg[m], torch.sigmoid(x[m] @ w + b), atol=1e-6)
+
+
+# -- verify and the verdict --------------------------------------------------------------------
+def test_verify_all_suites_on_unedited_model(tiny, tiny_request, tiny_oracle, tmp_path):
+    model = tiny.model.clone()
+    before = model.fingerprint()
+    cfg = dataclasses.replace(FAST, relearn_steps=5, benign_steps=5, refit_steps=10,
+                              sae_steps=100)
+    rep = probes.verify(model, tiny_request, oracle=tiny_oracle, suite="all", label="after",
+                        original=tiny.model, attacks=cfg)
+    assert model.fingerprint() == before and model.hook_count() == tiny.model.hook_count()
+    assert set(rep.metrics) == {"after", "before", "oracle"}
+    assert rep.verdict == "not forgotten"
+    assert "deleted" in rep.verdict_rule
+    a = rep.metrics["after"]
+    assert a["mia_auc_loss"] > 0.9 and a["forget_quality"] < 0.05
+    assert rep.metrics["oracle"]["forget_quality"] == 1.0
+    assert a["cka_original_forget_L0"] == pytest.approx(1.0)
+    assert set(rep.extra["attacks"]) == set(A.ATTACKS)
+    paths = probes.write_plots(rep, tmp_path)
+    assert len(paths) == len(A.ATTACKS) + 2 and all(p.endswith(".png") for p in paths)
+    assert "Verdict" in rep.to_markdown() and rep.to_json()
+
+
+def _curves(e, o):
+    return {"relearn": {"x": [0, 5], "curves": {"after": e, "oracle": o}}}
+
+
+@pytest.mark.parametrize("f, curve, want", [
+    (0.05, [0.0, 0.1], "deleted"),
+    (0.05, [0.0, 0.6], "suppressed"),
+    (0.40, [0.0, 0.0], "suppressed"),
+    (0.97, [1.0, 1.0], "not forgotten"),
+])
+def test_verdict_rule(f, curve, want):
+    metrics = {"after": {"forget_recall": f}, "oracle": {"forget_recall": 0.05},
+               "before": {"forget_recall": 1.0}}
+    v, rule, checks = decide(metrics, _curves(curve, [0.0, 0.1]), "after", "before")
+    assert v == want
+    gap = max(curve[0] - 0.0, curve[1] - 0.1)
+    assert "oracle" in rule and checks["relearn"]["worst_gap"] == pytest.approx(gap)
+
+
+# -- bad input ---------------------------------------------------------------------------------
+def test_unknown_suite_and_missing_oracle(tiny, tiny_request):
+    with pytest.raises(ValueError, match="unknown verification suite 'atacks'"):
+        probes.verify(tiny.model, tiny_request, suite="atacks")
+    with pytest.raises(ValueError, match="oracle="):
+        probes.verify(tiny.model, tiny_request, suite="verdict", original=tiny.model)
+
+
+def test_empty_and_overlapping_splits(tiny, tiny_request):
+    no_holdout = dataclasses.replace(tiny_request, holdout=FactSet("holdout", ()))
+    with pytest.raises(ValueError, match="holdout split is empty"):
+        probes.verify(tiny.model, no_holdout, suite="privacy")
+    bad = dataclasses.replace(tiny_request)
+    object.__setattr__(bad, "holdout", FactSet("holdout", tiny_request.retain.facts[:3]))
+    with pytest.raises(ValueError, match="retain and holdout splits overlap"):
+        probes.verify(tiny.model, bad)
+    empty = dataclasses.replace(tiny_request)
+    object.__setattr__(empty, "forget", FactSet("forget", ()))
+    with pytest.raises(ValueError, match="forget split of the request is empty"):
+        probes.verify(tiny.model, empty)
+
+
+def test_oracle_from_another_world_is_refused(tiny, tiny_request):
+    other = TLHandle(tiny.model.model, Tokenizer(["zz", "yy"] + tiny.tokenizer.vocab[4:-2]))
+    with pytest.raises(ValueError, match="different world"):
+        probes.verify(tiny.model, tiny_request, oracle=other, suite="oracle")
+    same_size = TLHandle(tiny.model.model, Tokenizer(["zz"] + tiny.tokenizer.vocab[5:]))
+    with pytest.raises(ValueError, match="different world"):
+        probes.verify(tiny.model, tiny_request, oracle=same_size, suite="oracle")
+
+
+@pytest.mark.parametrize("bad", [{"relearn_steps": 0}, {"refit_steps": 0}, {"attacks": []},
+                                 {"sae_gains": []}, {"relearn_lr": 0.0}, {"relearnsteps": 5}])
+def test_zero_attack_budget_is_refused(tiny, tiny_request, tiny_oracle, bad):
+    with pytest.raises(ValueError):
+        probes.verify(tiny.model, tiny_request, oracle=tiny_oracle, suite="attacks",
+                      attacks=bad)
