@@ -32,7 +32,19 @@ def prune(model: ModelHandle, importance: Importance | None = None,
           units: Selection | None = None, *, top: int | float = 0.05, mode: str = "zero",
           weights: str = "all", request=None, batch_size: int = 256) -> Edit:
     """Zero (``mode="zero"``) or mean-ablate (``mode="mean"``, needs ``request``) ``units``
-    (default: the ``top`` neurons/heads of ``importance``). Returns the applied Edit."""
+    (default: the ``top`` neurons/heads of ``importance``). Returns the applied Edit.
+
+    SAE latents (units at ``blocks.L.<site>.sae``, e.g. from ``locate.sae``) are ablated by a
+    hook that removes their decoder contribution at the base site (``edit.sae_latents``)."""
+    sae_sites = [s for s in (units.sites() if units is not None else
+                             (importance.sites if importance is not None else []))
+                 if s.endswith(".sae")]
+    if sae_sites:
+        if mode != "zero":
+            raise ValueError("prune: SAE latents can only be zeroed (mode='zero')")
+        from edit.sae_latents import ablate_latents
+
+        return ablate_latents(model, importance, units, top)
     check_choice("prune", "mode", mode, MODES)
     check_choice("prune", "weights", weights, WEIGHTS)
     check_number("prune", "batch_size", batch_size, low=1, integer=True)
