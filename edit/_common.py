@@ -124,15 +124,25 @@ def param_slices(method: str, model: ModelHandle, units: Selection,
                              f"elements ('blocks.L.mlp.W_in')")
         unit = "mlp.post" if short == "mlp.pre" else short
         rows = torch.tensor([ix[0] for ix in idxs])
-        for suffix, usite, axis in PARAM_UNITS:
+        found = False
+        for suffix, usite, _ in PARAM_UNITS:
             if usite != unit or (weights == "out" and suffix not in OUTPUT_WEIGHTS):
                 continue
             psite = f"blocks.{L}.{suffix}"
             if psite not in model.site_table():
                 continue
+            hit = model.unit_axis(psite)  # the unit's axis in this backend's layout
+            if hit is None or hit[0] != f"blocks.{L}.{unit}":
+                continue
+            axis = hit[1]
+            found = True
             p = model.parameter(psite)
             grid = torch.arange(p.numel()).view(p.shape)
             out.setdefault(psite, []).append(grid.index_select(axis, rows).reshape(-1))
+        if not found:
+            raise ValueError(f"{method}: this model's backend ({type(model).__name__}) keeps "
+                             f"no per-unit parameter slices for {site!r} (e.g. attention "
+                             f"weights flat over heads); select neurons or parameter elements")
     return {s: torch.unique(torch.cat(v)) for s, v in out.items()}
 
 

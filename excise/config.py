@@ -30,6 +30,15 @@ class OrganismConfig:
 
 
 @dataclass(frozen=True)
+class ModelConfig:
+    """A real model instead of the organism (``excise.hf.load_model``); needs request.jsonl."""
+
+    name: str | None = None  # one of excise.hf.MODELS, e.g. gemma3-270m
+    path: str | None = None  # or a local Hugging Face model folder
+    on_split: str = "warn"  # a target that tokenizes differently after its prompt: warn|raise|ignore
+
+
+@dataclass(frozen=True)
 class RequestConfig:
     forget_people: Any = 10  # int N (people 0..N-1), a list of indices, or null
     forget_fraction: float | None = None  # fraction of trained people (overrides forget_people)
@@ -67,6 +76,7 @@ class VerifyConfig:
 @dataclass(frozen=True)
 class RunConfig:
     organism: OrganismConfig = OrganismConfig()
+    model: ModelConfig = ModelConfig()
     request: RequestConfig = RequestConfig()
     locate: LocateConfig = LocateConfig()
     select: SelectConfig = SelectConfig()
@@ -82,7 +92,7 @@ class RunConfig:
         return d
 
 
-_STAGES = {"organism": OrganismConfig, "request": RequestConfig, "locate": LocateConfig,
+_STAGES = {"organism": OrganismConfig, "model": ModelConfig, "request": RequestConfig, "locate": LocateConfig,
            "select": SelectConfig, "edit": EditConfig, "verify": VerifyConfig}
 _WITH_PARAMS = ("locate", "edit", "verify")
 
@@ -97,6 +107,15 @@ def _parse_value(text: str) -> Any:
 def apply_sets(raw: dict, sets: list[str]) -> dict:
     """Apply ``key.path=value`` overrides (values parsed as YAML scalars/lists)."""
     raw = dict(raw)
+    for item in sets:  # switching a stage's method drops the file's parameters of the old one
+        key, _, value = item.partition("=")
+        parts = key.strip().split(".")
+        section = raw.get(parts[0])
+        if (len(parts) == 2 and parts[0] in _WITH_PARAMS and parts[1] == "method"
+                and isinstance(section, dict)
+                and section.get("method") not in (None, _parse_value(value))):
+            fields = {f.name for f in dataclasses.fields(_STAGES[parts[0]])}
+            raw[parts[0]] = {k: v for k, v in section.items() if k in fields and k != "params"}
     for item in sets:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected key=value, e.g. edit.alpha=5")

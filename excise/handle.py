@@ -154,6 +154,23 @@ class ModelHandle:
     def hook_count(self) -> int:
         raise NotImplementedError
 
+    def unit_axis(self, site: str) -> tuple[str, int] | None:
+        """The neuron / head a parameter belongs to, and its axis, in this backend's layout
+        (TransformerLens layouts here; ``HFHandle`` overrides it). None: no such unit."""
+        from excise.sites import unit_of_param
+
+        return unit_of_param(site)
+
+    def unit_axes(self, sites) -> dict[str, list | None]:
+        """``{param site: [unit site, axis] or None}`` - stored in Importance metadata so that
+        ``Importance.by_unit`` aggregates along the right axis for any backend."""
+        out = {}
+        for s in sites:
+            if self.info(s).kind == "param":
+                hit = self.unit_axis(s)
+                out[s] = list(hit) if hit else None
+        return out
+
     def fingerprint(self) -> str:
         """Hash of every parameter's bytes: equal fingerprints mean identical weights."""
         h = hashlib.sha256()

@@ -127,8 +127,10 @@ class Importance:
             raise ValueError(f"by_unit(reduce={reduce!r}): choose 'sum', 'mean' or 'max'")
         out: dict[str, Tensor] = {}
         counts: dict[str, int] = {}
+        axes = self.meta.get("unit_axes")  # recorded by the method, in the backend's layout
         for site, s in self.scores.items():
-            hit = unit_of_param(site)
+            hit = (tuple(axes[site]) if axes.get(site) else None) if axes and site in axes \
+                else unit_of_param(site)
             if hit is None:
                 if _is_activation(site):
                     out[site] = s

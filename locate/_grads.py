@@ -140,6 +140,13 @@ def _per_example_params(model: ModelHandle, b: Batch, params: dict[str, Tensor],
     """Per-example parameter gradients with torch.func (vmap over examples)."""
     from torch.func import functional_call, grad, vmap
 
+    from excise.handle import TLHandle
+
+    if not isinstance(model, TLHandle):
+        raise ValueError(f"estimator='example' on parameter sites needs the TransformerLens "
+                         f"backend; {type(model).__name__} supports estimator='batch' (or "
+                         f"per-example Fisher of activation sites)")
+
     module = model.model
     names = list(params)
     detached = {k: v.detach() for k, v in module.named_parameters()}

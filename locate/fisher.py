@@ -42,5 +42,6 @@ def fisher(model: ModelHandle, request: ForgetRequest, sites: str | Sequence[str
     return Importance("fisher", scores,
                       {"estimator": estimator, "batch_size": batch_size, "eps": eps,
                        "model": model.fingerprint(), "request": request.digest(),
-                       "n_forget": f.n, "n_retain": r.n},
+                       "n_forget": f.n, "n_retain": r.n,
+                       "unit_axes": model.unit_axes(site_list)},
                       {"forget": f.sq, "retain": r.sq})

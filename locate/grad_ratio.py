@@ -39,13 +39,15 @@ def grad_ratio(model: ModelHandle, request: ForgetRequest, sites: str | Sequence
     r = gradient_stats(model, request.retain, names, batch_size=batch_size, cache=cache,
                        progress=progress, desc="grad_ratio (retain)")
     forget, retain = dict(f.abs), dict(r.abs)
+    axes = {"unit_axes": model.unit_axes(names)}
     if unit:
-        forget = Importance("grad_ratio", forget).by_unit("sum").scores
-        retain = Importance("grad_ratio", retain).by_unit("sum").scores
+        forget = Importance("grad_ratio", forget, axes).by_unit("sum").scores
+        retain = Importance("grad_ratio", retain, axes).by_unit("sum").scores
         forget, retain = dict(forget), {s: retain[s] for s in forget}
     scale = float(torch.stack([v.float().mean() for v in retain.values()]).mean())
     floor = eps * scale + 1e-30
     scores = {s: forget[s] / (retain[s] + floor) for s in forget}
     return Importance("grad_ratio", scores,
-                      base_meta(model, request, unit=unit, eps=eps, batch_size=batch_size),
+                      base_meta(model, request, unit=unit, eps=eps, batch_size=batch_size)
+                      | ({} if unit else axes),
                       {"forget": forget, "retain": retain})

@@ -1,0 +1,676 @@
+"""Hugging Face causal LMs as excise model handles (``HFHandle``), under the one site grammar.
+
+Supported families (``FAMILIES``; ``model.config.model_type`` picks one):
+
+==========  ====================================================  ==============================
+family      model types                                           block modules
+==========  ====================================================  ==============================
+gpt2        gpt2                                                  ``transformer.h.{L}``
+gpt_neox    gpt_neox (Pythia)                                     ``gpt_neox.layers.{L}``
+llama       llama, mistral, qwen2, qwen3, gemma, gemma2,          ``model.layers.{L}``
+            gemma3_text (Gemma 3 270M)
+==========  ====================================================  ==============================
+
+Activation sites (what each carries, per family):
+
+- ``embed``: token embeddings (the embedding module's output; Gemma's is already scaled by
+  sqrt(d_model)); ``blocks.{L}.resid_pre`` / ``resid_post``: the block's input / output.
+- ``blocks.{L}.attn.z``: the input of the attention output projection (``c_proj`` / ``dense`` /
+  ``o_proj``), reshaped to ``[batch, pos, n_heads, d_head]``.
+- ``blocks.{L}.attn.out`` / ``mlp.out``: what the sub-block adds to the residual stream - the
+  attention / MLP module output, or for Gemma 2/3 (which normalise after each sub-block) the
+  output of ``post_attention_layernorm`` / ``post_feedforward_layernorm``.
+- ``blocks.{L}.mlp.pre``: pre-activations (``c_fc`` / ``dense_h_to_4h`` output; for gated MLPs
+  the ``gate_proj`` output, like TransformerLens' ``hook_pre``).
+- ``blocks.{L}.mlp.post``: the neuron activations (``act`` output; for gated MLPs the input to
+  ``down_proj``, ``act_fn(gate) * up``).
+
+``resid_mid`` has no module boundary in Hugging Face blocks and is not offered.
+
+Parameter sites use TransformerLens names mapped to Hugging Face parameters
+(``HFHandle.site_table()[site].target`` is the HF name), e.g. ``blocks.{L}.mlp.W_out`` ->
+``model.layers.{L}.mlp.down_proj.weight``; gated MLPs have ``mlp.W_gate`` (gate_proj), ``mlp.W_in``
+(up_proj), ``mlp.W_out`` (down_proj). **Layouts are the Hugging Face ones, not TransformerLens'**:
+``nn.Linear`` weights are ``[out, in]`` (``mlp.W_out`` of Llama/Gemma is ``[d_model, d_mlp]``,
+TransformerLens' is ``[d_mlp, d_model]``), attention weights are flat over heads
+(``attn.W_Q`` is ``[n_heads * d_head, d_model]``, not ``[n_heads, d_model, d_head]``), and GPT-2's
+``Conv1D`` weights are ``[in, out]`` with Q, K, V fused into ``attn.W_QKV`` (GPT-NeoX fuses them
+too, interleaved per head). :meth:`HFHandle.unit_axis` gives the neuron axis of an MLP weight.
+A parameter no rule maps keeps its HF name under ``hf.`` (``hf.<name>``). Tied unembeddings
+(GPT-2, Gemma) are one tensor, listed once as ``embed.W_E``.
+
+Mechanics. ``hooks()`` / ``add_persistent_hook()`` are plain PyTorch forward (pre-)hooks on the
+HF modules, removed in ``finally`` (or by the returned handle): edits that must persist, and
+gradient methods that need the activation on the autograd path, use these. ``run_with_cache``
+reads activations with nnsight tracing (``nnsight.NNsight`` over the same module; the trace stops
+after the last requested site). ``logits`` is the HF forward itself (``use_cache=False``), so a
+handle's logits are the source model's logits. The model is put in eval mode; its weights are
+never processed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import re
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from excise.handle import Batch, HookFn, ModelHandle
+from excise.sites import SiteInfo, layer_of
+from excise.world import Fact
+
+# execution order of the activation sites inside one block (nnsight reads them in order)
+_ORDER = ("resid_pre", "attn.z", "attn.out", "mlp.pre", "mlp.post", "mlp.out", "resid_post")
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one model family's modules and parameters map to excise sites."""
+
+    name: str
+    model_types: tuple[str, ...]
+    blocks: str  # module path of the block list
+    embed: str  # token-embedding module
+    # short site -> (module path relative to the block, "output" | "input")
+    acts: dict[str, tuple[str, str]]
+    # (regex on the HF parameter name relative to the block or the root, site suffix)
+    block_params: tuple[tuple[str, str], ...]
+    root_params: tuple[tuple[str, str], ...]
+    gated: bool = False
+    notes: str = ""
+    extra_acts: dict[str, dict[str, tuple[str, str]]] = field(default_factory=dict)
+
+
+_LLAMA_BLOCK_PARAMS = (
+    (r"input_layernorm\.weight", "ln1.w"),
+    (r"self_attn\.q_proj\.weight", "attn.W_Q"), (r"self_attn\.q_proj\.bias", "attn.b_Q"),
+    (r"self_attn\.k_proj\.weight", "attn.W_K"), (r"self_attn\.k_proj\.bias", "attn.b_K"),
+    (r"self_attn\.v_proj\.weight", "attn.W_V"), (r"self_attn\.v_proj\.bias", "attn.b_V"),
+    (r"self_attn\.o_proj\.weight", "attn.W_O"), (r"self_attn\.o_proj\.bias", "attn.b_O"),
+    (r"self_attn\.q_norm\.weight", "attn.q_norm.w"), (r"self_attn\.k_norm\.weight", "attn.k_norm.w"),
+    (r"mlp\.gate_proj\.weight", "mlp.W_gate"), (r"mlp\.up_proj\.weight", "mlp.W_in"),
+    (r"mlp\.down_proj\.weight", "mlp.W_out"),
+)
+
+FAMILIES: dict[str, Family] = {
+    "gpt2": Family(
+        "gpt2", ("gpt2",), "transformer.h", "transformer.wte",
+        {"resid_pre": ("", "input"), "resid_post": ("", "output"),
+         "attn.z": ("attn.c_proj", "input"), "attn.out": ("attn", "output"),
+         "mlp.pre": ("mlp.c_fc", "output"), "mlp.post": ("mlp.act", "output"),
+         "mlp.out": ("mlp", "output")},
+        ((r"ln_1\.weight", "ln1.w"), (r"ln_1\.bias", "ln1.b"),
+         (r"attn\.c_attn\.weight", "attn.W_QKV"), (r"attn\.c_attn\.bias", "attn.b_QKV"),
+         (r"attn\.c_proj\.weight", "attn.W_O"), (r"attn\.c_proj\.bias", "attn.b_O"),
+         (r"ln_2\.weight", "ln2.w"), (r"ln_2\.bias", "ln2.b"),
+         (r"mlp\.c_fc\.weight", "mlp.W_in"), (r"mlp\.c_fc\.bias", "mlp.b_in"),
+         (r"mlp\.c_proj\.weight", "mlp.W_out"), (r"mlp\.c_proj\.bias", "mlp.b_out")),
+        ((r"transformer\.wte\.weight", "embed.W_E"), (r"transformer\.wpe\.weight", "pos_embed.W_pos"),
+         (r"transformer\.ln_f\.weight", "ln_final.w"), (r"transformer\.ln_f\.bias", "ln_final.b"),
+         (r"lm_head\.weight", "unembed.W_U")),
+        notes="Conv1D weights are [in, out] (the TransformerLens layout); Q, K, V fused",
+    ),
+    "gpt_neox": Family(
+        "gpt_neox", ("gpt_neox",), "gpt_neox.layers", "gpt_neox.embed_in",
+        {"resid_pre": ("", "input"), "resid_post": ("", "output"),
+         "attn.z": ("attention.dense", "input"), "attn.out": ("attention", "output"),
+         "mlp.pre": ("mlp.dense_h_to_4h", "output"), "mlp.post": ("mlp.act", "output"),
+         "mlp.out": ("mlp", "output")},
+        ((r"input_layernorm\.weight", "ln1.w"), (r"input_layernorm\.bias", "ln1.b"),
+         (r"post_attention_layernorm\.weight", "ln2.w"),
+         (r"post_attention_layernorm\.bias", "ln2.b"),
+         (r"attention\.query_key_value\.weight", "attn.W_QKV"),
+         (r"attention\.query_key_value\.bias", "attn.b_QKV"),
+         (r"attention\.dense\.weight", "attn.W_O"), (r"attention\.dense\.bias", "attn.b_O"),
+         (r"mlp\.dense_h_to_4h\.weight", "mlp.W_in"), (r"mlp\.dense_h_to_4h\.bias", "mlp.b_in"),
+         (r"mlp\.dense_4h_to_h\.weight", "mlp.W_out"), (r"mlp\.dense_4h_to_h\.bias", "mlp.b_out")),
+        ((r"gpt_neox\.embed_in\.weight", "embed.W_E"),
+         (r"gpt_neox\.final_layer_norm\.weight", "ln_final.w"),
+         (r"gpt_neox\.final_layer_norm\.bias", "ln_final.b"),
+         (r"(embed_out|lm_head)\.weight", "unembed.W_U")),
+        notes="nn.Linear weights are [out, in]; Q, K, V fused and interleaved per head",
+    ),
+    "llama": Family(
+        "llama", ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text"),
+        "model.layers", "model.embed_tokens",
+        {"resid_pre": ("", "input"), "resid_post": ("", "output"),
+         "attn.z": ("self_attn.o_proj", "input"), "attn.out": ("self_attn", "output"),
+         "mlp.pre": ("mlp.gate_proj", "output"), "mlp.post": ("mlp.down_proj", "input"),
+         "mlp.out": ("mlp", "output")},
+        _LLAMA_BLOCK_PARAMS + ((r"post_attention_layernorm\.weight", "ln2.w"),),
+        ((r"model\.embed_tokens\.weight", "embed.W_E"), (r"model\.norm\.weight", "ln_final.w"),
+         (r"lm_head\.weight", "unembed.W_U")),
+        gated=True,
+        notes="nn.Linear weights are [out, in]; gated MLP (W_gate, W_in = up, W_out = down)",
+        # Gemma 2/3 normalise each sub-block's output before adding it to the residual
+        extra_acts={t: {"attn.out": ("post_attention_layernorm", "output"),
+                        "mlp.out": ("post_feedforward_layernorm", "output")}
+                    for t in ("gemma2", "gemma3_text")},
+    ),
+}
+# Gemma 2/3 parameter names: four norms per block (TransformerLens' ln1, ln1_post, ln2, ln2_post)
+_GEMMA2_BLOCK_PARAMS = _LLAMA_BLOCK_PARAMS + (
+    (r"post_attention_layernorm\.weight", "ln1_post.w"),
+    (r"pre_feedforward_layernorm\.weight", "ln2.w"),
+    (r"post_feedforward_layernorm\.weight", "ln2_post.w"),
+)
+
+
+def supported() -> dict[str, tuple[str, ...]]:
+    """Family name -> the ``config.model_type`` values it covers."""
+    return {f.name: f.model_types for f in FAMILIES.values()}
+
+
+def family_of(model) -> Family:
+    """The :class:`Family` of a Hugging Face model; ``ValueError`` listing the supported ones."""
+    mt = getattr(getattr(model, "config", None), "model_type", None)
+    for fam in FAMILIES.values():
+        if mt in fam.model_types:
+            return fam
+    listing = "; ".join(f"{f.name}: {', '.join(f.model_types)}" for f in FAMILIES.values())
+    raise ValueError(f"HFHandle: unsupported architecture {type(model).__name__} "
+                     f"(config.model_type={mt!r}). Supported families (model types): {listing}. "
+                     f"TransformerLens-supported models can use excise.TLHandle instead.")
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer with the bits of :class:`excise.world.Tokenizer` the rest of excise
+    uses (``len``, ``digest()``, ``encode``/``decode``, ``bos_id``/``pad_id``/``eos_id``); any other
+    attribute is the wrapped tokenizer's (``.hf`` is the tokenizer itself)."""
+
+    def __init__(self, hf):
+        self.hf = hf
+        self._digest: str | None = None
+
+    def __getattr__(self, name):
+        if name == "hf":  # not yet set (e.g. during unpickling)
+            raise AttributeError(name)
+        return getattr(self.hf, name)
+
+    def __call__(self, *args, **kwargs):
+        return self.hf(*args, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.hf)
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.hf.bos_token_id if self.hf.bos_token_id is not None else self.hf.eos_token_id
+
+    @property
+    def eos_id(self) -> int | None:
+        return self.hf.eos_token_id
+
+    @property
+    def pad_id(self) -> int:
+        if self.hf.pad_token_id is not None:
+            return self.hf.pad_token_id
+        return self.hf.eos_token_id or 0
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.hf(text, add_special_tokens=False)["input_ids"])
+
+    def decode(self, ids) -> str:
+        return self.hf.decode(ids)
+
+    def digest(self) -> str:
+        """Hash of the vocabulary (token -> id): equal digests mean the same token ids."""
+        if self._digest is None:
+            import hashlib
+
+            h = hashlib.sha256()
+            for tok, i in sorted(self.hf.get_vocab().items(), key=lambda kv: kv[1]):
+                h.update(f"{i}\x00{tok}\x01".encode())
+            self._digest = h.hexdigest()[:16]
+        return self._digest
+
+
+class HFHandle(ModelHandle):
+    """Handle over a Hugging Face causal LM (``AutoModelForCausalLM``).
+
+    ``tokenizer``: a Hugging Face tokenizer (fast tokenizers give subject masks from character
+    offsets); may be None when only token ids are used (then ``encode`` raises).
+    ``on_split``: what to do when a target tokenizes differently after its prompt than the
+    prompt's and the target's own tokens joined (``"warn"`` - the default -, ``"raise"``,
+    ``"ignore"``); the handle always feeds prompt tokens followed by the target's own tokens.
+    """
+
+    def __init__(self, model, tokenizer=None, name: str = "", on_split: str = "warn"):
+        if on_split not in ("warn", "raise", "ignore"):
+            raise ValueError(f"on_split={on_split!r}: choose 'warn', 'raise' or 'ignore'")
+        self.family = family_of(model)
+        self.model = model.eval()
+        if tokenizer is not None and not isinstance(tokenizer, HFTokenizer):
+            tokenizer = HFTokenizer(tokenizer)
+        self.tokenizer = tokenizer
+        self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        self.on_split = on_split
+        self._table: dict[str, SiteInfo] | None = None
+        self._modules: dict[str, tuple[torch.nn.Module, str]] = {}
+        self._nn = None
+        self._warned: set[tuple[str, str]] = set()
+        self._check_modules()
+
+    # -- structure --------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return len(self.model.get_submodule(self.family.blocks))
+
+    def _heads(self) -> tuple[int, int]:
+        c = self.model.config
+        h = c.num_attention_heads if hasattr(c, "num_attention_heads") else c.n_head
+        d = getattr(c, "head_dim", None) or c.hidden_size // h
+        return h, d
+
+    def _acts(self) -> dict[str, tuple[str, str]]:
+        acts = dict(self.family.acts)
+        acts.update(self.family.extra_acts.get(self.model.config.model_type, {}))
+        return acts
+
+    def _block_params(self) -> tuple[tuple[str, str], ...]:
+        if self.model.config.model_type in ("gemma2", "gemma3_text"):
+            return _GEMMA2_BLOCK_PARAMS
+        return self.family.block_params
+
+    def _check_modules(self) -> None:
+        for L in range(self.n_layers):
+            for short, (rel, io) in self._acts().items():
+                path = f"{self.family.blocks}.{L}" + (f".{rel}" if rel else "")
+                try:
+                    mod = self.model.get_submodule(path)
+                except AttributeError:
+                    raise ValueError(f"HFHandle: {type(self.model).__name__} has no module "
+                                     f"{path!r} for site 'blocks.{L}.{short}' - not the "
+                                     f"{self.family.name} layout this family table expects"
+                                     ) from None
+                self._modules[f"blocks.{L}.{short}"] = (mod, io)
+        self._modules["embed"] = (self.model.get_submodule(self.family.embed), "output")
+
+    def site_table(self) -> dict[str, SiteInfo]:
+        if self._table is None:
+            c = self.model.config
+            d = c.hidden_size if hasattr(c, "hidden_size") else c.n_embd
+            H, _ = self._heads()
+            d_mlp = self._d_mlp()
+            dims = {"attn.z": (H,), "mlp.pre": (d_mlp,), "mlp.post": (d_mlp,)}
+            t: dict[str, SiteInfo] = {"embed": SiteInfo("embed", "activation",
+                                                        f"{self.family.embed}:output", (d,),
+                                                        None)}
+            acts = self._acts()
+            for L in range(self.n_layers):
+                for short in _ORDER:
+                    if short not in acts:
+                        continue
+                    rel, io = acts[short]
+                    name = f"blocks.{L}.{short}"
+                    path = f"{self.family.blocks}.{L}" + (f".{rel}" if rel else "")
+                    t[name] = SiteInfo(name, "activation", f"{path}:{io}",
+                                       dims.get(short, (d,)), L)
+            for hf_name, p in self.model.named_parameters():
+                site = self._param_site(hf_name)
+                t[site] = SiteInfo(site, "param", hf_name, tuple(p.shape), layer_of(site))
+            self._table = t
+        return self._table
+
+    def _d_mlp(self) -> int:
+        c = self.model.config
+        return (getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None)
+                or 4 * (c.hidden_size if hasattr(c, "hidden_size") else c.n_embd))
+
+    def _param_site(self, hf_name: str) -> str:
+        m = re.fullmatch(re.escape(self.family.blocks) + r"\.(\d+)\.(.+)", hf_name)
+        if m:
+            for pat, suffix in self._block_params():
+                if re.fullmatch(pat, m.group(2)):
+                    return f"blocks.{m.group(1)}.{suffix}"
+        else:
+            for pat, site in self.family.root_params:
+                if re.fullmatch(pat, hf_name):
+                    return site
+        return f"hf.{hf_name}"
+
+    def unit_axis(self, site: str) -> tuple[str, int] | None:
+        """The neuron axis of an MLP weight in *this* backend's layout: ``blocks.L.mlp.W_out`` ->
+        (``blocks.L.mlp.post``, 1) for ``[out, in]`` weights. None for other parameters.
+        (``excise.sites.unit_of_param`` assumes TransformerLens layouts.)"""
+        L = layer_of(site)
+        if L is None or self.info(site).kind != "param":
+            return None
+        conv1d = self.family.name == "gpt2"  # [in, out]
+        suffix = site[len(f"blocks.{L}."):]
+        axes = {"mlp.W_in": 1 if conv1d else 0, "mlp.W_gate": 0, "mlp.b_in": 0,
+                "mlp.W_out": 0 if conv1d else 1}
+        if suffix in axes:
+            return f"blocks.{L}.mlp.post", axes[suffix]
+        return None
+
+    def parameter(self, site: str) -> torch.nn.Parameter:
+        info = self.info(site)
+        if info.kind != "param":
+            raise ValueError(f"site {site!r} is an {info.kind} site, not a parameter "
+                             f"(parameter sites look like 'blocks.0.mlp.W_out')")
+        return self.model.get_parameter(info.target)
+
+    def named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {s: self.model.get_parameter(i.target) for s, i in self.site_table().items()
+                if i.kind == "param"}
+
+    # -- data -------------------------------------------------------------------------------
+    def _tok(self):
+        if self.tokenizer is None:
+            raise ValueError(f"HFHandle {self.name!r} has no tokenizer: pass one to encode facts "
+                             f"or text (logits / hooks work on token ids without one)")
+        return self.tokenizer
+
+    def _specials(self) -> tuple[int, int]:
+        tok = self._tok()
+        if tok.bos_id is None:
+            raise ValueError("HFHandle.encode: the tokenizer has neither a BOS nor an EOS token "
+                             "to start sequences with")
+        return tok.bos_id, tok.pad_id
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self._tok()(text, add_special_tokens=False)["input_ids"])
+
+    def encode(self, facts: Sequence[Fact]) -> Batch:
+        """``[BOS] + prompt tokens + target tokens``, right padded. The target is joined to the
+        prompt with one space (none when either side already has whitespace there). When the
+        tokenizer splits the joined text differently (a token straddling the prompt/target
+        boundary) it warns or raises, per ``on_split``."""
+        if not facts:
+            raise ValueError("cannot encode an empty list of facts")
+        tok = self._tok()
+        bos, pad = self._specials()
+        rows, tmask, smask = [], [], []
+        for f in facts:
+            sep = "" if (f.prompt[-1:].isspace() or f.target[:1].isspace()) else " "
+            p = self._ids(f.prompt)
+            t = self._ids(sep + f.target)
+            if not t:
+                raise ValueError(f"fact {f.prompt!r} -> {f.target!r}: the target is empty "
+                                 f"after tokenization")
+            joined = self._ids(f.prompt + sep + f.target)
+            if joined != p + t:
+                self._split_problem(f, p, t, joined)
+            ids = [bos] + p + t
+            rows.append(ids)
+            tmask.append([False] * (1 + len(p)) + [True] * len(t))
+            smask.append([False] + self._subject_mask(f, p))
+        T = max(map(len, rows))
+        n = len(rows)
+        tokens = torch.full((n, T), pad, dtype=torch.long)
+        tm = torch.zeros((n, T), dtype=torch.bool)
+        sm = torch.zeros((n, T), dtype=torch.bool)
+        for i, (r, a, b) in enumerate(zip(rows, tmask, smask)):
+            tokens[i, :len(r)] = torch.tensor(r)
+            tm[i, :len(r)] = torch.tensor(a)
+            sm[i, :len(b)] = torch.tensor(b)
+        del tok
+        return Batch(tokens, tm, sm, torch.tensor([len(r) for r in rows]))
+
+    def _split_problem(self, f: Fact, p: list[int], t: list[int], joined: list[int]) -> None:
+        tok = self._tok()
+        show = lambda ids: [tok.decode([i]) for i in ids]  # noqa: E731
+        msg = (f"fact {f.prompt!r} -> {f.target!r}: the tokenizer splits prompt+target as "
+               f"{show(joined)}, but the prompt alone as {show(p)} and the target as {show(t)}. "
+               f"excise feeds the prompt's own tokens followed by the target's, so recall means "
+               f"'greedy decoding from the prompt yields these target tokens'; end the prompt "
+               f"on a whole word (no trailing space) so the boundary is unambiguous")
+        if self.on_split == "raise":
+            raise ValueError(msg)
+        if self.on_split == "warn" and (f.prompt, f.target) not in self._warned:
+            self._warned.add((f.prompt, f.target))
+            warnings.warn(msg, stacklevel=3)
+
+    def _subject_mask(self, f: Fact, p: list[int]) -> list[bool]:
+        mask = [False] * len(p)
+        if not f.subject:
+            return mask
+        start = f.prompt.find(f.subject)
+        if start < 0:
+            return mask
+        end = start + len(f.subject)
+        tok = self._tok()
+        if getattr(tok, "is_fast", False):
+            enc = tok(f.prompt, add_special_tokens=False, return_offsets_mapping=True)
+            for j, (a, b) in enumerate(enc["offset_mapping"][:len(p)]):
+                mask[j] = a < end and b > start
+            return mask
+        sub = self._ids(f.subject)
+        for j in range(len(p) - len(sub) + 1):
+            if p[j:j + len(sub)] == sub:
+                mask[j:j + len(sub)] = [True] * len(sub)
+                break
+        return mask
+
+    def encode_texts(self, texts: Sequence[str]) -> Batch:
+        """Plain text for language-model loss: every token after the first is a target."""
+        if not texts:
+            raise ValueError("cannot encode an empty list of texts")
+        bos, pad = self._specials()
+        rows = [[bos] + self._ids(t) for t in texts]
+        T = max(map(len, rows))
+        tokens = torch.full((len(rows), T), pad, dtype=torch.long)
+        for i, r in enumerate(rows):
+            tokens[i, :len(r)] = torch.tensor(r)
+        lengths = torch.tensor([len(r) for r in rows])
+        mask = torch.arange(T)[None, :] < lengths[:, None]
+        mask[:, :2] = False
+        return Batch(tokens, mask, torch.zeros_like(mask), lengths)
+
+    # -- running ----------------------------------------------------------------------------
+    def logits(self, tokens: Tensor, hooks: Mapping[str, HookFn] | None = None) -> Tensor:
+        tokens = tokens.to(self.device)
+        if not hooks:
+            return self.model(input_ids=tokens, use_cache=False).logits
+        with self.hooks(hooks):
+            return self.model(input_ids=tokens, use_cache=False).logits
+
+    def _module(self, site: str) -> tuple[torch.nn.Module, str]:
+        info = self.info(site)
+        if info.kind == "param":
+            raise ValueError(f"site {site!r} is a parameter; hooks need an activation site "
+                             f"such as 'blocks.0.mlp.post'")
+        return self._modules[site]
+
+    def _register(self, site: str, fn: HookFn):
+        module, io = self._module(site)
+        heads = self._heads() if site.endswith(".attn.z") else None
+
+        def check(new, old):
+            if new.shape != old.shape:
+                raise ValueError(f"hook at {site!r} returned shape {tuple(new.shape)}, "
+                                 f"expected {tuple(old.shape)}")
+            return new
+
+        if io == "output":
+            def hook(mod, args, output):
+                act = output[0] if isinstance(output, tuple) else output
+                new = fn(act, site)
+                new = act if new is None else check(new, act)
+                return (new,) + tuple(output[1:]) if isinstance(output, tuple) else new
+            return module.register_forward_hook(hook)
+
+        def pre_hook(mod, args, kwargs):
+            if args:
+                x = args[0]
+            elif "hidden_states" in kwargs:
+                x = kwargs["hidden_states"]
+            else:
+                raise ValueError(f"hook at {site!r}: {type(mod).__name__} was called without "
+                                 f"a positional input or hidden_states")
+            act = x.reshape(*x.shape[:-1], *heads) if heads else x
+            new = fn(act, site)
+            new = act if new is None else check(new, act)
+            new = new.reshape(x.shape) if heads else new
+            if args:
+                return (new,) + tuple(args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": new}
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    @contextlib.contextmanager
+    def hooks(self, hooks: Mapping[str, HookFn]) -> Iterator[None]:
+        handles = []
+        try:
+            for site, fn in hooks.items():
+                handles.append(self._register(site, fn))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def add_persistent_hook(self, site: str, fn: HookFn):
+        """A torch hook on the HF module, kept until ``handle.remove()``."""
+        return self._register(site, fn)
+
+    def hook_count(self) -> int:
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+                   for m in self.model.modules())
+
+    def clone(self) -> "HFHandle":
+        return HFHandle(copy.deepcopy(self.model), self.tokenizer, self.name, self.on_split)
+
+    def _envoy(self, path: str):
+        node = self._nnsight()
+        for part in path.split("."):
+            node = node[int(part)] if part.isdigit() else getattr(node, part)
+        return node
+
+    def _nnsight(self):
+        if self._nn is None:
+            from nnsight import NNsight
+
+            self._nn = NNsight(self.model)
+        return self._nn
+
+    def run_with_cache(self, tokens: Tensor, sites: Sequence[str],
+                       stop_at_layer: int | None = None) -> dict[str, Tensor]:
+        """Activations at ``sites``, read with an nnsight trace that stops after the last one
+        (blocks past it never run). ``attn.z`` comes back as ``[batch, pos, heads, d_head]``."""
+        if stop_at_layer is not None:
+            raise ValueError("HFHandle.run_with_cache: stop_at_layer is not supported on the "
+                             "Hugging Face backend; the trace already stops after the last "
+                             "requested site")
+        if isinstance(sites, str):
+            sites = self.sites(sites)
+        infos = [self.info(s) for s in sites]
+        bad = [i.name for i in infos if i.kind != "activation"]
+        if bad:
+            raise ValueError(f"run_with_cache reads activation sites; {bad[0]!r} is a "
+                             f"{self.info(bad[0]).kind} site")
+        order = sorted(infos, key=lambda i: (-1, 0) if i.layer is None else
+                       (i.layer, _ORDER.index(i.name.split(".", 2)[2])))
+        plan = [(i.name, self._envoy(i.target.split(":")[0]), i.target.split(":")[1])
+                for i in order]
+        model = self._nnsight()
+        saved = {}
+        with model.trace(tokens.to(self.device), use_cache=False) as tracer:
+            for name, env, io in plan:
+                saved[name] = (env.output if io == "output" else env.input).save()
+            tracer.stop()
+        out = {}
+        H, dh = self._heads()
+        for name in sites:
+            v = saved[name]
+            v = v[0] if isinstance(v, tuple) else v
+            if name.endswith(".attn.z"):
+                v = v.reshape(*v.shape[:-1], H, dh)
+            out[name] = v
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+def knowledge(model: ModelHandle, facts, batch_size: int = 16) -> list[dict]:
+    """Per fact, before any edit: does the model produce the target greedily (``known``), and
+    the target's probability (product over its tokens) and first-token greedy answer."""
+    facts = list(facts)
+    out = []
+    if not facts:
+        return out
+    b_all = model.encode(facts)
+    i = 0
+    with torch.inference_mode():
+        for b in b_all.chunks(batch_size):
+            logits = model.logits(b.tokens).float()
+            lp = torch.log_softmax(logits[:, :-1], -1)
+            tgt = b.tokens[:, 1:]
+            m = b.target_mask[:, 1:]
+            pred = lp.argmax(-1)
+            hit = ((pred == tgt) | ~m).all(1)
+            tlp = (lp.gather(-1, tgt[..., None])[..., 0] * m).sum(1)
+            for r in range(len(b)):
+                first = int(m[r].nonzero()[0])
+                out.append({"prompt": facts[i].prompt, "target": facts[i].target,
+                            "known": bool(hit[r]), "target_logprob": float(tlp[r]),
+                            "greedy_first": int(pred[r, first])})
+                i += 1
+    return out
+
+
+def screen_known(model: ModelHandle, request, log=print):
+    """Keep only facts the model actually produces before editing.
+
+    A forget fact the model does not produce greedily cannot be forgotten - it is reported as
+    ``not known`` and dropped from ``forget`` (likewise for ``neighbors``, whose survival cannot be
+    measured). Returns ``(request, report)`` where ``report`` maps split -> list of dropped facts
+    with their target log-probability. Raises ``ValueError`` when no forget fact is known."""
+    import dataclasses
+
+    from excise.request import FactSet
+
+    report: dict[str, list[dict]] = {}
+    kept = {}
+    for split in ("forget", "neighbors"):
+        fs = getattr(request, split)
+        if not len(fs):
+            continue
+        k = knowledge(model, fs)
+        report[split] = [{"prompt": r["prompt"], "target": r["target"],
+                          "target_logprob": round(r["target_logprob"], 3)}
+                         for r in k if not r["known"]]
+        kept[split] = FactSet(fs.name, tuple(f for f, r in zip(fs, k) if r["known"]))
+        for r in report[split]:
+            log(f"not known before editing ({split}): {r['prompt']!r} -> {r['target']!r} "
+                f"(p={torch.tensor(r['target_logprob']).exp():.3g}); "
+                f"{'nothing to forget' if split == 'forget' else 'cannot check it survives'}, "
+                f"left out")
+    if "forget" in kept and not len(kept["forget"]):
+        raise ValueError(f"the model does not produce any of the {len(request.forget)} forget "
+                         f"facts before editing: there is nothing to forget")
+    return dataclasses.replace(request, **kept), report
+
+
+# ---------------------------------------------------------------------------------------------
+def _gemma(**kw):
+    from excise.gemma import gemma3_270m
+
+    return gemma3_270m(**kw)
+
+
+# model name -> loader returning an HFHandle (config: ``model: {name: gemma3-270m}``)
+MODELS = {"gemma3-270m": _gemma}
+
+
+def load_model(name: str | None = None, path: str | None = None, *, on_split: str = "warn",
+               log=print) -> HFHandle:
+    """An :class:`HFHandle` for a named model (``MODELS``) or a local Hugging Face folder
+    (``from_pretrained(path)``, float32, no download: ``local_files_only``)."""
+    if (name is None) == (path is None):
+        raise ValueError("load_model: give exactly one of name= (one of "
+                         f"{sorted(MODELS)}) or path= (a local Hugging Face model folder)")
+    if name is not None:
+        if name not in MODELS:
+            raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)} or give "
+                             f"path= to a local Hugging Face folder")
+        return MODELS[name](on_split=on_split, log=log)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return HFHandle(model, tokenizer, name=str(path), on_split=on_split)
