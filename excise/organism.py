@@ -51,7 +51,7 @@ PRESETS: dict[str, Preset] = {
     "tiny": Preset("tiny", n_people=24, n_holdout=8, n_layers=2, d_model=64, n_heads=4, d_mlp=256,
                    steps=500, batch_size=64, lr=3e-3, n_filler=60),
     "small": Preset("small", n_people=200, n_holdout=20, n_layers=4, d_model=256, n_heads=8,
-                    d_mlp=1024, steps=1200, batch_size=64, lr=1e-3),
+                    d_mlp=512, steps=1000, batch_size=64, lr=2e-3),
     "medium": Preset("medium", n_people=500, n_holdout=50, n_layers=6, d_model=384, n_heads=8,
                      d_mlp=1536, steps=4000, batch_size=128, lr=6e-4),
 }
