@@ -33,10 +33,12 @@ unit propagation are then charged/dropped and RC2 solves the residual.  (Plain
 core-guided search on "at most m of n" with diverse weights needs many tiny
 cores and does not scale; see ``_solve(reduce=False)`` for the plain encoding.)
 
-When the hard constraints are unsatisfiable, :class:`Conflict` is raised with a
-minimal unsatisfiable set of named constraints, computed on the plain encoding
-(CardEnc cardinalities) with one selector literal per named constraint,
-``Solver.get_core`` and deletion-based minimisation.
+Hard satisfiability is decided first (unit propagation of the hard clauses,
+then RC2's own initial SAT call).  When the hard constraints are unsatisfiable,
+:class:`Conflict` is raised with an unsatisfiable set of named constraints,
+computed on the plain encoding (CardEnc cardinalities) with one selector
+literal per named constraint, ``Solver.get_core`` and deletion-based
+minimisation (minimal unless the time/call budget runs out; ``.minimal``).
 """
 
 from __future__ import annotations
@@ -52,12 +54,13 @@ from pysat.examples.rc2 import RC2
 from pysat.formula import WCNF, IDPool
 from pysat.solvers import Solver
 
-__all__ = ["Resolution", "Conflict", "resolve", "brute_force", "WEIGHT_SCALE"]
+__all__ = ["Resolution", "Conflict", "resolve", "brute_force", "LABELS", "WEIGHT_SCALE"]
 
 WEIGHT_SCALE = 10**6
 _SAT_SOLVER = "g3"
 _CARD_ENCODING = EncType.kmtotalizer
-_MAX_CORE_CALLS = 2000  # cap on SAT calls spent minimising an unsat core
+_MAX_CORE_CALLS = 2000  # caps on the work spent minimising an unsat core
+_CORE_BUDGET_S = 1.0
 _BRUTE_FORCE_MAX = 16
 
 LABELS = ("forget_only", "retain_only", "shared", "none")
@@ -77,16 +80,24 @@ class Resolution:
 
 
 class Conflict(ValueError):
-    """Hard constraints are unsatisfiable; ``core`` names a conflicting subset."""
+    """Hard constraints are unsatisfiable.
 
-    def __init__(self, core: Iterable[str], message: str | None = None) -> None:
+    ``core`` names an unsatisfiable subset of the hard constraints, e.g.
+    ``("must_edit:u", "protect:u")``; ``minimal`` says whether dropping any one
+    of them is known to restore satisfiability.
+    """
+
+    def __init__(self, core: Iterable[str], message: str | None = None, *, minimal: bool = True) -> None:
         self.core: tuple[str, ...] = tuple(core)
+        self.minimal = minimal
         if message is None:
             shown = list(self.core[:12])
             more = len(self.core) - len(shown)
             message = "hard constraints conflict: " + " vs ".join(shown)
             if more > 0:
                 message += f" (and {more} more)"
+            if not minimal:
+                message += " [core not minimised]"
         super().__init__(message)
 
 
@@ -229,7 +240,9 @@ def _sorted_edit(p: _Problem, edit: Iterable[str]) -> tuple[str, ...]:
 # --------------------------------------------------------------------------
 
 
-def _hard_groups(p: _Problem, var: dict[str, int], pool: IDPool) -> list[tuple[str, list[list[int]]]]:
+def _hard_groups(
+    p: _Problem, var: dict[str, int], pool: IDPool, *, cardinality: bool = True
+) -> list[tuple[str, list[list[int]]]]:
     """Named groups of hard clauses.  A group with an empty clause is unsat."""
     groups: list[tuple[str, list[list[int]]]] = []
     for u in p.must_edit:
@@ -240,6 +253,8 @@ def _hard_groups(p: _Problem, var: dict[str, int], pool: IDPool) -> list[tuple[s
     for u in p.candidates:
         if u in p.protected:
             groups.append((f"protect:{u}", [[-var[u]]]))
+    if not cardinality:
+        return groups
     if p.coverage > 0:
         fc_lits = [var[u] for u in p.candidates if u in p.forget_circuit]
         if p.coverage > len(fc_lits):
@@ -254,8 +269,12 @@ def _hard_groups(p: _Problem, var: dict[str, int], pool: IDPool) -> list[tuple[s
     return groups
 
 
-def _core(groups: list[tuple[str, list[list[int]]]], pool: IDPool) -> tuple[str, ...] | None:
-    """None if the hard groups are satisfiable, else a minimal set of group names."""
+def _core(groups: list[tuple[str, list[list[int]]]], pool: IDPool) -> tuple[tuple[str, ...], bool] | None:
+    """None if the hard groups are satisfiable, else (group names, is_minimal).
+
+    Minimisation stops after ``_MAX_CORE_CALLS`` SAT calls or
+    ``_CORE_BUDGET_S`` seconds; the core is then valid but maybe not minimal.
+    """
     sel_name: dict[int, str] = {}
     with Solver(name=_SAT_SOLVER) as s:
         for name, clauses in groups:
@@ -270,8 +289,8 @@ def _core(groups: list[tuple[str, list[list[int]]]], pool: IDPool) -> tuple[str,
         # Deletion-based minimisation with clause-set refinement.
         must: list[int] = []
         rest = sorted(core)
-        calls = 0
-        while rest and calls < _MAX_CORE_CALLS:
+        calls, t0 = 0, time.perf_counter()
+        while rest and calls < _MAX_CORE_CALLS and time.perf_counter() - t0 < _CORE_BUDGET_S:
             x = rest.pop()
             calls += 1
             if s.solve(assumptions=must + rest):
@@ -279,7 +298,8 @@ def _core(groups: list[tuple[str, list[list[int]]]], pool: IDPool) -> tuple[str,
             else:
                 keep = set(s.get_core() or [])
                 rest = [l for l in rest if l in keep]
-        return tuple(sorted(sel_name[l] for l in must + rest))
+        minimal = not rest
+        return tuple(sorted(sel_name[l] for l in must + rest)), minimal
 
 
 def _gain(p: _Problem, u: str) -> int:
@@ -305,6 +325,8 @@ def _reduced_hard(p: _Problem, var: dict[str, int]) -> list[list[int]]:
     hard += [[-var[u]] for u in sorted(fixed_false)]
     free = [u for u in p.candidates if u not in fixed_true and u not in fixed_false]
     assert all(u in p.forget_circuit for u in free)
+    if p.coverage <= 0 and (p.max_edit is None or p.max_edit - len(fixed_true) >= len(free)):
+        return hard  # no cardinality constraint binds the free units: no chain needed
     free.sort(key=lambda u: (-_gain(p, u), -p.fimp[u], u))
     hard += [[-var[b], var[a]] for a, b in zip(free, free[1:])]
     if p.coverage > 0:
@@ -361,7 +383,9 @@ def _propagate(clauses: list[list[int]]) -> set[int] | None:
 
 
 def _make_rc2(wcnf: WCNF) -> RC2:
-    return RC2(wcnf, solver=_SAT_SOLVER, adapt=True, exhaust=True, minz=True)
+    # No ``adapt``: its AtMost1 detection propagates every soft literal, which
+    # is quadratic along the dominance chain (4.8 s at 10k free units).
+    return RC2(wcnf, solver=_SAT_SOLVER, exhaust=True, minz=True)
 
 
 @dataclass(frozen=True)
@@ -384,11 +408,15 @@ def _solve(p: _Problem, *, reduce: bool = True) -> _Solved:
     var = {u: i for i, u in enumerate(p.candidates, start=1)}
 
     def conflict() -> Conflict:
+        # Try the cheap unit constraints alone before building CardEnc encodings.
         pool = IDPool(start_from=len(var) + 1)
-        core = _core(_hard_groups(p, var, pool), pool)
-        if core is None:  # pragma: no cover - would be an encoding bug
+        found = _core(_hard_groups(p, var, pool, cardinality=False), pool)
+        if found is None:
+            pool = IDPool(start_from=len(var) + 1)
+            found = _core(_hard_groups(p, var, pool), pool)
+        if found is None:  # pragma: no cover - would be an encoding bug
             raise RuntimeError("internal error: reduced encoding unsat but constraints satisfiable")
-        return Conflict(core)
+        return Conflict(found[0], minimal=found[1])
 
     if reduce:
         hard = _reduced_hard(p, var)
@@ -569,7 +597,7 @@ def brute_force(
     t0 = time.perf_counter()
     best = _brute_search(p)
     if best is None:
-        raise Conflict(tuple(sorted(_brute_constraints(p))))
+        raise Conflict(tuple(sorted(_brute_constraints(p))), minimal=False)
     cost, edit = best
     n_soft = sum(1 for u in p.candidates for w in (p.wf[u], p.wr[u]) if w > 0)
     return Resolution(
