@@ -90,6 +90,14 @@ class ForgetRequest:
                 p, t = sorted(clash)[0]
                 raise ValueError(f"forget and {name} overlap, e.g. {p!r} -> {t!r}")
 
+    @property
+    def keep(self) -> FactSet:
+        """Everything that must survive: retain plus neighbors (duplicates dropped) - the
+        contrast set for locating."""
+        seen = self.retain.keys()
+        extra = tuple(f for f in self.neighbors if (f.prompt, f.target) not in seen)
+        return FactSet("retain", self.retain.facts + extra) if extra else self.retain
+
     def forget_people(self) -> list[int]:
         return list(self.meta.get("forget_people", []))
 

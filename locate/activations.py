@@ -49,7 +49,7 @@ def activations(model: ModelHandle, request: ForgetRequest,
     check_facts(request.forget, "activations")
     check_facts(request.retain, "activations")
     f = _magnitudes(model, request.forget, names, positions, batch_size, progress)
-    r = _magnitudes(model, request.retain, names, positions, batch_size, progress)
+    r = _magnitudes(model, request.keep, names, positions, batch_size, progress)
     scores, parts_f, parts_r = {}, {}, {}
     for s in names:
         (mf, vf), (mr, vr) = f[s], r[s]

@@ -49,7 +49,7 @@ def circuit(model: ModelHandle, request: ForgetRequest, sites: str | Sequence[st
                               "residual dimensions)")
     f = gradient_stats(model, request.forget, names, estimator="example",
                        batch_size=batch_size, progress=progress, desc="circuit (forget)")
-    r = gradient_stats(model, request.retain, names, estimator="example",
+    r = gradient_stats(model, request.keep, names, estimator="example",
                        batch_size=batch_size, cache=cache, progress=progress,
                        desc="circuit (retain)")
     fa = {s: f.abs[s].reshape(-1) for s in names}

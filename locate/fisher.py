@@ -23,7 +23,7 @@ from locate._grads import StatsCache, gradient_stats
 def fisher(model: ModelHandle, request: ForgetRequest, sites: str | Sequence[str] | None = None,
            *, estimator: str = "batch", batch_size: int = 32, eps: float = 1e-8,
            cache: StatsCache | None = None, progress: bool = False) -> Importance:
-    """Diagonal Fisher of ``request.forget`` against ``request.retain``.
+    """Diagonal Fisher of ``request.forget`` against ``request.keep`` (retain + neighbors).
 
     ``sites``: parameter sites (default: every parameter) and/or activation sites (one score per
     neuron / head / dimension). ``estimator``: ``"batch"`` (squared gradient of each batch's mean
@@ -33,7 +33,7 @@ def fisher(model: ModelHandle, request: ForgetRequest, sites: str | Sequence[str
     site_list = model.sites(sites if sites is not None else "*", kind=None if sites else "param")
     f = gradient_stats(model, request.forget, site_list, estimator=estimator,
                        batch_size=batch_size, progress=progress, desc="fisher (forget)")
-    r = gradient_stats(model, request.retain, site_list, estimator=estimator,
+    r = gradient_stats(model, request.keep, site_list, estimator=estimator,
                        batch_size=batch_size, cache=cache, progress=progress,
                        desc="fisher (retain)")
     scale = torch.stack([v.mean() for v in r.sq.values()]).mean()

@@ -36,7 +36,7 @@ def grad_ratio(model: ModelHandle, request: ForgetRequest, sites: str | Sequence
                           kinds=("param", "activation"))
     f = gradient_stats(model, request.forget, names, batch_size=batch_size, progress=progress,
                        desc="grad_ratio (forget)")
-    r = gradient_stats(model, request.retain, names, batch_size=batch_size, cache=cache,
+    r = gradient_stats(model, request.keep, names, batch_size=batch_size, cache=cache,
                        progress=progress, desc="grad_ratio (retain)")
     forget, retain = dict(f.abs), dict(r.abs)
     axes = {"unit_axes": model.unit_axes(names)}
