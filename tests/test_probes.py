@@ -27,19 +27,24 @@ FAST = A.AttackConfig(relearn_steps=20, benign_steps=20, eval_every=5, refit_ste
 
 
 # -- controls ----------------------------------------------------------------------------------
-def gradient_ascent(model, req, steps=40, lr=3e-4):
-    """Known suppression: a few steps of gradient ascent on forget (descent on retain)."""
-    m = model.clone()
-    opt = torch.optim.Adam(list(m.model.parameters()), lr=lr)
+def _ascend(m, params, req, steps, lr, stop):
+    """Ascent on forget, descent on retain, over ``params`` only, until forget recall <= stop."""
+    opt = torch.optim.Adam(params, lr=lr)
     fb, rb = m.encode(list(req.forget)), m.encode(list(req.retain))
     for i in range(steps):
         loss = -m.loss(fb).clamp(max=20) + m.loss(rb)
         opt.zero_grad()
         loss.backward()
         opt.step()
-        if i % 5 == 4 and recall(m, req.forget) <= 0.05:
+        if i % 5 == 4 and recall(m, req.forget) <= stop:
             break
     return m
+
+
+def gradient_ascent(model, req, steps=40, lr=3e-4):
+    """Known suppression: a few steps of gradient ascent on forget (descent on retain)."""
+    m = model.clone()
+    return _ascend(m, list(m.model.parameters()), req, steps, lr, stop=0.05)
 
 
 class PromptFilter(TLHandle):
@@ -69,17 +74,7 @@ def unembed_ascent(model, req, steps=60, lr=3e-3):
     """Known suppression: gradient ascent on the unembedding alone - the residual stream still
     carries every fact, only the readout is bent."""
     m = model.clone()
-    params = [m.model.unembed.W_U, m.model.unembed.b_U]
-    opt = torch.optim.Adam(params, lr=lr)
-    fb, rb = m.encode(list(req.forget)), m.encode(list(req.retain))
-    for i in range(steps):
-        loss = -m.loss(fb).clamp(max=20) + m.loss(rb)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if i % 5 == 4 and recall(m, req.forget) <= 0.1:
-            break
-    return m
+    return _ascend(m, [m.model.unembed.W_U, m.model.unembed.b_U], req, steps, lr, stop=0.1)
 
 
 @pytest.fixture(scope="module")
