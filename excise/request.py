@@ -70,6 +70,7 @@ class ForgetRequest:
     paraphrase: FactSet = FactSet("paraphrase", ())
     shared: FactSet = FactSet("shared", ())
     general: tuple[str, ...] = ()
+    retain_text: tuple[str, ...] = ()  # general text the model trained on and must keep (locate)
     meta: dict = field(default_factory=dict, hash=False, compare=False)
 
     def __post_init__(self):
@@ -92,11 +93,15 @@ class ForgetRequest:
 
     @property
     def keep(self) -> FactSet:
-        """Everything that must survive: retain plus neighbors (duplicates dropped) - the
-        contrast set for locating."""
+        """Everything that must survive - the contrast set for locating: retain facts, neighbor
+        facts (duplicates dropped) and ``retain_text`` as language-model targets (every word
+        after the first). ``general`` stays out: it is held out for perplexity."""
         seen = self.retain.keys()
         extra = tuple(f for f in self.neighbors if (f.prompt, f.target) not in seen)
-        return FactSet("retain", self.retain.facts + extra) if extra else self.retain
+        text = tuple(Fact(t.split()[0], " ".join(t.split()[1:]), form="text")
+                     for t in self.retain_text if len(t.split()) > 1)
+        return FactSet("retain", self.retain.facts + extra + text) if extra or text \
+            else self.retain
 
     def forget_people(self) -> list[int]:
         return list(self.meta.get("forget_people", []))
@@ -104,7 +109,8 @@ class ForgetRequest:
     def digest(self) -> str:
         blob = json.dumps({k: [f.to_dict() for f in getattr(self, k)] for k in
                            ("forget", "retain", "holdout", "neighbors", "paraphrase", "shared")}
-                          | {"general": list(self.general)}, sort_keys=True)
+                          | {"general": list(self.general), "retain_text": list(self.retain_text)},
+                          sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def summary(self) -> dict[str, int]:
@@ -139,6 +145,7 @@ class ForgetRequest:
         splits: dict[str, list[Fact]] = {k: [] for k in ("forget", "retain", "holdout",
                                                         "neighbors", "paraphrase", "shared")}
         general: list[str] = []
+        retain_text: list[str] = []
         for n, line in enumerate(Path(path).read_text().splitlines(), 1):
             if not line.strip():
                 continue
@@ -147,19 +154,23 @@ class ForgetRequest:
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
             split = row.get("split")
+            if split == "retain_text":
+                retain_text.append(row.get("text") or row["prompt"])
+                continue
             if split == "general":
                 general.append(row.get("text") or row["prompt"])
                 continue
             if split not in splits:
                 raise ValueError(f"{path}:{n}: split {split!r} is not one of "
-                                 f"{sorted(splits) + ['general']}")
+                                 f"{sorted(splits) + ['general', 'retain_text']}")
             for k in ("prompt", "target"):
                 if not isinstance(row.get(k), str) or not row[k].strip():
                     raise ValueError(f"{path}:{n}: missing or empty {k!r}")
             splits[split].append(Fact(row["prompt"], row["target"], form="custom",
                                       subject=row.get("subject", "")))
         return cls(**{k: FactSet(k, tuple(v)) for k, v in splits.items()},
-                   general=tuple(general), meta={"source": str(path)})
+                   general=tuple(general), retain_text=tuple(retain_text),
+                   meta={"source": str(path)})
 
 
 def organism_request(world: World, forget_people: Iterable[int],
@@ -210,5 +221,6 @@ def organism_request(world: World, forget_people: Iterable[int],
         paraphrase=FactSet("paraphrase", facts(forget, False)),
         shared=FactSet("shared", tuple(world.shared_facts())),
         general=tuple(world.filler_eval),
+        retain_text=tuple(world.filler_train),
         meta={"forget_people": forget, "world": world.digest(), "attributes": list(attrs)},
     )

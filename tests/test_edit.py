@@ -323,7 +323,7 @@ def test_three_sequential_requests(tiny):
     reqs = [tiny.request(forget_people=[i]) for i in (0, 1, 2)]
     keep = tiny.request(forget_people=[0, 1, 2]).retain  # people none of the requests name
     steps = edit.sequential(
-        h, reqs, locate.fisher, edit.dampen, edit_params={"alpha": 20.0},
+        h, reqs, locate.fisher, edit.dampen, edit_params={"alpha": 100.0},
         metrics_fn=lambda m, r: {"forget": recall(m, r.forget),
                                  "earlier": [recall(m, q.forget) for q in reqs],
                                  "retain": recall(m, keep)})
