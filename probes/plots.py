@@ -40,8 +40,8 @@ def loo_probe_plot(report, ax=None):
     for i, (label, res) in enumerate(d["curves"].items()):
         st = _style(label, i)
         for kind, accs in res.items():
-            ax.plot(d["depths"], accs, marker="o" if kind == "ridge" else "s",
-                    alpha=1.0 if kind == "ridge" else 0.6, color=st["color"], ls=st["ls"],
+            ax.plot(d["depths"], accs, marker="o" if kind == "balanced" else "s",
+                    alpha=1.0 if kind == "balanced" else 0.4, color=st["color"], ls=st["ls"],
                     label=f"{label} ({kind})")
     ax.axhline(d["chance"], color="k", lw=0.8, alpha=0.5, label="chance")
     ax.set_ylim(0.3, 1.03)

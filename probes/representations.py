@@ -65,17 +65,22 @@ def loo_probe(model: ModelHandle, facts: Sequence[Fact], y: Tensor, lam: float =
     share identity features, so leaving out single sequences would let the probe recognise the
     person instead of a memorization signature; ``by="sequence"`` is PGA's plain protocol
     (logistic then uses the approximate one-Newton-step LOO). Features are standardised with
-    label-free statistics."""
+    label-free statistics. ``balanced`` (the headline number) is a class-balanced ridge probe
+    refitted per left-out group: plain LOO reads below chance when there is no signal (the
+    intercept shifts away from the left-out class); ``ridge`` (closed form) and ``logistic`` are
+    the plain estimators, kept for comparison."""
     if by not in ("person", "sequence"):
         raise ValueError(f"by={by!r}: choose 'person' or 'sequence'")
     groups = torch.tensor([f.person if f.person >= 0 else 10**6 + i
                            for i, f in enumerate(facts)])
     sites = depth_sites(model)
     acts = last_prompt_states(model, facts, sites)
-    out: dict[str, list[float]] = {"ridge": [], "logistic": []}
+    out: dict[str, list[float]] = {"balanced": [], "ridge": [], "logistic": []}
     for s in sites:
         x = acts[s].double()
         x = (x - x.mean(0)) / x.std(0).clamp(min=1e-6)
+        out["balanced"].append(stats.balanced_group_loo_accuracy(
+            x, y, groups if by == "person" else torch.arange(len(y)), lam))
         for kind in ("ridge", "logistic") if logistic else ("ridge",):
             if by == "person":
                 out[kind].append(stats.group_loo_accuracy(x, y, groups, kind, lam))

@@ -12,6 +12,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+from probes import stats  # noqa: E402
 from probes.stats import (  # noqa: E402
     auc,
     exposure,
@@ -240,3 +241,35 @@ def test_linear_cka_properties(n, d):
     kx, ky = xc @ xc.T, yc @ yc.T
     ref = ((kx * ky).sum() / (kx.norm() * ky.norm())).item()
     assert c == pytest.approx(ref, abs=1e-12)
+
+
+def test_balanced_ridge_matches_weighted_normal_equations():
+    """Independent reference: the weighted normal equations of [x, 1] with a penalty on w only."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(40, 5, generator=g, dtype=torch.float64)
+    y = (torch.rand(40, generator=g) < 0.3).to(torch.float64)
+    lam = 0.7
+    w, b = stats.balanced_ridge_fit(x, y, lam)
+    n1, n0 = y.sum(), 40 - y.sum()
+    c = torch.where(y > 0.5, 0.5 / n1, 0.5 / n0)
+    a = torch.cat([x, torch.ones(40, 1, dtype=torch.float64)], 1)
+    pen = torch.diag(torch.tensor([lam / 40] * 5 + [0.0], dtype=torch.float64))
+    sol = torch.linalg.solve(a.T @ (c[:, None] * a) + pen, a.T @ (c * y))
+    torch.testing.assert_close(torch.cat([w, b.reshape(1)]), sol, rtol=1e-9, atol=1e-10)
+
+
+def test_balanced_group_loo_removes_the_below_chance_artifact():
+    g = torch.Generator().manual_seed(0)
+    n_groups, per = 30, 10
+    groups = torch.arange(n_groups).repeat_interleave(per)
+    y = (groups < n_groups // 2).to(torch.float64)  # one label per group, balanced
+    plain, balanced = [], []
+    for seed in range(5):
+        x = torch.randn(len(y), 8, generator=g, dtype=torch.float64)  # no signal at all
+        plain.append(stats.group_loo_accuracy(x, y, groups, "ridge", lam=10.0))
+        balanced.append(stats.balanced_group_loo_accuracy(x, y, groups, lam=10.0))
+    assert sum(plain) / 5 < 0.45  # the artifact: plain LOO reads below chance
+    assert abs(sum(balanced) / 5 - 0.5) < 0.1  # balanced reads chance
+    x = torch.randn(len(y), 8, generator=g, dtype=torch.float64)
+    x[:, 0] += 3 * (2 * y - 1)  # a real signal is still found
+    assert stats.balanced_group_loo_accuracy(x, y, groups, lam=1.0) > 0.95
