@@ -51,6 +51,22 @@ class Batch:
             yield Batch(b.tokens[:, :t], b.target_mask[:, :t], b.subject_mask[:, :t], b.lengths)
 
 
+def pad_batch(rows: Sequence[list[int]], tmask: Sequence[list[bool]],
+              smask: Sequence[list[bool]], pad_id: int) -> Batch:
+    """Right-pad token rows and their masks (each mask may be shorter than its row) into a
+    Batch."""
+    T = max(map(len, rows))
+    n = len(rows)
+    tokens = torch.full((n, T), pad_id, dtype=torch.long)
+    tm = torch.zeros((n, T), dtype=torch.bool)
+    sm = torch.zeros((n, T), dtype=torch.bool)
+    for i, (r, a, b) in enumerate(zip(rows, tmask, smask)):
+        tokens[i, :len(r)] = torch.tensor(r)
+        tm[i, :len(a)] = torch.tensor(a, dtype=torch.bool)
+        sm[i, :len(b)] = torch.tensor(b, dtype=torch.bool)
+    return Batch(tokens, tm, sm, torch.tensor([len(r) for r in rows]))
+
+
 class ModelHandle:
     """Backend-independent part of a handle. Subclasses provide the site table and hooks."""
 
@@ -93,16 +109,7 @@ class ModelHandle:
                         s[j:j + len(sub)] = [True] * len(sub)
                         break
             smask.append(s)
-        T = max(map(len, rows))
-        n = len(rows)
-        tokens = torch.full((n, T), self.tokenizer.pad_id, dtype=torch.long)
-        tm = torch.zeros((n, T), dtype=torch.bool)
-        sm = torch.zeros((n, T), dtype=torch.bool)
-        for i, (r, a, b) in enumerate(zip(rows, tmask, smask)):
-            tokens[i, :len(r)] = torch.tensor(r)
-            tm[i, :len(r)] = torch.tensor(a)
-            sm[i, :len(r)] = torch.tensor(b)
-        return Batch(tokens, tm, sm, torch.tensor([len(r) for r in rows]))
+        return pad_batch(rows, tmask, smask, self.tokenizer.pad_id)
 
     def encode_texts(self, texts: Sequence[str]) -> Batch:
         """Plain text for language-model loss: every token after BOS is a target."""

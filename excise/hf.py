@@ -60,7 +60,7 @@ from typing import Iterator, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from excise.handle import Batch, HookFn, ModelHandle
+from excise.handle import Batch, HookFn, ModelHandle, pad_batch
 from excise.sites import SiteInfo, layer_of
 from excise.world import Fact
 
@@ -401,17 +401,8 @@ class HFHandle(ModelHandle):
             rows.append(ids)
             tmask.append([False] * (1 + len(p)) + [True] * len(t))
             smask.append([False] + self._subject_mask(f, p))
-        T = max(map(len, rows))
-        n = len(rows)
-        tokens = torch.full((n, T), pad, dtype=torch.long)
-        tm = torch.zeros((n, T), dtype=torch.bool)
-        sm = torch.zeros((n, T), dtype=torch.bool)
-        for i, (r, a, b) in enumerate(zip(rows, tmask, smask)):
-            tokens[i, :len(r)] = torch.tensor(r)
-            tm[i, :len(r)] = torch.tensor(a)
-            sm[i, :len(b)] = torch.tensor(b)
         del tok
-        return Batch(tokens, tm, sm, torch.tensor([len(r) for r in rows]))
+        return pad_batch(rows, tmask, smask, pad)
 
     def _split_problem(self, f: Fact, p: list[int], t: list[int], joined: list[int]) -> None:
         tok = self._tok()

@@ -159,7 +159,6 @@ def run(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = 
         if cfg.verify.oracle and req.forget_people():
             log("retrain oracle (trained once per forget split, then cached)")
             oracle = org.oracle(req)
-        before = probes.verify(org.model, req, label="before")
         log(f"locate: {cfg.locate.method}")
         kw = dict(cfg.locate.params)
         if "progress" in inspect.signature(locate_fn).parameters:
@@ -190,7 +189,11 @@ def run(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = 
                                   **cfg.verify.params)
         finally:
             e.revert()
-        report = Report(metrics={"before": before.metrics["before"]},
+        # the suites measure the original model as "before" when they need it; otherwise measure
+        # its behaviour here (the edit is reverted, so org.model is the original again)
+        before = after.metrics.get("before") or \
+            probes.verify(org.model, req, label="before").metrics["before"]
+        report = Report(metrics={"before": before},
                         request=req.summary() | {"forget_people": req.forget_people()})
         report.merge(after)
         if not_known:  # facts the model did not produce before editing: not "forgotten"

@@ -69,26 +69,33 @@ def perplexity(model: ModelHandle, texts: Sequence[str], batch_size: int = 256,
 def behaviour_metrics(model: ModelHandle, request) -> dict[str, float]:
     """Recall on every split of the request (forget also by form; paraphrases by form),
     perplexity on general text, shared-knowledge accuracy."""
+    forget = _recall_by_form(model, request.forget, "forget")
     m = {
-        "forget_recall": recall(model, request.forget),
+        "forget_recall": forget.pop("forget_recall"),
         "retain_recall": recall(model, request.retain),
         "holdout_recall": recall(model, request.holdout),
         "shared_recall": recall(model, request.shared),
         "perplexity": perplexity(model, request.general),
     }
-    for form in ("statement", "question"):
-        part = request.forget.where(form=form)
-        if 0 < len(part) < len(request.forget):
-            m[f"forget_{form}_recall"] = recall(model, part)
+    m.update(forget)
     if len(request.paraphrase):
-        m["paraphrase_recall"] = recall(model, request.paraphrase)
-        for form in ("statement", "question"):
-            part = request.paraphrase.where(form=form)
-            if 0 < len(part) < len(request.paraphrase):
-                m[f"paraphrase_{form}_recall"] = recall(model, part)
+        m.update(_recall_by_form(model, request.paraphrase, "paraphrase"))
     if len(request.neighbors):
         m["neighbor_recall"] = recall(model, request.neighbors)
     return m
+
+
+def _recall_by_form(model: ModelHandle, facts, name: str) -> dict[str, float]:
+    """``{name}_recall`` and, when the set mixes forms, ``{name}_{form}_recall`` - from one
+    forward pass over the set."""
+    facts = list(facts)
+    hits = fact_hits(model, facts).float()
+    out = {f"{name}_recall": float(hits.mean()) if len(hits) else float("nan")}
+    for form in ("statement", "question"):
+        sel = torch.tensor([f.form == form for f in facts], dtype=torch.bool)
+        if 0 < int(sel.sum()) < len(facts):
+            out[f"{name}_{form}_recall"] = float(hits[sel].mean())
+    return out
 
 
 def first_target_positions(batch: Batch) -> torch.Tensor:

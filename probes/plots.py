@@ -15,6 +15,15 @@ def _style(label: str, i: int) -> dict:
     return _STYLE.get(label, dict(color=["#c0392b", "#3b6ea8", "#8e44ad"][i % 3], ls="-"))
 
 
+def _finish(ax, ylim, xlabel: str, ylabel: str, title: str, legend: int):
+    ax.set_ylim(*ylim)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=legend)
+    return ax
+
+
 def attack_curve(report, name: str, ax=None):
     """Forget recall along one attack's budget, one line per model."""
     a = report.extra["attacks"][name]
@@ -25,12 +34,7 @@ def attack_curve(report, name: str, ax=None):
         ax.plot(a["x"] if numeric else x, ys, marker="o", label=label, **_style(label, i))
     if not numeric:
         ax.set_xticks(x, [str(v) for v in a["x"]], fontsize=8)
-    ax.set_ylim(-0.03, 1.03)
-    ax.set_xlabel(a["xlabel"])
-    ax.set_ylabel(a["ylabel"])
-    ax.set_title(f"attack: {name}")
-    ax.legend(fontsize=8)
-    return ax
+    return _finish(ax, (-0.03, 1.03), a["xlabel"], a["ylabel"], f"attack: {name}", 8)
 
 
 def loo_probe_plot(report, ax=None):
@@ -44,12 +48,8 @@ def loo_probe_plot(report, ax=None):
                     alpha=1.0 if kind == "balanced" else 0.4, color=st["color"], ls=st["ls"],
                     label=f"{label} ({kind})")
     ax.axhline(d["chance"], color="k", lw=0.8, alpha=0.5, label="chance")
-    ax.set_ylim(0.3, 1.03)
-    ax.set_xlabel("layer (resid_post, last prompt token)")
-    ax.set_ylabel("leave-one-out accuracy")
-    ax.set_title("memorized-vs-not probe")
-    ax.legend(fontsize=7)
-    return ax
+    return _finish(ax, (0.3, 1.03), "layer (resid_post, last prompt token)",
+                   "leave-one-out accuracy", "memorized-vs-not probe", 7)
 
 
 def drift_plot(report, ax=None):
@@ -60,12 +60,8 @@ def drift_plot(report, ax=None):
             if key.endswith("/forget") and not (label == "oracle" and key.startswith("oracle")):
                 ax.plot(d["depths"], vals, marker="o", label=f"{label} vs {key.split('/')[0]}",
                         **_style(label, i))
-    ax.set_ylim(0, 1.03)
-    ax.set_xlabel("layer")
-    ax.set_ylabel("linear CKA (forget prompts)")
-    ax.set_title("representation drift")
-    ax.legend(fontsize=7)
-    return ax
+    return _finish(ax, (0, 1.03), "layer", "linear CKA (forget prompts)",
+                   "representation drift", 7)
 
 
 def write_plots(report, folder) -> list[str]:
