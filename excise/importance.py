@@ -175,15 +175,19 @@ class Importance:
         """A pandas DataFrame: one row per unit (site, layer, index, score), best first."""
         import pandas as pd
 
-        rows = []
-        for site, s in self.scores.items():
-            flat = s.detach().reshape(-1).float()
-            idx = torch.arange(flat.numel())
-            for i, v in zip(idx.tolist(), flat.tolist()):
-                rows.append((site, layer_of(site), i, v))
-        df = pd.DataFrame(rows, columns=["site", "layer", "index", "score"])
-        df = df.sort_values("score", ascending=False, kind="stable").reset_index(drop=True)
-        return df.head(top) if top else df
+        flat, _ = self._flat()
+        order = torch.sort(flat, descending=True, stable=True).indices
+        if top:
+            order = order[:top]
+        sites = list(self.scores)
+        sizes = torch.tensor([self.scores[s].numel() for s in sites])
+        starts = torch.cumsum(sizes, 0) - sizes
+        which = torch.searchsorted(starts, order, right=True) - 1
+        layers = [layer_of(s) for s in sites]
+        w = which.tolist()
+        return pd.DataFrame({"site": [sites[i] for i in w], "layer": [layers[i] for i in w],
+                             "index": (order - starts[which]).tolist(),
+                             "score": flat[order].tolist()})
 
     def save(self, path: str | Path) -> None:
         """Write ``path`` (safetensors: scores and parts) with the metadata as JSON inside."""
