@@ -10,8 +10,9 @@ faster than a model that never saw the data).
                 measure recall on the other part ("Unlearning or Obfuscating?").
 - ``benign``    fine-tune on retain / neighbour data only; measure forget recall.
 - ``refit``     logit-lens readout per depth, re-fitted on retain activations, read on forget.
-- ``sae``       amplify SAE latents that fire more on forget than retain in the original
-                ("Suppression or Deletion"); SAE trained with sae-lens classes when not given.
+- ``sae``       SAE-latent steering ("Suppression or Deletion"): one gain per latent of an SAE
+                trained on the original model, fitted on part of the forget set, recall measured
+                on the other part; SAE trained with sae-lens classes when not given.
 - ``quantize``  round-to-nearest per-channel weight quantization (8 and 4 bit).
 - ``paraphrase``forget facts asked in never-trained phrasings, by form.
 
@@ -62,9 +63,9 @@ class AttackConfig:
     sae_layer: int | None = None  # default: the middle layer
     sae_expansion: int = 8
     sae_steps: int = 1500
-    sae_l1: float = 2.0
-    sae_top_k: int = 16
-    sae_gains: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0)
+    sae_l1: float = 0.5  # sparser SAEs leave the facts in the error term (tests/test_probes.py)
+    sae_attack_steps: int = 40
+    sae_lr: float = 0.2
     # quantization
     quant_bits: tuple[int, ...] = (8, 4)
 
@@ -76,16 +77,14 @@ class AttackConfig:
             raise ValueError("attacks is empty: name at least one of " + ", ".join(ATTACKS))
         for name in ("relearn_steps", "relearn_batch", "eval_every", "benign_steps",
                      "benign_batch", "refit_steps", "refit_max_facts", "sae_expansion",
-                     "sae_steps", "sae_top_k"):
+                     "sae_steps", "sae_attack_steps"):
             check_positive(name, getattr(self, name))
-        for name in ("relearn_lr", "benign_lr", "refit_lr"):
+        for name in ("relearn_lr", "benign_lr", "refit_lr", "sae_lr"):
             check_positive(name, getattr(self, name), 1e-12)
         if not 0 < self.relearn_fraction < 1:
             raise ValueError(f"relearn_fraction={self.relearn_fraction!r}: must be in (0, 1)")
         if self.retain_mix < 0:
             raise ValueError(f"retain_mix={self.retain_mix!r}: must be >= 0")
-        if not self.sae_gains:
-            raise ValueError("sae_gains is empty: give at least one amplification factor")
         if not self.quant_bits or any(not 2 <= int(b) <= 16 for b in self.quant_bits):
             raise ValueError(f"quant_bits={self.quant_bits!r}: give bit widths in 2..16")
 
@@ -96,7 +95,7 @@ class AttackConfig:
         bad = [k for k in params if k not in fields]
         if bad:
             raise ValueError(f"unknown attack setting {bad[0]!r}; valid: {sorted(fields)}")
-        for k in ("attacks", "sae_gains", "quant_bits"):
+        for k in ("attacks", "quant_bits"):
             if k in params:
                 v = params[k]
                 params[k] = (v,) if isinstance(v, (str, int, float)) else tuple(v)
@@ -168,17 +167,21 @@ def finetune_curve(model: ModelHandle, train: Sequence, evaluate: Sequence,
     return Curve(xs, ys, "fine-tuning steps", aux={"trained part": aux} if also else {})
 
 
+def _split_people(facts: FactSet, cfg: AttackConfig, attack: str) -> tuple[FactSet, FactSet]:
+    """The part an attack trains on and the held-out part it is measured on, split by person."""
+    people = {f.person for f in facts}
+    if len(people) < 2 or -1 in people:
+        raise ValueError(f"the {attack} attack splits the forget set by person and needs "
+                         f"facts of at least 2 people; have {len(people - {-1})}")
+    return facts.split(cfg.relearn_fraction, seed=cfg.seed)
+
+
 # -- the attacks -------------------------------------------------------------------------------
 def relearn(model: ModelHandle, request: ForgetRequest, cfg: AttackConfig = AttackConfig(),
             facts: FactSet | None = None) -> Curve:
     """Fine-tune on part of ``facts`` (default: the forget set), split by person; recall on the
     other part. Retain facts are mixed into every batch."""
-    facts = request.forget if facts is None else facts
-    people = {f.person for f in facts}
-    if len(people) < 2 or -1 in people:
-        raise ValueError(f"the relearning attack splits the forget set by person and needs "
-                         f"facts of at least 2 people; have {len(people - {-1})}")
-    a, b = facts.split(cfg.relearn_fraction, seed=cfg.seed)
+    a, b = _split_people(request.forget if facts is None else facts, cfg, "relearning")
     c = finetune_curve(model, a, b, request.retain, steps=cfg.relearn_steps, lr=cfg.relearn_lr,
                        batch=cfg.relearn_batch, mix_ratio=cfg.retain_mix,
                        eval_every=cfg.eval_every, seed=cfg.seed, also=a)
@@ -311,44 +314,57 @@ def train_sae(model: ModelHandle, request: ForgetRequest, site: str, expansion: 
     return sae, scale
 
 
-@torch.inference_mode()
-def forget_latents(model: ModelHandle, sae, request: ForgetRequest, site: str, k: int,
-                   scale: float = 1.0) -> Tensor:
-    """The ``k`` latents whose mean activation at the last prompt token (where the answer is
-    produced) is most higher on forget than on retain prompts."""
-    def mean_act(facts):
-        b = model.encode(list(facts))
-        tot, cnt = 0.0, 0
-        for c in b.chunks(256):
-            a = model.run_with_cache(c.tokens, [site])[site].float()
-            last = first_target_positions(c) - 1  # the position that must produce the answer
-            f = sae.encode(a[torch.arange(len(c)), last] * scale)
-            tot = tot + f.sum(0)
-            cnt += len(f)
-        return tot / max(1, cnt)
-
-    diff = mean_act(request.forget) - mean_act(request.retain)
-    return torch.topk(diff, min(k, diff.numel())).indices
-
-
-def latent_hook(sae, latents: Tensor, gain: float, scale: float = 1.0):
-    """Hook: scale the contribution of ``latents`` to the activation by ``gain`` (the SAE reads
-    ``activation * scale``)."""
-    W = sae.W_dec[latents].detach() / scale  # [k, d]
+def gain_hook(sae, gains: Tensor, scale: float = 1.0):
+    """Hook: multiply every SAE latent's contribution to the activation by ``gains`` ``[d_sae]``
+    (the SAE reads ``activation * scale``); what the SAE does not reconstruct passes unchanged.
+    Differentiable in ``gains``."""
+    W = sae.W_dec.detach() / scale  # [d_sae, d]
 
     def fn(x, site):
-        f = sae.encode(x.float() * scale)[..., latents]  # [..., k]
-        return x + ((gain - 1.0) * f @ W).to(x.dtype)
+        f = sae.encode(x.float() * scale)  # [..., d_sae]
+        return x + (((gains - 1.0) * f) @ W).to(x.dtype)
     return fn
 
 
-def sae_steer(model: ModelHandle, request: ForgetRequest, sae, latents: Tensor, site: str,
-              cfg: AttackConfig = AttackConfig(), scale: float = 1.0) -> Curve:
-    ys = []
-    for g in cfg.sae_gains:
-        hooks = {} if g == 1 else {site: latent_hook(sae, latents, float(g), scale)}
-        ys.append(recall(model, request.forget, hooks=hooks))
-    return Curve(list(cfg.sae_gains), ys, f"gain on {len(latents)} forget latents ({site})")
+def sae_steer(model: ModelHandle, request: ForgetRequest, sae, site: str,
+              cfg: AttackConfig = AttackConfig(), scale: float = 1.0,
+              facts: FactSet | None = None) -> Curve:
+    """SAE-latent steering, learned: one gain per SAE latent at ``site`` (d_sae numbers, the
+    weights stay frozen) is fitted to bring back one part of the forget set (split by person,
+    retain facts mixed in as for relearning); the curve is recall on the other part. Knowledge
+    that an edit only hid in latent space (latents dampened, but the weights still compute the
+    facts from them) comes back for people the gains were never fitted on; a model that never
+    learned the facts has nothing for the gains to amplify."""
+    a, b = _split_people(request.forget if facts is None else facts, cfg, "SAE steering")
+    m = model.clone()
+    for p in m.named_parameters().values():
+        p.requires_grad_(False)
+    log_gains = torch.zeros(sae.W_dec.shape[0], requires_grad=True)  # gains = exp: amplify x20 fast
+    gen = torch.Generator().manual_seed(cfg.seed)
+    data = m.encode(list(a) + list(request.retain))
+    n_a, n_mix = len(a), len(request.retain)
+    opt = torch.optim.Adam([log_gains], lr=cfg.sae_lr)
+    xs, ys, seen = [0], [recall(m, b)], [recall(m, a)]
+    with torch.enable_grad():
+        for step in range(1, cfg.sae_attack_steps + 1):
+            k = min(n_a, cfg.relearn_batch)
+            idx = [torch.randperm(n_a, generator=gen)[:k]]
+            k_mix = min(n_mix, round(cfg.retain_mix * k))
+            if k_mix:
+                idx.append(n_a + torch.randperm(n_mix, generator=gen)[:k_mix])
+            hook = gain_hook(sae, log_gains.exp(), scale)
+            loss = m.loss(_trim(data[torch.cat(idx)]), hooks={site: hook})
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if step % cfg.eval_every == 0 or step == cfg.sae_attack_steps:
+                with torch.no_grad():
+                    hk = {site: gain_hook(sae, log_gains.detach().exp(), scale)}
+                    xs.append(step)
+                    ys.append(recall(m, b, hooks=hk))
+                    seen.append(recall(m, a, hooks=hk))
+    return Curve(xs, ys, f"steps fitting {len(log_gains)} latent gains ({site})",
+                 "forget recall (held-out people)", aux={"trained part": seen})
 
 
 # -- quantization ------------------------------------------------------------------------------
@@ -416,7 +432,7 @@ def run_attacks(models: dict[str, ModelHandle], request: ForgetRequest,
     if "paraphrase" in cfg.attacks and not len(request.paraphrase):
         raise ValueError("the paraphrase attack needs request.paraphrase facts; drop it from "
                          "attacks or give never-trained phrasings of the forget facts")
-    sae_site = latents = None
+    sae_site = None
     if "sae" in cfg.attacks:
         L = cfg.sae_layer if cfg.sae_layer is not None else first.n_layers // 2
         if not 0 <= L < first.n_layers:
@@ -427,14 +443,13 @@ def run_attacks(models: dict[str, ModelHandle], request: ForgetRequest,
             sae = train_sae(src, request, sae_site, cfg.sae_expansion, cfg.sae_steps,
                             cfg.sae_l1, cfg.seed)
         sae, sae_scale = sae if isinstance(sae, tuple) else (sae, 1.0)
-        latents = forget_latents(src, sae, request, sae_site, cfg.sae_top_k, sae_scale)
     for name in cfg.attacks:
         if log:
             log(f"attack: {name}")
         curves, aux, c = {}, {}, None
         for label, model in models.items():
             if name == "sae":
-                c = sae_steer(model, request, sae, latents, sae_site, cfg, sae_scale)
+                c = sae_steer(model, request, sae, sae_site, cfg, sae_scale)
             else:
                 c = {"relearn": relearn, "benign": benign, "refit": refit,
                      "quantize": quantize, "paraphrase": paraphrase}[name](model, request, cfg)

@@ -43,11 +43,16 @@ def loo_probe_plot(report, ax=None):
     ax = P._axes(ax, (5, 3.2))
     for i, (label, res) in enumerate(d["curves"].items()):
         st = _style(label, i)
+        if "null" in res and "null_hi" in res:
+            ax.fill_between(d["depths"], res["null"], res["null_hi"], color=st["color"],
+                            alpha=0.12, label=f"{label} (permutation null, mean..95%)")
         for kind, accs in res.items():
+            if kind.startswith("null"):
+                continue
             ax.plot(d["depths"], accs, marker="o" if kind == "balanced" else "s",
                     alpha=1.0 if kind == "balanced" else 0.4, color=st["color"], ls=st["ls"],
                     label=f"{label} ({kind})")
-    ax.axhline(d["chance"], color="k", lw=0.8, alpha=0.5, label="chance")
+    ax.axhline(d["chance"], color="k", lw=0.8, alpha=0.5, label="class balance")
     return _finish(ax, (0.3, 1.03), "layer (resid_post, last prompt token)",
                    "leave-one-out accuracy", "memorized-vs-not probe", 7)
 

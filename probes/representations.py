@@ -59,7 +59,8 @@ def probe_data(request: ForgetRequest, max_per_class: int = 150,
 
 
 def loo_probe(model: ModelHandle, facts: Sequence[Fact], y: Tensor, lam: float = 10.0,
-              logistic: bool = True, by: str = "person") -> dict[str, list[float]]:
+              logistic: bool = True, by: str = "person", n_null: int = 20,
+              seed: int = 0) -> dict[str, list[float]]:
     """Leave-one-out accuracy per depth: ridge (closed form, exact) and logistic (exact batched
     refits). ``by="person"`` leaves out all of one person's facts at a time - a person's facts
     share identity features, so leaving out single sequences would let the probe recognise the
@@ -68,27 +69,35 @@ def loo_probe(model: ModelHandle, facts: Sequence[Fact], y: Tensor, lam: float =
     label-free statistics. ``balanced`` (the headline number) is a class-balanced ridge probe
     refitted per left-out group: plain LOO reads below chance when there is no signal (the
     intercept shifts away from the left-out class); ``ridge`` (closed form) and ``logistic`` are
-    the plain estimators, kept for comparison."""
+    the plain estimators, kept for comparison.
+
+    ``null`` / ``null_hi`` are the mean and 95th percentile of the balanced probe's accuracy with
+    the labels permuted across groups (:func:`probes.stats.group_permutation_null`, ``n_null``
+    permutations): the protocol's own chance level on these activations. A signature exists at a
+    depth only where ``balanced`` exceeds ``null_hi``."""
     if by not in ("person", "sequence"):
         raise ValueError(f"by={by!r}: choose 'person' or 'sequence'")
     groups = torch.tensor([f.person if f.person >= 0 else 10**6 + i
                            for i, f in enumerate(facts)])
     sites = depth_sites(model)
     acts = last_prompt_states(model, facts, sites)
-    out: dict[str, list[float]] = {"balanced": [], "ridge": [], "logistic": []}
+    out: dict[str, list[float]] = {"balanced": [], "null": [], "null_hi": [], "ridge": [],
+                                   "logistic": []}
+    g = groups if by == "person" else torch.arange(len(y))
     for s in sites:
         x = acts[s].double()
         x = (x - x.mean(0)) / x.std(0).clamp(min=1e-6)
-        out["balanced"].append(stats.balanced_group_loo_accuracy(
-            x, y, groups if by == "person" else torch.arange(len(y)), lam))
+        out["balanced"].append(stats.balanced_group_loo_accuracy(x, y, g, lam))
+        if n_null:
+            null = stats.group_permutation_null(x, y, g, lam, n_null, seed)
+            out["null"].append(float(null.mean()))
+            out["null_hi"].append(float(torch.quantile(null, 0.95)))
         for kind in ("ridge", "logistic") if logistic else ("ridge",):
             if by == "person":
                 out[kind].append(stats.group_loo_accuracy(x, y, groups, kind, lam))
             else:
                 out[kind].append(stats.loo_probe_accuracy(x, y, kind, lam))
-    if not logistic:
-        del out["logistic"]
-    return out
+    return {k: v for k, v in out.items() if v}
 
 
 def drift_facts(request: ForgetRequest, max_n: int = 150, seed: int = 0) -> dict[str, list[Fact]]:

@@ -66,7 +66,8 @@ def verify(model: ModelHandle, request: ForgetRequest, oracle: ModelHandle | Non
            original: ModelHandle | None = None, *, attacks=None, seed: int = 0,
            margin: float = 0.05, tolerance: float = 0.1, n_false: int = 5,
            n_candidates: int = 256, loo_lam: float = 10.0, loo_logistic: bool = True,
-           max_probe: int = 150, loo_by: str = "person", sae=None, log: Callable[[str], None] | None = None) -> Report:
+           max_probe: int = 150, loo_by: str = "person", loo_null: int = 20, sae=None,
+           log: Callable[[str], None] | None = None) -> Report:
     """Measure ``model`` (and the ``oracle`` under identical settings) on ``request``.
 
     ``original`` is the model before editing (drift, the "not forgotten" test, the SAE for
@@ -130,15 +131,20 @@ def verify(model: ModelHandle, request: ForgetRequest, oracle: ModelHandle | Non
         chance = float(max(y.mean(), 1 - y.mean()))
         curves = {}
         for k, m in everyone.items():
-            res = R.loo_probe(m, facts, y, loo_lam, loo_logistic, loo_by)
+            res = R.loo_probe(m, facts, y, loo_lam, loo_logistic, loo_by, loo_null, seed)
             curves[k] = res
             for kind, accs in res.items():
                 for L, acc in enumerate(accs):
                     metrics[k][f"loo_{kind}_L{L}"] = acc
             metrics[k]["loo_chance"] = chance
+            if "null" in res:  # signature above the protocol's own chance, worst depth
+                metrics[k]["loo_gap_max"] = max(a - n for a, n in zip(res["balanced"],
+                                                                       res["null"]))
         extra["loo_probe"] = {"depths": list(range(model.n_layers)), "chance": chance,
                               "n": len(y), "lam": loo_lam, "left_out": loo_by, "curves": curves,
-                              "labels": "forget (memorized) vs holdout (never trained)"}
+                              "labels": "forget (memorized) vs holdout (never trained)",
+                              "null": "balanced probe with labels permuted across people "
+                                      f"({loo_null} permutations)"}
         timing["loo_probe"] = time.time() - t
 
     if "drift" in suites:

@@ -273,3 +273,25 @@ def test_balanced_group_loo_removes_the_below_chance_artifact():
     x = torch.randn(len(y), 8, generator=g, dtype=torch.float64)
     x[:, 0] += 3 * (2 * y - 1)  # a real signal is still found
     assert stats.balanced_group_loo_accuracy(x, y, groups, lam=1.0) > 0.95
+
+
+def test_group_permutation_null_finds_the_clustered_chance_level():
+    """With people-clustered rows and no class signal, the permutation null centres where the real
+    labels' reading lands (not at 0.5); a planted class direction reads far above the null."""
+    from probes.stats import balanced_group_loo_accuracy, group_permutation_null
+
+    g = torch.Generator().manual_seed(0)
+    n_groups, per, d = 24, 6, 20
+    centres = torch.randn(n_groups, d, generator=g, dtype=torch.float64) * 3
+    groups = torch.arange(n_groups).repeat_interleave(per)
+    x = centres[groups] + 0.3 * torch.randn(n_groups * per, d, generator=g, dtype=torch.float64)
+    y = (groups % 2).to(torch.float64)
+    null = group_permutation_null(x, y, groups, 1.0, n_perm=30, seed=1)
+    assert null.shape == (30,)
+    real = balanced_group_loo_accuracy(x, y, groups, 1.0)
+    assert abs(real - float(null.mean())) < 3 * float(null.std()) + 0.05
+    x_sig = x.clone()
+    x_sig[:, 0] += 8 * (2 * y - 1)
+    assert balanced_group_loo_accuracy(x_sig, y, groups, 1.0) > float(torch.quantile(null, 0.95))
+    with pytest.raises(ValueError, match="one class"):
+        group_permutation_null(x, y, torch.zeros_like(groups), 1.0, n_perm=2)
