@@ -46,14 +46,17 @@ class AttackConfig:
     seed: int = 0
     # relearning on part of the forget set
     relearn_fraction: float = 0.5
-    relearn_steps: int = 30
-    relearn_lr: float = 3e-3
+    # tuned on the small organism's controls (bench/tune_attacks.py): at 3e-3 relearning drops the
+    # unedited model's held-out recall to 0.17; at 3e-4 x 60 steps it keeps it >= 0.98 and lifts
+    # suppressed controls 0.1 -> 0.33 while never-trained people stay <= 0.08
+    relearn_steps: int = 60
+    relearn_lr: float = 3e-4
     relearn_batch: int = 64
     retain_mix: float = 1.0  # retain facts per forget fact in every relearning batch
-    eval_every: int = 5
+    eval_every: int = 10
     # benign relearning (retain / neighbour data only)
-    benign_steps: int = 30
-    benign_lr: float = 3e-3
+    benign_steps: int = 60
+    benign_lr: float = 3e-4
     benign_batch: int = 64
     # probe re-fitting
     refit_steps: int = 100

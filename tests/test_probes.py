@@ -17,36 +17,18 @@ from excise.handle import TLHandle
 from excise.request import FactSet, ForgetRequest
 from excise.world import Tokenizer
 from probes import attacks as A
+from probes.controls import gradient_ascent, latent_suppression, unembed_ascent
 from probes import stats
 from probes.behaviour import recall
 from probes.privacy import membership
 from probes.verdict import decide
 
-FAST = A.AttackConfig(relearn_steps=20, benign_steps=20, eval_every=5, refit_steps=60,
-                      sae_steps=600)
+# the tiny organism's settings (tuned on its controls; the defaults are tuned on small's)
+FAST = A.AttackConfig(relearn_steps=20, relearn_lr=3e-3, benign_steps=20, benign_lr=3e-3,
+                      eval_every=5, refit_steps=60, sae_steps=600)
 
 
 # -- controls ----------------------------------------------------------------------------------
-def _ascend(m, params, req, steps, lr, stop):
-    """Ascent on forget, descent on retain, over ``params`` only, until forget recall <= stop."""
-    opt = torch.optim.Adam(params, lr=lr)
-    fb, rb = m.encode(list(req.forget)), m.encode(list(req.retain))
-    for i in range(steps):
-        loss = -m.loss(fb).clamp(max=20) + m.loss(rb)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if i % 5 == 4 and recall(m, req.forget) <= stop:
-            break
-    return m
-
-
-def gradient_ascent(model, req, steps=40, lr=3e-4):
-    """Known suppression: a few steps of gradient ascent on forget (descent on retain)."""
-    m = model.clone()
-    return _ascend(m, list(m.model.parameters()), req, steps, lr, stop=0.05)
-
-
 class PromptFilter(TLHandle):
     """Known suppression: an output filter that blocks the answer after exact trained prompts."""
 
@@ -68,13 +50,6 @@ class PromptFilter(TLHandle):
         c.model = super().clone().model
         c.blocked = self.blocked
         return c
-
-
-def unembed_ascent(model, req, steps=60, lr=3e-3):
-    """Known suppression: gradient ascent on the unembedding alone - the residual stream still
-    carries every fact, only the readout is bent."""
-    m = model.clone()
-    return _ascend(m, [m.model.unembed.W_U, m.model.unembed.b_U], req, steps, lr, stop=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -133,20 +108,7 @@ def test_sae_steering_restores_latent_space_suppression(tiny):
     site = f"blocks.{tiny.model.n_layers // 2}.resid_post"
     cfg = dataclasses.replace(FAST, sae_attack_steps=40)
     sae, scale = A.train_sae(tiny.model, req, site, cfg.sae_expansion, 1500, cfg.sae_l1, 0)
-    control = tiny.model.clone()
-    for p in control.named_parameters().values():
-        p.requires_grad_(False)
-    theta = torch.full((sae.W_dec.shape[0],), 4.0, requires_grad=True)
-    opt = torch.optim.Adam([theta], lr=0.2)
-    fb, rb = control.encode(list(req.forget)), control.encode(list(req.retain))
-    for i in range(300):
-        hook = {site: A.gain_hook(sae, 0.02 + 0.98 * torch.sigmoid(theta), scale)}
-        loss = -control.loss(fb, hook).clamp(max=20) + control.loss(rb, hook)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    control.add_persistent_hook(site, A.gain_hook(
-        sae, (0.02 + 0.98 * torch.sigmoid(theta)).detach(), scale))
+    control = latent_suppression(tiny.model, req, sae, site, scale)
     sup = A.sae_steer(control, req, sae, site, cfg, scale)
     strangers = A.sae_steer(control, req, sae, site, cfg, scale, facts=req.holdout)
     assert sup.y[0] <= 0.5  # the control does hide the facts

@@ -1,0 +1,96 @@
+"""Positive controls: models whose forget facts are known to be only *suppressed*.
+
+A restoration attack proves something only if it brings back knowledge that is known to be
+still there. Each control hides the forget facts while leaving them in the model:
+
+- :func:`gradient_ascent`   a few steps of ascent on forget / descent on retain, all weights;
+- :func:`unembed_ascent`    the same on the unembedding alone (the residual stream still
+                            carries every fact; only the readout is bent);
+- :func:`latent_suppression` per-latent gains in [floor, 1] on an SAE at one site, fitted to hide
+                            the facts, applied as a persistent hook (weights untouched).
+
+Attack settings are tuned on these (``bench/tune_attacks.py``, tests/test_probes.py), never on
+the edit methods being judged. Every control works on a clone; the model passed in is unchanged.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from excise.handle import ModelHandle
+from excise.request import ForgetRequest
+from probes.attacks import gain_hook
+from probes.behaviour import recall
+
+
+def _retain_sample(request: ForgetRequest, max_retain: int, seed: int) -> list:
+    facts = list(request.retain)
+    return facts if len(facts) <= max_retain else random.Random(seed).sample(facts, max_retain)
+
+
+def ascend(model: ModelHandle, params, request: ForgetRequest, steps: int, lr: float,
+           stop: float, hooks_fn=None, max_retain: int = 512, seed: int = 0) -> int:
+    """Adam ascent on the forget loss (clamped) plus descent on retain, over ``params`` only,
+    until forget recall <= ``stop`` (checked every 5 steps). Changes ``model`` in place; returns
+    the steps taken. ``hooks_fn()`` builds the hooks of each step (for hook-parameterised
+    controls)."""
+    opt = torch.optim.Adam(params, lr=lr)
+    fb = model.encode(list(request.forget))
+    rb = model.encode(_retain_sample(request, max_retain, seed))
+    with torch.enable_grad():
+        for i in range(steps):
+            hooks = hooks_fn() if hooks_fn else None
+            loss = -model.loss(fb, hooks).clamp(max=20) + model.loss(rb, hooks)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if i % 5 == 4:
+                with torch.no_grad():
+                    hk = hooks_fn() if hooks_fn else None
+                    if recall(model, request.forget, hooks=hk) <= stop:
+                        return i + 1
+    return steps
+
+
+def gradient_ascent(model: ModelHandle, request: ForgetRequest, steps: int = 40,
+                    lr: float = 3e-4, stop: float = 0.05) -> ModelHandle:
+    m = model.clone()
+    for p in m.named_parameters().values():
+        p.requires_grad_(True)
+    ascend(m, list(m.named_parameters().values()), request, steps, lr, stop)
+    return m
+
+
+def unembed_ascent(model: ModelHandle, request: ForgetRequest, steps: int = 60,
+                   lr: float = 3e-3, stop: float = 0.1) -> ModelHandle:
+    m = model.clone()
+    params = [p for n, p in m.named_parameters().items() if n.startswith("unembed.")]
+    if not params:
+        raise ValueError("unembed_ascent needs parameters named 'unembed.*' (TransformerLens)")
+    for p in m.named_parameters().values():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    ascend(m, params, request, steps, lr, stop)
+    return m
+
+
+def latent_suppression(model: ModelHandle, request: ForgetRequest, sae, site: str,
+                       scale: float = 1.0, steps: int = 300, lr: float = 0.2,
+                       floor: float = 0.02, stop: float = 0.0) -> ModelHandle:
+    """Per-latent gains ``floor + (1 - floor) * sigmoid(theta)`` (every latent only dampened)
+    fitted to hide the forget facts; the clone carries them as a persistent hook at ``site``."""
+    m = model.clone()
+    for p in m.named_parameters().values():
+        p.requires_grad_(False)
+    theta = torch.full((sae.W_dec.shape[0],), 4.0, requires_grad=True)
+
+    def gains():
+        return floor + (1 - floor) * torch.sigmoid(theta)
+
+    ascend(m, [theta], request, steps, lr, stop, hooks_fn=lambda: {site: gain_hook(
+        sae, gains(), scale)})
+    m.add_persistent_hook(site, gain_hook(sae, gains().detach(), scale))
+    return m
