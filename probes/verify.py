@@ -19,6 +19,7 @@ in ``excise run``) or ``"original"``.
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Callable, Sequence
 
@@ -67,14 +68,19 @@ def verify(model: ModelHandle, request: ForgetRequest, oracle: ModelHandle | Non
            margin: float = 0.05, tolerance: float = 0.1, n_false: int = 5,
            n_candidates: int = 256, loo_lam: float = 10.0, loo_logistic: bool = True,
            max_probe: int = 150, loo_by: str = "person", loo_null: int = 20, sae=None,
-           log: Callable[[str], None] | None = None) -> Report:
+           log: Callable[[str], None] | None = None, cache: dict | None = None) -> Report:
     """Measure ``model`` (and the ``oracle`` under identical settings) on ``request``.
 
     ``original`` is the model before editing (drift, the "not forgotten" test, the SAE for
     latent steering). ``attacks``: attack names, a dict of :class:`probes.attacks.AttackConfig`
     settings, or an ``AttackConfig``. ``margin`` / ``tolerance``: the verdict rule's slack on
     forget recall and on attack curves. Nothing here changes ``model``: attacks work on clones
-    or through temporary hooks."""
+    or through temporary hooks.
+
+    ``cache``: a dict kept by the caller across calls (sweeps): per-model results (behaviour,
+    privacy, probes, attack curves) of models without hooks are reused when the weights'
+    fingerprint, the request and the settings match - the oracle and the original are then
+    measured once per request instead of once per edit."""
     suites = _suites(suite)
     check_request(request, needs_holdout=bool({"privacy", "loo_probe"} & set(suites)))
     check_compatible(model, oracle, "oracle")
@@ -101,6 +107,14 @@ def verify(model: ModelHandle, request: ForgetRequest, oracle: ModelHandle | Non
     extra: dict = {}
     timing: dict[str, float] = {}
 
+    def memo(m, key: tuple, fn):
+        if cache is None or m.hook_count():
+            return fn()
+        k = (m.fingerprint(), request.digest(), seed) + key
+        if k not in cache:
+            cache[k] = fn()
+        return copy.deepcopy(cache[k])
+
     def step(name):
         if log:
             log(f"verify: {name}")
@@ -108,7 +122,7 @@ def verify(model: ModelHandle, request: ForgetRequest, oracle: ModelHandle | Non
 
     t = step("behaviour")
     for k, m in everyone.items():
-        metrics[k].update(behaviour_metrics(m, request))
+        metrics[k].update(memo(m, ("behaviour",), lambda: behaviour_metrics(m, request)))
     timing["behaviour"] = time.time() - t
 
     if "oracle" in suites:
@@ -121,7 +135,8 @@ def verify(model: ModelHandle, request: ForgetRequest, oracle: ModelHandle | Non
     if "privacy" in suites:
         t = step("privacy")
         for k, m in everyone.items():
-            metrics[k].update(privacy_metrics(m, request, n_candidates, seed=seed))
+            metrics[k].update(memo(m, ("privacy", n_candidates), lambda: privacy_metrics(
+                m, request, n_candidates, seed=seed)))
         add_privleak(metrics)
         timing["privacy"] = time.time() - t
 
@@ -131,7 +146,9 @@ def verify(model: ModelHandle, request: ForgetRequest, oracle: ModelHandle | Non
         chance = float(max(y.mean(), 1 - y.mean()))
         curves = {}
         for k, m in everyone.items():
-            res = R.loo_probe(m, facts, y, loo_lam, loo_logistic, loo_by, loo_null, seed)
+            res = memo(m, ("loo", max_probe, loo_lam, loo_logistic, loo_by, loo_null),
+                       lambda: R.loo_probe(m, facts, y, loo_lam, loo_logistic, loo_by, loo_null,
+                                           seed))
             curves[k] = res
             for kind, accs in res.items():
                 for L, acc in enumerate(accs):
@@ -171,7 +188,21 @@ def verify(model: ModelHandle, request: ForgetRequest, oracle: ModelHandle | Non
     if "attacks" in suites:
         t = step("attacks")
         targets = {label: model} | ({"oracle": oracle} if oracle is not None else {})
-        res = A.run_attacks(targets, request, acfg, sae_source=original, sae=sae, log=log)
+        if cache is None:
+            res = A.run_attacks(targets, request, acfg, sae_source=original, sae=sae, log=log)
+        else:  # one model at a time, so the oracle's curves are reused across edits
+            source = original or model
+            parts = {k: memo(m, ("attacks", repr(acfg), source.fingerprint()),
+                             lambda: A.run_attacks({"_": m}, request, acfg, sae_source=source,
+                                                   sae=sae, log=log))
+                     for k, m in targets.items()}
+            res = {}
+            for k, part in parts.items():  # relabel "_" as the model's column
+                for name, a in part.items():
+                    r = res.setdefault(name, dict(a, curves={}, aux={}))
+                    r["curves"][k] = a["curves"]["_"]
+                    for key, v in a["aux"].items():
+                        r["aux"].setdefault(key, {})[k] = v["_"]
         for name, a in res.items():
             for k, ys in a["curves"].items():
                 metrics[k][f"attack_{name}"] = A.peak_recovery(ys)

@@ -227,6 +227,31 @@ def test_verify_all_suites_on_unedited_model(tiny, tiny_request, tiny_oracle, tm
     assert "Verdict" in rep.to_markdown() and rep.to_json()
 
 
+def test_verify_cache_reuses_oracle_results_and_changes_nothing(tiny, tiny_request,
+                                                                tiny_oracle):
+    """A sweep's cache: the second call measures only the new model; every number equals the
+    uncached call's."""
+    from edit import dampen
+    from locate import fisher
+
+    cfg = dataclasses.replace(FAST, attacks=("relearn", "quantize"), relearn_steps=5)
+    kw = dict(oracle=tiny_oracle, suite=["behaviour", "privacy", "loo_probe", "attacks"],
+              label="after", original=tiny.model, attacks=cfg, loo_null=3)
+    plain = probes.verify(tiny.model, tiny_request, **kw)
+    cache: dict = {}
+    probes.verify(tiny.model, tiny_request, cache=cache, **kw)
+    n = len(cache)
+    m = tiny.model.clone()
+    e = dampen(m, fisher(m, tiny_request), alpha=3.0)
+    cached = probes.verify(m, tiny_request, cache=cache, **kw)
+    fresh = probes.verify(m, tiny_request, **kw)
+    e.revert()
+    assert len(cache) == n + 4  # behaviour, privacy, probe, attacks of the edited model only
+    assert cached.metrics == fresh.metrics
+    assert cached.extra["attacks"] == fresh.extra["attacks"]
+    assert plain.metrics["oracle"] == fresh.metrics["oracle"]
+
+
 def _curves(e, o):
     return {"relearn": {"x": [0, 5], "curves": {"after": e, "oracle": o}}}
 
