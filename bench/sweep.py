@@ -309,18 +309,24 @@ def binding(rows) -> list[str]:
     return out
 
 
+UTILITY = ("retain >= 98%", "shared >= 98%", "ppl within 2%", "<= 1% params")
+
+
 def recommend(rows) -> tuple[str, dict]:
-    """The default recipe: most bar conditions met on the 5% split (mean over seeds); ties go to
-    the lower forget recall above the oracle's."""
+    """The default recipe, when none meets the whole bar: among the recipes that keep the utility
+    side of the bar (retain, shared, perplexity, <= 1% parameters) on most seeds of the 5% split,
+    the one that forgets most (lowest mean forget recall above the oracle's); if none keeps
+    utility, the one meeting the most bar conditions."""
     score = {}
     for n in dict.fromkeys(_name(r) for r in rows if r["split"] == "forget05"):
         rs = [r for r in rows if r["split"] == "forget05" and _name(r) == n]
+        keeps = sum(all(r["bar"][k] for k in UTILITY) for r in rs) > len(rs) / 2
         met = statistics.mean(sum(r["bar"].values()) for r in rs)
         excess = statistics.mean(r["metrics"]["after"]["forget_recall"]
                                  - r["metrics"]["oracle"]["forget_recall"] for r in rs)
-        score[n] = (met, -excess, rs[0])
-    best = max(score, key=lambda n: score[n][:2])
-    return best, score[best][2]
+        score[n] = ((keeps, -excess) if keeps else (keeps, met), rs[0])
+    best = max(score, key=lambda n: score[n][0])
+    return best, score[best][1]
 
 
 def pareto_plot(res, path):
@@ -412,9 +418,8 @@ def write_report(res, out: Path):
         lines += table(rows, split) + [""]
     lines += ["## The bar (5% split): what binds", ""] + binding(rows) + [""]
     best, r = recommend(rows)
-    lines += [f"**Recommended recipe (configs/default.yaml):** {best} `{json.dumps(r['hp'])}` - "
-              f"the most bar conditions met on the 5% split, ties to the lowest forget recall "
-              f"above the oracle's.", ""]
+    lines += [f"**Recommended recipe (configs/default.yaml):** {best} `{json.dumps(r['hp'])}`. "
+              f"Rule: {' '.join(recommend.__doc__.split(':', 1)[1].split())}", ""]
     lines += ["## Forget efficacy vs utility", "", "![pareto](results/pareto.png)", "",
               "## Attack recovery (5% split, first seed)", "", "![attacks](results/attacks.png)",
               ""]
@@ -451,6 +456,8 @@ def main() -> None:
     ap.add_argument("--finalists", type=int, default=4)
     ap.add_argument("--locators", nargs="+", default=list(LOCATORS), choices=list(LOCATORS))
     ap.add_argument("--stage", default="all", choices=["screen", "all"])
+    ap.add_argument("--from-json", default=None,
+                    help="only rewrite the report from an earlier run's results/sweep.json")
     ap.add_argument("--screen", default=None,
                     help="reuse the screen of an earlier run (its results/screen.json)")
     a = ap.parse_args()
@@ -462,6 +469,12 @@ def main() -> None:
 
     t0 = time.time()
     out = Path(a.out)
+    if a.from_json:
+        res = json.loads(Path(a.from_json).read_text())
+        for r in res.get("rows", []):
+            r["bar"] = bar_checks(r)
+        write_report(res, out)
+        return
     (out / "results").mkdir(parents=True, exist_ok=True)
     log_lines: list[str] = []
 

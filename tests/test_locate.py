@@ -305,7 +305,7 @@ def test_methods_are_registered_with_pipeline_signature():
 
 
 def test_every_method_runs_from_the_default_config():
-    # --set locate.method=X on configs/default.yaml (which carries fisher's parameters)
+    # --set locate.method=X on configs/default.yaml (its locate parameters are kept)
     from excise.config import DEFAULT_CONFIG, load
     from excise.pipeline import registries
 
