@@ -33,7 +33,7 @@ def main() -> None:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--people", type=int, nargs=2, default=(150, 160))
     ap.add_argument("--lrs", type=float, nargs="+", default=(1e-4, 3e-4, 1e-3, 3e-3))
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--stop", type=float, default=0.3,
                     help="controls ascend until forget recall <= this")
     a = ap.parse_args()

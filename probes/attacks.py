@@ -125,6 +125,21 @@ def _trim(b: Batch) -> Batch:
     return Batch(b.tokens[:, :t], b.target_mask[:, :t], b.subject_mask[:, :t], b.lengths)
 
 
+def _batch_rows(gen: torch.Generator, n_train: int, n_mix: int, batch: int,
+                mix_ratio: float) -> Tensor:
+    """Rows of one batch over ``train + mix`` data: up to ``batch`` training rows plus
+    ``mix_ratio`` x as many mixed-in rows (a full batch of mix rows when there is no training
+    data)."""
+    parts = []
+    k = min(n_train, batch)
+    if k:
+        parts.append(torch.randperm(n_train, generator=gen)[:k])
+    k_mix = min(n_mix, round(mix_ratio * k) if n_train else batch)
+    if k_mix:
+        parts.append(n_train + torch.randperm(n_mix, generator=gen)[:k_mix])
+    return torch.cat(parts)
+
+
 def _trainable_clone(model: ModelHandle) -> ModelHandle:
     m = model.clone()
     for p in m.named_parameters().values():
@@ -149,14 +164,7 @@ def finetune_curve(model: ModelHandle, train: Sequence, evaluate: Sequence,
     xs, ys, aux = [0], [recall(m, evaluate)], [recall(m, also)] if also else []
     with torch.enable_grad():
         for step in range(1, steps + 1):
-            parts = []
-            k_tr = min(n_tr, batch)
-            if k_tr:
-                parts.append(torch.randperm(n_tr, generator=gen)[:k_tr])
-            k_mix = min(n_mix, round(mix_ratio * k_tr) if n_tr else batch)
-            if k_mix:
-                parts.append(n_tr + torch.randperm(n_mix, generator=gen)[:k_mix])
-            b = _trim(data[torch.cat(parts)])
+            b = _trim(data[_batch_rows(gen, n_tr, n_mix, batch, mix_ratio)])
             loss = m.loss(b)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -350,13 +358,9 @@ def sae_steer(model: ModelHandle, request: ForgetRequest, sae, site: str,
     xs, ys, seen = [0], [recall(m, b)], [recall(m, a)]
     with torch.enable_grad():
         for step in range(1, cfg.sae_attack_steps + 1):
-            k = min(n_a, cfg.relearn_batch)
-            idx = [torch.randperm(n_a, generator=gen)[:k]]
-            k_mix = min(n_mix, round(cfg.retain_mix * k))
-            if k_mix:
-                idx.append(n_a + torch.randperm(n_mix, generator=gen)[:k_mix])
+            rows = _batch_rows(gen, n_a, n_mix, cfg.relearn_batch, cfg.retain_mix)
             hook = gain_hook(sae, log_gains.exp(), scale)
-            loss = m.loss(_trim(data[torch.cat(idx)]), hooks={site: hook})
+            loss = m.loss(_trim(data[rows]), hooks={site: hook})
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
