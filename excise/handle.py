@@ -134,6 +134,13 @@ class ModelHandle:
         out = lp.gather(-1, batch.tokens[:, 1:, None]).squeeze(-1)
         return out * batch.target_mask[:, 1:]
 
+    def target_logprobs(self, batch: Batch, hooks: Mapping[str, HookFn] | None = None
+                        ) -> Tensor:
+        """Log-probabilities over the whole vocabulary at each position that predicts a target
+        token: ``[k, V]``, ``k`` = number of targets, rows in row-major order of the mask."""
+        logits = self.logits(batch.tokens, hooks)[:, :-1]
+        return torch.log_softmax(logits[batch.target_mask[:, 1:].to(logits.device)].float(), -1)
+
     def loss(self, batch: Batch, hooks: Mapping[str, HookFn] | None = None,
              per_example: bool = False) -> Tensor:
         """Mean negative log-likelihood of target tokens (per example or over the batch)."""

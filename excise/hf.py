@@ -462,6 +462,29 @@ class HFHandle(ModelHandle):
         with self.hooks(hooks):
             return self.model(input_ids=tokens, use_cache=False).logits
 
+    def target_logprobs(self, batch: Batch, hooks: Mapping[str, HookFn] | None = None
+                        ) -> Tensor:
+        """As ``ModelHandle.target_logprobs``, but only the positions that predict a target
+        token go through the unembedding (HF ``logits_to_keep`` with a boolean mask): a fact
+        prompt has one to three targets, and the vocabulary projection (262k rows for Gemma)
+        dominates the cost of a small model's forward and backward."""
+        keep = torch.zeros_like(batch.target_mask)
+        keep[:, :-1] = batch.target_mask[:, 1:]
+        with self.hooks(hooks or {}):
+            logits = self.model(input_ids=batch.tokens.to(self.device), use_cache=False,
+                                logits_to_keep=keep.to(self.device)).logits
+        return torch.log_softmax(logits.float().reshape(-1, logits.shape[-1]), dim=-1)
+
+    def token_logprobs(self, batch: Batch, hooks: Mapping[str, HookFn] | None = None) -> Tensor:
+        """As ``ModelHandle.token_logprobs``, computed from ``target_logprobs`` (target
+        positions only)."""
+        tgt = batch.target_mask[:, 1:]
+        lp = self.target_logprobs(batch, hooks)
+        tokens = batch.tokens.to(lp.device)
+        picked = lp.gather(-1, tokens[:, 1:][tgt.to(lp.device)][:, None]).squeeze(-1)
+        out = torch.zeros(tgt.shape, dtype=picked.dtype, device=picked.device)
+        return out.masked_scatter(tgt.to(picked.device), picked)
+
     def _module(self, site: str) -> tuple[torch.nn.Module, str]:
         info = self.info(site)
         if info.kind == "param":

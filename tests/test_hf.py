@@ -157,6 +157,35 @@ PINNED_MODULES = {
 
 
 @pytest.mark.parametrize("kind", list(CONFIGS))
+def test_target_only_logprobs_equal_full_logits(kind):
+    """HFHandle.token_logprobs unembeds only the target positions; the reference is the base
+    class's full-logit path. Same values and same parameter gradients, with and without a hook,
+    for fact batches (targets at different positions per row) and text batches."""
+    from excise.handle import ModelHandle
+
+    h = tiny(kind)
+    from excise.world import Fact
+
+    facts = h.encode([Fact("the s0 is", "a0"), Fact("the s1 of the s2 is", "a3 a4"),
+                      Fact("s5 is", "a5")])
+    first = facts.target_mask.float().argmax(1)
+    assert first.unique().numel() == 3  # targets sit at different positions in each row
+    text = h.encode_texts(["s1 is the a2 of s3 s4", "the s4 of s5"])
+    hook = {"blocks.0.mlp.post": lambda a, site: a * 0.5}
+    w = h.parameter("blocks.1.mlp.W_out")
+    for batch in (facts, text):
+        for hooks in (None, hook):
+            fast = h.token_logprobs(batch, hooks)
+            ref = ModelHandle.token_logprobs(h, batch, hooks)
+            assert fast.shape == ref.shape
+            torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
+            g_fast = torch.autograd.grad(fast.sum(), w)[0]
+            g_ref = torch.autograd.grad(ref.sum(), w)[0]
+            torch.testing.assert_close(g_fast, g_ref, rtol=1e-4, atol=1e-7)
+    assert h.hook_count() == 0
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
 def test_sites_resolve_pinned(kind):
     h = tiny(kind)
     table = h.site_table()
