@@ -93,15 +93,13 @@ class ForgetRequest:
 
     @property
     def keep(self) -> FactSet:
-        """Everything that must survive - the contrast set for locating: retain facts, neighbor
-        facts (duplicates dropped) and ``retain_text`` as language-model targets (every word
-        after the first). ``general`` stays out: it is held out for perplexity."""
-        seen = self.retain.keys()
-        extra = tuple(f for f in self.neighbors if (f.prompt, f.target) not in seen)
+        """What locating contrasts against and what edits train to keep: the retain facts and
+        ``retain_text`` as language-model targets (every word after the first). ``neighbors``
+        and ``general`` stay out: they are held out, the checks that nearby knowledge and
+        general text survive an edit that never saw them."""
         text = tuple(Fact(t.split()[0], " ".join(t.split()[1:]), form="text")
                      for t in self.retain_text if len(t.split()) > 1)
-        return FactSet("retain", self.retain.facts + extra + text) if extra or text \
-            else self.retain
+        return FactSet("retain", self.retain.facts + text) if text else self.retain
 
     def forget_people(self) -> list[int]:
         return list(self.meta.get("forget_people", []))

@@ -23,7 +23,7 @@ from locate._grads import StatsCache, gradient_stats
 def fisher(model: ModelHandle, request: ForgetRequest, sites: str | Sequence[str] | None = None,
            *, estimator: str = "batch", batch_size: int = 32, eps: float = 1e-8,
            cache: StatsCache | None = None, progress: bool = False) -> Importance:
-    """Diagonal Fisher of ``request.forget`` against ``request.keep`` (retain + neighbors).
+    """Diagonal Fisher of ``request.forget`` against ``request.keep`` (retain facts + retain text).
 
     ``sites``: parameter sites (default: every parameter) and/or activation sites (one score per
     neuron / head / dimension). ``estimator``: ``"batch"`` (squared gradient of each batch's mean

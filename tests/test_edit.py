@@ -185,6 +185,45 @@ def test_masked_finetune_touches_only_the_selection(tiny_model, tiny_request, ti
         assert e.n_changed() > 0.5 * h.n_parameters() and e.selection is None
 
 
+def test_finetune_text_term_and_held_out_neighbors(tiny, tiny_request, tiny_imp):
+    """text_weight trains on the request's retain_text (same seed, gradient ascent on the forget
+    facts): with text_loss="nll" the text's loss ends lower than without the term; with "kl"
+    its next-token distributions end closer to the unedited model's than without the term, and
+    closer than the NLL term leaves them (fitting text moves the model too).
+    Neighbors never enter training or locating - the edit is bit-identical with and without."""
+    import dataclasses
+
+    import torch.nn.functional as F
+
+    h = tiny.model.clone()
+    text = h.encode_texts(list(tiny_request.retain_text))
+    with torch.no_grad():
+        ref = h.target_logprobs(text)
+    nll, kl = [], []
+    for text_loss in ("nll", "kl"):
+        kw = dict(request=tiny_request, method="ga", steps=15, lr=3e-2, text_loss=text_loss)
+        for tw in (0.0, 1.0):
+            with edit.finetune(h, tiny_imp, text_weight=tw, **kw), torch.no_grad():
+                nll.append(float(h.loss(text)))
+                kl.append(float(F.kl_div(h.target_logprobs(text), ref, log_target=True,
+                                         reduction="batchmean")))
+    assert nll[1] < nll[0] - 0.05, nll  # nll: [without, with the text term]
+    assert kl[3] < 0.5 * kl[2] and kl[3] < kl[1], kl  # kl: [.., .., without, with]
+    FactSet = type(tiny_request.retain)
+    facts = tiny_request.retain.facts
+    with_n = dataclasses.replace(tiny_request, retain=FactSet("retain", facts[:-10]),
+                                 neighbors=FactSet("neighbors", facts[-10:]))
+    without = dataclasses.replace(with_n, neighbors=FactSet("neighbors", ()))
+    assert not with_n.keep.keys() & with_n.neighbors.keys()
+    assert with_n.keep == without.keep
+    diffs = []
+    for r in (with_n, without):
+        with edit.finetune(h, tiny_imp, request=r, method="gd", steps=3, text_weight=1.0) as e:
+            diffs.append({s: c.new.clone() for s, c in e.changes.items()})
+    assert diffs[0].keys() == diffs[1].keys()
+    assert all(torch.equal(diffs[0][s], diffs[1][s]) for s in diffs[0])
+
+
 def test_finetune_and_noise_are_seeded(tiny, tiny_request, tiny_imp):
     a, b = tiny.model.clone(), tiny.model.clone()
     for fn, kw in [(edit.noise, {}), (edit.finetune, {"request": tiny_request, "steps": 3})]:
