@@ -134,15 +134,16 @@ def param_slices(method: str, model: ModelHandle, units: Selection,
             hit = model.unit_axis(psite)  # the unit's axis in this backend's layout
             if hit is None or hit[0] != f"blocks.{L}.{unit}":
                 continue
-            axis = hit[1]
+            axis, group = hit[1], (hit[2] if len(hit) > 2 else 1)
             found = True
             p = model.parameter(psite)
             grid = torch.arange(p.numel()).view(p.shape)
-            out.setdefault(psite, []).append(grid.index_select(axis, rows).reshape(-1))
+            along = (rows[:, None] * group + torch.arange(group)).reshape(-1)
+            out.setdefault(psite, []).append(grid.index_select(axis, along).reshape(-1))
         if not found:
             raise ValueError(f"{method}: this model's backend ({type(model).__name__}) keeps "
-                             f"no per-unit parameter slices for {site!r} (e.g. attention "
-                             f"weights flat over heads); select neurons or parameter elements")
+                             f"no per-unit parameter slices for {site!r}; select neurons or "
+                             f"parameter elements")
     return {s: torch.unique(torch.cat(v)) for s, v in out.items()}
 
 

@@ -64,6 +64,15 @@ def project(model: ModelHandle, importance: Importance | None = None,
     if not isinstance(bake, bool):
         raise ValueError(f"project: bake must be True or False, got {bake!r}")
     site_list = _resolve_sites(model, importance, units, sites, top)
+    if bake:
+        bad = [s for s in site_list if _short(s) not in BAKEABLE]
+        if bad:
+            raise ValueError(f"project(bake=True) cannot fold a projection at {bad[0]!r} into "
+                             f"weights (a residual site sums every earlier writer, and "
+                             f"projecting them also changes the inputs of the blocks in between);"
+                             f" bakeable sites end in {list(BAKEABLE)}, or use bake=False")
+        for s in site_list:
+            model.site_writers(s)  # refuses what this backend cannot fold
     if isinstance(direction, str):
         check_choice("project", "direction", direction, DIRECTIONS)
     dirs = _directions(model, site_list, direction, request, batch_size, probe_l2, positions)
@@ -80,12 +89,6 @@ def project(model: ModelHandle, importance: Importance | None = None,
         params["direction_digest"] = HookSpec("rank_one", site_list[0], {},
                                               {s: dirs[s].float() for s in site_list}).digest()
     if bake:
-        bad = [s for s in site_list if _short(s) not in BAKEABLE]
-        if bad:
-            raise ValueError(f"project(bake=True) cannot fold a projection at {bad[0]!r} into "
-                             f"weights (a residual site sums every earlier writer, and "
-                             f"projecting them also changes the inputs of the blocks in between);"
-                             f" bakeable sites end in {list(BAKEABLE)}, or use bake=False")
         new = {}
         for s in site_list:
             new.update(_bake(model, s, dirs[s], c.get(s)))
@@ -226,21 +229,18 @@ def _retain_offsets(model, request, dirs, batch_size, positions) -> dict[str, Te
 
 
 def _bake(model: ModelHandle, site: str, u: Tensor, c: Tensor | None) -> dict:
-    L = layer_of(site)
-    short = _short(site)
-    if short == "mlp.out":
-        names = [f"blocks.{L}.mlp.W_out", f"blocks.{L}.mlp.b_out"]
-    elif short == "attn.out":
-        names = [f"blocks.{L}.attn.W_O", f"blocks.{L}.attn.b_O"]
-    else:
-        names = ["embed.W_E"]
+    """Fold ``x <- x - (x.u) u (+ c u)`` into the weights writing ``site``
+    (``model.site_writers``: each weight is projected along its d_model axis)."""
+    writers = model.site_writers(site)
+    if c is not None and not any(const for _, _, const in writers):
+        raise ValueError(f"project(mode='align', bake=True) adds c*u through an output bias, and "
+                         f"{site!r} has none in this model; use bake=False (a hook)")
     new = {}
-    for i, n in enumerate(names):
-        p = model.parameter(n).detach()
-        w = p.double()
+    for name, axis, const in writers:
+        p = model.parameter(name).detach()
+        w = p.double().movedim(axis, -1)
         w = w - (w @ u)[..., None] * u
-        is_bias = i == 1 or (short == "embed")
-        if c is not None and is_bias:
+        if c is not None and const:
             w = w + c * u
-        new[n] = (torch.arange(p.numel()), w.reshape(-1).to(p.dtype))
+        new[name] = (torch.arange(p.numel()), w.movedim(-1, axis).reshape(-1).to(p.dtype))
     return new

@@ -62,13 +62,16 @@ def prune(model: ModelHandle, importance: Importance | None = None,
         for site, idxs in units.by_site().items():
             L = layer_of(site)
             rows = torch.tensor([ix[0] for ix in idxs])
-            if site.endswith("attn.z"):
-                w, b = model.parameter(f"blocks.{L}.attn.W_O"), f"blocks.{L}.attn.b_O"
-                shift = torch.einsum("hd,hdm->m", means[site][rows].double(),
-                                     w.detach()[rows].double())
-            else:
-                w, b = model.parameter(f"blocks.{L}.mlp.W_out"), f"blocks.{L}.mlp.b_out"
-                shift = means[site][rows].double() @ w.detach()[rows].double()
+            head = site.endswith("attn.z")
+            b = f"blocks.{L}.attn.b_O" if head else f"blocks.{L}.mlp.b_out"
+            if b not in model.site_table():
+                raise ValueError(f"prune(mode='mean') folds the ablated units' mean output into "
+                                 f"the output bias, and this model has no {b!r} (e.g. Llama / "
+                                 f"Gemma layers have no biases); use mode='zero', or a hook "
+                                 f"(edit.project) to pin an activation")
+            w = model.unit_out_weights(site.replace("mlp.pre", "mlp.post"))[rows].double()
+            m = means[site][rows].double()
+            shift = torch.einsum("hd,hdm->m", m, w) if head else m @ w
             bias = model.parameter(b).detach().reshape(-1)
             idx = torch.arange(bias.numel())
             if b in new:  # two sites of one layer (mlp.pre and mlp.post) share b_out

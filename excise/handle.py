@@ -168,15 +168,53 @@ class ModelHandle:
     def hook_count(self) -> int:
         raise NotImplementedError
 
-    def unit_axis(self, site: str) -> tuple[str, int] | None:
+    def unit_axis(self, site: str) -> tuple[str, int] | tuple[str, int, int] | None:
         """The neuron / head a parameter belongs to, and its axis, in this backend's layout
-        (TransformerLens layouts here; ``HFHandle`` overrides it). None: no such unit."""
+        (TransformerLens layouts here; ``HFHandle`` overrides it). A third entry, when present,
+        is a group size: unit ``i`` owns elements ``i*group .. (i+1)*group - 1`` along the axis
+        (attention weights flat over heads). None: no such unit."""
         from excise.sites import unit_of_param
 
         return unit_of_param(site)
 
+    def unit_out_weights(self, site: str) -> Tensor:
+        """What each unit writes into the residual stream, in TransformerLens layout whatever
+        the backend: ``[d_mlp, d_model]`` (``W_out``) for ``blocks.L.mlp.post``, ``[n_heads,
+        d_head, d_model]`` (``W_O``) for ``blocks.L.attn.z``. Detached."""
+        L = layer_of(site)
+        if site == f"blocks.{L}.mlp.post":
+            return self.parameter(f"blocks.{L}.mlp.W_out").detach()
+        if site == f"blocks.{L}.attn.z":
+            return self.parameter(f"blocks.{L}.attn.W_O").detach()
+        raise ValueError(f"unit_out_weights: {site!r} is not a neuron site "
+                         f"('blocks.L.mlp.post') or a head site ('blocks.L.attn.z')")
+
+    def site_writers(self, site: str) -> tuple[tuple[str, int, bool], ...]:
+        """The parameters whose affine map produces activation ``site`` (``blocks.L.mlp.out``,
+        ``blocks.L.attn.out``, ``embed``): ``(param site, its d_model axis, adds a constant)``.
+        A linear map on the site can be folded into them (``edit.project(bake=True)``); a
+        constant goes into the entries marked True (a bias, or every embedding row).
+        ``ValueError`` (naming why) where this backend cannot."""
+        L = layer_of(site)
+        table = self.site_table()
+        if site == "embed":
+            return (("embed.W_E", -1, True),)
+        for short, w, b in (("mlp.out", "mlp.W_out", "mlp.b_out"),
+                            ("attn.out", "attn.W_O", "attn.b_O")):
+            if L is not None and site == f"blocks.{L}.{short}":
+                out = [(f"blocks.{L}.{w}", -1, False)]
+                return tuple(out + ([(f"blocks.{L}.{b}", 0, True)]
+                                    if f"blocks.{L}.{b}" in table else []))
+        raise ValueError(f"{site!r} is not written by one layer's weights; sites that are end "
+                         f"in 'mlp.out', 'attn.out' or are 'embed'")
+
+    def readout(self) -> tuple[Callable[[Tensor], Tensor], Tensor, Tensor]:
+        """The logit lens: ``(final_norm, W_U [d_model, vocab], b_U [vocab])`` - the final
+        norm as a function of ``[..., d_model]`` residuals, and the unembedding (detached)."""
+        raise NotImplementedError(f"{type(self).__name__} has no readout()")
+
     def unit_axes(self, sites) -> dict[str, list | None]:
-        """``{param site: [unit site, axis] or None}`` - stored in Importance metadata so that
+        """``{param site: [unit site, axis(, group)] or None}`` - stored in Importance metadata so that
         ``Importance.by_unit`` aggregates along the right axis for any backend."""
         out = {}
         for s in sites:
@@ -300,6 +338,10 @@ class TLHandle(ModelHandle):
             return self.model(tokens, return_type="logits")
         with self.hooks(hooks):
             return self.model(tokens, return_type="logits")
+
+    def readout(self) -> tuple[Callable[[Tensor], Tensor], Tensor, Tensor]:
+        u = self.model.unembed
+        return self.model.ln_final, u.W_U.detach(), u.b_U.detach()
 
     def clone(self) -> "TLHandle":
         return TLHandle(copy.deepcopy(self.model), self.tokenizer, self.name)

@@ -35,7 +35,8 @@ Parameter sites use TransformerLens names mapped to Hugging Face parameters
 TransformerLens' is ``[d_mlp, d_model]``), attention weights are flat over heads
 (``attn.W_Q`` is ``[n_heads * d_head, d_model]``, not ``[n_heads, d_model, d_head]``), and GPT-2's
 ``Conv1D`` weights are ``[in, out]`` with Q, K, V fused into ``attn.W_QKV`` (GPT-NeoX fuses them
-too, interleaved per head). :meth:`HFHandle.unit_axis` gives the neuron axis of an MLP weight.
+too, interleaved per head). :meth:`HFHandle.unit_axis` gives the neuron / head slice of a weight,
+:meth:`HFHandle.unit_out_weights` what each unit writes in TransformerLens layout.
 A parameter no rule maps keeps its HF name under ``hf.`` (``hf.<name>``). Tied unembeddings
 (GPT-2, Gemma) are one tensor, listed once as ``embed.W_E``.
 
@@ -334,20 +335,65 @@ class HFHandle(ModelHandle):
                     return site
         return f"hf.{hf_name}"
 
-    def unit_axis(self, site: str) -> tuple[str, int] | None:
-        """The neuron axis of an MLP weight in *this* backend's layout: ``blocks.L.mlp.W_out`` ->
-        (``blocks.L.mlp.post``, 1) for ``[out, in]`` weights. None for other parameters.
+    def unit_axis(self, site: str) -> tuple[str, int] | tuple[str, int, int] | None:
+        """The neuron / head that owns a slice of a parameter, in *this* backend's layout.
+
+        MLP weights: ``(blocks.L.mlp.post, axis)`` - ``blocks.L.mlp.W_out`` is ``(..., 1)`` for
+        ``[out, in]`` weights, ``(..., 0)`` for GPT-2's ``[in, out]``. Attention weights are flat
+        over heads, so they get a third entry, the group: head ``h`` owns elements
+        ``h*d_head .. (h+1)*d_head - 1`` along ``axis`` (``attn.W_O``; ``attn.W_Q`` / ``b_Q`` when
+        not fused; ``attn.W_K`` / ``W_V`` / biases only without grouped-query attention - a
+        shared key/value head belongs to no single query head). Fused ``W_QKV`` (GPT-2,
+        GPT-NeoX), norms and output biases belong to no unit: None.
         (``excise.sites.unit_of_param`` assumes TransformerLens layouts.)"""
         L = layer_of(site)
         if L is None or self.info(site).kind != "param":
             return None
         conv1d = self.family.name == "gpt2"  # [in, out]
         suffix = site[len(f"blocks.{L}."):]
-        axes = {"mlp.W_in": 1 if conv1d else 0, "mlp.W_gate": 0, "mlp.b_in": 0,
-                "mlp.W_out": 0 if conv1d else 1}
-        if suffix in axes:
-            return f"blocks.{L}.mlp.post", axes[suffix]
-        return None
+        mlp = {"mlp.W_in": 1 if conv1d else 0, "mlp.W_gate": 0, "mlp.b_in": 0,
+               "mlp.W_out": 0 if conv1d else 1}
+        if suffix in mlp:
+            return f"blocks.{L}.mlp.post", mlp[suffix]
+        H, dh = self._heads()
+        heads = {"attn.W_O": 0 if conv1d else 1, "attn.W_Q": 0, "attn.b_Q": 0}
+        if getattr(self.model.config, "num_key_value_heads", None) in (None, H):
+            heads.update({"attn.W_K": 0, "attn.W_V": 0, "attn.b_K": 0, "attn.b_V": 0})
+        axis = heads.get(suffix)
+        if axis is None or self.parameter(site).shape[axis] != H * dh:
+            return None
+        return f"blocks.{L}.attn.z", axis, dh
+
+    def unit_out_weights(self, site: str) -> Tensor:
+        """``[d_mlp, d_model]`` for ``blocks.L.mlp.post``, ``[n_heads, d_head, d_model]`` for
+        ``blocks.L.attn.z``: what each unit writes, in TransformerLens layout (a detached view
+        of the HF weight)."""
+        L = layer_of(site)
+        conv1d = self.family.name == "gpt2"
+        if site == f"blocks.{L}.mlp.post":
+            w = self.parameter(f"blocks.{L}.mlp.W_out").detach()
+            return w if conv1d else w.T
+        if site == f"blocks.{L}.attn.z":
+            H, dh = self._heads()
+            w = self.parameter(f"blocks.{L}.attn.W_O").detach()
+            return (w if conv1d else w.T).reshape(H, dh, -1)
+        return super().unit_out_weights(site)
+
+    def site_writers(self, site: str) -> tuple[tuple[str, int, bool], ...]:
+        """As :meth:`ModelHandle.site_writers`, in HF layouts. Refused: ``embed`` (GPT-2 and
+        Gemma tie it to the unembedding, Gemma scales it) and Gemma 2/3's ``attn.out`` /
+        ``mlp.out`` (normalised after the block, so not affine in its weights)."""
+        if site == "embed":
+            raise ValueError("HFHandle: 'embed' cannot be rewritten through its weights (tied to "
+                             "the unembedding in GPT-2 and Gemma, scaled in Gemma)")
+        if site.endswith((".attn.out", ".mlp.out")) and \
+                self.model.config.model_type in ("gemma2", "gemma3_text"):
+            raise ValueError(f"HFHandle: {site!r} is normalised after the block "
+                             f"({self.model.config.model_type}: post-attention / "
+                             f"post-feedforward norm), so it is not affine in the block's weights")
+        conv1d = self.family.name == "gpt2"  # [in, out]: d_model is the last axis
+        return tuple((p, (1 if conv1d else 0) if p.endswith(("W_out", "W_O")) else axis, c)
+                     for p, axis, c in super().site_writers(site))
 
     def parameter(self, site: str) -> torch.nn.Parameter:
         info = self.info(site)
@@ -545,6 +591,16 @@ class HFHandle(ModelHandle):
     def hook_count(self) -> int:
         return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
                    for m in self.model.modules())
+
+    def readout(self):
+        """The final norm module (found from ``ln_final.w``'s HF name) and ``lm_head`` as
+        ``W_U [d_model, vocab]`` (transposed), ``b_U`` (zeros when it has no bias). Gemma's
+        final-logit soft-capping, when configured, is left out (it keeps the argmax)."""
+        norm = self.model.get_submodule(self.info("ln_final.w").target.rsplit(".", 1)[0])
+        head = self.model.get_output_embeddings()
+        b = head.bias if getattr(head, "bias", None) is not None else \
+            torch.zeros(head.weight.shape[0], dtype=head.weight.dtype)
+        return norm, head.weight.detach().T, b.detach()
 
     def clone(self) -> "HFHandle":
         return HFHandle(copy.deepcopy(self.model), self.tokenizer, self.name, self.on_split)

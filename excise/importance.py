@@ -135,10 +135,13 @@ class Importance:
                 if _is_activation(site):
                     out[site] = s
                 continue
-            unit, axis = hit
+            unit, axis = hit[:2]
             dims = [d for d in range(s.dim()) if d != axis]
             v = s.float()
             v = (v.amax(dim=dims) if reduce == "max" else v.sum(dim=dims)) if dims else v
+            if len(hit) > 2:  # unit i owns elements i*group .. (i+1)*group - 1 along the axis
+                v = v.view(-1, hit[2])
+                v = v.amax(1) if reduce == "max" else v.sum(1)
             if unit in out and unit not in self.scores:
                 out[unit] = torch.maximum(out[unit], v) if reduce == "max" else out[unit] + v
             else:

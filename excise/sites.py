@@ -147,6 +147,7 @@ def layer_of(site: str) -> int | None:
 # of a unit when an edit prunes it.
 PARAM_UNITS: tuple[tuple[str, str, int], ...] = (
     ("mlp.W_in", "mlp.post", 1),
+    ("mlp.W_gate", "mlp.post", 1),
     ("mlp.b_in", "mlp.post", 0),
     ("mlp.W_out", "mlp.post", 0),
     ("attn.W_Q", "attn.z", 0),

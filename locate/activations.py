@@ -67,12 +67,7 @@ def activations(model: ModelHandle, request: ForgetRequest,
 
 def _out_norm(model: ModelHandle, site: str) -> Tensor:
     """Norm of what each unit writes: the ``W_out`` row of a neuron, the ``W_O`` slice of a head."""
-    L = model.info(site).layer
-    if site.endswith("mlp.post"):
-        w = model.parameter(f"blocks.{L}.mlp.W_out").detach().float()  # [d_mlp, d_model]
-        return w.norm(dim=1)
-    w = model.parameter(f"blocks.{L}.attn.W_O").detach().float()  # [heads, d_head, d_model]
-    return w.flatten(1).norm(dim=1)
+    return model.unit_out_weights(site).float().flatten(1).norm(dim=1)
 
 
 def position_mask(b: Batch, positions: str) -> Tensor:
