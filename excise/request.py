@@ -50,15 +50,21 @@ class FactSet:
         return FactSet(self.name, keep)
 
     def split(self, fraction: float, seed: int = 0) -> tuple["FactSet", "FactSet"]:
-        """Split by person (facts of one person stay together) into two parts."""
+        """Split by owner into two parts: facts of one person stay together (facts that belong
+        to no person - real facts from JSONL - are grouped by subject, else by prompt)."""
         import random
 
-        people = sorted({f.person for f in self.facts})
-        random.Random(seed).shuffle(people)
-        k = max(1, min(len(people) - 1, round(fraction * len(people))))
-        a = set(people[:k])
-        return (FactSet(self.name + "_a", tuple(f for f in self.facts if f.person in a)),
-                FactSet(self.name + "_b", tuple(f for f in self.facts if f.person not in a)))
+        owners = sorted({owner(f) for f in self.facts})
+        random.Random(seed).shuffle(owners)
+        k = max(1, min(len(owners) - 1, round(fraction * len(owners))))
+        a = set(owners[:k])
+        return (FactSet(self.name + "_a", tuple(f for f in self.facts if owner(f) in a)),
+                FactSet(self.name + "_b", tuple(f for f in self.facts if owner(f) not in a)))
+
+
+def owner(f: Fact) -> tuple:
+    """Who a fact is about: its person, else its subject (or prompt) for real facts."""
+    return (0, f.person, "") if f.person >= 0 else (1, -1, f.subject or f.prompt)
 
 
 @dataclass(frozen=True)

@@ -179,11 +179,14 @@ def finetune_curve(model: ModelHandle, train: Sequence, evaluate: Sequence,
 
 
 def _split_people(facts: FactSet, cfg: AttackConfig, attack: str) -> tuple[FactSet, FactSet]:
-    """The part an attack trains on and the held-out part it is measured on, split by person."""
-    people = {f.person for f in facts}
-    if len(people) < 2 or -1 in people:
-        raise ValueError(f"the {attack} attack splits the forget set by person and needs "
-                         f"facts of at least 2 people; have {len(people - {-1})}")
+    """The part an attack trains on and the held-out part it is measured on, split by person
+    (by subject for facts that belong to no person)."""
+    from excise.request import owner
+
+    owners = {owner(f) for f in facts}
+    if len(owners) < 2:
+        raise ValueError(f"the {attack} attack splits the forget set by person (or subject) and "
+                         f"needs facts about at least 2 of them; have {len(owners)}")
     return facts.split(cfg.relearn_fraction, seed=cfg.seed)
 
 
@@ -225,8 +228,9 @@ def _readout_data(model: ModelHandle, facts: Sequence, sites: Sequence[str]):
         offset += len(b)
         for s in sites:
             feats[s].append(acts[s][rows, cols].float().cpu())
-    ln = model.model.ln_final
-    out = {s: ln(torch.cat(v)[:, None, :])[:, 0].detach() for s, v in feats.items()}
+    ln = model.readout()[0]
+    out = {s: ln(torch.cat(v)[:, None, :].to(model.device))[:, 0].detach().float().cpu()
+           for s, v in feats.items()}
     return out, torch.cat(toks), torch.cat(owner)
 
 
@@ -240,8 +244,8 @@ def refit(model: ModelHandle, request: ForgetRequest, cfg: AttackConfig = Attack
     sites = [f"blocks.{L}.resid_post" for L in range(model.n_layers)]
     xr, tr, _ = _readout_data(model, retain, sites)
     xf, tf, of = _readout_data(model, list(request.forget), sites)
-    W0 = model.model.unembed.W_U.detach().float().cpu()
-    b0 = model.model.unembed.b_U.detach().float().cpu()
+    _, W0, b0 = model.readout()
+    W0, b0 = W0.float().cpu(), b0.float().cpu()
     ys = []
     for s in sites:
         W = W0.clone().requires_grad_(True)
@@ -414,7 +418,8 @@ def quantize(model: ModelHandle, request: ForgetRequest,
 def paraphrase(model: ModelHandle, request: ForgetRequest,
                cfg: AttackConfig = AttackConfig()) -> Curve:
     xs, ys = ["trained"], [recall(model, request.forget)]
-    for form in ("statement", "question", "custom"):
+    first = ("statement", "question")
+    for form in first + tuple(sorted({f.form for f in request.paraphrase} - set(first))):
         part = request.paraphrase.where(form=form)
         if len(part):
             xs.append(f"paraphrase {form}")
