@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from edit._common import (check_choice, check_number, default_units, importance_digest,
                           need_request, param_slices)
@@ -48,9 +49,11 @@ def finetune(model: ModelHandle, importance: Importance | None = None,
              steps: int = 30, lr: float = 3e-3, batch_size: int = 16, seed: int = 0,
              top: int | float = 0.02, beta: float = 0.1, retain_weight: float = 1.0,
              optimizer: str = "adam", max_grad_norm: float = 1.0,
-             text_weight: float = 0.0, text_loss: str = "nll") -> Edit:
+             text_weight: float = 0.0, text_loss: str = "nll",
+             progress: bool = False) -> Edit:
     """Fine-tune the parameters of ``units`` (default: the ``top`` neurons/heads of
-    ``importance``; ``"all"``: every parameter) with ``method`` for ``steps`` steps."""
+    ``importance``; ``"all"``: every parameter) with ``method`` for ``steps`` steps
+    (``progress``: a tqdm bar over the steps)."""
     check_choice("finetune", "method", method, METHODS)
     check_choice("finetune", "optimizer", optimizer, OPTIMIZERS)
     check_choice("finetune", "text_loss", text_loss, TEXT_LOSSES)
@@ -80,7 +83,8 @@ def finetune(model: ModelHandle, importance: Importance | None = None,
               "units": "all" if selection is None else "selection",
               "request": req.digest(), "importance": importance_digest(importance)}
     trained = _train(model, slices, req, method, steps, lr, batch_size, seed, beta,
-                     retain_weight, optimizer, max_grad_norm, text_weight, text_loss)
+                     retain_weight, optimizer, max_grad_norm, text_weight, text_loss,
+                     progress)
     new = {s: (idx, trained[s].reshape(-1)[idx]) for s, idx in slices.items()}
     return weight_edit(model, "finetune", params, selection, new)
 
@@ -90,7 +94,8 @@ def _seq_logprob(model: ModelHandle, batch) -> torch.Tensor:
 
 
 def _train(model, slices, req, method, steps, lr, batch_size, seed, beta, retain_weight,
-           optimizer, max_grad_norm, text_weight, text_loss) -> dict[str, torch.Tensor]:
+           optimizer, max_grad_norm, text_weight, text_loss,
+           progress) -> dict[str, torch.Tensor]:
     """Train a private copy; return the trained values of the parameters in ``slices``."""
     work = model.clone()
     named = work.named_parameters()
@@ -121,7 +126,7 @@ def _train(model, slices, req, method, steps, lr, batch_size, seed, beta, retain
                         reduction="batchmean")
 
     use_retain = method == "gd" or (method == "npo" and retain_weight > 0)
-    for _ in range(steps):
+    for _ in tqdm(range(steps), desc=f"finetune ({method})", disable=not progress, leave=False):
         fi = torch.randperm(len(forget), generator=gen)[:batch_size]
         fb = _trim(forget[fi])
         if method == "npo":

@@ -180,6 +180,8 @@ def run(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = 
         ekw = dict(cfg.edit.params)
         if "request" in inspect.signature(edit_fn).parameters:
             ekw.setdefault("request", req)
+        if "progress" in inspect.signature(edit_fn).parameters:
+            ekw.setdefault("progress", progress)
         e = edit_fn(org.model, imp, units, **ekw)
         try:
             e.diff.save(tmp / "edit.safetensors")
