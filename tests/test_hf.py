@@ -400,11 +400,12 @@ def _gemma_or_skip():
 
 @pytest.mark.slow
 def test_gemma_forgets_facts(tmp_path):
-    """configs/gemma-facts.yaml end to end through the pipeline. Strict: the run completes, the
-    two planted facts the model never knew are reported as not known (not "forgotten"), the
-    known forget facts' greedy answers change and their target probability falls >= 10x (median).
-    Known failure (xfail, imperatively, with the numbers): plain SSD on the MLP weights is not
-    selective on Gemma 3 270M - neighbor recall and perplexity do not stay close."""
+    """configs/gemma-facts.yaml end to end through the pipeline (Fisher on the MLP weights; NPO
+    on the top 2% of MLP neurons with a retain-fact term and a KL term on retain text). The run
+    completes; the two planted facts the model never knew are reported as not known (not
+    "forgotten"); every known forget fact's greedy answer changes and the target probability
+    falls >= 10x (median); the held-out neighbors keep >= 80% of their recall, retain facts
+    >= 80%, and perplexity on held-out general text stays within 25% either way."""
     _gemma_or_skip()
     from edit import Diff
     from excise import config, pipeline
@@ -426,12 +427,10 @@ def test_gemma_forgets_facts(tmp_path):
     with Diff.load(tmp_path / "run" / "edit.safetensors").apply(h):
         after = knowledge(h, req.forget)
     drops = sorted(b["target_logprob"] - a["target_logprob"] for b, a in zip(before, after))
-    assert sum(a["greedy_first"] != b["greedy_first"] for a, b in zip(after, before)) >= 3
+    assert all(a["greedy_first"] != b["greedy_first"] for a, b in zip(after, before))
     assert drops[len(drops) // 2] >= math.log(10)  # median drop >= 10x
-    kept = (m["after"]["neighbor_recall"] >= 0.8 * m["before"]["neighbor_recall"]
-            and m["after"]["perplexity"] <= 1.25 * m["before"]["perplexity"])
-    if not kept:
-        pytest.xfail(f"SSD is not selective on Gemma 3 270M: neighbor recall "
-                     f"{m['before']['neighbor_recall']:.2f} -> {m['after']['neighbor_recall']:.2f}"
-                     f", perplexity {m['before']['perplexity']:.1f} -> "
-                     f"{m['after']['perplexity']:.1f}")
+    b, a = m["before"], m["after"]
+    assert len(req.neighbors) >= 10 and b["neighbor_recall"] == 1.0
+    assert a["neighbor_recall"] >= 0.8 * b["neighbor_recall"], (b, a)
+    assert a["retain_recall"] >= 0.8 * b["retain_recall"], (b, a)
+    assert 1 / 1.25 <= a["perplexity"] / b["perplexity"] <= 1.25, (b, a)
