@@ -58,17 +58,19 @@ def prune(model: ModelHandle, importance: Importance | None = None,
         if any(model.info(s).kind == "param" for s in units.sites()):
             raise ValueError("prune(mode='mean') ablates neurons or heads; parameter-element "
                              "units can only be zeroed (mode='zero')")
+        biases = {site: f"blocks.{layer_of(site)}." + ("attn.b_O" if site.endswith("attn.z")
+                                                        else "mlp.b_out")
+                  for site in units.sites()}
+        missing = [b for b in biases.values() if b not in model.site_table()]
+        if missing:
+            raise ValueError(f"prune(mode='mean') folds the ablated units' mean output into the "
+                             f"output bias, and this model has no {missing[0]!r} (e.g. Llama / "
+                             f"Gemma layers have no biases); use mode='zero', or a hook "
+                             f"(edit.project) to pin an activation")
         means = _mean_activations(model, req, units.sites(), batch_size)
         for site, idxs in units.by_site().items():
-            L = layer_of(site)
             rows = torch.tensor([ix[0] for ix in idxs])
-            head = site.endswith("attn.z")
-            b = f"blocks.{L}.attn.b_O" if head else f"blocks.{L}.mlp.b_out"
-            if b not in model.site_table():
-                raise ValueError(f"prune(mode='mean') folds the ablated units' mean output into "
-                                 f"the output bias, and this model has no {b!r} (e.g. Llama / "
-                                 f"Gemma layers have no biases); use mode='zero', or a hook "
-                                 f"(edit.project) to pin an activation")
+            head, b = site.endswith("attn.z"), biases[site]
             w = model.unit_out_weights(site.replace("mlp.pre", "mlp.post"))[rows].double()
             m = means[site][rows].double()
             shift = torch.einsum("hd,hdm->m", m, w) if head else m @ w

@@ -205,8 +205,8 @@ class ModelHandle:
                 out = [(f"blocks.{L}.{w}", -1, False)]
                 return tuple(out + ([(f"blocks.{L}.{b}", 0, True)]
                                     if f"blocks.{L}.{b}" in table else []))
-        raise ValueError(f"{site!r} is not written by one layer's weights; sites that are end "
-                         f"in 'mlp.out', 'attn.out' or are 'embed'")
+        raise ValueError(f"{site!r} is not written by one layer's weights; those sites end in "
+                         f"'mlp.out' or 'attn.out', or are 'embed'")
 
     def readout(self) -> tuple[Callable[[Tensor], Tensor], Tensor, Tensor]:
         """The logit lens: ``(final_norm, W_U [d_model, vocab], b_U [vocab])`` - the final

@@ -32,7 +32,7 @@ from torch import Tensor
 
 from excise.handle import Batch, ModelHandle
 from excise.request import FactSet, ForgetRequest
-from probes.behaviour import fact_hits, first_target_positions, recall
+from probes.behaviour import recall
 from probes.checks import check_positive
 
 ATTACKS = ("relearn", "benign", "refit", "sae", "quantize", "paraphrase")

@@ -202,10 +202,8 @@ def test_every_edit_method_applies_and_reverts(hf, method):
     kw = dict(EDITS[method])
     if kw.pop("with_request", False):
         kw["request"] = req
-    imp = locate.fisher(h, req, sites=["blocks.*.mlp.W_in", "blocks.*.mlp.W_out",
-                                       "blocks.*.attn.W_O"])
-    if method == "project":
-        imp = locate.activations(h, req)
+    imp = locate.activations(h, req) if method == "project" else \
+        locate.fisher(h, req, sites=["blocks.*.mlp.W_in", "blocks.*.mlp.W_out", "blocks.*.attn.W_O"])
     fp = h.fingerprint()
     toks = h.encode(list(req.forget)).tokens
     with torch.no_grad():
