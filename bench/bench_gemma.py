@@ -47,9 +47,9 @@ def main() -> None:
     import edit
     import locate
     from excise.gemma import gemma3_270m
-    from excise.hf import knowledge, screen_known
+    from probes import knowledge, screen_known
     from excise.request import ForgetRequest
-    from probes.verify import behaviour_metrics
+    from probes.behaviour import behaviour_metrics
 
     t = {}
     t0 = time.time()

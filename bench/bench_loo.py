@@ -58,23 +58,29 @@ def main() -> None:
     x = torch.randn(n, d, generator=g, dtype=torch.float64)
     w_true = torch.randn(d, generator=g, dtype=torch.float64) / d**0.5
     y = (x @ w_true + 0.5 * torch.randn(n, generator=g, dtype=torch.float64) > 0).double()
-    print(f"n={n} d={d} lam={lam} torch={torch.__version__} threads={torch.get_num_threads()} repeats={args.repeats}")
+    print(f"n={n} d={d} lam={lam} torch={torch.__version__} "
+          f"threads={torch.get_num_threads()} repeats={args.repeats}")
 
     t_cf, loo_cf = _median_time(lambda: ridge_loo(x, y, lam), args.repeats)
-    t_rf, loo_rf = _median_time(lambda: _refit_loop(ridge_fit, x, y, lam), max(1, args.repeats // 2))
+    half = max(1, args.repeats // 2)
+    t_rf, loo_rf = _median_time(lambda: _refit_loop(ridge_fit, x, y, lam), half)
     print(f"ridge closed-form LOO : {t_cf * 1e3:9.2f} ms")
     print(f"ridge {n} refits      : {t_rf * 1e3:9.2f} ms")
-    print(f"ridge speed ratio     : {t_rf / t_cf:9.1f}x   max|diff| = {(loo_cf - loo_rf).abs().max().item():.2e}")
+    diff = (loo_cf - loo_rf).abs().max().item()
+    print(f"ridge speed ratio     : {t_rf / t_cf:9.1f}x   max|diff| = {diff:.2e}")
 
     if args.no_logistic:
         return
     t_alo, p_alo = _median_time(lambda: logistic_loo(x, y, lam), args.repeats)
-    t_ex, p_ex = _median_time(lambda: logistic_loo(x, y, lam, exact=True), max(1, args.repeats // 2))
+    t_ex, p_ex = _median_time(lambda: logistic_loo(x, y, lam, exact=True), half)
     t_lp, p_lp = _median_time(lambda: _refit_loop(logistic_fit, x, y, lam, torch.sigmoid), 1)
-    print(f"logistic approx LOO   : {t_alo * 1e3:9.2f} ms   max|p - exact| = {(p_alo - p_ex).abs().max().item():.2e}")
-    print(f"logistic batched exact: {t_ex * 1e3:9.2f} ms   max|p - loop|  = {(p_ex - p_lp).abs().max().item():.2e}")
+    d_alo = (p_alo - p_ex).abs().max().item()
+    d_ex = (p_ex - p_lp).abs().max().item()
+    print(f"logistic approx LOO   : {t_alo * 1e3:9.2f} ms   max|p - exact| = {d_alo:.2e}")
+    print(f"logistic batched exact: {t_ex * 1e3:9.2f} ms   max|p - loop|  = {d_ex:.2e}")
     print(f"logistic {n} refits   : {t_lp * 1e3:9.2f} ms")
-    print(f"logistic ratios       : loop/approx {t_lp / t_alo:.1f}x, loop/batched {t_lp / t_ex:.1f}x")
+    print(f"logistic ratios       : loop/approx {t_lp / t_alo:.1f}x, "
+          f"loop/batched {t_lp / t_ex:.1f}x")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ def main() -> None:
     import excise
     import probes
     from excise import config as C
-    from excise import pipeline
+    from excise.app import pipeline
 
     t0 = time.time()
     org = excise.organism(a.preset, progress=False)
@@ -57,9 +57,9 @@ def main() -> None:
     print(rep.summary_text())
     print(f"\nverdict: {rep.verdict}\nrule: {rep.verdict_rule}")
     for name, att in rep.extra["attacks"].items():
-        print(f"attack {name:10s} x={att['x']}")
-        for lab, ys in att["curves"].items():
-            print(f"    {lab:7s} " + " ".join(f"{y:.2f}" for y in ys))
+        print(f"attack {name:10s} x={list(att.x)}")
+        for lab, c in att.curves.items():
+            print(f"    {lab:7s} " + " ".join(f"{y:.2f}" for y in c.y))
     print(f"\nload {t_load:.1f} s, edit {t_edit:.1f} s, verify (all suites) {t_verify:.1f} s "
           f"on {torch.get_num_threads()} thread(s)")
     print("per suite:", rep.extra["verify_seconds"])

@@ -27,8 +27,10 @@ def main() -> None:
         "must_edit/must_keep + coverage>=200 + max_edit<=300": dict(
             must_edit=some[:1], must_keep=some[1:], min_forget_coverage=200, max_edit=300),
         "all units candidates, no protect, coverage>=n/10, max_edit<=3n/10": dict(
-            top_fraction=1.0, protect_retain=False, min_forget_coverage=n // 10, max_edit=3 * n // 10),
-        "all units candidates, no protect, unconstrained": dict(top_fraction=1.0, protect_retain=False),
+            top_fraction=1.0, protect_retain=False, min_forget_coverage=n // 10,
+            max_edit=3 * n // 10),
+        "all units candidates, no protect, unconstrained": dict(top_fraction=1.0,
+                                                                protect_retain=False),
         "conflict: must_edit a protected unit": dict(
             must_edit=[max(retain, key=retain.get)]),
     }

@@ -12,7 +12,6 @@ from edit.finetune import finetune
 from edit.noise import noise
 from edit.project import project
 from edit.prune import prune
-from edit.sae_latents import ablate_latents  # also registers the 'sae_latents' hook kind
 from edit.sequential import Step, sequential
 from excise.edits import Diff, Edit, HookSpec, export
 

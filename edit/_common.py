@@ -1,60 +1,62 @@
-"""Shared checks and unit -> parameter mapping for the edit methods.
+"""Unit -> parameter mapping and selection defaults shared by the edit methods.
 
-Every method validates its input here *before* touching the model, so a bad call raises a
-``ValueError`` that names the culprit and leaves the weights as they were.
+Every method validates its input (:mod:`excise.checks`) *before* touching the model, so a bad
+call raises a ``ValueError`` that names the culprit and leaves the weights as they were.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
-from typing import Sequence
 
 import torch
 from torch import Tensor
 
+from excise.checks import check_units
 from excise.handle import ModelHandle
 from excise.importance import Importance
-from excise.request import ForgetRequest
-from excise.sites import PARAM_UNITS, Selection, Unit, layer_of
+from excise.sites import PARAM_UNITS, Selection, layer_of
 
 # activation sites whose units own parameter slices (mlp.pre neurons are the mlp.post neurons)
 UNIT_SITES = ("mlp.post", "mlp.pre", "attn.z")
 OUTPUT_WEIGHTS = ("mlp.W_out", "attn.W_O")
 
 
-def check_number(method: str, name: str, value, *, low: float | None = None,
-                 high: float | None = None, low_open: bool = False, integer: bool = False,
-                 high_open: bool = False) -> None:
-    """Raise ``ValueError`` unless ``value`` is a finite number in the given range."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok and integer:
-        ok = isinstance(value, int)
-    if ok:
-        ok = math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
-        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
-        rng = " and ".join(x for x in (lo, hi) if x) or "finite"
-        kind = "an integer" if integer else "a number"
-        raise ValueError(f"{method}: {name}={value!r} is out of range; {name} must be {kind} "
-                         f"{rng}")
+def check_inputs(method: str, model: ModelHandle, importance: Importance | None) -> None:
+    """What every edit method checks before it computes anything: the model's weights are
+    finite, and ``importance`` (when given) was computed on this model - see
+    :func:`check_importance_model`."""
+    model.check_finite(method)
+    if importance is not None:
+        check_importance_model(method, model, importance)
 
 
-def check_choice(method: str, name: str, value, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"{method}: unknown {name} {value!r}; choose one of {list(choices)}")
+def check_importance_model(method: str, model: ModelHandle, importance: Importance) -> None:
+    """Refuse an Importance computed on other weights than the model being edited.
 
-
-def need_request(method: str, request, why: str) -> ForgetRequest:
-    if not isinstance(request, ForgetRequest):
-        raise ValueError(f"{method} needs request= (a ForgetRequest) {why}; got "
-                         f"{type(request).__name__}")
-    return request
+    Locate methods record the weights' fingerprint in ``importance.meta["model"]``. It is
+    accepted when it is the model's current fingerprint, or the fingerprint the model had
+    before one of the edits now applied to it (``edit_stack``): an Importance located on a
+    model and then used for a second edit stacked on the first (noise then finetune, as GRIN
+    does) still describes this model's history. ``sequential`` locates on the edited weights,
+    which is the current fingerprint. An Importance without a recorded fingerprint (built by
+    hand) is not checked."""
+    want = importance.meta.get("model") if isinstance(importance, Importance) else None
+    if not isinstance(want, str) or not want:
+        return
+    history = [e.fingerprint_before for e in model.edit_stack]
+    if want in history:
+        return
+    have = model.fingerprint()
+    if want == have:
+        return
+    stacked = (f" nor before any of the {len(history)} edit(s) applied to it"
+               f" ({', '.join(str(h) for h in history)})" if history else "")
+    raise ValueError(f"{method}: the Importance ({importance.method!r}) was computed on a model "
+                     f"with fingerprint {want}, but the model being edited "
+                     f"({model.name or type(model).__name__}) has fingerprint {have}{stacked}: "
+                     f"its scores describe other weights. Locate again on this model "
+                     f"(locate.{importance.method}(model, request)), or edit the model it was "
+                     f"computed on")
 
 
 def default_units(method: str, importance: Importance | None, units: Selection | None,
@@ -76,24 +78,6 @@ def default_units(method: str, importance: Importance | None, units: Selection |
             if "maps to units" not in str(e):
                 raise
     return importance.top(top)
-
-
-def check_units(method: str, model: ModelHandle, units: Selection) -> None:
-    """Every unit names an existing site and an index inside it; the selection is not empty."""
-    if len(units) == 0:
-        raise ValueError(f"{method}: the selection is empty; nothing to edit")
-    for site, idxs in units.by_site().items():
-        info = model.info(site)  # unknown site -> ValueError with suggestions
-        shape = info.unit_shape
-        for ix in idxs:
-            if len(ix) != len(shape) or any(not 0 <= i < n for i, n in zip(ix, shape)):
-                raise ValueError(f"{method}: unit {Unit(site, ix)} does not exist in this model; "
-                                 f"{site} has unit shape {tuple(shape)} (valid indices "
-                                 f"{_ranges(shape)})")
-
-
-def _ranges(shape) -> str:
-    return "[" + ", ".join(f"0..{n - 1}" for n in shape) + "]"
 
 
 def flat_index(shape, ix: tuple[int, ...]) -> int:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from edit._common import check_number, importance_digest, param_slices
+from edit._common import check_inputs, importance_digest, param_slices
+from excise.checks import check_number
 from excise.edits import Edit, weight_edit
 from excise.handle import ModelHandle
 from excise.importance import Importance
@@ -39,6 +40,7 @@ def dampen(model: ModelHandle, importance: Importance | None = None,
     if importance is None:
         raise ValueError("dampen needs an Importance with forget and retain Fisher in its "
                          "parts (from locate.fisher)")
+    check_inputs("dampen", model, importance)
     parts = importance.parts
     if "forget" not in parts or "retain" not in parts:
         raise ValueError(f"dampen needs forget and retain Fisher in Importance.parts; "

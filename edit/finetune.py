@@ -28,20 +28,57 @@ Batches are drawn from a seeded generator: same seed, same edit.
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from edit._common import (check_choice, check_number, default_units, importance_digest,
-                          need_request, param_slices)
+from edit._common import check_inputs, default_units, importance_digest, param_slices
+from excise.checks import check_choice, check_number, need_request
 from excise.edits import Edit, weight_edit
-from excise.handle import ModelHandle
+from excise.handle import Batch, ModelHandle
 from excise.importance import Importance
+from excise.request import ForgetRequest
 from excise.sites import Selection
+from excise.train import Optim, Sampler, train
 
 METHODS = ("ga", "gd", "npo")
 TEXT_LOSSES = ("nll", "kl")
 OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    """How :func:`finetune` trains (validated on construction; the field order is the order of
+    the edit's recorded parameters)."""
+
+    method: str = "gd"
+    steps: int = 30
+    lr: float = 3e-3
+    batch_size: int = 16
+    seed: int = 0
+    beta: float = 0.1
+    retain_weight: float = 1.0
+    optimizer: str = "adam"
+    max_grad_norm: float = 1.0
+    text_weight: float = 0.0
+    text_loss: str = "nll"
+
+    def __post_init__(self):
+        check_choice("finetune", "method", self.method, METHODS)
+        check_choice("finetune", "optimizer", self.optimizer, OPTIMIZERS)
+        check_choice("finetune", "text_loss", self.text_loss, TEXT_LOSSES)
+        check_number("finetune", "steps", self.steps, low=1, integer=True)
+        check_number("finetune", "lr", self.lr, low=0, low_open=True)
+        check_number("finetune", "batch_size", self.batch_size, low=1, integer=True)
+        check_number("finetune", "seed", self.seed, low=0, integer=True)
+        check_number("finetune", "beta", self.beta, low=0, low_open=True)
+        check_number("finetune", "retain_weight", self.retain_weight, low=0)
+        check_number("finetune", "max_grad_norm", self.max_grad_norm, low=0, low_open=True)
+        check_number("finetune", "text_weight", self.text_weight, low=0)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def finetune(model: ModelHandle, importance: Importance | None = None,
@@ -54,19 +91,11 @@ def finetune(model: ModelHandle, importance: Importance | None = None,
     """Fine-tune the parameters of ``units`` (default: the ``top`` neurons/heads of
     ``importance``; ``"all"``: every parameter) with ``method`` for ``steps`` steps
     (``progress``: a tqdm bar over the steps)."""
-    check_choice("finetune", "method", method, METHODS)
-    check_choice("finetune", "optimizer", optimizer, OPTIMIZERS)
-    check_choice("finetune", "text_loss", text_loss, TEXT_LOSSES)
-    check_number("finetune", "steps", steps, low=1, integer=True)
-    check_number("finetune", "lr", lr, low=0, low_open=True)
-    check_number("finetune", "batch_size", batch_size, low=1, integer=True)
-    check_number("finetune", "seed", seed, low=0, integer=True)
-    check_number("finetune", "beta", beta, low=0, low_open=True)
-    check_number("finetune", "retain_weight", retain_weight, low=0)
-    check_number("finetune", "max_grad_norm", max_grad_norm, low=0, low_open=True)
-    check_number("finetune", "text_weight", text_weight, low=0)
+    settings = FinetuneSettings(method, steps, lr, batch_size, seed, beta, retain_weight,
+                                optimizer, max_grad_norm, text_weight, text_loss)
     req = need_request("finetune", request, "(its forget facts are unlearned, its retain facts "
                        "kept)")
+    check_inputs("finetune", model, importance)
     if isinstance(units, str):
         if units != "all":
             raise ValueError(f"finetune: units={units!r}; pass a Selection, None (top units "
@@ -76,27 +105,23 @@ def finetune(model: ModelHandle, importance: Importance | None = None,
     else:
         selection = default_units("finetune", importance, units, top)
         slices = param_slices("finetune", model, selection)
-    params = {"method": method, "steps": steps, "lr": lr, "batch_size": batch_size,
-              "seed": seed, "beta": beta, "retain_weight": retain_weight,
-              "optimizer": optimizer, "max_grad_norm": max_grad_norm, "text_weight": text_weight,
-              "text_loss": text_loss,
-              "units": "all" if selection is None else "selection",
-              "request": req.digest(), "importance": importance_digest(importance)}
-    trained = _train(model, slices, req, method, steps, lr, batch_size, seed, beta,
-                     retain_weight, optimizer, max_grad_norm, text_weight, text_loss,
-                     progress)
+    params = settings.to_dict() | {
+        "units": "all" if selection is None else "selection",
+        "request": req.digest(), "importance": importance_digest(importance)}
+    trained = _train(model, slices, req, settings, progress=progress)
     new = {s: (idx, trained[s].reshape(-1)[idx]) for s, idx in slices.items()}
     return weight_edit(model, "finetune", params, selection, new)
 
 
-def _seq_logprob(model: ModelHandle, batch) -> torch.Tensor:
+def _seq_logprob(model: ModelHandle, batch: Batch) -> torch.Tensor:
     return model.token_logprobs(batch).sum(1)  # [n]
 
 
-def _train(model, slices, req, method, steps, lr, batch_size, seed, beta, retain_weight,
-           optimizer, max_grad_norm, text_weight, text_loss,
-           progress) -> dict[str, torch.Tensor]:
-    """Train a private copy; return the trained values of the parameters in ``slices``."""
+def _train(model: ModelHandle, slices: dict[str, torch.Tensor], req: ForgetRequest,
+           settings: FinetuneSettings, *, progress: bool) -> dict[str, torch.Tensor]:
+    """Train a private copy (only the elements in ``slices`` move: gradients elsewhere are
+    masked to zero); return the trained values of the parameters in ``slices``."""
+    st = settings
     work = model.clone()
     named = work.named_parameters()
     masks = {}
@@ -106,50 +131,44 @@ def _train(model, slices, req, method, steps, lr, batch_size, seed, beta, retain
         masks[s] = m.view(named[s].shape).to(named[s].device)
     for s, p in named.items():
         p.requires_grad_(s in masks)
-    train = [named[s] for s in masks]
     forget = work.encode(list(req.forget))
     retain = work.encode(list(req.retain))
-    text = work.encode_texts(list(req.retain_text)) if text_weight and req.retain_text else None
-    gen = torch.Generator().manual_seed(seed)
+    text = (work.encode_texts(list(req.retain_text)) if st.text_weight and req.retain_text
+            else None)
+    sampler = Sampler(st.seed)
     ref = None
-    if method == "npo":
+    if st.method == "npo":
         with torch.no_grad():
             ref = torch.cat([_seq_logprob(work, b) for b in forget.chunks(256)])
-    opt = (torch.optim.Adam(train, lr=lr) if optimizer == "adam"
-           else torch.optim.SGD(train, lr=lr))
-    def keep_text(batch):
-        if text_loss == "nll":
+
+    def keep_text(batch: Batch) -> torch.Tensor:
+        if st.text_loss == "nll":
             return work.loss(batch)
         with torch.no_grad():
             ref_lp = model.target_logprobs(batch)
         return F.kl_div(work.target_logprobs(batch), ref_lp, log_target=True,
                         reduction="batchmean")
 
-    use_retain = method == "gd" or (method == "npo" and retain_weight > 0)
-    for _ in tqdm(range(steps), desc=f"finetune ({method})", disable=not progress, leave=False):
-        fi = torch.randperm(len(forget), generator=gen)[:batch_size]
-        fb = _trim(forget[fi])
-        if method == "npo":
+    use_retain = st.method == "gd" or (st.method == "npo" and st.retain_weight > 0)
+
+    def loss_fn(_step: int) -> torch.Tensor:
+        # one batch per split, drawn in this order: forget, retain, text
+        fi = sampler.rows(len(forget), st.batch_size)
+        fb = forget[fi].trim()
+        if st.method == "npo":
             lp = _seq_logprob(work, fb)
-            loss = -(2.0 / beta) * F.logsigmoid(-beta * (lp - ref[fi])).mean()
+            loss = -(2.0 / st.beta) * F.logsigmoid(-st.beta * (lp - ref[fi])).mean()
         else:
             loss = -work.loss(fb)
         if use_retain:
-            ri = torch.randperm(len(retain), generator=gen)[:batch_size]
-            loss = loss + retain_weight * work.loss(_trim(retain[ri]))
+            ri = sampler.rows(len(retain), st.batch_size)
+            loss = loss + st.retain_weight * work.loss(retain[ri].trim())
         if text is not None:
-            ti = torch.randperm(len(text), generator=gen)[:batch_size]
-            loss = loss + text_weight * keep_text(_trim(text[ti]))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        for s, p in zip(masks, train):
-            if p.grad is not None:
-                p.grad.mul_(masks[s])
-        torch.nn.utils.clip_grad_norm_(train, max_grad_norm)
-        opt.step()
+            ti = sampler.rows(len(text), st.batch_size)
+            loss = loss + st.text_weight * keep_text(text[ti].trim())
+        return loss
+
+    train(loss_fn, {s: named[s] for s in masks}, steps=st.steps,
+          optim=Optim(st.optimizer, lr=st.lr), masks=masks, max_grad_norm=st.max_grad_norm,
+          progress=progress, desc=f"finetune ({st.method})")
     return {s: named[s].detach() for s in masks}
-
-
-def _trim(b):
-    t = int(b.lengths.max())
-    return type(b)(b.tokens[:, :t], b.target_mask[:, :t], b.subject_mask[:, :t], b.lengths)

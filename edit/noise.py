@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from edit._common import (check_choice, check_number, default_units, importance_digest,
-                          param_slices)
+from edit._common import check_inputs, default_units, importance_digest, param_slices
+from excise.checks import check_choice, check_number
 from excise.edits import Edit, weight_edit
 from excise.handle import ModelHandle
 from excise.importance import Importance
@@ -29,6 +29,7 @@ def noise(model: ModelHandle, importance: Importance | None = None,
     check_number("noise", "scale", scale, low=0, low_open=True)
     check_choice("noise", "relative", relative, RELATIVE)
     check_number("noise", "seed", seed, low=0, integer=True)
+    check_inputs("noise", model, importance)
     units = default_units("noise", importance, units, top, level="element")
     slices = param_slices("noise", model, units)
     gen = torch.Generator().manual_seed(seed)

@@ -35,12 +35,14 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from edit._common import (check_choice, check_units, check_number, default_units, importance_digest,
-                          need_request, real_positions, target_positions)
+from edit._common import (check_inputs, default_units, importance_digest, real_positions,
+                          target_positions)
+from excise.checks import check_choice, check_number, check_units, need_request
 from excise.edits import Edit, HookSpec, weight_edit
 from excise.handle import ModelHandle
 from excise.importance import Importance
 from excise.sites import Selection, layer_of
+from excise.train import Optim, train
 
 MODES = ("remove", "align")
 DIRECTIONS = ("mean_diff", "probe")
@@ -61,6 +63,7 @@ def project(model: ModelHandle, importance: Importance | None = None,
     check_choice("project", "positions", positions, POSITIONS)
     check_number("project", "batch_size", batch_size, low=1, integer=True)
     check_number("project", "probe_l2", probe_l2, low=0)
+    check_inputs("project", model, importance)
     if not isinstance(bake, bool):
         raise ValueError(f"project: bake must be True or False, got {bake!r}")
     site_list = _resolve_sites(model, importance, units, sites, top)
@@ -208,18 +211,15 @@ def _logistic_probe(pos: Tensor, neg: Tensor, l2: float, steps: int = 100) -> Te
     z = (x - mu) / sd
     w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
 
-    def closure():
-        opt.zero_grad()
+    def loss(_step: int) -> Tensor:
         logit = z @ w + b
-        loss = (torch.nn.functional.binary_cross_entropy_with_logits(logit, y, reduction="none")
+        return (torch.nn.functional.binary_cross_entropy_with_logits(logit, y, reduction="none")
                 * wts).sum() + l2 * (w ** 2).sum()
-        loss.backward()
-        return loss
 
-    with torch.enable_grad():
-        opt.step(closure)
+    # one L-BFGS step of up to ``steps`` iterations (full batch: the loss draws nothing)
+    train(loss, [w, b], steps=1, optim=Optim("lbfgs", lr=1.0, max_iter=steps,
+                                             line_search="strong_wolfe"))
     return (w / sd).detach()  # back to the raw activation basis
 
 

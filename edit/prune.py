@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import torch
 
-from edit._common import (check_choice, check_number, default_units, importance_digest,
-                          need_request, param_slices, real_positions)
+from edit._common import (check_inputs, default_units, importance_digest, param_slices,
+                          real_positions)
+from excise.checks import check_choice, check_number, need_request
 from excise.edits import Edit, weight_edit
 from excise.handle import ModelHandle
 from excise.importance import Importance
@@ -36,6 +37,7 @@ def prune(model: ModelHandle, importance: Importance | None = None,
 
     SAE latents (units at ``blocks.L.<site>.sae``, e.g. from ``locate.sae``) are ablated by a
     hook that removes their decoder contribution at the base site (``edit.sae_latents``)."""
+    check_inputs("prune", model, importance)
     sae_sites = [s for s in (units.sites() if units is not None else
                              (importance.sites if importance is not None else []))
                  if s.endswith(".sae")]

@@ -3,66 +3,18 @@
 ``z_j * W_dec[j] / scale`` is removed from the activation (``gain=0``) or rescaled (``gain``).
 
 The hook stores only the selected latents' encoder columns, decoder rows and the SAE's decoder
-bias, so the edit saves and re-applies like any other hook edit (kind ``sae_latents``); nothing
-of the SAE object is pickled.
+bias (``excise.sae.latent_spec``), so the edit saves and re-applies like any other hook edit: its
+kind ``sae_latents`` is registered in the core (``excise.edits``), and a saved edit loads in a
+process that never imported ``edit``. Nothing of the SAE object is pickled.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-import torch
-from torch import Tensor
-
-from excise.edits import Edit, HookSpec, register_hook_kind
-from excise.handle import HookFn, ModelHandle
+from excise.edits import Edit
+from excise.handle import ModelHandle
 from excise.importance import Importance
+from excise.sae import latent_spec, load_sae
 from excise.sites import Selection
-
-
-@register_hook_kind("sae_latents")
-def _sae_latents_hook(site: str, params: dict, tensors: dict) -> HookFn:
-    w_enc = tensors["W_enc"].detach().clone()  # [d_in, k]
-    b_enc = tensors["b_enc"].detach().clone()  # [k]
-    w_dec = tensors["W_dec"].detach().clone()  # [k, d_in]
-    b_dec = tensors["b_dec"].detach().clone()  # [d_in]
-    scale = float(params["scale"])
-    gain = float(params["gain"])
-    sub = bool(params.get("apply_b_dec_to_input", True))
-
-    def fn(x: Tensor, _site: str) -> Tensor:
-        xs = x * scale
-        if sub:
-            xs = xs - b_dec
-        z = torch.relu(xs @ w_enc + b_enc)  # [..., k] the selected latents
-        return x + (gain - 1.0) * (z @ w_dec) / scale
-
-    return fn
-
-
-def latent_spec(sae, scale: float, site: str, latents: list[int], gain: float) -> HookSpec:
-    """The hook spec that rescales ``latents`` of a sae-lens SAE read at ``site``."""
-    idx = torch.tensor(sorted(latents))
-    flag = bool(getattr(sae.cfg, "apply_b_dec_to_input", True))
-    return HookSpec("sae_latents", site, {"scale": scale, "gain": gain,
-                                          "apply_b_dec_to_input": flag},
-                    {"W_enc": sae.W_enc.detach()[:, idx].float(),
-                     "b_enc": sae.b_enc.detach()[idx].float(),
-                     "W_dec": sae.W_dec.detach()[idx].float(),
-                     "b_dec": sae.b_dec.detach().float()})
-
-
-def load_sae(path: str | Path):
-    """A sae-lens SAE saved by ``locate.sae`` (safetensors + cfg.json) and its input scale."""
-    from sae_lens import StandardTrainingSAE
-
-    path = Path(path)
-    meta_file = path / "excise.json"
-    if not meta_file.exists():
-        raise ValueError(f"no SAE saved by excise at {path}")
-    return StandardTrainingSAE.load_from_disk(path).eval(), \
-        float(json.loads(meta_file.read_text())["input_scale"])
 
 
 def ablate_latents(model: ModelHandle, importance: Importance | None, units: Selection | None,

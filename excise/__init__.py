@@ -2,14 +2,14 @@
 
 The shared core. The three stages live in the top-level packages ``locate``, ``edit`` and
 ``probes``; this package holds what they share: model handles and sites, requests, the model
-organism, result types, the pipeline and the CLI.
+organism, result types. The core never imports a stage; only the application layer
+``excise.app`` (pipeline, CLI, sweep) wires the stages together.
 """
 
 from excise.handle import Batch, ModelHandle, TLHandle
 from excise.organism import Organism, PRESETS, organism
-from excise.request import FactSet, ForgetRequest
+from excise.request import Fact, FactSet, ForgetRequest
 from excise.sites import Selection, Unit
-from excise.world import Fact
 
 __all__ = ["Batch", "Fact", "FactSet", "ForgetRequest", "ModelHandle", "Organism", "PRESETS",
            "Selection", "TLHandle", "Unit", "organism"]

@@ -1,5 +1,8 @@
 """Pipeline configuration: a short YAML file, one frozen dataclass per stage.
 
+Core, not application: nothing here imports a stage. Method names and parameters are checked
+against the registries the caller passes (``excise.app.pipeline.registries()``).
+
 Method-specific parameters sit beside ``method`` in the stage's mapping
 (``edit: {method: dampen, alpha: 10}``) and are checked against the method's signature, so
 ``--set edit.alpha=5`` works and ``--set edit.alpah=5`` fails naming the valid keys.
@@ -35,7 +38,8 @@ class ModelConfig:
 
     name: str | None = None  # one of excise.hf.MODELS, e.g. gemma3-270m
     path: str | None = None  # or a local Hugging Face model folder
-    on_split: str = "warn"  # a target that tokenizes differently after its prompt: warn|raise|ignore
+    # a target that tokenizes differently after its prompt: warn | raise | ignore
+    on_split: str = "warn"
 
 
 @dataclass(frozen=True)
@@ -92,12 +96,13 @@ class RunConfig:
         return d
 
 
-_STAGES = {"organism": OrganismConfig, "model": ModelConfig, "request": RequestConfig, "locate": LocateConfig,
-           "select": SelectConfig, "edit": EditConfig, "verify": VerifyConfig}
+_STAGES = {"organism": OrganismConfig, "model": ModelConfig, "request": RequestConfig,
+           "locate": LocateConfig, "select": SelectConfig, "edit": EditConfig,
+           "verify": VerifyConfig}
 _WITH_PARAMS = ("locate", "edit", "verify")
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError:
@@ -113,7 +118,7 @@ def apply_sets(raw: dict, sets: list[str]) -> dict:
         section = raw.get(parts[0])
         if (len(parts) == 2 and parts[0] in _WITH_PARAMS and parts[1] == "method"
                 and isinstance(section, dict)
-                and section.get("method") not in (None, _parse_value(value))):
+                and section.get("method") not in (None, parse_value(value))):
             fields = {f.name for f in dataclasses.fields(_STAGES[parts[0]])}
             raw[parts[0]] = {k: v for k, v in section.items() if k in fields and k != "params"}
     for item in sets:
@@ -122,17 +127,17 @@ def apply_sets(raw: dict, sets: list[str]) -> dict:
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
         if parts[0] not in _STAGES and not (len(parts) == 1 and parts[0] == "seed"):
-            raise ConfigError(_unknown(f"--set {key}", parts[0], list(_STAGES) + ["seed"]))
+            raise ConfigError(unknown_key(f"--set {key}", parts[0], list(_STAGES) + ["seed"]))
         node = raw
         for p in parts[:-1]:
             child = node.get(p)
             node[p] = dict(child) if isinstance(child, dict) else {}
             node = node[p]
-        node[parts[-1]] = _parse_value(value)
+        node[parts[-1]] = parse_value(value)
     return raw
 
 
-def _unknown(what: str, bad: str, valid: list[str]) -> str:
+def unknown_key(what: str, bad: str, valid: list[str]) -> str:
     close = difflib.get_close_matches(bad, valid, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return f"{what}: unknown key {bad!r}{hint} (valid: {', '.join(sorted(valid))})"
@@ -145,7 +150,7 @@ def build(raw: dict, registries: dict[str, dict] | None = None) -> RunConfig:
     registries = registries or {}
     unknown = [k for k in raw if k not in _STAGES and k != "seed"]
     if unknown:
-        raise ConfigError(_unknown("config", unknown[0], list(_STAGES) + ["seed"]))
+        raise ConfigError(unknown_key("config", unknown[0], list(_STAGES) + ["seed"]))
     stages = {}
     for name, cls in _STAGES.items():
         section = raw.get(name) or {}
@@ -160,7 +165,7 @@ def build(raw: dict, registries: dict[str, dict] | None = None) -> RunConfig:
         else:
             bad = [k for k in section if k not in fields]
             if bad:
-                raise ConfigError(_unknown(f"config section {name!r}", bad[0], sorted(fields)))
+                raise ConfigError(unknown_key(f"config section {name!r}", bad[0], sorted(fields)))
             known = dict(section)
         stages[name] = cls(**known)
     for name in ("locate", "edit"):
@@ -189,18 +194,27 @@ def check_params(where: str, fn, params: dict) -> None:
              if n not in _RESERVED and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
     for k in params:
         if k not in valid:
-            raise ConfigError(_unknown(where, k, valid))
+            raise ConfigError(unknown_key(where, k, valid))
 
 
-def load(path: str | Path | None, sets: list[str] = (), registries=None) -> RunConfig:
-    path = Path(path) if path else DEFAULT_CONFIG
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file's contents; a missing file or malformed YAML is a ConfigError naming the
+    file (and the line and column)."""
+    path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        return yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"malformed YAML in {path}{where}: "
                           f"{getattr(e, 'problem', None) or e}") from None
+
+
+def load(path: str | Path | None, sets: list[str] = (), registries=None) -> RunConfig:
+    """A pipeline config from YAML (default: configs/default.yaml) with ``--set`` overrides;
+    ``registries`` (stage -> method name -> function, from the application layer) checks
+    method names and their parameters."""
+    raw = read_yaml(Path(path) if path else DEFAULT_CONFIG)
     return build(apply_sets(raw, list(sets)), registries)

@@ -13,7 +13,9 @@ Hook edits that should survive a save are described by :class:`HookSpec` (a regi
 *kind*, the site, JSON parameters and named tensors). A Diff saves their tensors in the
 safetensors file and the specs as JSON in its metadata; loading re-creates the hook functions
 from :data:`HOOK_KINDS` - nothing is ever pickled. Plain ``hooks={site: fn}`` still work but
-cannot be saved.
+cannot be saved. The built-in kinds (``rank_one``: ``edit.project``; ``sae_latents``: SAE latent
+ablation) are registered here, so a saved diff loads in any process that imports this module;
+:func:`register_hook_kind` adds more and refuses a name that is taken.
 """
 
 from __future__ import annotations
@@ -83,12 +85,22 @@ class HookSpec:
 
 
 HookFactory = Callable[[str, dict, dict], HookFn]
-HOOK_KINDS: dict[str, HookFactory] = {}
+HOOK_KINDS: dict[str, HookFactory] = {}  # the built-in kinds below register at import
 
 
 def register_hook_kind(name: str) -> Callable[[HookFactory], HookFactory]:
-    """Register a factory ``(site, params, tensors) -> hook fn`` under ``name``."""
+    """Register a factory ``(site, params, tensors) -> hook fn`` under ``name``. A name is
+    registered once: a second factory under a taken name is refused (a saved diff names its
+    kind, and must mean one thing when it is loaded)."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a hook kind is named by a non-empty string, got {name!r}")
+
     def deco(factory: HookFactory) -> HookFactory:
+        have = HOOK_KINDS.get(name)
+        if have is not None and have is not factory:
+            raise ValueError(f"hook kind {name!r} is already registered (by "
+                             f"{have.__module__}.{have.__qualname__}); choose another name. "
+                             f"Registered kinds: {sorted(HOOK_KINDS)}")
         HOOK_KINDS[name] = factory
         return factory
     return deco
@@ -109,6 +121,32 @@ def _rank_one_hook(site: str, params: dict, tensors: dict) -> HookFn:
         coef = x @ uu  # [..., ]
         target = 0.0 if c is None else c.to(x.device, x.dtype)
         return x + (target - coef)[..., None] * uu
+
+    return fn
+
+
+@register_hook_kind("sae_latents")
+def _sae_latents_hook(site: str, params: dict, tensors: dict) -> HookFn:
+    """Rescale selected SAE latents: each latent's contribution ``z_j * W_dec[j] / scale`` to
+    the activation is multiplied by ``gain`` (0 removes it); what else the SAE reads or misses
+    passes unchanged. Tensors: the selected latents' ``W_enc [d_in, k]``, ``b_enc [k]``,
+    ``W_dec [k, d_in]`` and the SAE's ``b_dec [d_in]``; params: ``scale`` (the SAE reads
+    ``activation * scale``), ``gain``, ``apply_b_dec_to_input`` (``excise.sae.latent_spec``
+    builds the spec from a sae-lens SAE)."""
+    w_enc = tensors["W_enc"].detach().clone()  # [d_in, k]
+    b_enc = tensors["b_enc"].detach().clone()  # [k]
+    w_dec = tensors["W_dec"].detach().clone()  # [k, d_in]
+    b_dec = tensors["b_dec"].detach().clone()  # [d_in]
+    scale = float(params["scale"])
+    gain = float(params["gain"])
+    sub = bool(params.get("apply_b_dec_to_input", True))
+
+    def fn(x: Tensor, _site: str) -> Tensor:
+        xs = x * scale
+        if sub:
+            xs = xs - b_dec
+        z = torch.relu(xs @ w_enc + b_enc)  # [..., k] the selected latents
+        return x + (gain - 1.0) * (z @ w_dec) / scale
 
     return fn
 
@@ -336,10 +374,8 @@ class Edit:
 
 
 def _stack(handle: ModelHandle) -> list[Edit]:
-    """Edits currently applied to this handle, oldest first (state lives on the handle)."""
-    if not hasattr(handle, "_excise_edits"):
-        handle._excise_edits = []  # type: ignore[attr-defined]
-    return handle._excise_edits  # type: ignore[attr-defined]
+    """Edits currently applied to this handle, oldest first (``ModelHandle.edit_stack``)."""
+    return handle.edit_stack
 
 
 def applied_edits(handle: ModelHandle) -> list[Edit]:

@@ -144,4 +144,6 @@ def gemma3_270m(*, refresh: bool = False, log: Callable[[str], None] = print,
     from excise.hf import HFHandle
 
     model, tokenizer = load_hf(refresh=refresh, log=log)
-    return HFHandle(model, tokenizer, name=NAME, on_split=on_split)
+    handle = HFHandle(model, tokenizer, name=NAME, on_split=on_split)
+    handle.check_finite(f"loading {NAME} from {cache_path()}")
+    return handle

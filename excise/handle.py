@@ -1,16 +1,21 @@
 """Model handles: one interface over a model, whichever library runs it.
 
 A handle answers: which sites exist, how to read or patch an activation at a site, which tensor a
-parameter site is, and the per-token log-probability of target continuations for a batch.
-``locate``, ``edit`` and ``probes`` only talk to models through a handle.
+parameter site is, the per-token log-probability of target continuations for a batch, and every
+layout question (which slice of a weight belongs to which neuron or head, which axis a weight
+quantizer reduces over). ``locate``, ``edit`` and ``probes`` only talk to models through a handle
+and never ask which backend it is.
 
-``TLHandle`` wraps a TransformerLens ``HookedTransformer`` (first-class backend). Hooks are plain
-PyTorch forward hooks on TransformerLens hook points, registered inside context managers that
-remove them in ``finally`` - nothing is left behind after an exception.
+:class:`ModelHandle` is the abstract base: it declares the whole protocol and implements what
+backends share (hooks as context managers removed in ``finally`` - nothing is left behind after
+an exception -, logits with hooks, losses, parameters, fingerprints, ``n_layers``, the edit
+stack). ``TLHandle`` wraps a TransformerLens ``HookedTransformer`` (first-class backend; hooks
+are forward hooks on its hook points); ``excise.hf.HFHandle`` any Hugging Face causal LM.
 """
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import copy
 import hashlib
@@ -19,12 +24,18 @@ from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
-from excise.sites import SiteInfo, expand, layer_of, unknown_site_error
-from excise.world import Fact, Tokenizer
+from excise.request import Fact
+from excise.sites import SiteInfo, expand, layer_of, unit_of_param, unknown_site_error
+from excise.world import Tokenizer
 
 # fn(activation, site) -> new activation or None (modify in place / read only)
 HookFn = Callable[[Tensor, str], Tensor | None]
+
+# ModelHandle.check_fits: a text longer than this many characters per context position is
+# counted on a prefix first (every tokenizer excise meets spends fewer characters per token)
+_CHARS_PER_TOKEN = 16
 
 
 @dataclass(frozen=True)
@@ -44,11 +55,16 @@ class Batch:
         return Batch(self.tokens[idx], self.target_mask[idx], self.subject_mask[idx],
                      self.lengths[idx])
 
+    def trim(self) -> "Batch":
+        """The same rows without the padding columns no row needs (cut at the longest row)."""
+        t = int(self.lengths.max())
+        return Batch(self.tokens[:, :t], self.target_mask[:, :t], self.subject_mask[:, :t],
+                     self.lengths)
+
     def chunks(self, size: int) -> Iterator["Batch"]:
+        """Consecutive batches of ``size`` rows, each trimmed."""
         for i in range(0, len(self), size):
-            b = self[i:i + size]
-            t = int(b.lengths.max())
-            yield Batch(b.tokens[:, :t], b.target_mask[:, :t], b.subject_mask[:, :t], b.lengths)
+            yield self[i:i + size].trim()
 
 
 def pad_batch(rows: Sequence[list[int]], tmask: Sequence[list[bool]],
@@ -67,15 +83,34 @@ def pad_batch(rows: Sequence[list[int]], tmask: Sequence[list[bool]],
     return Batch(tokens, tm, sm, torch.tensor([len(r) for r in rows]))
 
 
-class ModelHandle:
-    """Backend-independent part of a handle. Subclasses provide the site table and hooks."""
+class ModelHandle(abc.ABC):
+    """One interface over a model, whichever library runs it: everything ``locate``, ``edit``
+    and ``probes`` may ask of a model is declared here.
 
-    tokenizer: Tokenizer
-    name: str
+    The base implements what every backend shares - site lookup, encoding (word tokenizers),
+    hooks as context managers, logits with hooks, log-probabilities and losses, parameters and
+    fingerprints, ``n_layers``, the edit stack. A backend provides only what differs (the
+    abstract members): its site table, how a hook attaches to a site (:meth:`_attach`), the
+    plain forward (:meth:`_forward`), ``run_with_cache``, ``readout``, ``clone``, the unit layout
+    of its weights (:meth:`unit_axis`, :meth:`unit_out_weights`, :meth:`site_writers`), the axes a
+    weight quantizer reduces over (:meth:`quant_axes`) and a functional per-example loss
+    (:meth:`functional_loss`, or a ``ValueError`` saying it cannot).
+
+    ``model`` is the backend's ``torch.nn.Module``; stages never touch it.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, name: str = ""):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        # Edits applied to this handle, oldest first (``excise.edits`` keeps it LIFO)
+        self.edit_stack: list = []
+        self._table: dict[str, SiteInfo] | None = None
 
     # -- sites -------------------------------------------------------------------------------
+    @abc.abstractmethod
     def site_table(self) -> dict[str, SiteInfo]:
-        raise NotImplementedError
+        """Every site of the model, in model order: site name -> :class:`SiteInfo`."""
 
     def sites(self, pattern: str | Sequence[str] = "*", kind: str | None = None) -> list[str]:
         table = self.site_table()
@@ -88,17 +123,38 @@ class ModelHandle:
             raise unknown_site_error(site, list(table))
         return table[site]
 
+    @property
+    def n_layers(self) -> int:
+        """Number of transformer blocks: the blocks the site table names (``blocks.{L}.*``)."""
+        return 1 + max((i.layer for i in self.site_table().values() if i.layer is not None),
+                       default=-1)
+
+    @property
+    def d_vocab(self) -> int:
+        """Number of logits per position (the unembedding's width)."""
+        return int(self.readout()[1].shape[-1])
+
+    @property
+    def n_ctx(self) -> int | None:
+        """The longest token sequence the model takes (its positions); None when unknown.
+        :meth:`encode` refuses a fact longer than this."""
+        return None
+
     # -- data -------------------------------------------------------------------------------
     def encode(self, facts: Sequence[Fact]) -> Batch:
+        """``[BOS] + prompt tokens + target tokens``, right padded. A fact longer than the
+        model's context (:attr:`n_ctx`) is refused before it is encoded whole."""
         if not facts:
             raise ValueError("cannot encode an empty list of facts")
         rows, tmask, smask = [], [], []
         for f in facts:
+            self.check_fits(f.prompt + " " + f.target, self.tokenizer.encode, f.prompt)
             p = self.tokenizer.encode(f.prompt)
             t = self.tokenizer.encode(f.target)
             if not t:
                 raise ValueError(f"fact {f.prompt!r} has an empty target")
             ids = [self.tokenizer.bos_id] + p + t
+            self.check_length(len(ids), f.prompt)
             rows.append(ids)
             tmask.append([False] * (1 + len(p)) + [True] * len(t))
             s = [False] * len(ids)
@@ -111,10 +167,44 @@ class ModelHandle:
             smask.append(s)
         return pad_batch(rows, tmask, smask, self.tokenizer.pad_id)
 
+    def check_fits(self, text: str, tokenize: Callable[[str], list[int]],
+                   name: str | None = None, kind: str = "fact") -> None:
+        """Refuse ``text`` early when a prefix of it is already longer than the context: a
+        text of more than ``16 * n_ctx`` characters is not tokenized whole before it is
+        refused (a 10 MB prompt fails in milliseconds). Shorter texts, and long ones whose
+        prefix fits, are checked exactly by :meth:`check_length` once tokenized."""
+        n = self.n_ctx
+        cut = _CHARS_PER_TOKEN * (n + 1) if n is not None else 0
+        if n is None or len(text) <= cut:
+            return
+        head = text[:cut]
+        end = max(head.rfind(" "), head.rfind("\n"))
+        if end <= 0:  # one huge "word": no whole-word prefix to count
+            return
+        k = 1 + len(tokenize(head[:end]))
+        if k > n:
+            raise self._too_long(name if name is not None else text, k, n, kind, at_least=True)
+
+    def check_length(self, n_tokens: int, name: str, kind: str = "fact") -> None:
+        """Refuse a sequence of ``n_tokens`` (BOS included) longer than the context."""
+        n = self.n_ctx
+        if n is not None and n_tokens > n:
+            raise self._too_long(name, n_tokens, n, kind)
+
+    def _too_long(self, name: str, k: int, n: int, kind: str, at_least: bool = False
+                  ) -> ValueError:
+        start = name[:40] + ("..." if len(name) > 40 else "")
+        what = "BOS, prompt and target" if kind == "fact" else "BOS and text"
+        return ValueError(f"the {kind} {start!r} is {'at least ' if at_least else ''}{k:,} "
+                          f"tokens long ({what}), but the model {self.name!r} takes at most "
+                          f"{n:,} tokens (its context, n_ctx); shorten or split it")
+
     def encode_texts(self, texts: Sequence[str]) -> Batch:
         """Plain text for language-model loss: every token after BOS is a target."""
         facts = []
         for t in texts:
+            self.check_fits(t, self.tokenizer.encode, t, "text")
+            self.check_length(1 + len(self.tokenizer.encode(t)), t, "text")
             words = t.split()
             facts.append(Fact(words[0], " ".join(words[1:]) if len(words) > 1 else words[0]))
         b = self.encode(facts)
@@ -123,9 +213,59 @@ class ModelHandle:
         mask[:, 1] = False
         return Batch(b.tokens, mask, b.subject_mask, b.lengths)
 
+    # -- hooks ------------------------------------------------------------------------------
+    @abc.abstractmethod
+    def _attach(self, site: str, fn: HookFn) -> RemovableHandle:
+        """Hook-point resolution: register ``fn`` on the module that carries activation
+        ``site`` (already checked to be an activation site) and return the torch handle."""
+
+    def _hook(self, site: str, fn: HookFn) -> RemovableHandle:
+        info = self.info(site)
+        if info.kind == "param":
+            raise ValueError(f"site {site!r} is a parameter; hooks need an activation site "
+                             f"such as 'blocks.0.mlp.post'")
+        if info.kind == "sae":
+            raise ValueError(f"site {site!r} is an SAE site; hook its base site instead")
+        return self._attach(site, fn)
+
+    @contextlib.contextmanager
+    def hooks(self, hooks: Mapping[str, HookFn]) -> Iterator[None]:
+        """Hooks ``{site: fn}`` for the duration of the block; removed in ``finally``."""
+        handles = []
+        try:
+            for site, fn in hooks.items():
+                handles.append(self._hook(site, fn))
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def add_persistent_hook(self, site: str, fn: HookFn) -> RemovableHandle:
+        """Register a hook that stays until its returned handle's ``remove()`` is called."""
+        return self._hook(site, fn)
+
+    def hook_count(self) -> int:
+        """Hooks of any kind registered on the model's modules (0 when nothing is left)."""
+        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+                   for m in self.model.modules())
+
     # -- running ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def _forward(self, tokens: Tensor) -> Tensor:
+        """The backend's own forward pass: ``[n, T]`` token ids (on the model's device) ->
+        ``[n, T, vocab]`` logits, exactly as the source model computes them."""
+
     def logits(self, tokens: Tensor, hooks: Mapping[str, HookFn] | None = None) -> Tensor:
-        raise NotImplementedError
+        tokens = tokens.to(self.device)
+        if not hooks:
+            return self._forward(tokens)
+        with self.hooks(hooks):
+            return self._forward(tokens)
+
+    @abc.abstractmethod
+    def run_with_cache(self, tokens: Tensor, sites: Sequence[str]) -> dict[str, Tensor]:
+        """Activations at ``sites`` (``attn.z`` as ``[batch, pos, heads, d_head]``); blocks
+        past the last requested site need not run."""
 
     def token_logprobs(self, batch: Batch, hooks: Mapping[str, HookFn] | None = None) -> Tensor:
         """Log-probability of each next token: ``[n, T-1]`` (zero where not a target)."""
@@ -150,78 +290,31 @@ class ModelHandle:
             return -(lp.sum(1) / m.sum(1).clamp(min=1))
         return -lp.sum() / m.sum().clamp(min=1)
 
-    def parameter(self, site: str) -> torch.nn.Parameter:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def functional_loss(self) -> Callable[[dict[str, Tensor], Tensor, Tensor], Tensor]:
+        """``loss(params, tokens, target_mask)``: the mean negative log-likelihood of one
+        example's target tokens (``tokens``, ``target_mask``: ``[T]``) as a pure function of
+        ``params`` (parameter site -> tensor; every other weight fixed, detached), for
+        ``torch.func.grad`` / ``vmap`` (per-example gradients). ``ValueError`` where the backend
+        cannot run functionally."""
 
-    def named_parameters(self) -> dict[str, torch.nn.Parameter]:
-        return {s: self.parameter(s) for s in self.sites(kind="param")}
-
-    @contextlib.contextmanager
-    def hooks(self, hooks: Mapping[str, HookFn]) -> Iterator[None]:
-        raise NotImplementedError
-        yield
-
-    def add_persistent_hook(self, site: str, fn: HookFn):
-        """Register a hook that stays until its returned handle's ``remove()`` is called."""
-        raise NotImplementedError
-
-    def hook_count(self) -> int:
-        raise NotImplementedError
-
-    def unit_axis(self, site: str) -> tuple[str, int] | tuple[str, int, int] | None:
-        """The neuron / head a parameter belongs to, and its axis, in this backend's layout
-        (TransformerLens layouts here; ``HFHandle`` overrides it). A third entry, when present,
-        is a group size: unit ``i`` owns elements ``i*group .. (i+1)*group - 1`` along the axis
-        (attention weights flat over heads). None: no such unit."""
-        from excise.sites import unit_of_param
-
-        return unit_of_param(site)
-
-    def unit_out_weights(self, site: str) -> Tensor:
-        """What each unit writes into the residual stream, in TransformerLens layout whatever
-        the backend: ``[d_mlp, d_model]`` (``W_out``) for ``blocks.L.mlp.post``, ``[n_heads,
-        d_head, d_model]`` (``W_O``) for ``blocks.L.attn.z``. Detached."""
-        L = layer_of(site)
-        if site == f"blocks.{L}.mlp.post":
-            return self.parameter(f"blocks.{L}.mlp.W_out").detach()
-        if site == f"blocks.{L}.attn.z":
-            return self.parameter(f"blocks.{L}.attn.W_O").detach()
-        raise ValueError(f"unit_out_weights: {site!r} is not a neuron site "
-                         f"('blocks.L.mlp.post') or a head site ('blocks.L.attn.z')")
-
-    def site_writers(self, site: str) -> tuple[tuple[str, int, bool], ...]:
-        """The parameters whose affine map produces activation ``site`` (``blocks.L.mlp.out``,
-        ``blocks.L.attn.out``, ``embed``): ``(param site, its d_model axis, adds a constant)``.
-        A linear map on the site can be folded into them (``edit.project(bake=True)``); a
-        constant goes into the entries marked True (a bias, or every embedding row).
-        ``ValueError`` (naming why) where this backend cannot."""
-        L = layer_of(site)
-        table = self.site_table()
-        if site == "embed":
-            return (("embed.W_E", -1, True),)
-        for short, w, b in (("mlp.out", "mlp.W_out", "mlp.b_out"),
-                            ("attn.out", "attn.W_O", "attn.b_O")):
-            if L is not None and site == f"blocks.{L}.{short}":
-                out = [(f"blocks.{L}.{w}", -1, False)]
-                return tuple(out + ([(f"blocks.{L}.{b}", 0, True)]
-                                    if f"blocks.{L}.{b}" in table else []))
-        raise ValueError(f"{site!r} is not written by one layer's weights; those sites end in "
-                         f"'mlp.out' or 'attn.out', or are 'embed'")
-
+    @abc.abstractmethod
     def readout(self) -> tuple[Callable[[Tensor], Tensor], Tensor, Tensor]:
         """The logit lens: ``(final_norm, W_U [d_model, vocab], b_U [vocab])`` - the final
         norm as a function of ``[..., d_model]`` residuals, and the unembedding (detached)."""
-        raise NotImplementedError(f"{type(self).__name__} has no readout()")
 
-    def unit_axes(self, sites) -> dict[str, list | None]:
-        """``{param site: [unit site, axis(, group)] or None}`` - stored in Importance metadata so that
-        ``Importance.by_unit`` aggregates along the right axis for any backend."""
-        out = {}
-        for s in sites:
-            if self.info(s).kind == "param":
-                hit = self.unit_axis(s)
-                out[s] = list(hit) if hit else None
-        return out
+    # -- parameters -------------------------------------------------------------------------
+    def parameter(self, site: str) -> torch.nn.Parameter:
+        info = self.info(site)
+        if info.kind != "param":
+            raise ValueError(f"site {site!r} is an {info.kind} site, not a parameter "
+                             f"(parameter sites look like 'blocks.0.mlp.W_in')")
+        return self.model.get_parameter(info.target)
+
+    def named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Parameter site -> parameter, in model order (tied weights once)."""
+        return {s: self.model.get_parameter(i.target) for s, i in self.site_table().items()
+                if i.kind == "param"}
 
     def fingerprint(self) -> str:
         """Hash of every parameter's bytes: equal fingerprints mean identical weights."""
@@ -231,19 +324,108 @@ class ModelHandle:
             h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return h.hexdigest()[:16]
 
+    def check_finite(self, stage: str = "") -> None:
+        """Raise ``ValueError`` naming every parameter that holds NaN or inf (a corrupt file,
+        a diverged training run, an overflowing edit): a model with one NaN weight gives
+        recalls of 0.0 and perplexity NaN that look like a finished run. One reduction per
+        parameter (a few milliseconds on the organism); ``stage`` prefixes the message."""
+        bad = []
+        with torch.no_grad():
+            for site, p in self.named_parameters().items():
+                if not p.is_floating_point() or p.is_meta:
+                    continue
+                if torch.isfinite(p.sum()):  # a sum of finite values may still overflow:
+                    continue  # only then is each element looked at
+                fin = torch.isfinite(p)
+                if bool(fin.all()):
+                    continue
+                n_nan = int(torch.isnan(p).sum())
+                first = tuple(int(i) for i in torch.nonzero(~fin)[0])
+                bad.append(f"{site} holds {n_nan:,} NaN and {int((~fin).sum()) - n_nan:,} inf "
+                           f"of {p.numel():,} values (first at {list(first)})")
+        if bad:
+            more = f" (and {len(bad) - 3} more parameters)" if len(bad) > 3 else ""
+            raise ValueError(f"{stage + ': ' if stage else ''}the weights of model "
+                             f"{self.name!r} are not finite: {'; '.join(bad[:3])}{more}. A "
+                             f"corrupt weights file or a diverged training run; reload or "
+                             f"retrain the model")
+
     def n_parameters(self) -> int:
         return sum(p.numel() for p in self.named_parameters().values())
 
-    def clone(self) -> "ModelHandle":
-        raise NotImplementedError
-
     @property
     def device(self) -> torch.device:
-        return next(iter(self.named_parameters().values())).device
+        return next(self.model.parameters()).device
+
+    @abc.abstractmethod
+    def clone(self) -> "ModelHandle":
+        """An independent copy (weights copied, no hooks, no edits)."""
+
+    # -- unit layout: which slice of a weight belongs to which neuron / head -----------------
+    @abc.abstractmethod
+    def unit_axis(self, site: str) -> tuple[str, int] | tuple[str, int, int] | None:
+        """The neuron / head a parameter belongs to, and its axis, in this backend's layout.
+        A third entry, when present, is a group size: unit ``i`` owns elements
+        ``i*group .. (i+1)*group - 1`` along the axis (attention weights flat over heads).
+        None: no such unit."""
+
+    def unit_axes(self, sites) -> dict[str, list | None]:
+        """``{param site: [unit site, axis(, group)] or None}`` - stored in Importance metadata
+        so that ``Importance.by_unit`` aggregates along the right axis for any backend."""
+        out = {}
+        for s in sites:
+            if self.info(s).kind == "param":
+                hit = self.unit_axis(s)
+                out[s] = list(hit) if hit else None
+        return out
+
+    @abc.abstractmethod
+    def unit_out_weights(self, site: str) -> Tensor:
+        """What each unit writes into the residual stream, in TransformerLens layout whatever
+        the backend: ``[d_mlp, d_model]`` (``W_out``) for ``blocks.L.mlp.post``, ``[n_heads,
+        d_head, d_model]`` (``W_O``) for ``blocks.L.attn.z``. Detached."""
+
+    @abc.abstractmethod
+    def site_writers(self, site: str) -> tuple[tuple[str, int, bool], ...]:
+        """The parameters whose affine map produces activation ``site`` (``blocks.L.mlp.out``,
+        ``blocks.L.attn.out``, ``embed``): ``(param site, its d_model axis, adds a constant)``.
+        A linear map on the site can be folded into them (``edit.project(bake=True)``); a
+        constant goes into the entries marked True (a bias, or every embedding row).
+        ``ValueError`` (naming why) where this backend cannot."""
+
+    @abc.abstractmethod
+    def quant_axes(self, site: str) -> tuple[int, ...] | None:
+        """The axes of parameter ``site`` a per-channel weight quantizer reduces over (one
+        scale per slice along the remaining axis: a weight matrix's input axis, so each output
+        channel gets its own scale). None: a parameter weight quantization leaves alone
+        (biases, norms)."""
+
+    def _unit_site_error(self, site: str) -> ValueError:
+        return ValueError(f"unit_out_weights: {site!r} is not a neuron site "
+                          f"('blocks.L.mlp.post') or a head site ('blocks.L.attn.z')")
+
+    def _writers(self, site: str, out_axis: int) -> tuple[tuple[str, int, bool], ...]:
+        """:meth:`site_writers` from site names: ``W_out`` / ``W_O`` (their d_model axis is
+        ``out_axis``) and the output bias when the model has one; every embedding row."""
+        L = layer_of(site)
+        table = self.site_table()
+        if site == "embed":
+            return (("embed.W_E", -1, True),)
+        for short, w, b in (("mlp.out", "mlp.W_out", "mlp.b_out"),
+                            ("attn.out", "attn.W_O", "attn.b_O")):
+            if L is not None and site == f"blocks.{L}.{short}":
+                out = [(f"blocks.{L}.{w}", out_axis, False)]
+                return tuple(out + ([(f"blocks.{L}.{b}", 0, True)]
+                                    if f"blocks.{L}.{b}" in table else []))
+        raise ValueError(f"{site!r} is not written by one layer's weights; those sites end in "
+                         f"'mlp.out' or 'attn.out', or are 'embed'")
 
 
 class TLHandle(ModelHandle):
-    """Handle over a TransformerLens ``HookedTransformer``."""
+    """Handle over a TransformerLens ``HookedTransformer``. Parameter sites are its parameter
+    names; weights are in TransformerLens layout (``W_in`` ``[d_model, d_mlp]``, ``W_out``
+    ``[d_mlp, d_model]``, ``W_Q`` ``[n_heads, d_model, d_head]``, ``W_O``
+    ``[n_heads, d_head, d_model]``)."""
 
     _ACTIVATIONS = {
         "resid_pre": "blocks.{L}.hook_resid_pre",
@@ -257,19 +439,17 @@ class TLHandle(ModelHandle):
     }
 
     def __init__(self, model, tokenizer: Tokenizer, name: str = ""):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.name = name
-        self._table: dict[str, SiteInfo] | None = None
-        self._sae: dict[str, object] = {}
+        super().__init__(model, tokenizer, name)
 
     @property
     def cfg(self):
+        """The ``HookedTransformerConfig`` (TransformerLens users' convenience)."""
         return self.model.cfg
 
     @property
-    def n_layers(self) -> int:
-        return self.model.cfg.n_layers
+    def n_ctx(self) -> int:
+        """Positions of the model (``cfg.n_ctx``): the rows of its positional embedding."""
+        return int(self.model.cfg.n_ctx)
 
     def site_table(self) -> dict[str, SiteInfo]:
         if self._table is None:
@@ -284,67 +464,17 @@ class TLHandle(ModelHandle):
                                        dims.get(short, (c.d_model,)), L)
             for name, p in self.model.named_parameters():
                 t[name] = SiteInfo(name, "param", name, tuple(p.shape), layer_of(name))
-            for site, sae in self._sae.items():
-                t[site] = SiteInfo(site, "sae", site, (sae.cfg.d_sae,), layer_of(site))
             self._table = t
         return self._table
 
-    def parameter(self, site: str) -> torch.nn.Parameter:
-        info = self.info(site)
-        if info.kind != "param":
-            raise ValueError(f"site {site!r} is an {info.kind} site, not a parameter "
-                             f"(parameter sites look like 'blocks.0.mlp.W_in')")
-        return self.model.get_parameter(site)
-
-    def named_parameters(self) -> dict[str, torch.nn.Parameter]:
-        return dict(self.model.named_parameters())
-
-    def _hook_point(self, site: str):
-        info = self.info(site)
-        if info.kind == "param":
-            raise ValueError(f"site {site!r} is a parameter; hooks need an activation site "
-                             f"such as 'blocks.0.mlp.post'")
-        if info.kind == "sae":
-            raise ValueError(f"site {site!r} is an SAE site; hook its base site instead")
-        return self.model.hook_dict[info.target]
-
-    def _wrap(self, site: str, fn: HookFn):
+    def _attach(self, site: str, fn: HookFn) -> RemovableHandle:
         def hook(module, inputs, output):
             new = fn(output, site)
             return output if new is None else new
-        return hook
+        return self.model.hook_dict[self.info(site).target].register_forward_hook(hook)
 
-    @contextlib.contextmanager
-    def hooks(self, hooks: Mapping[str, HookFn]) -> Iterator[None]:
-        handles = []
-        try:
-            for site, fn in hooks.items():
-                handles.append(self._hook_point(site).register_forward_hook(self._wrap(site, fn)))
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-
-    def add_persistent_hook(self, site: str, fn: HookFn):
-        return self._hook_point(site).register_forward_hook(self._wrap(site, fn))
-
-    def hook_count(self) -> int:
-        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-                   for m in self.model.modules())
-
-    def logits(self, tokens: Tensor, hooks: Mapping[str, HookFn] | None = None) -> Tensor:
-        tokens = tokens.to(self.device)
-        if not hooks:
-            return self.model(tokens, return_type="logits")
-        with self.hooks(hooks):
-            return self.model(tokens, return_type="logits")
-
-    def readout(self) -> tuple[Callable[[Tensor], Tensor], Tensor, Tensor]:
-        u = self.model.unembed
-        return self.model.ln_final, u.W_U.detach(), u.b_U.detach()
-
-    def clone(self) -> "TLHandle":
-        return TLHandle(copy.deepcopy(self.model), self.tokenizer, self.name)
+    def _forward(self, tokens: Tensor) -> Tensor:
+        return self.model(tokens, return_type="logits")
 
     def run_with_cache(self, tokens: Tensor, sites: Sequence[str]) -> dict[str, Tensor]:
         """Activations at ``sites`` (no logits computed past the last needed block)."""
@@ -358,3 +488,54 @@ class TLHandle(ModelHandle):
         with self.hooks(hooks):
             self.model(tokens.to(self.device), stop_at_layer=stop)
         return store
+
+    def functional_loss(self) -> Callable[[dict[str, Tensor], Tensor, Tensor], Tensor]:
+        from torch.func import functional_call
+
+        module = self.model
+        detached = {k: v.detach() for k, v in module.named_parameters()}
+        target = {s: i.target for s, i in self.site_table().items() if i.kind == "param"}
+
+        def loss_one(params: dict[str, Tensor], tokens: Tensor, target_mask: Tensor) -> Tensor:
+            full = dict(detached)
+            full.update({target[s]: v for s, v in params.items()})
+            one = tokens[None]
+            logits = functional_call(module, full, (one,), {"return_type": "logits"})
+            lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, one[:, 1:, None])[..., 0]
+            m = target_mask[None][:, 1:]
+            return -(lp * m).sum() / m.sum().clamp(min=1)
+
+        return loss_one
+
+    def readout(self) -> tuple[Callable[[Tensor], Tensor], Tensor, Tensor]:
+        u = self.model.unembed
+        return self.model.ln_final, u.W_U.detach(), u.b_U.detach()
+
+    def clone(self) -> "TLHandle":
+        return TLHandle(copy.deepcopy(self.model), self.tokenizer, self.name)
+
+    def unit_axis(self, site: str) -> tuple[str, int] | None:
+        """TransformerLens layouts: :data:`excise.sites.PARAM_UNITS`."""
+        return unit_of_param(site)
+
+    def unit_out_weights(self, site: str) -> Tensor:
+        L = layer_of(site)
+        if site == f"blocks.{L}.mlp.post":
+            return self.parameter(f"blocks.{L}.mlp.W_out").detach()
+        if site == f"blocks.{L}.attn.z":
+            return self.parameter(f"blocks.{L}.attn.W_O").detach()
+        raise self._unit_site_error(site)
+
+    def site_writers(self, site: str) -> tuple[tuple[str, int, bool], ...]:
+        return self._writers(site, -1)
+
+    def quant_axes(self, site: str) -> tuple[int, ...] | None:
+        """Weight matrices (``W_*``, two or more axes): one scale per token row for
+        ``W_E`` / ``W_pos`` (reduce over ``d_model``), one per entry of the last axis (the
+        output unit) for every other weight. Biases and norms: None."""
+        info = self.info(site)
+        last = site.split(".")[-1]
+        if info.kind != "param" or len(info.unit_shape) < 2 or not last.startswith("W_"):
+            return None
+        keep = 0 if last in ("W_E", "W_pos") else len(info.unit_shape) - 1
+        return tuple(i for i in range(len(info.unit_shape)) if i != keep)

@@ -51,22 +51,33 @@ never processed.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import re
 import warnings
 from dataclasses import dataclass, field
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 from torch import Tensor
+from torch.utils.hooks import RemovableHandle
 
 from excise.handle import Batch, HookFn, ModelHandle, pad_batch
+from excise.request import Fact
 from excise.sites import SiteInfo, layer_of
-from excise.world import Fact
 
 # execution order of the activation sites inside one block (nnsight reads them in order)
 _ORDER = ("resid_pre", "attn.z", "attn.out", "mlp.pre", "mlp.post", "mlp.out", "resid_post")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How some model types of a family differ from it (``Family.variants``)."""
+
+    acts: dict[str, tuple[str, str]] = field(default_factory=dict)  # overrides Family.acts
+    block_params: tuple[tuple[str, str], ...] | None = None  # replaces Family.block_params
+    # each sub-block's output is normalised before it is added to the residual stream, so
+    # ``attn.out`` / ``mlp.out`` are not affine in the block's weights
+    post_norm: bool = False
 
 
 @dataclass(frozen=True)
@@ -83,8 +94,10 @@ class Family:
     block_params: tuple[tuple[str, str], ...]
     root_params: tuple[tuple[str, str], ...]
     gated: bool = False
+    # weights are stored [in, out] (GPT-2's Conv1D, the TransformerLens layout), not [out, in]
+    conv1d: bool = False
     notes: str = ""
-    extra_acts: dict[str, dict[str, tuple[str, str]]] = field(default_factory=dict)
+    variants: dict[str, Variant] = field(default_factory=dict)  # model_type -> differences
 
 
 _LLAMA_BLOCK_PARAMS = (
@@ -93,7 +106,8 @@ _LLAMA_BLOCK_PARAMS = (
     (r"self_attn\.k_proj\.weight", "attn.W_K"), (r"self_attn\.k_proj\.bias", "attn.b_K"),
     (r"self_attn\.v_proj\.weight", "attn.W_V"), (r"self_attn\.v_proj\.bias", "attn.b_V"),
     (r"self_attn\.o_proj\.weight", "attn.W_O"), (r"self_attn\.o_proj\.bias", "attn.b_O"),
-    (r"self_attn\.q_norm\.weight", "attn.q_norm.w"), (r"self_attn\.k_norm\.weight", "attn.k_norm.w"),
+    (r"self_attn\.q_norm\.weight", "attn.q_norm.w"),
+    (r"self_attn\.k_norm\.weight", "attn.k_norm.w"),
     (r"mlp\.gate_proj\.weight", "mlp.W_gate"), (r"mlp\.up_proj\.weight", "mlp.W_in"),
     (r"mlp\.down_proj\.weight", "mlp.W_out"),
 )
@@ -111,9 +125,11 @@ FAMILIES: dict[str, Family] = {
          (r"ln_2\.weight", "ln2.w"), (r"ln_2\.bias", "ln2.b"),
          (r"mlp\.c_fc\.weight", "mlp.W_in"), (r"mlp\.c_fc\.bias", "mlp.b_in"),
          (r"mlp\.c_proj\.weight", "mlp.W_out"), (r"mlp\.c_proj\.bias", "mlp.b_out")),
-        ((r"transformer\.wte\.weight", "embed.W_E"), (r"transformer\.wpe\.weight", "pos_embed.W_pos"),
+        ((r"transformer\.wte\.weight", "embed.W_E"),
+         (r"transformer\.wpe\.weight", "pos_embed.W_pos"),
          (r"transformer\.ln_f\.weight", "ln_final.w"), (r"transformer\.ln_f\.bias", "ln_final.b"),
          (r"lm_head\.weight", "unembed.W_U")),
+        conv1d=True,
         notes="Conv1D weights are [in, out] (the TransformerLens layout); Q, K, V fused",
     ),
     "gpt_neox": Family(
@@ -148,18 +164,18 @@ FAMILIES: dict[str, Family] = {
          (r"lm_head\.weight", "unembed.W_U")),
         gated=True,
         notes="nn.Linear weights are [out, in]; gated MLP (W_gate, W_in = up, W_out = down)",
-        # Gemma 2/3 normalise each sub-block's output before adding it to the residual
-        extra_acts={t: {"attn.out": ("post_attention_layernorm", "output"),
-                        "mlp.out": ("post_feedforward_layernorm", "output")}
-                    for t in ("gemma2", "gemma3_text")},
+        # Gemma 2/3 normalise each sub-block's output before adding it to the residual, and
+        # have four norms per block (TransformerLens' ln1, ln1_post, ln2, ln2_post)
+        variants={t: Variant(
+            acts={"attn.out": ("post_attention_layernorm", "output"),
+                  "mlp.out": ("post_feedforward_layernorm", "output")},
+            block_params=_LLAMA_BLOCK_PARAMS + (
+                (r"post_attention_layernorm\.weight", "ln1_post.w"),
+                (r"pre_feedforward_layernorm\.weight", "ln2.w"),
+                (r"post_feedforward_layernorm\.weight", "ln2_post.w")),
+            post_norm=True) for t in ("gemma2", "gemma3_text")},
     ),
 }
-# Gemma 2/3 parameter names: four norms per block (TransformerLens' ln1, ln1_post, ln2, ln2_post)
-_GEMMA2_BLOCK_PARAMS = _LLAMA_BLOCK_PARAMS + (
-    (r"post_attention_layernorm\.weight", "ln1_post.w"),
-    (r"pre_feedforward_layernorm\.weight", "ln2.w"),
-    (r"post_feedforward_layernorm\.weight", "ln2_post.w"),
-)
 
 
 def supported() -> dict[str, tuple[str, ...]]:
@@ -245,21 +261,20 @@ class HFHandle(ModelHandle):
         if on_split not in ("warn", "raise", "ignore"):
             raise ValueError(f"on_split={on_split!r}: choose 'warn', 'raise' or 'ignore'")
         self.family = family_of(model)
-        self.model = model.eval()
+        self.variant = self.family.variants.get(model.config.model_type, Variant())
         if tokenizer is not None and not isinstance(tokenizer, HFTokenizer):
             tokenizer = HFTokenizer(tokenizer)
-        self.tokenizer = tokenizer
-        self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        super().__init__(model.eval(), tokenizer,
+                         name or getattr(model.config, "_name_or_path", "") or type(model).__name__)
         self.on_split = on_split
-        self._table: dict[str, SiteInfo] | None = None
         self._modules: dict[str, tuple[torch.nn.Module, str]] = {}
         self._nn = None
         self._warned: set[tuple[str, str]] = set()
         self._check_modules()
 
     # -- structure --------------------------------------------------------------------------
-    @property
-    def n_layers(self) -> int:
+    def _n_blocks(self) -> int:
+        """The length of the block list (builds the site table; ``n_layers`` reads the table)."""
         return len(self.model.get_submodule(self.family.blocks))
 
     def _heads(self) -> tuple[int, int]:
@@ -268,18 +283,25 @@ class HFHandle(ModelHandle):
         d = getattr(c, "head_dim", None) or c.hidden_size // h
         return h, d
 
+    @property
+    def n_ctx(self) -> int | None:
+        """Positions the model was built for (``n_positions`` / ``max_position_embeddings``
+        of its config); None when the config names none."""
+        c = self.model.config
+        for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+            v = getattr(c, key, None)
+            if isinstance(v, int) and v > 0:
+                return v
+        return None
+
     def _acts(self) -> dict[str, tuple[str, str]]:
-        acts = dict(self.family.acts)
-        acts.update(self.family.extra_acts.get(self.model.config.model_type, {}))
-        return acts
+        return dict(self.family.acts) | self.variant.acts
 
     def _block_params(self) -> tuple[tuple[str, str], ...]:
-        if self.model.config.model_type in ("gemma2", "gemma3_text"):
-            return _GEMMA2_BLOCK_PARAMS
-        return self.family.block_params
+        return self.variant.block_params or self.family.block_params
 
     def _check_modules(self) -> None:
-        for L in range(self.n_layers):
+        for L in range(self._n_blocks()):
             for short, (rel, io) in self._acts().items():
                 path = f"{self.family.blocks}.{L}" + (f".{rel}" if rel else "")
                 try:
@@ -303,7 +325,7 @@ class HFHandle(ModelHandle):
                                                         f"{self.family.embed}:output", (d,),
                                                         None)}
             acts = self._acts()
-            for L in range(self.n_layers):
+            for L in range(self._n_blocks()):
                 for short in _ORDER:
                     if short not in acts:
                         continue
@@ -349,7 +371,7 @@ class HFHandle(ModelHandle):
         L = layer_of(site)
         if L is None or self.info(site).kind != "param":
             return None
-        conv1d = self.family.name == "gpt2"  # [in, out]
+        conv1d = self.family.conv1d  # [in, out]
         suffix = site[len(f"blocks.{L}."):]
         mlp = {"mlp.W_in": 1 if conv1d else 0, "mlp.W_gate": 0, "mlp.b_in": 0,
                "mlp.W_out": 0 if conv1d else 1}
@@ -369,7 +391,7 @@ class HFHandle(ModelHandle):
         ``blocks.L.attn.z``: what each unit writes, in TransformerLens layout (a detached view
         of the HF weight)."""
         L = layer_of(site)
-        conv1d = self.family.name == "gpt2"
+        conv1d = self.family.conv1d
         if site == f"blocks.{L}.mlp.post":
             w = self.parameter(f"blocks.{L}.mlp.W_out").detach()
             return w if conv1d else w.T
@@ -377,7 +399,7 @@ class HFHandle(ModelHandle):
             H, dh = self._heads()
             w = self.parameter(f"blocks.{L}.attn.W_O").detach()
             return (w if conv1d else w.T).reshape(H, dh, -1)
-        return super().unit_out_weights(site)
+        raise self._unit_site_error(site)
 
     def site_writers(self, site: str) -> tuple[tuple[str, int, bool], ...]:
         """As :meth:`ModelHandle.site_writers`, in HF layouts. Refused: ``embed`` (GPT-2 and
@@ -386,25 +408,28 @@ class HFHandle(ModelHandle):
         if site == "embed":
             raise ValueError("HFHandle: 'embed' cannot be rewritten through its weights (tied to "
                              "the unembedding in GPT-2 and Gemma, scaled in Gemma)")
-        if site.endswith((".attn.out", ".mlp.out")) and \
-                self.model.config.model_type in ("gemma2", "gemma3_text"):
+        if site.endswith((".attn.out", ".mlp.out")) and self.variant.post_norm:
             raise ValueError(f"HFHandle: {site!r} is normalised after the block "
                              f"({self.model.config.model_type}: post-attention / "
                              f"post-feedforward norm), so it is not affine in the block's weights")
-        conv1d = self.family.name == "gpt2"  # [in, out]: d_model is the last axis
-        return tuple((p, (1 if conv1d else 0) if p.endswith(("W_out", "W_O")) else axis, c)
-                     for p, axis, c in super().site_writers(site))
+        # d_model is the output axis: the last of [in, out] (Conv1D), the first of [out, in]
+        return self._writers(site, 1 if self.family.conv1d else 0)
 
-    def parameter(self, site: str) -> torch.nn.Parameter:
+    def quant_axes(self, site: str) -> tuple[int, ...] | None:
+        """From the module that owns the weight: ``nn.Linear`` weights are ``[out, in]`` and
+        ``nn.Embedding`` tables ``[rows, d]`` (reduce over axis 1: one scale per output channel /
+        row), GPT-2's ``Conv1D`` weights ``[in, out]`` (reduce over axis 0). Biases, norms and
+        weights of other modules: None."""
         info = self.info(site)
-        if info.kind != "param":
-            raise ValueError(f"site {site!r} is an {info.kind} site, not a parameter "
-                             f"(parameter sites look like 'blocks.0.mlp.W_out')")
-        return self.model.get_parameter(info.target)
+        if info.kind != "param" or len(info.unit_shape) != 2 or \
+                not info.target.endswith(".weight"):
+            return None
+        module = self.model.get_submodule(info.target.rsplit(".", 1)[0])
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
+            return (1,)
+        from transformers.pytorch_utils import Conv1D
 
-    def named_parameters(self) -> dict[str, torch.nn.Parameter]:
-        return {s: self.model.get_parameter(i.target) for s, i in self.site_table().items()
-                if i.kind == "param"}
+        return (0,) if isinstance(module, Conv1D) else None
 
     # -- data -------------------------------------------------------------------------------
     def _tok(self):
@@ -435,11 +460,13 @@ class HFHandle(ModelHandle):
         rows, tmask, smask = [], [], []
         for f in facts:
             sep = "" if (f.prompt[-1:].isspace() or f.target[:1].isspace()) else " "
+            self.check_fits(f.prompt + sep + f.target, self._ids, f.prompt)
             p = self._ids(f.prompt)
             t = self._ids(sep + f.target)
             if not t:
                 raise ValueError(f"fact {f.prompt!r} -> {f.target!r}: the target is empty "
                                  f"after tokenization")
+            self.check_length(1 + len(p) + len(t), f.prompt)
             joined = self._ids(f.prompt + sep + f.target)
             if joined != p + t:
                 self._split_problem(f, p, t, joined)
@@ -490,7 +517,11 @@ class HFHandle(ModelHandle):
         if not texts:
             raise ValueError("cannot encode an empty list of texts")
         bos, pad = self._specials()
-        rows = [[bos] + self._ids(t) for t in texts]
+        rows = []
+        for t in texts:
+            self.check_fits(t, self._ids, t, "text")
+            rows.append([bos] + self._ids(t))
+            self.check_length(len(rows[-1]), t, "text")
         T = max(map(len, rows))
         tokens = torch.full((len(rows), T), pad, dtype=torch.long)
         for i, r in enumerate(rows):
@@ -501,12 +532,8 @@ class HFHandle(ModelHandle):
         return Batch(tokens, mask, torch.zeros_like(mask), lengths)
 
     # -- running ----------------------------------------------------------------------------
-    def logits(self, tokens: Tensor, hooks: Mapping[str, HookFn] | None = None) -> Tensor:
-        tokens = tokens.to(self.device)
-        if not hooks:
-            return self.model(input_ids=tokens, use_cache=False).logits
-        with self.hooks(hooks):
-            return self.model(input_ids=tokens, use_cache=False).logits
+    def _forward(self, tokens: Tensor) -> Tensor:
+        return self.model(input_ids=tokens, use_cache=False).logits
 
     def target_logprobs(self, batch: Batch, hooks: Mapping[str, HookFn] | None = None
                         ) -> Tensor:
@@ -531,15 +558,10 @@ class HFHandle(ModelHandle):
         out = torch.zeros(tgt.shape, dtype=picked.dtype, device=picked.device)
         return out.masked_scatter(tgt.to(picked.device), picked)
 
-    def _module(self, site: str) -> tuple[torch.nn.Module, str]:
-        info = self.info(site)
-        if info.kind == "param":
-            raise ValueError(f"site {site!r} is a parameter; hooks need an activation site "
-                             f"such as 'blocks.0.mlp.post'")
-        return self._modules[site]
-
-    def _register(self, site: str, fn: HookFn):
-        module, io = self._module(site)
+    def _attach(self, site: str, fn: HookFn) -> RemovableHandle:
+        """A torch forward hook (``output`` sites) or forward pre-hook (``input`` sites) on the
+        HF module; ``attn.z`` is reshaped to ``[..., n_heads, d_head]`` for ``fn`` and back."""
+        module, io = self._modules[site]
         heads = self._heads() if site.endswith(".attn.z") else None
 
         def check(new, old):
@@ -573,24 +595,11 @@ class HFHandle(ModelHandle):
             return args, {**kwargs, "hidden_states": new}
         return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
 
-    @contextlib.contextmanager
-    def hooks(self, hooks: Mapping[str, HookFn]) -> Iterator[None]:
-        handles = []
-        try:
-            for site, fn in hooks.items():
-                handles.append(self._register(site, fn))
-            yield
-        finally:
-            for h in handles:
-                h.remove()
-
-    def add_persistent_hook(self, site: str, fn: HookFn):
-        """A torch hook on the HF module, kept until ``handle.remove()``."""
-        return self._register(site, fn)
-
-    def hook_count(self) -> int:
-        return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-                   for m in self.model.modules())
+    def functional_loss(self):
+        """Not offered: the Hugging Face forward is not run under ``torch.func`` here."""
+        raise ValueError(f"estimator='example' on parameter sites needs the TransformerLens "
+                         f"backend; {type(self).__name__} supports estimator='batch' (or "
+                         f"per-example Fisher of activation sites)")
 
     def readout(self):
         """The final norm module (found from ``ln_final.w``'s HF name) and ``lm_head`` as
@@ -655,67 +664,6 @@ class HFHandle(ModelHandle):
 
 
 # ---------------------------------------------------------------------------------------------
-def knowledge(model: ModelHandle, facts, batch_size: int = 16) -> list[dict]:
-    """Per fact, before any edit: does the model produce the target greedily (``known``), and
-    the target's probability (product over its tokens) and first-token greedy answer."""
-    facts = list(facts)
-    out = []
-    if not facts:
-        return out
-    b_all = model.encode(facts)
-    i = 0
-    with torch.inference_mode():
-        for b in b_all.chunks(batch_size):
-            logits = model.logits(b.tokens).float()
-            lp = torch.log_softmax(logits[:, :-1], -1)
-            tgt = b.tokens[:, 1:]
-            m = b.target_mask[:, 1:]
-            pred = lp.argmax(-1)
-            hit = ((pred == tgt) | ~m).all(1)
-            tlp = (lp.gather(-1, tgt[..., None])[..., 0] * m).sum(1)
-            for r in range(len(b)):
-                first = int(m[r].nonzero()[0])
-                out.append({"prompt": facts[i].prompt, "target": facts[i].target,
-                            "known": bool(hit[r]), "target_logprob": float(tlp[r]),
-                            "greedy_first": int(pred[r, first])})
-                i += 1
-    return out
-
-
-def screen_known(model: ModelHandle, request, log=print):
-    """Keep only facts the model actually produces before editing.
-
-    A forget fact the model does not produce greedily cannot be forgotten - it is reported as
-    ``not known`` and dropped from ``forget`` (likewise for ``neighbors``, whose survival cannot be
-    measured). Returns ``(request, report)`` where ``report`` maps split -> list of dropped facts
-    with their target log-probability. Raises ``ValueError`` when no forget fact is known."""
-    import dataclasses
-
-    from excise.request import FactSet
-
-    report: dict[str, list[dict]] = {}
-    kept = {}
-    for split in ("forget", "neighbors"):
-        fs = getattr(request, split)
-        if not len(fs):
-            continue
-        k = knowledge(model, fs)
-        report[split] = [{"prompt": r["prompt"], "target": r["target"],
-                          "target_logprob": round(r["target_logprob"], 3)}
-                         for r in k if not r["known"]]
-        kept[split] = FactSet(fs.name, tuple(f for f, r in zip(fs, k) if r["known"]))
-        for r in report[split]:
-            log(f"not known before editing ({split}): {r['prompt']!r} -> {r['target']!r} "
-                f"(p={torch.tensor(r['target_logprob']).exp():.3g}); "
-                f"{'nothing to forget' if split == 'forget' else 'cannot check it survives'}, "
-                f"left out")
-    if "forget" in kept and not len(kept["forget"]):
-        raise ValueError(f"the model does not produce any of the {len(request.forget)} forget "
-                         f"facts before editing: there is nothing to forget")
-    return dataclasses.replace(request, **kept), report
-
-
-# ---------------------------------------------------------------------------------------------
 def _gemma(**kw):
     from excise.gemma import gemma3_270m
 
@@ -743,4 +691,6 @@ def load_model(name: str | None = None, path: str | None = None, *, on_split: st
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
                                                  local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    return HFHandle(model, tokenizer, name=str(path), on_split=on_split)
+    handle = HFHandle(model, tokenizer, name=str(path), on_split=on_split)
+    handle.check_finite(f"loading {path}")
+    return handle

@@ -89,7 +89,14 @@ class Importance:
         else:
             if k < 1:
                 raise ValueError(f"top(k={k}): a count must be >= 1")
-            count = min(k, n)
+            if k > n:
+                where = f"{len(imp.scores)} site{'s' if len(imp.scores) != 1 else ''}: " + \
+                    ", ".join(f"{s} ({t.numel():,})" for s, t in list(imp.scores.items())[:4]) + \
+                    (", ..." if len(imp.scores) > 4 else "")
+                raise ValueError(f"top(k={k}): Importance({self.method!r}) has only {n:,} units "
+                                 f"({where}); ask for at most {n:,}, or a fraction in (0, 1] "
+                                 f"such as 0.05")
+            count = k
         flat, _ = imp._flat()
         order = torch.sort(flat, descending=True, stable=True).indices[:count]
         return Selection(tuple(imp._units_at(order)), source=f"{self.method}.top({k})")
@@ -120,20 +127,29 @@ class Importance:
     def by_unit(self, reduce: str = "sum") -> "Importance":
         """Aggregate parameter-level scores into neuron / head scores (``blocks.L.mlp.post``,
         ``blocks.L.attn.z``): each unit gets the sum (or mean / max) of its parameters' scores.
-        Activation-site scores pass through unchanged."""
-        from excise.sites import unit_of_param
+        Activation-site scores pass through unchanged.
 
+        Which slice of a parameter belongs to which unit depends on the backend's layout, so it
+        is read from ``meta["unit_axes"]`` (``ModelHandle.unit_axes``, recorded by every locate
+        method that scores parameters); a parameter site it does not cover is refused."""
         if reduce not in ("sum", "mean", "max"):
             raise ValueError(f"by_unit(reduce={reduce!r}): choose 'sum', 'mean' or 'max'")
         out: dict[str, Tensor] = {}
         counts: dict[str, int] = {}
-        axes = self.meta.get("unit_axes")  # recorded by the method, in the backend's layout
+        axes = self.meta.get("unit_axes") or {}  # recorded by the method, in the backend's layout
         for site, s in self.scores.items():
-            hit = (tuple(axes[site]) if axes.get(site) else None) if axes and site in axes \
-                else unit_of_param(site)
-            if hit is None:
+            if site not in axes:
                 if _is_activation(site):
                     out[site] = s
+                    continue
+                raise ValueError(
+                    f"by_unit: Importance({self.method!r}) does not record which neuron or head "
+                    f"owns each slice of parameter site {site!r} (meta['unit_axes'] has no entry "
+                    f"for it), and that layout differs between backends; build the Importance "
+                    f"with meta={{'unit_axes': model.unit_axes(sites), ...}} as the locate "
+                    f"methods do")
+            hit = tuple(axes[site]) if axes[site] else None
+            if hit is None:  # a parameter of no neuron or head (norms, embeddings, biases)
                 continue
             unit, axis = hit[:2]
             dims = [d for d in range(s.dim()) if d != axis]
@@ -205,7 +221,9 @@ class Importance:
     def load(cls, path: str | Path) -> "Importance":
         md = safetensors_metadata(path)
         if md.get("format") != "excise.importance/1":
-            raise ValueError(f"{path} is not an excise Importance file")
+            raise ValueError(f"{path} is not an excise Importance file: its format is "
+                             f"{md.get('format')!r}, expected 'excise.importance/1' (written by "
+                             f"Importance.save)")
         tensors = load_safetensors(path)
         scores, parts = {}, {}
         for key, t in tensors.items():

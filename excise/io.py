@@ -58,17 +58,49 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: Path | str,
     atomic_write_bytes(path, data)
 
 
-def load_safetensors(path: Path | str) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+class NotSafetensorsError(ValueError):
+    """A file excise reads as safetensors is not one: truncated, corrupt, another format, or a
+    folder. The message names the file and what was expected."""
 
+
+def _readable(path: Path | str) -> Path:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no such file: {path}")
-    return load_file(str(path))
+    if path.is_dir():
+        raise NotSafetensorsError(f"{path} is a folder; expected a safetensors file")
+    return path
+
+
+def _not_safetensors(path: Path, err: Exception) -> NotSafetensorsError:
+    size = path.stat().st_size if path.exists() else 0
+    return NotSafetensorsError(
+        f"{path} is not a readable safetensors file ({size:,} bytes; safetensors says: "
+        f"{err}); expected a safetensors file as excise writes it - is it truncated (an "
+        f"interrupted copy), corrupt, or another format (a pickle / .bin / .gguf file)?")
+
+
+def load_safetensors(path: Path | str) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (nothing unpickled). A missing file raises
+    ``FileNotFoundError``; a folder, a truncated, corrupt or non-safetensors file raises
+    :class:`NotSafetensorsError` naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = _readable(path)
+    try:
+        return load_file(str(path))
+    except (SafetensorError, ValueError, OSError) as e:  # (OSError: unreadable)
+        raise _not_safetensors(path, e) from None
 
 
 def safetensors_metadata(path: Path | str) -> dict[str, str]:
-    from safetensors import safe_open
+    """The string metadata of a safetensors file's header (errors as :func:`load_safetensors`)."""
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as f:
-        return dict(f.metadata() or {})
+    path = _readable(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, ValueError, OSError) as e:
+        raise _not_safetensors(path, e) from None

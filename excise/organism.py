@@ -18,12 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
-import torch
-
 from excise.handle import TLHandle
 from excise.io import atomic_write_text, load_safetensors, save_safetensors
 from excise.request import FactSet, ForgetRequest
-from excise.world import World, Tokenizer, make_world
+from excise.train import Optim, Sampler, train
+from excise.world import ATTRIBUTES, World, Tokenizer, make_world
 
 
 @dataclass(frozen=True)
@@ -86,43 +85,26 @@ def train_model(preset: Preset, world: World, tokenizer: Tokenizer,
                 exclude_people: frozenset[int] = frozenset(), progress: bool = True,
                 desc: str = "train"):
     """Train a fresh model on the world (minus ``exclude_people``). Deterministic given the
-    preset's seed: same seed, same weights."""
-    from tqdm.auto import tqdm
+    preset's seed: same seed, same weights.
 
+    The recipe: AdamW (betas 0.9 / 0.98, the preset's lr and weight decay), linear warm-up over
+    the first 5% of the steps then linear decay to 5% of the lr, gradient norm clipped at 1,
+    batches walking through shuffled epochs of the training texts."""
     texts = world.training_texts(exclude_people)
     shared = [f.text for f in world.shared_facts()] * (preset.shared_repeat - 1)
     texts = texts + shared
     model = build_model(preset, len(tokenizer), n_ctx=32)
     handle = TLHandle(model, tokenizer, name=f"organism-{preset.name}")
     data = handle.encode_texts(texts)
-    gen = torch.Generator().manual_seed(preset.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=preset.lr, weight_decay=preset.weight_decay,
-                            betas=(0.9, 0.98))
+    batches = Sampler(preset.seed).epochs(len(data), preset.batch_size)
     warmup = max(1, preset.steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / preset.steps))
     model.train()
-    n = len(data)
-    perm = torch.randperm(n, generator=gen)
-    pos = 0
-    bar = tqdm(range(preset.steps), desc=desc, disable=not progress, leave=False)
-    for step in bar:
-        if pos + preset.batch_size > n:
-            perm = torch.randperm(n, generator=gen)
-            pos = 0
-        idx = perm[pos:pos + preset.batch_size]
-        pos += preset.batch_size
-        b = data[idx]
-        t = int(b.lengths.max())
-        b = type(b)(b.tokens[:, :t], b.target_mask[:, :t], b.subject_mask[:, :t], b.lengths)
-        loss = handle.loss(b)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+    train(lambda _: handle.loss(data[next(batches)].trim()), dict(model.named_parameters()),
+          steps=preset.steps,
+          optim=Optim("adamw", lr=preset.lr, betas=(0.9, 0.98),
+                      weight_decay=preset.weight_decay),
+          schedule=lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / preset.steps),
+          max_grad_norm=1.0, progress=progress, desc=desc)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
@@ -153,8 +135,6 @@ class Organism:
         ``retain_people`` defaults to every other trained person; ``holdout_people`` to the
         world's never-trained people. Shared knowledge (city -> country) and general text are
         attached for utility metrics."""
-        from excise.request import organism_request
-
         return organism_request(self.world, forget_people, retain_people, holdout_people,
                                 neighbor_people, attributes)
 
@@ -166,6 +146,63 @@ class Organism:
                              "oracle is only defined for requests built with org.request(...)")
         return _load_or_train(self.preset, self.world, self.tokenizer, frozenset(people),
                               self.progress)
+
+
+def organism_request(world: World, forget_people: Iterable[int],
+                     retain_people: Iterable[int] | None = None,
+                     holdout_people: Iterable[int] | None = None,
+                     neighbor_people: Iterable[int] | None = None,
+                     attributes: Sequence[str] | None = None) -> ForgetRequest:
+    """A ForgetRequest from the organism's world: the forget people's trained facts, the retain
+    people's (default: every other trained person), the never-trained holdout people asked in
+    the forget set's phrasings, neighbors, paraphrases (held-out phrasings of the forget facts),
+    shared city -> country facts and general text."""
+    trained = set(world.trained_people)
+    forget = sorted(set(int(i) for i in forget_people))
+    if not forget:
+        raise ValueError("forget_people is empty: name at least one trained person to forget")
+    bad = [i for i in forget if i not in trained]
+    if bad:
+        raise ValueError(f"unknown people {bad[:5]} in forget_people: trained people are "
+                         f"0..{world.n_trained - 1}")
+    retain = (sorted(trained - set(forget)) if retain_people is None
+              else sorted(set(int(i) for i in retain_people)))
+    bad = [i for i in retain if i not in trained]
+    if bad:
+        raise ValueError(f"unknown people {bad[:5]} in retain_people: trained people are "
+                         f"0..{world.n_trained - 1}")
+    both = sorted(set(forget) & set(retain))
+    if both:
+        raise ValueError(f"people {both[:5]} are in both forget_people and retain_people")
+    holdout = list(world.holdout_people) if holdout_people is None else sorted(holdout_people)
+    bad = [i for i in holdout if i not in set(world.holdout_people)]
+    if bad:
+        raise ValueError(f"people {bad[:5]} are not holdout people: never-trained people are "
+                         f"{world.n_trained}..{len(world.people) - 1}")
+    attrs = tuple(attributes) if attributes else ATTRIBUTES
+    unknown = [a for a in attrs if a not in ATTRIBUTES]
+    if unknown:
+        raise ValueError(f"unknown attributes {unknown}; choose from {list(ATTRIBUTES)}")
+    neighbors = sorted(set(neighbor_people or ()) - set(forget))
+
+    def facts(people, trained_flag):
+        return tuple(f for i in people for f in world.facts(i, trained=trained_flag)
+                     if f.attribute in attrs)
+
+    # holdout people were never trained: compare them with the same phrasings forget uses
+    hold = tuple(f for i in holdout for f in world.facts(i)
+                 if f.attribute in attrs and f.template != world.heldout_templates(i)[f.form])
+    return ForgetRequest(
+        forget=FactSet("forget", facts(forget, True)),
+        retain=FactSet("retain", facts(retain, True)),
+        holdout=FactSet("holdout", hold),
+        neighbors=FactSet("neighbors", facts(neighbors, True)),
+        paraphrase=FactSet("paraphrase", facts(forget, False)),
+        shared=FactSet("shared", tuple(world.shared_facts())),
+        general=tuple(world.filler_eval),
+        retain_text=tuple(world.filler_train),
+        meta={"forget_people": forget, "world": world.digest(), "attributes": list(attrs)},
+    )
 
 
 def _key(preset: Preset, world: World, exclude: frozenset[int]) -> str:
@@ -192,12 +229,15 @@ def _load_or_train(preset: Preset, world: World, tokenizer: Tokenizer,
                              f"(missing {[k for k in missing if k in params][:3]}, "
                              f"unexpected {unexpected[:3]}); delete the file to retrain")
         model.eval()
-        return TLHandle(model, tokenizer, name=f"organism-{preset.name}" +
-                        ("-oracle" if exclude else ""))
+        loaded = TLHandle(model, tokenizer, name=f"organism-{preset.name}" +
+                          ("-oracle" if exclude else ""))
+        loaded.check_finite(f"loading {weights}")
+        return loaded
     t0 = time.time()
     handle = train_model(preset, world, tokenizer, exclude, progress,
                          desc=f"training {preset.name} {kind}")
     handle.name = f"organism-{preset.name}" + ("-oracle" if exclude else "")
+    handle.check_finite(f"training {preset.name} {kind}")  # a diverged run is never cached
     save_safetensors({k: v.detach() for k, v in handle.model.state_dict().items()
                       if k in dict(handle.model.named_parameters())}, weights)
     atomic_write_text(meta, json.dumps({"preset": preset.to_dict(), "world": world.digest(),

@@ -47,7 +47,7 @@ def importance_heatmap(imp: "Importance", ax=None, component: str | None = None,
     """Layer x unit map. Parameter scores are first aggregated into neurons/heads. Shows the
     component (``mlp.post``, ``attn.z``, ``resid_post`` ...) with the most sites, or the one
     named by ``component``."""
-    plt = _plt()
+    _plt()  # matplotlib, imported only when a plot is asked for
     view = imp.by_unit() if any(_is_param(s) for s in imp.scores) else imp
     groups: dict[str, dict[int, torch.Tensor]] = {}
     for site, s in view.scores.items():

@@ -1,11 +1,18 @@
-"""Report: metrics per model (``before`` / ``after`` / ``oracle`` ...), probe results, plots."""
+"""Report: metrics per model (``before`` / ``after`` / ``oracle`` ...), probe results, plots.
+
+The typed results a report carries live here too: :class:`Curve` (one model's forget recall along
+an attack's budget) and :class:`AttackCurves` (one attack's curves, one per model, on a shared
+axis). They stay typed up to the writers, which serialise them (``to_dict``).
+"""
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from excise.io import atomic_write_text
 
@@ -46,12 +53,88 @@ METRIC_LABELS = {
 }
 
 
+@dataclass(frozen=True)
+class Curve:
+    """Forget recall of one model along an attack's budget axis: ``y[i]`` at budget ``x[i]``.
+    ``aux`` holds further series on the same axis (e.g. recall on the part the attack trained
+    on), each as long as ``x``."""
+
+    x: tuple
+    y: tuple[float, ...]
+    xlabel: str
+    ylabel: str = "forget recall"
+    aux: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "x", tuple(self.x))
+        object.__setattr__(self, "y", tuple(self.y))
+        object.__setattr__(self, "aux", {k: tuple(v) for k, v in self.aux.items()})
+        if len(self.x) != len(self.y):
+            raise ValueError(f"Curve {self.xlabel!r}: {len(self.x)} budgets x but "
+                             f"{len(self.y)} values y")
+        for k, v in self.aux.items():
+            if len(v) != len(self.x):
+                raise ValueError(f"Curve {self.xlabel!r}: aux series {k!r} has {len(v)} values "
+                                 f"for {len(self.x)} budgets")
+
+    @property
+    def peak(self) -> float:
+        """The highest forget recall anywhere along the curve."""
+        return max(self.y)
+
+
+@dataclass(frozen=True)
+class AttackCurves:
+    """One attack run with identical settings on several models: ``curves[label]`` is each
+    model's :class:`Curve`; every curve shares the budget axis."""
+
+    curves: Mapping[str, Curve]
+
+    def __post_init__(self):
+        if not self.curves:
+            raise ValueError("AttackCurves needs at least one model's curve")
+        xs = {lab: c.x for lab, c in self.curves.items()}
+        first = next(iter(xs))
+        bad = [lab for lab, x in xs.items() if x != xs[first]]
+        if bad:
+            raise ValueError(f"attack curves of {first!r} and {bad[0]!r} have different "
+                             f"budgets: {list(xs[first])} vs {list(xs[bad[0]])}")
+
+    @property
+    def _last(self) -> Curve:
+        return list(self.curves.values())[-1]
+
+    @property
+    def x(self) -> tuple:
+        return self._last.x
+
+    @property
+    def xlabel(self) -> str:
+        return self._last.xlabel
+
+    @property
+    def ylabel(self) -> str:
+        return self._last.ylabel
+
+    def to_dict(self) -> dict:
+        """``{"x", "xlabel", "ylabel", "curves": {label: y}, "aux": {series: {label: values}}}``
+        - the form metrics.json stores."""
+        aux: dict[str, dict[str, list]] = {}
+        for lab, c in self.curves.items():
+            for k, v in c.aux.items():
+                aux.setdefault(k, {})[lab] = list(v)
+        return {"x": list(self.x), "xlabel": self.xlabel, "ylabel": self.ylabel,
+                "curves": {lab: list(c.y) for lab, c in self.curves.items()}, "aux": aux}
+
+
 @dataclass
 class Report:
     metrics: dict[str, dict[str, float]]  # model label -> metric -> value
     request: dict = field(default_factory=dict)
     edit: dict = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)  # probe results (curves, per-depth accuracy ...)
+    # probe results (per-depth accuracy, drift ...); ``extra["attacks"]``: attack name ->
+    # AttackCurves, kept typed until a writer serialises it
+    extra: dict = field(default_factory=dict)
     verdict: str | None = None
     verdict_rule: str = ""
     plots: list[str] = field(default_factory=list)
@@ -68,7 +151,7 @@ class Report:
         d["edit"] = self.edit
         d["request"] = self.request
         if self.extra:
-            d["probes"] = self.extra
+            d["probes"] = _plain(self.extra)
         if self.verdict:
             d["verdict"] = {"verdict": self.verdict, "rule": self.verdict_rule}
         return d
@@ -105,11 +188,11 @@ class Report:
         if attacks:
             md += ["", "## Restoration attacks (forget recall along each attack)", ""]
             for name, a in attacks.items():
-                md += [f"**{name}** ({a['xlabel']})", "",
-                       "| model | " + " | ".join(str(x) for x in a["x"]) + " |",
-                       "|---|" + "---|" * len(a["x"])]
-                md += [f"| {lab} | " + " | ".join(_fmt(float(v)) for v in ys) + " |"
-                       for lab, ys in a["curves"].items()]
+                md += [f"**{name}** ({a.xlabel})", "",
+                       "| model | " + " | ".join(str(x) for x in a.x) + " |",
+                       "|---|" + "---|" * len(a.x)]
+                md += [f"| {lab} | " + " | ".join(_fmt(float(v)) for v in c.y) + " |"
+                       for lab, c in a.curves.items()]
                 md += [""]
         checks = (self.extra.get("verdict") or {}).get("checks")
         if checks:
@@ -149,6 +232,19 @@ def _fmt(v) -> str:
             return "nan"
         return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
     return str(v)
+
+
+def _plain(o: Any) -> Any:
+    """``o`` with every typed result (anything with ``to_dict``) replaced by its dict form."""
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    if isinstance(o, dict):
+        return {k: _plain(v) for k, v in o.items()}
+    if isinstance(o, list):
+        return [_plain(v) for v in o]
+    if isinstance(o, tuple):
+        return tuple(_plain(v) for v in o)
+    return o
 
 
 def _clean(o):

@@ -10,8 +10,10 @@ A request holds sets of facts (prompt + target continuation):
 - ``shared``   shared world knowledge (utility);
 - ``general``  general text for perplexity.
 
-Build one from the organism (``org.request(forget_people=range(10))``), from a JSONL file
-(``ForgetRequest.from_jsonl``) or from Python lists (``ForgetRequest.from_lists``).
+Build one from the organism (``org.request(forget_people=range(10))``, see
+``excise.organism.organism_request``), from a JSONL file (``ForgetRequest.from_jsonl``) or from
+Python lists (``ForgetRequest.from_lists``). A ``Fact`` is one prompt and the target
+continuation a model must produce.
 """
 
 from __future__ import annotations
@@ -20,9 +22,28 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
-from excise.world import ATTRIBUTES, Fact, World
+
+@dataclass(frozen=True)
+class Fact:
+    """One prompt with the continuation a model must produce."""
+
+    prompt: str
+    target: str
+    person: int = -1  # -1 for facts that belong to no person (shared knowledge, filler)
+    attribute: str = ""
+    form: str = ""  # "statement" | "question" | "shared" | "filler" | "custom" | "text"
+    template: int = -1
+    trained: bool = True
+    subject: str = ""  # the words in the prompt that name who or what the fact is about
+
+    @property
+    def text(self) -> str:
+        return f"{self.prompt} {self.target}"
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 @dataclass(frozen=True)
@@ -175,56 +196,3 @@ class ForgetRequest:
         return cls(**{k: FactSet(k, tuple(v)) for k, v in splits.items()},
                    general=tuple(general), retain_text=tuple(retain_text),
                    meta={"source": str(path)})
-
-
-def organism_request(world: World, forget_people: Iterable[int],
-                     retain_people: Iterable[int] | None = None,
-                     holdout_people: Iterable[int] | None = None,
-                     neighbor_people: Iterable[int] | None = None,
-                     attributes: Sequence[str] | None = None) -> ForgetRequest:
-    trained = set(world.trained_people)
-    forget = sorted(set(int(i) for i in forget_people))
-    if not forget:
-        raise ValueError("forget_people is empty: name at least one trained person to forget")
-    bad = [i for i in forget if i not in trained]
-    if bad:
-        raise ValueError(f"unknown people {bad[:5]} in forget_people: trained people are "
-                         f"0..{world.n_trained - 1}")
-    retain = (sorted(trained - set(forget)) if retain_people is None
-              else sorted(set(int(i) for i in retain_people)))
-    bad = [i for i in retain if i not in trained]
-    if bad:
-        raise ValueError(f"unknown people {bad[:5]} in retain_people: trained people are "
-                         f"0..{world.n_trained - 1}")
-    both = sorted(set(forget) & set(retain))
-    if both:
-        raise ValueError(f"people {both[:5]} are in both forget_people and retain_people")
-    holdout = list(world.holdout_people) if holdout_people is None else sorted(holdout_people)
-    bad = [i for i in holdout if i not in set(world.holdout_people)]
-    if bad:
-        raise ValueError(f"people {bad[:5]} are not holdout people: never-trained people are "
-                         f"{world.n_trained}..{len(world.people) - 1}")
-    attrs = tuple(attributes) if attributes else ATTRIBUTES
-    unknown = [a for a in attrs if a not in ATTRIBUTES]
-    if unknown:
-        raise ValueError(f"unknown attributes {unknown}; choose from {list(ATTRIBUTES)}")
-    neighbors = sorted(set(neighbor_people or ()) - set(forget))
-
-    def facts(people, trained_flag):
-        return tuple(f for i in people for f in world.facts(i, trained=trained_flag)
-                     if f.attribute in attrs)
-
-    # holdout people were never trained: compare them with the same phrasings forget uses
-    hold = tuple(f for i in holdout for f in world.facts(i)
-                 if f.attribute in attrs and f.template != world.heldout_templates(i)[f.form])
-    return ForgetRequest(
-        forget=FactSet("forget", facts(forget, True)),
-        retain=FactSet("retain", facts(retain, True)),
-        holdout=FactSet("holdout", hold),
-        neighbors=FactSet("neighbors", facts(neighbors, True)),
-        paraphrase=FactSet("paraphrase", facts(forget, False)),
-        shared=FactSet("shared", tuple(world.shared_facts())),
-        general=tuple(world.filler_eval),
-        retain_text=tuple(world.filler_train),
-        meta={"forget_people": forget, "world": world.digest(), "attributes": list(attrs)},
-    )

@@ -95,8 +95,8 @@ class Selection:
     def with_label(self, label: str) -> "Selection":
         if not self.labels:
             raise ValueError("this Selection has no labels")
-        keep = [(u, l) for u, l in zip(self.units, self.labels) if l == label]
-        return Selection(tuple(u for u, _ in keep), tuple(l for _, l in keep),
+        keep = [(u, lab) for u, lab in zip(self.units, self.labels) if lab == label]
+        return Selection(tuple(u for u, _ in keep), tuple(lab for _, lab in keep),
                          f"{self.source}[{label}]")
 
     def to_list(self) -> list[str]:
@@ -112,7 +112,28 @@ class Selection:
         return hashlib.sha256("\n".join(self.to_list()).encode()).hexdigest()[:16]
 
 
+def _layer_hint(name: str, valid: Sequence[str]) -> str:
+    """'; the model has 4 layers, blocks 0..3' when ``name`` names a block the model lacks."""
+    m = re.match(r"blocks\.(\d+)(\.|$)", name)
+    if not m:
+        return ""
+    layers = sorted({L for L in map(layer_of, valid) if L is not None})
+    if int(m.group(1)) in layers:
+        return ""
+    if not layers:
+        return "; the model has no blocks.L sites"
+    return (f"; the model has {len(layers)} layer{'s' if len(layers) != 1 else ''}, blocks "
+            f"{layers[0]}..{layers[-1]}")
+
+
 def unknown_site_error(name: str, valid: Sequence[str]) -> ValueError:
+    layer = _layer_hint(name, valid)
+    if layer:  # the same site in the last block, not a near-miss spelling of another layer
+        L = int(re.match(r"blocks\.(\d+)", name).group(1))
+        last = max((x for x in map(layer_of, valid) if x is not None), default=None)
+        same = name.replace(f"blocks.{L}.", f"blocks.{last}.", 1)
+        hint = f"{layer} (e.g. {same!r})" if same in valid else layer
+        return ValueError(f"unknown site {name!r}: layer {L} is out of range{hint}")
     close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     sample = ", ".join(list(valid)[:6])
@@ -128,7 +149,8 @@ def expand(patterns: str | Sequence[str], valid: Sequence[str]) -> list[str]:
         if any(ch in pat for ch in "*?["):
             hits = [v for v in valid if fnmatch.fnmatchcase(v, pat)]
             if not hits:
-                raise ValueError(f"site pattern {pat!r} matches no site of this model")
+                raise ValueError(f"site pattern {pat!r} matches no site of this model"
+                                 f"{_layer_hint(pat, valid)}")
         elif pat in valid:
             hits = [pat]
         else:
@@ -143,8 +165,9 @@ def layer_of(site: str) -> int | None:
 
 
 # Parameter -> the unit it belongs to: (suffix of the parameter site, unit site suffix, axis).
-# Used to aggregate parameter-level scores into neuron / head scores, and to find the parameters
-# of a unit when an edit prunes it.
+# The axes are TransformerLens layouts (``TLHandle.unit_axis``); other backends answer
+# ``ModelHandle.unit_axis`` in their own layout. Edits list a unit's parameters from here and ask
+# the handle for the axis; ``Importance.by_unit`` reads the axes the locate method recorded.
 PARAM_UNITS: tuple[tuple[str, str, int], ...] = (
     ("mlp.W_in", "mlp.post", 1),
     ("mlp.W_gate", "mlp.post", 1),
@@ -161,8 +184,8 @@ PARAM_UNITS: tuple[tuple[str, str, int], ...] = (
 
 
 def unit_of_param(site: str) -> tuple[str, int] | None:
-    """``blocks.2.mlp.W_in`` -> (``blocks.2.mlp.post``, axis 1); None for parameters that
-    belong to no neuron or head (embeddings, layer norms, output biases)."""
+    """``blocks.2.mlp.W_in`` -> (``blocks.2.mlp.post``, axis 1) in TransformerLens layout; None
+    for parameters that belong to no neuron or head (embeddings, layer norms, output biases)."""
     L = layer_of(site)
     if L is None:
         return None

@@ -18,6 +18,8 @@ import json
 import random
 from dataclasses import dataclass, field
 
+from excise.request import Fact
+
 FIRST_NAMES = (
     "alba bruno cyra dario elio fenna galen hesper ilsa joren kaia lucan mira nilo orla pavel "
     "quin rhea soren tilda ulric vesna wim xenia yara zeno adler brisa corin delphi"
@@ -111,31 +113,11 @@ ATTRIBUTES = tuple(TEMPLATES)
 SHARED_TEMPLATES = ["{city} is a city in", "question : in which country is {city} ? answer :"]
 SHARED_HELDOUT = ["the city of {city} lies in the country of"]
 
-_FILLER_NOUNS = "river garden window lantern market bridge forest harbor orchard meadow tower road".split()
+_FILLER_NOUNS = ("river garden window lantern market bridge forest harbor orchard meadow tower "
+                 "road").split()
 _FILLER_ADJS = "quiet old bright narrow green small busy cold warm tall".split()
 _FILLER_VERBS = "watches follows crosses paints finds passes greets leaves".split()
 _FILLER_ADVS = "slowly often early quietly again today".split()
-
-
-@dataclass(frozen=True)
-class Fact:
-    """One prompt with the continuation a model must produce."""
-
-    prompt: str
-    target: str
-    person: int = -1  # -1 for facts that belong to no person (shared knowledge, filler)
-    attribute: str = ""
-    form: str = ""  # "statement" | "question" | "shared" | "filler" | "custom"
-    template: int = -1
-    trained: bool = True
-    subject: str = ""  # the words in the prompt that name who or what the fact is about
-
-    @property
-    def text(self) -> str:
-        return f"{self.prompt} {self.target}"
-
-    def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
 @dataclass(frozen=True)
@@ -240,7 +222,7 @@ def make_world(n_people: int, n_holdout: int, seed: int = 0, n_filler: int = 200
         raise ValueError(f"n_people={n_people}, n_holdout={n_holdout}: need n_people >= 1, "
                          f"n_holdout >= 0 and n_people + n_holdout <= {max_people}")
     rng = random.Random(seed)
-    names = [f"{f} {l}" for f in FIRST_NAMES for l in LAST_NAMES]
+    names = [f"{first} {last}" for first in FIRST_NAMES for last in LAST_NAMES]
     rng.shuffle(names)
     cities = [c for cs in COUNTRIES.values() for c in cs]
     accounts: set[str] = set()

@@ -29,7 +29,7 @@ from locate.causal_trace import Trace, attribution, causal_trace, trace, traces
 from locate.circuit import circuit, circuit_selection
 from locate.fisher import fisher
 from locate.grad_ratio import grad_ratio
-from locate.sae import sae, train_sae
+from locate.sae import sae
 
 METHODS = {"fisher": fisher, "grad_ratio": grad_ratio, "activations": activations,
            "causal_trace": causal_trace, "attribution": attribution, "sae": sae,
@@ -93,4 +93,4 @@ def run_plots(imp: Importance, model, request, folder) -> list[str]:
 
 __all__ = ["METHODS", "StatsCache", "Trace", "activations", "attribution", "causal_trace",
            "circuit", "circuit_selection", "compare", "fisher", "grad_ratio", "run_plots", "sae",
-           "trace", "traces", "train_sae"]
+           "trace", "traces"]

@@ -1,17 +1,27 @@
-"""Small helpers every locate method shares: site resolution with clear errors, metadata."""
+"""Small helpers every locate method shares: site resolution with clear errors, metadata.
+(Input checks live in :mod:`excise.checks`.)"""
 
 from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 from torch import Tensor
 
+from excise.checks import check_number
 from excise.handle import ModelHandle
-from excise.request import FactSet, ForgetRequest
+from excise.request import ForgetRequest
 
 # the neuron / head sites (one unit = one neuron or one head)
 UNIT_SITES = ("blocks.*.mlp.post", "blocks.*.attn.z")
+
+
+def check_inputs(method: str, model: ModelHandle, *, batch_size=None) -> None:
+    """What every locate method checks before it runs: the model's weights are finite (a NaN
+    weight would give an Importance of NaN or zeros that looks computed) and ``batch_size``
+    is a positive integer."""
+    if batch_size is not None:
+        check_number(method, "batch_size", batch_size, low=1, integer=True)
+    model.check_finite(method)
 
 
 def resolve_sites(model: ModelHandle, sites: str | Sequence[str] | None, default,
@@ -36,18 +46,6 @@ def resolve_sites(model: ModelHandle, sites: str | Sequence[str] | None, default
             raise ValueError(f"{method} cannot score site {s!r} (a {info.kind} site); "
                              f"it scores {accepted}" + (f" - {why}" if why else ""))
     return names
-
-
-def check_facts(facts: FactSet, method: str) -> None:
-    if len(facts) == 0:
-        raise ValueError(f"{method}: the {facts.name!r} fact set is empty")
-
-
-def check_finite(t: Tensor, what: str, site: str, method: str) -> None:
-    if not torch.isfinite(t).all():
-        bad = int((~torch.isfinite(t)).sum())
-        raise ValueError(f"{method}: {bad} non-finite {what} at site {site!r} (the model "
-                         f"overflowed, or its weights hold NaN/inf?)")
 
 
 def base_meta(model: ModelHandle, request: ForgetRequest, **config) -> dict:

@@ -137,32 +137,14 @@ def gradient_stats(model: ModelHandle, facts: FactSet, sites: Sequence[str], *,
 
 def _per_example_params(model: ModelHandle, b: Batch, params: dict[str, Tensor],
                         act_sites: list[str], sq: dict, ab: dict) -> None:
-    """Per-example parameter gradients with torch.func (vmap over examples)."""
-    from torch.func import functional_call, grad, vmap
+    """Per-example parameter gradients with torch.func (vmap over examples) of the handle's
+    functional loss (``ValueError`` from backends that have none)."""
+    from torch.func import grad, vmap
 
-    from excise.handle import TLHandle
-
-    if not isinstance(model, TLHandle):
-        raise ValueError(f"estimator='example' on parameter sites needs the TransformerLens "
-                         f"backend; {type(model).__name__} supports estimator='batch' (or "
-                         f"per-example Fisher of activation sites)")
-
-    module = model.model
+    loss_one = model.functional_loss()
     names = list(params)
-    detached = {k: v.detach() for k, v in module.named_parameters()}
-
-    def loss_one(p_sub, tokens, tmask, smask, length):
-        full = dict(detached)
-        full.update(p_sub)
-        one = Batch(tokens[None], tmask[None], smask[None], length[None])
-        logits = functional_call(module, full, (one.tokens,), {"return_type": "logits"})
-        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, one.tokens[:, 1:, None])[..., 0]
-        m = one.target_mask[:, 1:]
-        return -(lp * m).sum() / m.sum().clamp(min=1)
-
-    sub = {k: detached[k] for k in names}
-    g = vmap(grad(loss_one), in_dims=(None, 0, 0, 0, 0))(sub, b.tokens, b.target_mask,
-                                                         b.subject_mask, b.lengths)
+    sub = {k: params[k].detach() for k in names}
+    g = vmap(grad(loss_one), in_dims=(None, 0, 0))(sub, b.tokens, b.target_mask)
     for s in names:
         sq[s] += (g[s] ** 2).sum(0)
         ab[s] += g[s].abs().sum(0)

@@ -19,10 +19,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from excise.checks import check_choice, check_facts, check_finite
 from excise.handle import Batch, ModelHandle
 from excise.importance import Importance
 from excise.request import FactSet, ForgetRequest
-from locate._common import UNIT_SITES, base_meta, check_facts, check_finite, resolve_sites
+from locate._common import UNIT_SITES, base_meta, check_inputs, resolve_sites
 
 STATS = ("ratio", "z")
 POSITIONS = ("all", "predict", "subject")
@@ -38,11 +39,9 @@ def activations(model: ModelHandle, request: ForgetRequest,
     is part of the target) or ``"subject"`` (the subject's tokens; all tokens where a fact has
     no subject). ``eps`` is relative to the site's mean retain magnitude.
     ``Importance.parts`` keeps the raw mean magnitudes (``forget``, ``retain``)."""
-    if stat not in STATS:
-        raise ValueError(f"activations: unknown stat {stat!r}; choose one of {list(STATS)}")
-    if positions not in POSITIONS:
-        raise ValueError(f"activations: unknown positions {positions!r}; choose one of "
-                         f"{list(POSITIONS)}")
+    check_choice("activations", "stat", stat, STATS)
+    check_inputs("activations", model, batch_size=batch_size)
+    check_choice("activations", "positions", positions, POSITIONS)
     names = resolve_sites(model, sites, list(UNIT_SITES), "activations",
                           suffixes=("mlp.post", "attn.z"),
                           why="it needs units with output weights (neurons or heads)")

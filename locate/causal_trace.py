@@ -33,11 +33,11 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from excise.checks import check_choice, check_finite
 from excise.handle import ModelHandle
 from excise.importance import Importance
-from excise.request import FactSet, ForgetRequest
-from excise.world import Fact
-from locate._common import UNIT_SITES, base_meta, check_finite, resolve_sites
+from excise.request import Fact, FactSet, ForgetRequest
+from locate._common import UNIT_SITES, base_meta, check_inputs, resolve_sites
 
 COMPONENTS = ("resid_post", "mlp.out", "attn.out")
 _KNOWN_COMPONENTS = ("resid_pre", "resid_mid", "resid_post", "mlp.out", "attn.out")
@@ -264,8 +264,7 @@ def window_layers(component: str, layer: int, window: int, n_layers: int) -> ran
 
 
 def _check_args(model: ModelHandle, components, mode: str, window: int, samples: int):
-    if mode not in MODES:
-        raise ValueError(f"causal tracing: unknown mode {mode!r}; choose one of {list(MODES)}")
+    check_choice("causal tracing", "mode", mode, MODES)
     comps = (components,) if isinstance(components, str) else tuple(components)
     bad = [c for c in comps if c not in _KNOWN_COMPONENTS]
     if bad or not comps:
@@ -275,7 +274,7 @@ def _check_args(model: ModelHandle, components, mode: str, window: int, samples:
         raise ValueError(f"causal tracing: window must be an int >= 1, got {window!r}")
     if not (isinstance(samples, int) and samples >= 1):
         raise ValueError(f"causal tracing: samples must be an int >= 1, got {samples!r}")
-    n_layers = 1 + max(model.info(s).layer for s in model.sites("blocks.*.resid_post"))
+    n_layers = model.n_layers
     for c in comps:
         model.info(f"blocks.0.{c}")  # unknown to this backend -> the handle's error
     return comps, n_layers
@@ -477,6 +476,7 @@ def traces(model: ModelHandle, facts, *, components: str | Sequence[str] = COMPO
            noise_scale: float = 3.0, seed: int = 0, max_rows: int = 1024,
            batch_size: int = 32, progress: bool = False) -> list[Trace]:
     """One :class:`Trace` per fact (see :func:`trace` for the arguments)."""
+    check_inputs("causal tracing", model, batch_size=batch_size)
     comps, n_layers = _check_args(model, components, mode, window, samples)
     sigma = _sigma(model, noise, noise_scale)
     ps = prompts(model, facts)
@@ -531,6 +531,7 @@ def _unit_importance(method: str, units: dict[str, Tensor], meta: dict) -> Impor
 def _pipeline_trace(method: str, model: ModelHandle, request: ForgetRequest, sites, *, mode,
                     components, window, samples, noise, noise_scale, seed, max_facts,
                     batch_size, max_rows, progress) -> Importance:
+    check_inputs(method, model, batch_size=batch_size)
     unit_sites = resolve_sites(model, sites, list(UNIT_SITES), method,
                                suffixes=_ATTRIBUTION_SUFFIXES)
     comps, n_layers = _check_args(model, components, mode, window, samples)

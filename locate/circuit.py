@@ -27,7 +27,7 @@ from excise.handle import ModelHandle
 from excise.importance import Importance
 from excise.request import ForgetRequest
 from excise.sites import Selection, Unit
-from locate._common import UNIT_SITES, base_meta, resolve_sites, unit_names
+from locate._common import UNIT_SITES, base_meta, check_inputs, resolve_sites, unit_names
 from locate._grads import StatsCache, gradient_stats
 from locate.sat import Conflict, resolve
 
@@ -44,6 +44,7 @@ def circuit(model: ModelHandle, request: ForgetRequest, sites: str | Sequence[st
     ``sites``: activation sites (default every ``mlp.post`` and ``attn.z``). Circuit thresholds,
     ``protect_*``, ``must_edit`` / ``must_keep`` (unit names such as ``"blocks.1.mlp.post[5]"``),
     ``min_forget_coverage`` and ``max_edit`` are passed to :func:`locate.sat.resolve`."""
+    check_inputs("circuit", model, batch_size=batch_size)
     names = resolve_sites(model, sites, list(UNIT_SITES), "circuit",
                           why="node attribution needs activation sites (neurons, heads, "
                               "residual dimensions)")

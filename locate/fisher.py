@@ -17,6 +17,7 @@ import torch
 from excise.handle import ModelHandle
 from excise.importance import Importance
 from excise.request import ForgetRequest
+from locate._common import check_inputs
 from locate._grads import StatsCache, gradient_stats
 
 
@@ -30,6 +31,7 @@ def fisher(model: ModelHandle, request: ForgetRequest, sites: str | Sequence[str
     loss, averaged over batches - as in SSD) or ``"example"`` (mean of per-example squared
     gradients - the empirical Fisher). Retain-side statistics are read from / stored in ``cache``.
     """
+    check_inputs("fisher", model, batch_size=batch_size)
     site_list = model.sites(sites if sites is not None else "*", kind=None if sites else "param")
     f = gradient_stats(model, request.forget, site_list, estimator=estimator,
                        batch_size=batch_size, progress=progress, desc="fisher (forget)")

@@ -1,6 +1,6 @@
 """Gradient ratio (GRIN, "LLM Unlearning using Gradient Ratio-Based Influence Estimation and
-Noise Injection"): a parameter matters for the forget set and not for the rest when its forget gradient is large and its retain
-gradient small,
+Noise Injection"): a parameter matters for the forget set and not for the rest when its forget
+gradient is large and its retain gradient small,
 
     score = mean|grad_forget| / (mean|grad_retain| + eps)
 
@@ -19,7 +19,7 @@ import torch
 from excise.handle import ModelHandle
 from excise.importance import Importance
 from excise.request import ForgetRequest
-from locate._common import base_meta, resolve_sites
+from locate._common import base_meta, check_inputs, resolve_sites
 from locate._grads import StatsCache, gradient_stats
 
 
@@ -32,6 +32,7 @@ def grad_ratio(model: ModelHandle, request: ForgetRequest, sites: str | Sequence
     per neuron/head/dimension, from the gradient of a gate on the unit). ``eps`` is relative to
     the mean retain magnitude, so it does not depend on the model's scale.
     """
+    check_inputs("grad_ratio", model, batch_size=batch_size)
     names = resolve_sites(model, sites, model.sites(kind="param"), "grad_ratio",
                           kinds=("param", "activation"))
     f = gradient_stats(model, request.forget, names, batch_size=batch_size, progress=progress,

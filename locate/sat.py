@@ -87,7 +87,8 @@ class Conflict(ValueError):
     of them is known to restore satisfiability.
     """
 
-    def __init__(self, core: Iterable[str], message: str | None = None, *, minimal: bool = True) -> None:
+    def __init__(self, core: Iterable[str], message: str | None = None, *,
+                 minimal: bool = True) -> None:
         self.core: tuple[str, ...] = tuple(core)
         self.minimal = minimal
         if message is None:
@@ -101,9 +102,7 @@ class Conflict(ValueError):
         super().__init__(message)
 
 
-# --------------------------------------------------------------------------
-# shared preprocessing (thresholds, circuits, integer weights, validation)
-# --------------------------------------------------------------------------
+# -- shared preprocessing (thresholds, circuits, integer weights, validation) ----------------------
 
 
 @dataclass(frozen=True)
@@ -126,7 +125,8 @@ class _Problem:
 
 def _check_scores(name: str, scores: Mapping[str, float]) -> dict[str, float]:
     if not isinstance(scores, Mapping):
-        raise TypeError(f"{name} scores must be a mapping unit -> float, got {type(scores).__name__}")
+        raise TypeError(f"{name} scores must be a mapping unit -> float, "
+                        f"got {type(scores).__name__}")
     out: dict[str, float] = {}
     for unit, value in scores.items():
         if not isinstance(unit, str):
@@ -191,9 +191,11 @@ def _prepare(
     protect_threshold = _check_threshold("protect_threshold", protect_threshold)
     if not (isinstance(top_fraction, (int, float)) and 0.0 < top_fraction <= 1.0):
         raise ValueError(f"top_fraction must be in (0, 1], got {top_fraction!r}")
-    if isinstance(min_forget_coverage, bool) or not isinstance(min_forget_coverage, int) or min_forget_coverage < 0:
+    if (isinstance(min_forget_coverage, bool) or not isinstance(min_forget_coverage, int)
+            or min_forget_coverage < 0):
         raise ValueError(f"min_forget_coverage must be an int >= 0, got {min_forget_coverage!r}")
-    if max_edit is not None and (isinstance(max_edit, bool) or not isinstance(max_edit, int) or max_edit < 0):
+    if max_edit is not None and (isinstance(max_edit, bool) or not isinstance(max_edit, int)
+                                 or max_edit < 0):
         raise ValueError(f"max_edit must be None or an int >= 0, got {max_edit!r}")
 
     known = set(f) | set(r)
@@ -203,8 +205,10 @@ def _prepare(
     me = _check_units("must_edit", must_edit, known)
     mk = _check_units("must_keep", must_keep, known)
 
-    ft = _top_threshold(fimp.values(), top_fraction) if forget_threshold is None else forget_threshold
-    rt = _top_threshold(rimp.values(), top_fraction) if retain_threshold is None else retain_threshold
+    ft = (_top_threshold(fimp.values(), top_fraction) if forget_threshold is None
+          else forget_threshold)
+    rt = (_top_threshold(rimp.values(), top_fraction) if retain_threshold is None
+          else retain_threshold)
     pt = rt if protect_threshold is None else protect_threshold
     fc = frozenset(u for u in units if fimp[u] > 0 and fimp[u] >= ft)
     rc = frozenset(u for u in units if rimp[u] > 0 and rimp[u] >= rt)
@@ -213,7 +217,8 @@ def _prepare(
     labels: dict[str, str] = {}
     for u in units:
         inf, inr = u in fc, u in rc
-        labels[u] = "shared" if inf and inr else "forget_only" if inf else "retain_only" if inr else "none"
+        labels[u] = ("shared" if inf and inr else "forget_only" if inf
+                     else "retain_only" if inr else "none")
 
     candidates = tuple(sorted(fc | set(me)))
     fmax = max(fimp.values(), default=0.0)
@@ -235,9 +240,7 @@ def _sorted_edit(p: _Problem, edit: Iterable[str]) -> tuple[str, ...]:
     return tuple(sorted(edit, key=lambda u: (-p.fimp[u], u)))
 
 
-# --------------------------------------------------------------------------
-# MaxSAT encoding
-# --------------------------------------------------------------------------
+# -- MaxSAT encoding -------------------------------------------------------------------------------
 
 
 def _hard_groups(
@@ -260,16 +263,19 @@ def _hard_groups(
         if p.coverage > len(fc_lits):
             clauses: list[list[int]] = [[]]
         else:
-            clauses = CardEnc.atleast(fc_lits, bound=p.coverage, vpool=pool, encoding=_CARD_ENCODING).clauses
+            clauses = CardEnc.atleast(fc_lits, bound=p.coverage, vpool=pool,
+                                      encoding=_CARD_ENCODING).clauses
         groups.append((f"coverage>={p.coverage}", clauses))
     if p.max_edit is not None and p.max_edit < len(p.candidates):
         lits = [var[u] for u in p.candidates]
-        clauses = CardEnc.atmost(lits, bound=p.max_edit, vpool=pool, encoding=_CARD_ENCODING).clauses
+        clauses = CardEnc.atmost(lits, bound=p.max_edit, vpool=pool,
+                                 encoding=_CARD_ENCODING).clauses
         groups.append((f"max_edit<={p.max_edit}", clauses))
     return groups
 
 
-def _core(groups: list[tuple[str, list[list[int]]]], pool: IDPool) -> tuple[tuple[str, ...], bool] | None:
+def _core(groups: list[tuple[str, list[list[int]]]], pool: IDPool
+          ) -> tuple[tuple[str, ...], bool] | None:
     """None if the hard groups are satisfiable, else (group names, is_minimal).
 
     Minimisation stops after ``_MAX_CORE_CALLS`` SAT calls or
@@ -297,9 +303,9 @@ def _core(groups: list[tuple[str, list[list[int]]]], pool: IDPool) -> tuple[tupl
                 must.append(x)
             else:
                 keep = set(s.get_core() or [])
-                rest = [l for l in rest if l in keep]
+                rest = [lit for lit in rest if lit in keep]
         minimal = not rest
-        return tuple(sorted(sel_name[l] for l in must + rest)), minimal
+        return tuple(sorted(sel_name[lit] for lit in must + rest)), minimal
 
 
 def _gain(p: _Problem, u: str) -> int:
@@ -376,7 +382,7 @@ def _propagate(clauses: list[list[int]]) -> set[int] | None:
             if n_false[i] == len(c):
                 return None
             if n_false[i] == len(c) - 1:
-                unit = next(l for l in c if -l not in value)
+                unit = next(lit for lit in c if -lit not in value)
                 if unit not in value:
                     queue.append(unit)
     return value
@@ -501,7 +507,8 @@ def resolve(
     """
     p = _prepare(
         forget, retain, forget_threshold=forget_threshold, retain_threshold=retain_threshold,
-        top_fraction=top_fraction, protect_retain=protect_retain, protect_threshold=protect_threshold,
+        top_fraction=top_fraction, protect_retain=protect_retain,
+        protect_threshold=protect_threshold,
         must_edit=must_edit, must_keep=must_keep, min_forget_coverage=min_forget_coverage,
         max_edit=max_edit,
     )
@@ -513,9 +520,7 @@ def resolve(
     )
 
 
-# --------------------------------------------------------------------------
-# exhaustive reference (tests only)
-# --------------------------------------------------------------------------
+# -- exhaustive reference (tests only) -------------------------------------------------------------
 
 
 def _brute_constraints(p: _Problem) -> dict[str, object]:
@@ -534,14 +539,16 @@ def _brute_constraints(p: _Problem) -> dict[str, object]:
     return cons
 
 
-def _brute_search(p: _Problem, active: Iterable[str] | None = None) -> tuple[int, frozenset[str]] | None:
+def _brute_search(p: _Problem, active: Iterable[str] | None = None
+                  ) -> tuple[int, frozenset[str]] | None:
     """Best (cost, edit set) over all 2^N subsets of units, or None if infeasible.
 
     Only the constraints named in ``active`` are enforced (all if None); the
     model's scope rule (only candidates may be edited) always holds.
     """
     if len(p.units) > _BRUTE_FORCE_MAX:
-        raise ValueError(f"brute_force handles at most {_BRUTE_FORCE_MAX} units, got {len(p.units)}")
+        raise ValueError(f"brute_force handles at most {_BRUTE_FORCE_MAX} units, "
+                         f"got {len(p.units)}")
     cons = _brute_constraints(p)
     if active is not None:
         active = set(active)
@@ -590,7 +597,8 @@ def brute_force(
     """
     p = _prepare(
         forget, retain, forget_threshold=forget_threshold, retain_threshold=retain_threshold,
-        top_fraction=top_fraction, protect_retain=protect_retain, protect_threshold=protect_threshold,
+        top_fraction=top_fraction, protect_retain=protect_retain,
+        protect_threshold=protect_threshold,
         must_edit=must_edit, must_keep=must_keep, min_forget_coverage=min_forget_coverage,
         max_edit=max_edit,
     )

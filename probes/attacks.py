@@ -11,8 +11,8 @@ faster than a model that never saw the data).
 - ``benign``    fine-tune on retain / neighbour data only; measure forget recall.
 - ``refit``     logit-lens readout per depth, re-fitted on retain activations, read on forget.
 - ``sae``       SAE-latent steering ("Suppression or Deletion"): one gain per latent of an SAE
-                trained on the original model, fitted on part of the forget set, recall measured
-                on the other part; SAE trained with sae-lens classes when not given.
+                trained on the original model (``excise.sae``), fitted on part of the forget set,
+                recall measured on the other part.
 - ``quantize``  round-to-nearest per-channel weight quantization (8 and 4 bit).
 - ``paraphrase``forget facts asked in never-trained phrasings, by form.
 
@@ -24,16 +24,20 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from dataclasses import dataclass, field
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from excise.handle import Batch, ModelHandle
+from excise.checks import check_positive
+from excise.handle import ModelHandle
+from excise.report import AttackCurves, Curve
 from excise.request import FactSet, ForgetRequest
+from excise.sae import SAETrainConfig, train_sae
+from excise.train import Optim, Sampler
+from excise.train import train as train_loop
 from probes.behaviour import recall
-from probes.checks import check_positive
 
 ATTACKS = ("relearn", "benign", "refit", "sae", "quantize", "paraphrase")
 
@@ -108,38 +112,7 @@ class AttackConfig:
         return dataclasses.asdict(self)
 
 
-@dataclass
-class Curve:
-    """Forget recall of one model along an attack's budget axis."""
-
-    x: list
-    y: list[float]
-    xlabel: str
-    ylabel: str = "forget recall"
-    aux: dict[str, list[float]] = field(default_factory=dict)
-
-
 # -- helpers -----------------------------------------------------------------------------------
-def _trim(b: Batch) -> Batch:
-    t = int(b.lengths.max())
-    return Batch(b.tokens[:, :t], b.target_mask[:, :t], b.subject_mask[:, :t], b.lengths)
-
-
-def _batch_rows(gen: torch.Generator, n_train: int, n_mix: int, batch: int,
-                mix_ratio: float) -> Tensor:
-    """Rows of one batch over ``train + mix`` data: up to ``batch`` training rows plus
-    ``mix_ratio`` x as many mixed-in rows (a full batch of mix rows when there is no training
-    data)."""
-    parts = []
-    k = min(n_train, batch)
-    if k:
-        parts.append(torch.randperm(n_train, generator=gen)[:k])
-    k_mix = min(n_mix, round(mix_ratio * k) if n_train else batch)
-    if k_mix:
-        parts.append(n_train + torch.randperm(n_mix, generator=gen)[:k_mix])
-    return torch.cat(parts)
-
-
 def _trainable_clone(model: ModelHandle) -> ModelHandle:
     m = model.clone()
     for p in m.named_parameters().values():
@@ -156,25 +129,20 @@ def finetune_curve(model: ModelHandle, train: Sequence, evaluate: Sequence,
     if not train and not mix:
         raise ValueError("nothing to fine-tune on")
     m = _trainable_clone(model)
-    gen = torch.Generator().manual_seed(seed)
+    sampler = Sampler(seed)
     data = m.encode(train + mix)
     n_tr, n_mix = len(train), len(mix)
-    opt = torch.optim.AdamW([p for p in m.named_parameters().values()], lr=lr,
-                            weight_decay=0.0)
     xs, ys, aux = [0], [recall(m, evaluate)], [recall(m, also)] if also else []
-    with torch.enable_grad():
-        for step in range(1, steps + 1):
-            b = _trim(data[_batch_rows(gen, n_tr, n_mix, batch, mix_ratio)])
-            loss = m.loss(b)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(m.named_parameters().values()), 1.0)
-            opt.step()
-            if step % eval_every == 0 or step == steps:
-                xs.append(step)
-                ys.append(recall(m, evaluate))
-                if also:
-                    aux.append(recall(m, also))
+
+    def measure(step: int) -> None:
+        xs.append(step)
+        ys.append(recall(m, evaluate))
+        if also:
+            aux.append(recall(m, also))
+
+    train_loop(lambda _: m.loss(data[sampler.mixed(n_tr, n_mix, batch, mix_ratio)].trim()),
+               m.named_parameters(), steps=steps, optim=Optim("adamw", lr=lr, weight_decay=0.0),
+               max_grad_norm=1.0, evaluate=measure, eval_every=eval_every)
     return Curve(xs, ys, "fine-tuning steps", aux={"trained part": aux} if also else {})
 
 
@@ -199,8 +167,7 @@ def relearn(model: ModelHandle, request: ForgetRequest, cfg: AttackConfig = Atta
     c = finetune_curve(model, a, b, request.retain, steps=cfg.relearn_steps, lr=cfg.relearn_lr,
                        batch=cfg.relearn_batch, mix_ratio=cfg.retain_mix,
                        eval_every=cfg.eval_every, seed=cfg.seed, also=a)
-    c.ylabel = "forget recall (held-out people)"
-    return c
+    return dataclasses.replace(c, ylabel="forget recall (held-out people)")
 
 
 def benign(model: ModelHandle, request: ForgetRequest,
@@ -234,6 +201,16 @@ def _readout_data(model: ModelHandle, facts: Sequence, sites: Sequence[str]):
     return out, torch.cat(toks), torch.cat(owner)
 
 
+def _fit_readout(x: Tensor, tokens: Tensor, W0: Tensor, b0: Tensor,
+                 cfg: AttackConfig) -> tuple[Tensor, Tensor]:
+    """A readout ``x @ W + b`` started at ``(W0, b0)`` and fitted by Adam to predict ``tokens``."""
+    W = W0.clone().requires_grad_(True)
+    bias = b0.clone().requires_grad_(True)
+    train_loop(lambda _: torch.nn.functional.cross_entropy(x @ W + bias, tokens), [W, bias],
+               steps=cfg.refit_steps, optim=Optim("adam", lr=cfg.refit_lr))
+    return W.detach(), bias.detach()
+
+
 def refit(model: ModelHandle, request: ForgetRequest, cfg: AttackConfig = AttackConfig()) -> Curve:
     """Logit-lens readout from every depth, initialised at the model's unembedding and re-fitted
     on retain activations; forget recall when reading the forget activations with it."""
@@ -248,15 +225,7 @@ def refit(model: ModelHandle, request: ForgetRequest, cfg: AttackConfig = Attack
     W0, b0 = W0.float().cpu(), b0.float().cpu()
     ys = []
     for s in sites:
-        W = W0.clone().requires_grad_(True)
-        bias = b0.clone().requires_grad_(True)
-        opt = torch.optim.Adam([W, bias], lr=cfg.refit_lr)
-        with torch.enable_grad():
-            for _ in range(cfg.refit_steps):
-                loss = torch.nn.functional.cross_entropy(xr[s] @ W + bias, tr)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
+        W, bias = _fit_readout(xr[s], tr, W0, b0, cfg)
         with torch.no_grad():
             ok = ((xf[s] @ W + bias).argmax(-1) == tf).float()
         hit = torch.ones(len(request.forget))
@@ -266,67 +235,18 @@ def refit(model: ModelHandle, request: ForgetRequest, cfg: AttackConfig = Attack
 
 
 # -- SAE ---------------------------------------------------------------------------------------
-@torch.no_grad()
-def _token_acts(model: ModelHandle, texts_or_facts, site: str, max_rows: int, seed: int) -> Tensor:
-    b = model.encode(list(texts_or_facts))
-    rows = []
-    for c in b.chunks(256):
-        a = model.run_with_cache(c.tokens, [site])[site]
-        real = torch.arange(c.tokens.shape[1])[None, :] < c.lengths[:, None]
-        real[:, 0] = False
-        rows.append(a[real.to(a.device)].float().cpu())
-    x = torch.cat(rows)
-    if len(x) > max_rows:
-        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:max_rows]]
-    return x
-
-
-def train_sae(model: ModelHandle, request: ForgetRequest, site: str, expansion: int = 4,
-              steps: int = 400, l1: float = 3e-3, seed: int = 0):
-    """An SAE on ``site`` activations of the request's facts: ``(sae, input_scale)``.
-
-    Reuses ``locate.sae.train_sae`` (sae-lens ``StandardTrainingSAE`` trained with sae-lens'
-    own training step, cached) when it is installed; otherwise a minimal loop over a sae-lens
-    ``StandardSAE``."""
+def steering_sae(model: ModelHandle, request: ForgetRequest, site: str, expansion: int = 8,
+                 steps: int = 1500, l1: float = 0.5, seed: int = 0):
+    """The SAE the steering attack works in: ``(sae, input_scale)``, trained (or loaded from
+    the cache) by :func:`excise.sae.train_sae` on ``site`` activations of the request's forget,
+    retain and neighbour facts; its weights frozen."""
     facts = FactSet("sae", tuple(request.forget) + tuple(request.retain)
                     + tuple(request.neighbors))
-    try:
-        from locate.sae import SAETrainConfig
-        from locate.sae import train_sae as _locate_train
-    except ImportError:
-        _locate_train = None
-    if _locate_train is not None:
-        sae, scale, _ = _locate_train(model, facts, site, SAETrainConfig(
-            expansion=expansion, steps=steps, l1=l1, seed=seed))
-        for p in sae.parameters():
-            p.requires_grad_(False)
-        return sae, float(scale)
-    from sae_lens import StandardSAE, StandardSAEConfig
-
-    x = _token_acts(model, facts, site, 20000, seed)
-    scale = float(x.shape[1] ** 0.5 / x.norm(dim=1).mean().clamp(min=1e-12))
-    x = x * scale
-    d = x.shape[1]
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        sae = StandardSAE(StandardSAEConfig(d_in=d, d_sae=expansion * d))
-        with torch.no_grad():
-            sae.b_dec.copy_(x.mean(0))
-        g = torch.Generator().manual_seed(seed)
-        opt = torch.optim.Adam(sae.parameters(), lr=1e-3)
-        with torch.enable_grad():
-            for _ in range(steps):
-                xb = x[torch.randint(len(x), (256,), generator=g)]
-                f = sae.encode(xb)
-                loss = ((sae.decode(f) - xb).pow(2).sum(-1).mean()
-                        + l1 * (f * sae.W_dec.norm(dim=1)).sum(-1).mean())
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-    sae.eval()
+    sae, scale, _ = train_sae(model, facts, site, SAETrainConfig(
+        expansion=expansion, steps=steps, l1=l1, seed=seed))
     for p in sae.parameters():
         p.requires_grad_(False)
-    return sae, scale
+    return sae, float(scale)
 
 
 def gain_hook(sae, gains: Tensor, scale: float = 1.0):
@@ -355,52 +275,52 @@ def sae_steer(model: ModelHandle, request: ForgetRequest, sae, site: str,
     for p in m.named_parameters().values():
         p.requires_grad_(False)
     log_gains = torch.zeros(sae.W_dec.shape[0], requires_grad=True)  # gains = exp: amplify x20 fast
-    gen = torch.Generator().manual_seed(cfg.seed)
+    sampler = Sampler(cfg.seed)
     data = m.encode(list(a) + list(request.retain))
     n_a, n_mix = len(a), len(request.retain)
-    opt = torch.optim.Adam([log_gains], lr=cfg.sae_lr)
     xs, ys, seen = [0], [recall(m, b)], [recall(m, a)]
-    with torch.enable_grad():
-        for step in range(1, cfg.sae_attack_steps + 1):
-            rows = _batch_rows(gen, n_a, n_mix, cfg.relearn_batch, cfg.retain_mix)
-            hook = gain_hook(sae, log_gains.exp(), scale)
-            loss = m.loss(_trim(data[rows]), hooks={site: hook})
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if step % cfg.eval_every == 0 or step == cfg.sae_attack_steps:
-                with torch.no_grad():
-                    hk = {site: gain_hook(sae, log_gains.detach().exp(), scale)}
-                    xs.append(step)
-                    ys.append(recall(m, b, hooks=hk))
-                    seen.append(recall(m, a, hooks=hk))
+
+    def loss(_step: int) -> Tensor:
+        rows = sampler.mixed(n_a, n_mix, cfg.relearn_batch, cfg.retain_mix)
+        hook = gain_hook(sae, log_gains.exp(), scale)
+        return m.loss(data[rows].trim(), hooks={site: hook})
+
+    def measure(step: int) -> None:
+        hk = {site: gain_hook(sae, log_gains.detach().exp(), scale)}
+        xs.append(step)
+        ys.append(recall(m, b, hooks=hk))
+        seen.append(recall(m, a, hooks=hk))
+
+    train_loop(loss, [log_gains], steps=cfg.sae_attack_steps, optim=Optim("adam", lr=cfg.sae_lr),
+               evaluate=measure, eval_every=cfg.eval_every)
     return Curve(xs, ys, f"steps fitting {len(log_gains)} latent gains ({site})",
                  "forget recall (held-out people)", aux={"trained part": seen})
 
 
 # -- quantization ------------------------------------------------------------------------------
-def rtn(w: Tensor, bits: int, dim: int | None) -> Tensor:
-    """Symmetric round-to-nearest, one scale per slice along ``dim`` (amax over the others)."""
+def rtn(w: Tensor, bits: int, reduce: tuple[int, ...] | None) -> Tensor:
+    """Symmetric round-to-nearest with one scale per slice: the scale is the amax over the
+    axes in ``reduce`` (None: one scale for the whole tensor)."""
     qmax = 2 ** (bits - 1) - 1
-    if dim is None:
+    if reduce is None:
         amax = w.abs().amax()
     else:
-        other = [i for i in range(w.dim()) if i != dim % w.dim()]
-        amax = w.abs().amax(dim=other, keepdim=True)
+        amax = w.abs().amax(dim=list(reduce), keepdim=True)
     scale = (amax / qmax).clamp(min=1e-12)
     return (w / scale).round().clamp(-qmax, qmax) * scale
 
 
 def quantized(model: ModelHandle, bits: int) -> ModelHandle:
-    """A clone with every weight matrix quantized per output channel (biases and norms kept)."""
+    """A clone with every weight matrix quantized per output channel (biases and norms kept);
+    the handle says which axes each weight's scale reduces over (``quant_axes``: the input
+    axis, whatever the backend's layout)."""
     m = model.clone()
     with torch.no_grad():
         for name, p in m.named_parameters().items():
-            last = name.split(".")[-1]
-            if p.dim() < 2 or not last.startswith("W_"):
+            reduce = m.quant_axes(name)
+            if reduce is None:
                 continue
-            dim = 0 if last in ("W_E", "W_pos") else -1  # per token row / per output unit
-            p.copy_(rtn(p.float(), bits, dim).to(p.dtype))
+            p.copy_(rtn(p.float(), bits, reduce).to(p.dtype))
     return m
 
 
@@ -431,20 +351,33 @@ def paraphrase(model: ModelHandle, request: ForgetRequest,
 
 
 # -- all together ------------------------------------------------------------------------------
+# The attacks by name, one for each name in ATTACKS (in that order): each is
+# ``run(model, request, cfg, sae) -> Curve``, where ``sae`` is ``(sae, site, input scale)`` for
+# SAE steering (trained once per run_attacks call) and None for the others.
+RUNNERS: dict[str, Callable[..., Curve]] = {
+    "relearn": lambda model, request, cfg, sae: relearn(model, request, cfg),
+    "benign": lambda model, request, cfg, sae: benign(model, request, cfg),
+    "refit": lambda model, request, cfg, sae: refit(model, request, cfg),
+    "sae": lambda model, request, cfg, sae: sae_steer(model, request, sae[0], sae[1], cfg, sae[2]),
+    "quantize": lambda model, request, cfg, sae: quantize(model, request, cfg),
+    "paraphrase": lambda model, request, cfg, sae: paraphrase(model, request, cfg),
+}
+
+
 def run_attacks(models: dict[str, ModelHandle], request: ForgetRequest,
                 cfg: AttackConfig = AttackConfig(), *, sae_source: ModelHandle | None = None,
-                sae=None, log=None) -> dict[str, dict]:
+                sae=None, log=None) -> dict[str, AttackCurves]:
     """Run every attack of ``cfg`` with identical settings on each model.
 
-    Returns ``{attack: {"x", "xlabel", "ylabel", "curves": {label: [...]}, "aux": {...}}}``.
+    Returns ``{attack: AttackCurves}`` (one :class:`Curve` per model label).
     ``sae_source`` is the model whose activations define the SAE and the forget latents
     (the original, unedited model); ``sae`` may be given instead of training one."""
-    out: dict[str, dict] = {}
+    out: dict[str, AttackCurves] = {}
     first = next(iter(models.values()))
     if "paraphrase" in cfg.attacks and not len(request.paraphrase):
         raise ValueError("the paraphrase attack needs request.paraphrase facts; drop it from "
                          "attacks or give never-trained phrasings of the forget facts")
-    sae_site = None
+    kit = None
     if "sae" in cfg.attacks:
         L = cfg.sae_layer if cfg.sae_layer is not None else first.n_layers // 2
         if not 0 <= L < first.n_layers:
@@ -452,24 +385,15 @@ def run_attacks(models: dict[str, ModelHandle], request: ForgetRequest,
         sae_site = f"blocks.{L}.resid_post"
         src = sae_source or first
         if sae is None:
-            sae = train_sae(src, request, sae_site, cfg.sae_expansion, cfg.sae_steps,
-                            cfg.sae_l1, cfg.seed)
+            sae = steering_sae(src, request, sae_site, cfg.sae_expansion, cfg.sae_steps,
+                               cfg.sae_l1, cfg.seed)
         sae, sae_scale = sae if isinstance(sae, tuple) else (sae, 1.0)
+        kit = (sae, sae_site, sae_scale)
     for name in cfg.attacks:
         if log:
             log(f"attack: {name}")
-        curves, aux, c = {}, {}, None
-        for label, model in models.items():
-            if name == "sae":
-                c = sae_steer(model, request, sae, sae_site, cfg, sae_scale)
-            else:
-                c = {"relearn": relearn, "benign": benign, "refit": refit,
-                     "quantize": quantize, "paraphrase": paraphrase}[name](model, request, cfg)
-            curves[label] = c.y
-            for k, v in c.aux.items():
-                aux.setdefault(k, {})[label] = v
-        out[name] = {"x": c.x, "xlabel": c.xlabel, "ylabel": c.ylabel, "curves": curves,
-                     "aux": aux}
+        out[name] = AttackCurves({label: RUNNERS[name](model, request, cfg, kit)
+                                  for label, model in models.items()})
     return out
 
 

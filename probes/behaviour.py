@@ -26,11 +26,18 @@ def fact_hits(model: ModelHandle, facts: FactSet | Sequence, batch_size: int = 2
     out = []
     for b in model.encode(facts).chunks(batch_size):
         logits = model.logits(b.tokens, hooks)  # [n, T, V]
-        pred = logits[:, :-1].argmax(-1)  # [n, T-1]
-        m = b.target_mask[:, 1:]
-        ok = (pred == b.tokens[:, 1:]) | ~m
-        out.append(ok.all(1))
+        out.append(greedy_hits(logits[:, :-1], b)[1])
     return torch.cat(out)
+
+
+def greedy_hits(scores: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """From next-token scores ``[n, T-1, V]`` (logits or log-probabilities at positions
+    0..T-2): the greedy prediction per position ``[n, T-1]`` and, per row, whether it equals
+    every target token ``[n]`` bool."""
+    pred = scores.argmax(-1)  # [n, T-1]
+    m = batch.target_mask[:, 1:]
+    ok = (pred == batch.tokens[:, 1:]) | ~m
+    return pred, ok.all(1)
 
 
 def recall(model: ModelHandle, facts: FactSet | Sequence, batch_size: int = 256,

@@ -21,6 +21,7 @@ import torch
 
 from excise.handle import ModelHandle
 from excise.request import ForgetRequest
+from excise.train import Optim, train
 from probes.attacks import gain_hook
 from probes.behaviour import recall
 
@@ -33,25 +34,22 @@ def _retain_sample(request: ForgetRequest, max_retain: int, seed: int) -> list:
 def ascend(model: ModelHandle, params, request: ForgetRequest, steps: int, lr: float,
            stop: float, hooks_fn=None, max_retain: int = 512, seed: int = 0) -> int:
     """Adam ascent on the forget loss (clamped) plus descent on retain, over ``params`` only,
-    until forget recall <= ``stop`` (checked every 5 steps). Changes ``model`` in place; returns
-    the steps taken. ``hooks_fn()`` builds the hooks of each step (for hook-parameterised
-    controls)."""
-    opt = torch.optim.Adam(params, lr=lr)
+    until forget recall <= ``stop`` (checked every 5 steps and after the last). Changes
+    ``model`` in place; returns the steps taken. ``hooks_fn()`` builds the hooks of each step
+    (for hook-parameterised controls)."""
     fb = model.encode(list(request.forget))
     rb = model.encode(_retain_sample(request, max_retain, seed))
-    with torch.enable_grad():
-        for i in range(steps):
-            hooks = hooks_fn() if hooks_fn else None
-            loss = -model.loss(fb, hooks).clamp(max=20) + model.loss(rb, hooks)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if i % 5 == 4:
-                with torch.no_grad():
-                    hk = hooks_fn() if hooks_fn else None
-                    if recall(model, request.forget, hooks=hk) <= stop:
-                        return i + 1
-    return steps
+
+    def loss(_step: int) -> torch.Tensor:
+        hooks = hooks_fn() if hooks_fn else None
+        return -model.loss(fb, hooks).clamp(max=20) + model.loss(rb, hooks)
+
+    def hidden(_done: int) -> bool:
+        hk = hooks_fn() if hooks_fn else None
+        return recall(model, request.forget, hooks=hk) <= stop
+
+    return train(loss, params, steps=steps, optim=Optim("adam", lr=lr), evaluate=hidden,
+                 eval_every=5).steps
 
 
 def gradient_ascent(model: ModelHandle, request: ForgetRequest, steps: int = 40,

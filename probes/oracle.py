@@ -15,7 +15,7 @@ from torch import Tensor
 
 from excise.handle import ModelHandle
 from excise.request import ForgetRequest
-from excise.world import Fact
+from excise.request import Fact
 from probes import stats
 from probes.behaviour import target_logprobs
 

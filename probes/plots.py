@@ -25,16 +25,18 @@ def _finish(ax, ylim, xlabel: str, ylabel: str, title: str, legend: int):
 
 
 def attack_curve(report, name: str, ax=None):
-    """Forget recall along one attack's budget, one line per model."""
+    """Forget recall along one attack's budget, one line per model (``report.extra["attacks"]
+    [name]``, an :class:`excise.report.AttackCurves`)."""
     a = report.extra["attacks"][name]
     ax = P._axes(ax, (5, 3.2))
-    x = list(range(len(a["x"])))
-    numeric = all(isinstance(v, (int, float)) for v in a["x"])
-    for i, (label, ys) in enumerate(a["curves"].items()):
-        ax.plot(a["x"] if numeric else x, ys, marker="o", label=label, **_style(label, i))
+    x = list(range(len(a.x)))
+    numeric = all(isinstance(v, (int, float)) for v in a.x)
+    for i, (label, c) in enumerate(a.curves.items()):
+        ax.plot(list(c.x) if numeric else x, list(c.y), marker="o", label=label,
+                **_style(label, i))
     if not numeric:
-        ax.set_xticks(x, [str(v) for v in a["x"]], fontsize=8)
-    return _finish(ax, (-0.03, 1.03), a["xlabel"], a["ylabel"], f"attack: {name}", 8)
+        ax.set_xticks(x, [str(v) for v in a.x], fontsize=8)
+    return _finish(ax, (-0.03, 1.03), a.xlabel, a.ylabel, f"attack: {name}", 8)
 
 
 def loo_probe_plot(report, ax=None):

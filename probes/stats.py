@@ -33,8 +33,6 @@ free, so LOO accuracies agree); logistic maps them to {0, 1}.
 from __future__ import annotations
 
 import math
-from typing import Tuple
-
 import torch
 from torch import Tensor
 
@@ -65,9 +63,7 @@ def _f64(x) -> Tensor:
     return t.to(_F64)
 
 
-# --------------------------------------------------------------------------- #
-# Membership inference / leakage
-# --------------------------------------------------------------------------- #
+# -- Membership inference / leakage ----------------------------------------------------------------
 def _average_ranks(s: Tensor) -> Tensor:
     """1-based ranks of ``s`` ([N]) with ties given their average rank. O(N log N)."""
     sorted_s, order = torch.sort(s)  # [N], [N]
@@ -129,7 +125,8 @@ def min_k_prob(token_logprobs: Tensor, mask: Tensor, k: float = 0.2) -> Tensor:
     lp = _f64(token_logprobs)  # [n, t]
     m = torch.as_tensor(mask, device=lp.device).to(torch.bool)  # [n, t]
     if lp.shape != m.shape or lp.dim() != 2:
-        raise ValueError(f"min_k_prob: expected matching [n, t] inputs, got {tuple(lp.shape)} and {tuple(m.shape)}")
+        raise ValueError(f"min_k_prob: expected matching [n, t] inputs, got {tuple(lp.shape)} "
+                         f"and {tuple(m.shape)}")
     n, t = lp.shape
     count = m.sum(1)  # [n]
     # ceil with a small guard so that e.g. 0.3 * 10 = 3.0000000000000004 -> 3
@@ -158,9 +155,7 @@ def exposure(true_rank: Tensor, n_candidates: int) -> Tensor:
     return math.log2(n_candidates) - torch.log2(r)
 
 
-# --------------------------------------------------------------------------- #
-# TOFU
-# --------------------------------------------------------------------------- #
+# -- TOFU ------------------------------------------------------------------------------------------
 def truth_ratio(true_logp: Tensor, false_logp: Tensor, reduction: str = "geometric") -> Tensor:
     """TOFU truth ratio R per question.
 
@@ -185,7 +180,8 @@ def truth_ratio(true_logp: Tensor, false_logp: Tensor, reduction: str = "geometr
     if f.dim() == 1:
         f = f[:, None]  # [n, 1]
     if f.dim() != 2 or f.shape[0] != t.shape[0]:
-        raise ValueError(f"truth_ratio: expected [n] and [n, m], got {tuple(t.shape)} and {tuple(f.shape)}")
+        raise ValueError(f"truth_ratio: expected [n] and [n, m], got {tuple(t.shape)} "
+                         f"and {tuple(f.shape)}")
     if reduction == "geometric":
         num = f.mean(1)  # [n]
     elif reduction == "arithmetic":
@@ -206,9 +202,7 @@ def forget_quality(tr_model: Tensor, tr_oracle: Tensor) -> float:
     return float(ks_2samp(a, b).pvalue)
 
 
-# --------------------------------------------------------------------------- #
-# Representation similarity
-# --------------------------------------------------------------------------- #
+# -- Representation similarity ---------------------------------------------------------------------
 def linear_cka(x: Tensor, y: Tensor) -> float:
     """Linear CKA (Kornblith et al. 2019) between x: [n, d1] and y: [n, d2].
 
@@ -220,7 +214,8 @@ def linear_cka(x: Tensor, y: Tensor) -> float:
     x = _f64(x)
     y = _f64(y)
     if x.dim() != 2 or y.dim() != 2 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"linear_cka: expected [n, d1], [n, d2], got {tuple(x.shape)}, {tuple(y.shape)}")
+        raise ValueError(f"linear_cka: expected [n, d1], [n, d2], got {tuple(x.shape)}, "
+                         f"{tuple(y.shape)}")
     n, d1 = x.shape
     d2 = y.shape[1]
     xc = x - x.mean(0, keepdim=True)  # [n, d1]
@@ -241,9 +236,7 @@ def linear_cka(x: Tensor, y: Tensor) -> float:
     return float(hsic_xy / den)
 
 
-# --------------------------------------------------------------------------- #
-# Label helpers
-# --------------------------------------------------------------------------- #
+# -- Label helpers ---------------------------------------------------------------------------------
 def _binary_kind(y: Tensor) -> str:
     """'01' for {0,1} labels, 'pm' for {-1,+1}; raises otherwise."""
     vals = torch.unique(y)
@@ -259,7 +252,7 @@ def _to01(y: Tensor) -> Tensor:
     return (y > 0).to(_F64) if _binary_kind(y) == "pm" else y
 
 
-def _check_xy(x, y) -> Tuple[Tensor, Tensor]:
+def _check_xy(x, y) -> tuple[Tensor, Tensor]:
     x = _f64(x)
     y = _f64(y).reshape(-1).to(x.device)
     if x.dim() != 2 or x.shape[0] != y.shape[0]:
@@ -269,10 +262,8 @@ def _check_xy(x, y) -> Tuple[Tensor, Tensor]:
     return x, y
 
 
-# --------------------------------------------------------------------------- #
-# Ridge regression (unpenalised intercept)
-# --------------------------------------------------------------------------- #
-def ridge_fit(x: Tensor, y: Tensor, lam: float) -> Tuple[Tensor, Tensor]:
+# -- Ridge regression (unpenalised intercept) ------------------------------------------------------
+def ridge_fit(x: Tensor, y: Tensor, lam: float) -> tuple[Tensor, Tensor]:
     """Ridge fit  min ||y - x w - b||^2 + lam ||w||^2  with free intercept.
 
     x: [n, d], y: [n].  Returns (w [d], b []) in float64.
@@ -325,7 +316,8 @@ def ridge_loo(x: Tensor, y: Tensor, lam: float) -> Tensor:
         if lam <= 0:
             raise ValueError("ridge_loo: lam must be > 0 when d > n")
         k = xc @ xc.T  # [n, n]
-        s = torch.linalg.solve(k + lam * torch.eye(n, dtype=_F64, device=x.device), k)  # [n, n] symmetric
+        eye = torch.eye(n, dtype=_F64, device=x.device)
+        s = torch.linalg.solve(k + lam * eye, k)  # [n, n] symmetric
         h_lin = torch.diagonal(s)  # [n]
         yhat = ym + s @ yc  # [n]
     h = h_lin + 1.0 / n  # [n]
@@ -341,10 +333,8 @@ def ridge_loo_accuracy(x: Tensor, y: Tensor, lam: float) -> float:
     return float(((loo > thr) == (y > thr)).to(_F64).mean())
 
 
-# --------------------------------------------------------------------------- #
-# L2-regularised logistic regression (unpenalised intercept)
-# --------------------------------------------------------------------------- #
-def _design(x: Tensor) -> Tuple[Tensor, Tensor | None]:
+# -- L2-regularised logistic regression (unpenalised intercept) ------------------------------------
+def _design(x: Tensor) -> tuple[Tensor, Tensor | None]:
     """Augmented design A = [z, 1] ([n, r+1]) and the basis V ([d, r]) with
     w = V u, or None when z = x.
 
@@ -417,7 +407,8 @@ def _logistic_newton(
     return theta
 
 
-def logistic_fit(x: Tensor, y: Tensor, lam: float, *, tol: float = 1e-22, max_iter: int = 100) -> Tuple[Tensor, Tensor]:
+def logistic_fit(x: Tensor, y: Tensor, lam: float, *, tol: float = 1e-22,
+                 max_iter: int = 100) -> tuple[Tensor, Tensor]:
     """L2-regularised logistic regression by damped Newton / IRLS, float64.
 
     min_{w,b} sum_i [softplus(z_i) - t_i z_i] + lam/2 ||w||^2, z_i = x_i.w + b.
@@ -464,7 +455,8 @@ def logistic_loo(
     a, _ = _design(x)  # [n, p]
     p = a.shape[1]
     sw_full = torch.ones(1, n, dtype=_F64, device=x.device)
-    theta = _logistic_newton(a, t, sw_full, lam, torch.zeros(1, p, dtype=_F64, device=x.device), tol, max_iter)[0]
+    theta0 = torch.zeros(1, p, dtype=_F64, device=x.device)
+    theta = _logistic_newton(a, t, sw_full, lam, theta0, tol, max_iter)[0]
     z = a @ theta  # [n]
     if not exact:
         prob = torch.sigmoid(z)  # [n]
@@ -488,7 +480,8 @@ def logistic_loo(
     return torch.sigmoid(out)
 
 
-def loo_probe_accuracy(x: Tensor, y: Tensor, method: str = "ridge", lam: float = 1.0, *, exact: bool = False) -> float:
+def loo_probe_accuracy(x: Tensor, y: Tensor, method: str = "ridge", lam: float = 1.0, *,
+                       exact: bool = False) -> float:
     """LOO accuracy of a linear probe on (x: [n, d], y: [n] binary labels).
 
     method="ridge": closed-form exact LOO (``ridge_loo_accuracy``).
@@ -505,10 +498,9 @@ def loo_probe_accuracy(x: Tensor, y: Tensor, method: str = "ridge", lam: float =
     raise ValueError("method must be 'ridge' or 'logistic'")
 
 
-# --------------------------------------------------------------------------- #
-# Leave-one-group-out (e.g. leave one *person* out: all of a person's facts share identity
-# features, so leaving one sequence out would let the probe recognise the person)
-# --------------------------------------------------------------------------- #
+# -- Leave-one-group-out ---------------------------------------------------------------------------
+# (e.g. leave one *person* out: all of a person's facts share identity features, so leaving one
+# sequence out would let the probe recognise the person)
 def _group_index(groups) -> list[Tensor]:
     g = torch.as_tensor(groups).reshape(-1)
     return [torch.nonzero(g == u, as_tuple=True)[0] for u in torch.unique(g)]

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+from excise.report import AttackCurves
+
 VERDICTS = ("deleted", "suppressed", "not forgotten")
 
 
@@ -14,10 +18,11 @@ def rule_text(margin: float, tolerance: float, attacks: list[str]) -> str:
             f"otherwise 'suppressed'.")
 
 
-def decide(metrics: dict[str, dict[str, float]], attacks: dict[str, dict], label: str,
-           original_label: str, margin: float = 0.05,
+def decide(metrics: Mapping[str, Mapping[str, float]], attacks: Mapping[str, AttackCurves],
+           label: str, original_label: str, margin: float = 0.05,
            tolerance: float = 0.1) -> tuple[str, str, dict]:
-    """Apply the rule to a report's metrics and attack curves."""
+    """Apply the rule to a report's metrics (forget recall of ``label``, ``"oracle"`` and
+    ``original_label``) and attack curves (each with a curve for ``label`` and the oracle)."""
     for need in (label, "oracle", original_label):
         if need not in metrics or "forget_recall" not in metrics[need]:
             raise ValueError(f"the verdict needs forget recall of {need!r}; have "
@@ -28,10 +33,10 @@ def decide(metrics: dict[str, dict[str, float]], attacks: dict[str, dict], label
     checks = {"recall": {"model": f, "oracle": fo, "original": f0,
                          "ok": f <= fo + margin}}
     for name, a in attacks.items():
-        e, o = a["curves"][label], a["curves"]["oracle"]
+        e, o = a.curves[label].y, a.curves["oracle"].y
         gaps = [x - y for x, y in zip(e, o)]
         worst = max(gaps)
-        checks[name] = {"worst_gap": worst, "at": a["x"][gaps.index(worst)],
+        checks[name] = {"worst_gap": worst, "at": a.x[gaps.index(worst)],
                         "ok": worst <= tolerance}
     if all(c["ok"] for c in checks.values()):
         v = "deleted"

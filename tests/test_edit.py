@@ -405,7 +405,7 @@ def test_dampen_accepts_neuron_units(tiny_model, tiny_imp):
 def test_prune_sae_latents_matches_sae_lens_and_round_trips(tiny, tiny_request, tmp_path):
     """Ablating SAE latents: the hook's latent code equals sae-lens' own encode, the edit
     lowers the selected latents' contribution to zero, reverts cleanly and re-applies."""
-    from edit.sae_latents import latent_spec, load_sae
+    from excise.sae import latent_spec, load_sae
 
     h = tiny.model.clone()
     imp = locate.sae(h, tiny_request, "blocks.1.resid_post", steps=200)
@@ -432,3 +432,49 @@ def test_prune_sae_latents_matches_sae_lens_and_round_trips(tiny, tiny_request, 
     assert torch.equal(fresh.logits(tokens), edited_logits)
     with pytest.raises(ValueError, match="only be zeroed"):
         edit.prune(h, imp, top=5, mode="mean")
+
+
+_FRESH_PROCESS = """
+import sys
+
+import torch
+
+import excise
+from excise.edits import Diff
+
+diff_path, tokens_path, out_path = sys.argv[1:4]
+h = excise.organism("tiny", progress=False).model
+Diff.load(diff_path).apply(h)
+stages = sorted(m for m in ("edit", "locate", "probes") if m in sys.modules)
+assert not stages, f"loading a saved edit imported the stages {stages}"
+torch.save(h.logits(torch.load(tokens_path)), out_path)
+"""
+
+
+def test_saved_sae_latent_edit_loads_in_a_fresh_process(tiny, tiny_request, tmp_path):
+    """The ``sae_latents`` hook kind is registered in the core: a saved SAE-latent edit loads and
+    applies in a process that never imported ``edit`` (nor any other stage)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    h = tiny.model.clone()
+    imp = locate.sae(h, tiny_request, "blocks.1.resid_post", steps=200)
+    tokens = h.encode(list(tiny_request.forget)).tokens
+    plain = h.logits(tokens)
+    with edit.prune(h, imp, top=5) as e:
+        edited = h.logits(tokens)
+        path = e.diff.save(tmp_path / "sae.safetensors")
+    assert e.hook_specs and e.hook_specs[0].kind == "sae_latents"
+    torch.save(tokens, tmp_path / "tokens.pt")
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [str(root)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    run = subprocess.run([sys.executable, "-c", _FRESH_PROCESS, str(path),
+                          str(tmp_path / "tokens.pt"), str(tmp_path / "out.pt")],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = torch.load(tmp_path / "out.pt")
+    assert not torch.allclose(plain, edited, atol=1e-3)  # the edit does change the logits
+    torch.testing.assert_close(got, edited, rtol=1e-5, atol=1e-5)

@@ -15,9 +15,10 @@ transformers = pytest.importorskip("transformers")
 from transformers import (AutoModelForCausalLM, Gemma3TextConfig, GPT2Config,  # noqa: E402
                           GPTNeoXConfig, LlamaConfig, OPTConfig, PreTrainedTokenizerFast)
 
-from excise.hf import HFHandle, knowledge, screen_known  # noqa: E402
+from excise.hf import HFHandle  # noqa: E402
+from probes import knowledge, screen_known  # noqa: E402
 from excise.request import ForgetRequest  # noqa: E402
-from excise.world import Fact  # noqa: E402
+from excise.request import Fact  # noqa: E402
 
 WORDS = ["<pad>", "<bos>", "<unk>"] + [f"s{i}" for i in range(12)] + \
     [f"a{i}" for i in range(12)] + "the is of".split()
@@ -164,7 +165,7 @@ def test_target_only_logprobs_equal_full_logits(kind):
     from excise.handle import ModelHandle
 
     h = tiny(kind)
-    from excise.world import Fact
+    from excise.request import Fact
 
     facts = h.encode([Fact("the s0 is", "a0"), Fact("the s1 of the s2 is", "a3 a4"),
                       Fact("s5 is", "a5")])
@@ -369,7 +370,8 @@ def test_fisher_per_example_estimator_is_transformerlens_only():
 
 
 def test_config_model_section():
-    from excise import config, pipeline
+    from excise import config
+    from excise.app import pipeline
 
     cfg = config.build({"model": {"name": "gemma3-270m"}, "request": {"jsonl": None}})
     assert cfg.model.name == "gemma3-270m"
@@ -408,7 +410,8 @@ def test_gemma_forgets_facts(tmp_path):
     >= 80%, and perplexity on held-out general text stays within 25% either way."""
     _gemma_or_skip()
     from edit import Diff
-    from excise import config, pipeline
+    from excise import config
+    from excise.app import pipeline
     from excise.hf import load_model
     from excise.request import ForgetRequest
 

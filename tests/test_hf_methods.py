@@ -19,7 +19,7 @@ import locate  # noqa: E402
 import probes  # noqa: E402
 from excise.request import FactSet, ForgetRequest  # noqa: E402
 from excise.sites import Selection, Unit  # noqa: E402
-from excise.world import Fact  # noqa: E402
+from excise.request import Fact  # noqa: E402
 from test_hf import tiny  # noqa: E402
 
 KINDS = ["gpt2", "gpt_neox", "llama", "gemma3"]
@@ -203,7 +203,8 @@ def test_every_edit_method_applies_and_reverts(hf, method):
     if kw.pop("with_request", False):
         kw["request"] = req
     imp = locate.activations(h, req) if method == "project" else \
-        locate.fisher(h, req, sites=["blocks.*.mlp.W_in", "blocks.*.mlp.W_out", "blocks.*.attn.W_O"])
+        locate.fisher(h, req,
+                      sites=["blocks.*.mlp.W_in", "blocks.*.mlp.W_out", "blocks.*.attn.W_O"])
     fp = h.fingerprint()
     toks = h.encode(list(req.forget)).tokens
     with torch.no_grad():

@@ -275,7 +275,7 @@ def test_empty_data_and_bad_options(planted):
     with pytest.raises(ValueError, match="noise"):
         locate.trace(h, req.forget, noise=0.0)
     with pytest.raises(ValueError, match="empty prompt"):
-        from excise.world import Fact
+        from excise.request import Fact
 
         locate.trace(h, [Fact("", "a0")])
 
@@ -284,6 +284,14 @@ def test_non_finite_is_named():
     p = make_planted()
     with torch.no_grad():
         p.handle.model.blocks[1].mlp.W_in[0, 3] = float("nan")
+    # a non-finite weight is refused before anything runs, naming the tensor
+    with pytest.raises(ValueError, match="activations: the weights of model 'planted' are not "
+                                         "finite: blocks.1.mlp.W_in holds 1 NaN"):
+        locate.activations(p.handle, p.request)
+    # finite weights whose activations overflow: the stage names the site
+    with torch.no_grad():
+        p.handle.model.blocks[1].mlp.W_in[:, 3] = 3e38
+        p.handle.model.blocks[1].mlp.b_in[3] = 3e38
     with pytest.raises(ValueError, match="non-finite activations at site 'blocks.1.mlp.post'"):
         locate.activations(p.handle, p.request)
     with pytest.raises(ValueError, match="non-finite"):
@@ -307,7 +315,7 @@ def test_methods_are_registered_with_pipeline_signature():
 def test_every_method_runs_from_the_default_config():
     # --set locate.method=X on configs/default.yaml (its locate parameters are kept)
     from excise.config import DEFAULT_CONFIG, load
-    from excise.pipeline import registries
+    from excise.app.pipeline import registries
 
     for name in locate.METHODS:
         cfg = load(DEFAULT_CONFIG, [f"locate.method={name}"], registries())

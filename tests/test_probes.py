@@ -8,12 +8,14 @@ proves nothing), and must not on the retrain oracle.
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
 
 import probes
 from excise.handle import TLHandle
+from excise.report import AttackCurves, Curve, Report
 from excise.request import FactSet, ForgetRequest
 from excise.world import Tokenizer
 from probes import attacks as A
@@ -107,7 +109,7 @@ def test_sae_steering_restores_latent_space_suppression(tiny):
     req = tiny.request(forget_people=range(8))
     site = f"blocks.{tiny.model.n_layers // 2}.resid_post"
     cfg = dataclasses.replace(FAST, sae_attack_steps=40)
-    sae, scale = A.train_sae(tiny.model, req, site, cfg.sae_expansion, 1500, cfg.sae_l1, 0)
+    sae, scale = A.steering_sae(tiny.model, req, site, cfg.sae_expansion, 1500, cfg.sae_l1, 0)
     control = latent_suppression(tiny.model, req, sae, site, scale)
     sup = A.sae_steer(control, req, sae, site, cfg, scale)
     strangers = A.sae_steer(control, req, sae, site, cfg, scale, facts=req.holdout)
@@ -150,7 +152,8 @@ def test_quantization_restores_sub_resolution_suppression(tiny, tiny_request, ti
             for k, s in step.items():
                 lo, hi = grid[k] - 0.45 * s, grid[k] + 0.45 * s
                 keep = grid[k].abs() == grid[k].abs().amax(
-                    dim=[j for j in range(grid[k].dim()) if j != (0 if k.endswith(("W_E", "W_pos")) else grid[k].dim() - 1)],
+                    dim=[j for j in range(grid[k].dim())
+                         if j != (0 if k.endswith(("W_E", "W_pos")) else grid[k].dim() - 1)],
                     keepdim=True)
                 params[k].copy_(torch.where(keep, grid[k], params[k].clamp(lo, hi)))
         if i % 5 == 4 and recall(m, tiny_request.forget) <= 0.2:
@@ -255,7 +258,8 @@ def test_verify_cache_reuses_oracle_results_and_changes_nothing(tiny, tiny_reque
 
 
 def _curves(e, o):
-    return {"relearn": {"x": [0, 5], "curves": {"after": e, "oracle": o}}}
+    return {"relearn": AttackCurves({"after": Curve([0, 5], e, "steps"),
+                                     "oracle": Curve([0, 5], o, "steps")})}
 
 
 @pytest.mark.parametrize("f, curve, want", [
@@ -271,6 +275,103 @@ def test_verdict_rule(f, curve, want):
     assert v == want
     gap = max(curve[0] - 0.0, curve[1] - 0.1)
     assert "oracle" in rule and checks["relearn"]["worst_gap"] == pytest.approx(gap)
+
+
+# -- the suite registry ------------------------------------------------------------------------
+def test_suite_registry_refuses_duplicates_and_unknown_prerequisites():
+    from probes.suites import Suite, register_suite
+
+    with pytest.raises(ValueError, match="suite 'behaviour' is already registered"):
+        register_suite(Suite("behaviour", lambda ctx: probes.SuiteResult()))
+    with pytest.raises(ValueError, match="'all' is reserved"):
+        register_suite(Suite("all", lambda ctx: probes.SuiteResult()))
+    with pytest.raises(ValueError, match="requires 'atacks', which is not registered"):
+        register_suite(Suite("late", lambda ctx: probes.SuiteResult(), requires=("atacks",)))
+    with pytest.raises(ValueError, match="needs 'retrained'"):
+        register_suite(Suite("odd", lambda ctx: probes.SuiteResult(), needs=("retrained",),
+                             refusal="pass retrained="))
+    assert list(probes.SUITES) == ["behaviour", "oracle", "privacy", "loo_probe", "drift",
+                                   "attacks", "verdict"]
+    assert list(A.RUNNERS) == list(A.ATTACKS)  # one runner per attack, in the declared order
+
+
+def test_suites_resolve_prerequisites_in_registration_order():
+    from probes.suites import resolve
+
+    assert resolve("verdict") == ["behaviour", "attacks", "verdict"]
+    assert resolve(["drift", "oracle"]) == ["behaviour", "oracle", "drift"]
+    assert resolve([]) == ["behaviour"]
+    assert resolve("all") == list(probes.SUITES)
+    with pytest.raises(ValueError, match="did you mean 'loo_probe'.*choose from .*'behaviour'"
+                                         ".*'verdict', 'all'"):
+        resolve(["behaviour", "loo_prob"])
+
+
+def test_verdict_alone_runs_attacks(tiny, tiny_request, tiny_oracle):
+    rep = probes.verify(tiny.model, tiny_request, oracle=tiny_oracle, original=tiny.model,
+                        suite="verdict", label="after", attacks=["quantize"])
+    assert set(rep.extra["attacks"]) == {"quantize"}
+    assert isinstance(rep.extra["attacks"]["quantize"], AttackCurves)
+    assert rep.metrics["after"]["attack_quantize"] == max(
+        rep.extra["attacks"]["quantize"].curves["after"].y)
+    assert rep.verdict == "not forgotten" == rep.extra["verdict"]["verdict"]
+    assert list(rep.extra["verify_seconds"]) == ["behaviour", "attacks"]
+
+
+def test_registered_suite_reads_its_prerequisite(tiny, tiny_request):
+    seen = {}
+
+    @probes.suite("forget_share", requires=("behaviour",))
+    def forget_share(ctx):
+        seen["suites"] = list(ctx.results)
+        b = ctx.results["behaviour"].metrics
+        return probes.SuiteResult({k: {"forget_share": m["forget_recall"] / 2}
+                                   for k, m in b.items()}, {"forget_share": ctx.label})
+
+    try:
+        rep = probes.verify(tiny.model, tiny_request, suite="forget_share", label="x")
+    finally:
+        del probes.SUITES["forget_share"]
+    assert seen["suites"] == ["behaviour"]
+    m = rep.metrics["x"]
+    assert m["forget_share"] == m["forget_recall"] / 2
+    assert list(m)[-1] == "forget_share" and rep.extra["forget_share"] == "x"
+
+
+# -- typed curves through to the writers -------------------------------------------------------
+def test_report_serialises_typed_attack_curves():
+    a = AttackCurves({"after": Curve([0, 5], [0.0, 0.5], "steps", aux={"seen": [0.1, 0.9]}),
+                      "oracle": Curve([0, 5], [0.0, 0.25], "steps")})
+    rep = Report(metrics={"after": {"forget_recall": 0.0}}, extra={"attacks": {"relearn": a}})
+    want = {"x": [0, 5], "xlabel": "steps", "ylabel": "forget recall",
+            "curves": {"after": [0.0, 0.5], "oracle": [0.0, 0.25]},
+            "aux": {"seen": {"after": [0.1, 0.9]}}}
+    assert json.loads(rep.to_json())["probes"]["attacks"]["relearn"] == want
+    assert "| oracle | 0.000 | 0.250 |" in rep.to_markdown()
+    with pytest.raises(ValueError, match="2 budgets x but 3 values y"):
+        Curve([0, 5], [0.0, 0.1, 0.2], "steps")
+    with pytest.raises(ValueError, match="aux series 'seen' has 1 values"):
+        Curve([0, 5], [0.0, 0.1], "steps", aux={"seen": [0.1]})
+    with pytest.raises(ValueError, match="different budgets"):
+        AttackCurves({"after": Curve([0, 5], [0, 0], "steps"), "oracle": Curve([0], [0], "s")})
+
+
+# -- knowledge screening -----------------------------------------------------------------------
+def test_knowledge_is_greedy_recall(tiny, tiny_request):
+    from probes.behaviour import fact_hits
+
+    m = tiny.model.clone()
+    W = m.model.unembed.W_U
+    with torch.no_grad():  # noise on the unembedding: about half the facts are lost
+        W.add_(2 * W.std() * torch.randn(W.shape, generator=torch.Generator().manual_seed(0)))
+    facts = list(tiny_request.forget) + list(tiny_request.retain)[:100]
+    k = probes.knowledge(m, facts)
+    known = [r["known"] for r in k]
+    assert known == fact_hits(m, facts).tolist() and 0 < sum(known) < len(known)
+    logs = []
+    kept, dropped = probes.screen_known(m, tiny_request, log=logs.append)
+    assert len(kept.forget) == int(fact_hits(m, tiny_request.forget).sum())
+    assert len(dropped["forget"]) == len(tiny_request.forget) - len(kept.forget) == len(logs)
 
 
 # -- bad input ---------------------------------------------------------------------------------

@@ -52,10 +52,12 @@ def _random_instance(rng: random.Random) -> tuple[dict, dict, dict]:
     if known and rng.random() < 0.5:
         kw["must_edit"] = rng.sample(known, rng.randint(1, min(2, len(known))))
     if known and rng.random() < 0.4:
-        pool = known if rng.random() < 0.2 else [u for u in known if u not in kw.get("must_edit", ())]
+        pool = (known if rng.random() < 0.2
+                else [u for u in known if u not in kw.get("must_edit", ())])
         kw["must_keep"] = rng.sample(pool, rng.randint(0, min(2, len(pool))))
     n_fc = len(_prepare(forget, retain, kw).forget_circuit)
-    kw["min_forget_coverage"] = rng.choice([0, rng.randint(0, n_fc + 1), max(0, n_fc - rng.randint(0, 2))])
+    kw["min_forget_coverage"] = rng.choice([0, rng.randint(0, n_fc + 1),
+                                            max(0, n_fc - rng.randint(0, 2))])
     kw["max_edit"] = rng.choice([None, None, 0, 1, 2, 3, 5])
     return forget, retain, kw
 
@@ -158,7 +160,8 @@ def test_small_example_labels_and_edit():
     retain = {"b": 10.0, "c": 9.0, "e": 1.0}
     kw = dict(forget_threshold=5.0, retain_threshold=5.0)
     r = resolve(forget, retain, **kw)
-    assert r.labels == {"a": "forget_only", "b": "shared", "c": "retain_only", "d": "none", "e": "none"}
+    assert r.labels == {"a": "forget_only", "b": "shared", "c": "retain_only", "d": "none",
+                        "e": "none"}
     assert r.edit == ("a",)
     # b is protected; costs: a kept free (wr=0), b unedited loses wf=900000
     assert r.cost == 900_000
@@ -166,7 +169,8 @@ def test_small_example_labels_and_edit():
     assert resolve(forget, retain, protect_retain=False, **kw).edit == ("a",)
     r2 = resolve(forget, retain, protect_retain=False, must_edit=["b"], **kw)
     assert r2.edit == ("a", "b") and r2.cost == 1_000_000
-    assert brute_force(forget, retain, protect_retain=False, must_edit=["b"], **kw).cost == 1_000_000
+    res = brute_force(forget, retain, protect_retain=False, must_edit=["b"], **kw)
+    assert res.cost == 1_000_000
 
 
 def test_default_threshold_is_top_fraction():

@@ -1,4 +1,4 @@
-"""The ``excise`` command line (typer)."""
+"""The ``excise`` command line (typer): run, verify, sweep, organism train."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def run(config: Optional[Path] = typer.Argument(None, help="Pipeline YAML (defau
         quiet: bool = typer.Option(False, help="No progress bars.")):
     """Run locate -> edit -> verify and write a run folder."""
     from excise import config as C
-    from excise import pipeline
+    from excise.app import pipeline
 
     try:
         cfg = C.load(config, set_, pipeline.registries())
@@ -77,13 +77,11 @@ def verify(target: Path = typer.Argument(..., help="A run folder (with config.ya
            out: Optional[Path] = typer.Option(None, "--out", help="Folder for the report "
                                               "(default: <run folder>/verify)."),
            quiet: bool = typer.Option(False, help="No progress messages.")):
-    """Re-apply a saved edit diff to the config's organism and run the verification suite."""
-    from excise import config as C
-    from excise import pipeline
-    from excise.edits import Diff
-
-    import excise
+    """Re-apply a saved edit diff to the run's model (organism or Hugging Face) and verify."""
     import probes
+    from excise import config as C
+    from excise.app import pipeline
+    from excise.edits import Diff
 
     target = Path(target)
     diff_path = target / "edit.safetensors" if target.is_dir() else target
@@ -98,18 +96,20 @@ def verify(target: Path = typer.Argument(..., help="A run folder (with config.ya
     log = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
     try:
         cfg = C.load(cfg_path, set_, pipeline.registries())
-        people = pipeline.forget_people(cfg)
-        org = excise.organism(cfg.organism.preset, seed=cfg.organism.seed, progress=not quiet)
-        req = pipeline.build_request(cfg, org, people)
-        oracle = org.oracle(req) if cfg.verify.oracle and req.forget_people() else None
+        setup = pipeline.Setup.check(cfg)
         diff = Diff.load(diff_path)
-        original = org.model.clone()
-        edited = org.model.clone()
+        subject = setup.build(progress=not quiet, log=log)
+        req = subject.request
+        oracle = subject.oracle(cfg.verify.oracle)
+        original = subject.model.clone()
+        edited = subject.model  # built for this command alone: edit it in place
         diff.apply(edited)
         suites = ([s.strip() for s in suite.split(",")] if suite else cfg.verify.suite)
         log(f"verify: {suites} on {diff_path}")
         report = probes.verify(edited, req, oracle=oracle, suite=suites, label="after",
                                original=original, log=log, **cfg.verify.params)
+        if subject.not_known:  # facts the model did not produce before editing
+            report.extra["not_known"] = subject.not_known
         folder = out or run_dir / "verify"
         folder.mkdir(parents=True, exist_ok=True)
         report.edit = {k: diff.manifest.get(k) for k in ("method", "params", "params_changed",
@@ -122,6 +122,36 @@ def verify(target: Path = typer.Argument(..., help="A run folder (with config.ya
     if report.verdict:
         typer.echo(f"verdict: {report.verdict}")
     typer.echo(f"report: {folder}")
+
+
+@app.command()
+def sweep(config: Path = typer.Argument(..., help="Sweep YAML (e.g. configs/sweep.yaml)."),
+          set_: List[str] = typer.Option([], "--set", help="Override a key, e.g. seeds=[0] "
+                                         "or finalists=2."),
+          out: Optional[Path] = typer.Option(None, "--out", help="Folder for sweep.json and "
+                                             "screen.json (default: the config's out)."),
+          stage: str = typer.Option("all", help="'screen' (validation screen and finalists "
+                                    "only) or 'all'."),
+          screen: Optional[Path] = typer.Option(None, "--screen", help="Reuse an earlier "
+                                                "run's screen.json."),
+          quiet: bool = typer.Option(False, help="No progress messages.")):
+    """Screen locate x edit recipes, keep the best, report them beside retrain oracles."""
+    from excise import config as C
+    from excise.app import sweep as S
+
+    log = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
+    try:
+        cfg = S.load_config(config, set_)
+        res = S.run(cfg, out, stage=stage, screen_from=screen, log=log)
+    except (C.ConfigError, ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+    rec = res.records
+    typer.echo(f"finalists: {'; '.join(S.name(f) for f in rec['finalists'])}")
+    if "rows" in rec:
+        typer.echo(f"{len(rec['rows'])} reported runs ({len(rec['splits'])} splits x "
+                   f"{len(rec['seeds'])} seeds x {len(rec['finalists'])} finalists)")
+    typer.echo("records: " + ", ".join(str(p) for p in res.files) +
+               f"  ({rec['seconds']:.0f} s)")
 
 
 def main() -> None:  # console-script entry point

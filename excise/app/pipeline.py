@@ -2,30 +2,38 @@
 
 The run is assembled in a hidden temporary folder beside the target and renamed into place only
 when every step has finished, so a failed run never looks like a finished one and never touches
-an earlier run. The registries (``REGISTRIES``) are the one place where ``excise`` imports the
-three stage packages.
+an earlier run.
+
+Shared with ``excise verify`` and the sweep: the stage registries (:func:`registries`), the one
+"build model + request" step (:class:`Setup`: checked before anything is built, then
+:meth:`Setup.build` gives a :class:`Subject`) and the calls into a locate or edit method
+(:func:`locate_with`, :func:`edit_with`).
 """
 
 from __future__ import annotations
 
 import inspect
+import random
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import yaml
 
 from excise.config import ConfigError, RunConfig
 from excise.io import atomic_write_text, write_json
 from excise.report import Report
+from excise.request import ForgetRequest
 
 RUN_MARKERS = ("metrics.json", "config.yaml")
 
 
 def registries() -> dict[str, dict[str, Callable]]:
+    """Method name -> function, per stage: what a config's ``locate.method`` / ``edit.method``
+    and ``verify.suite`` may name."""
     import edit
     import locate
     import probes
@@ -33,23 +41,87 @@ def registries() -> dict[str, dict[str, Callable]]:
     return {"locate": locate.METHODS, "edit": edit.METHODS, "verify": probes.SUITES}
 
 
+# -- the one "build model + request" step ------------------------------------------------------
 @dataclass
-class RunResult:
-    folder: Path
-    report: Report
-    seconds: float
+class Subject:
+    """What a run works on: the model, the request, and the organism the model came from
+    (``None`` for a real model, whose facts the model did not produce before editing are in
+    ``not_known``)."""
+
+    model: Any
+    request: ForgetRequest
+    organism: Any = None
+    not_known: dict | None = None
+
+    def oracle(self, wanted: bool = True):
+        """The retrain oracle when ``wanted`` and the request names organism people (a real
+        model or a request file has none): trained once per forget split, then cached."""
+        if not wanted or self.organism is None or not self.request.forget_people():
+            return None
+        return self.organism.oracle(self.request)
 
 
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists():
-        if not out.is_dir():
-            raise ConfigError(f"--out {out}: exists and is not a folder")
-        if any((out / m).exists() for m in RUN_MARKERS) and not overwrite:
-            raise ConfigError(f"--out {out} already holds a run; choose another folder or pass "
-                              f"--overwrite")
-        if any(out.iterdir()) and not any((out / m).exists() for m in RUN_MARKERS):
-            raise ConfigError(f"--out {out} is a non-empty folder that is not an excise run; "
-                              f"refusing to write into it")
+@dataclass(frozen=True)
+class Setup:
+    """A config's model and request, checked before any model is built or trained: the
+    organism people to forget, or the request file (parsed once, here)."""
+
+    cfg: RunConfig
+    people: list[int] | None
+    parsed: ForgetRequest | None
+
+    @classmethod
+    def check(cls, cfg: RunConfig) -> "Setup":
+        people = forget_people(cfg)
+        parsed = None
+        if cfg.request.jsonl:
+            try:
+                parsed = ForgetRequest.from_jsonl(cfg.request.jsonl)
+            except (ValueError, FileNotFoundError) as e:
+                raise ConfigError(f"request: {e}") from None
+        return cls(cfg, people, parsed)
+
+    @property
+    def real_model(self) -> bool:
+        return bool(self.cfg.model.name or self.cfg.model.path)
+
+    def build(self, *, progress: bool = True, log: Callable[[str], None] = print) -> Subject:
+        """Load the real model (``model.name`` / ``model.path``; facts it does not produce
+        before editing are screened out) or build the organism (trained on first use, then
+        cached), and the request."""
+        import excise
+
+        cfg = self.cfg
+        if self.real_model:  # a real model (excise.hf) instead of the organism
+            from excise.hf import load_model
+            from probes import screen_known
+
+            log(f"model: {cfg.model.name or cfg.model.path}")
+            try:
+                model = load_model(cfg.model.name, cfg.model.path, on_split=cfg.model.on_split,
+                                   log=log)
+            except (ValueError, ModuleNotFoundError) as e:
+                raise ConfigError(f"model: {e}") from None
+            req, not_known = screen_known(model, self.parsed, log=log)
+            return Subject(model, req, None, not_known)
+        log(f"organism: {cfg.organism.preset} (seed {cfg.organism.seed})")
+        try:
+            org = excise.organism(cfg.organism.preset, seed=cfg.organism.seed, progress=progress)
+        except ValueError as e:
+            raise ConfigError(f"organism: {e}") from None
+        if self.parsed is not None:
+            return Subject(org.model, self.parsed, org)
+        try:
+            req = org.request(forget_people=self.people, attributes=cfg.request.attributes)
+        except ValueError as e:
+            raise ConfigError(f"request: {e}") from None
+        return Subject(org.model, req, org)
+
+
+def build(cfg: RunConfig, *, progress: bool = True,
+          log: Callable[[str], None] = print) -> Subject:
+    """``Setup.check(cfg).build(...)``: the model and the request a config describes."""
+    return Setup.check(cfg).build(progress=progress, log=log)
 
 
 def forget_people(cfg: RunConfig) -> list[int] | None:
@@ -70,8 +142,6 @@ def forget_people(cfg: RunConfig) -> list[int] | None:
         f = rc.forget_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1:
             raise ConfigError(f"request.forget_fraction={f!r}: must be a number in (0, 1)")
-        import random
-
         k = max(1, round(f * n))
         return sorted(random.Random(rc.split_seed).sample(range(n), k))
     fp = rc.forget_people
@@ -94,36 +164,64 @@ def forget_people(cfg: RunConfig) -> list[int] | None:
     raise ConfigError(f"request.forget_people={fp!r}: give a count or a list of people")
 
 
-def build_request(cfg: RunConfig, org, people: list[int] | None):
-    from excise.request import ForgetRequest
+# -- calling a stage method --------------------------------------------------------------------
+def locate_with(fn: Callable, model, request: ForgetRequest, sites=None, params=None, *,
+                progress: bool = False, cache=None):
+    """``fn(model, request, sites, **params)``, adding ``progress`` and a shared statistics
+    ``cache`` (a ``locate.StatsCache``) for the methods that take them."""
+    kw = dict(params or {})
+    takes = inspect.signature(fn).parameters
+    if "progress" in takes:
+        kw["progress"] = progress
+    if cache is not None and "cache" in takes:
+        kw["cache"] = cache
+    return fn(model, request, sites, **kw)
 
-    try:
-        if cfg.request.jsonl:
-            return ForgetRequest.from_jsonl(cfg.request.jsonl)
-        return org.request(forget_people=people, attributes=cfg.request.attributes)
-    except (ValueError, FileNotFoundError) as e:
-        raise ConfigError(f"request: {e}") from None
+
+def edit_with(fn: Callable, model, importance, units, params=None, *, request=None,
+              progress: bool = False):
+    """``fn(model, importance, units, **params)``, adding ``request`` and ``progress`` for the
+    methods that take them (unless ``params`` sets them)."""
+    kw = dict(params or {})
+    takes = inspect.signature(fn).parameters
+    if "request" in takes:
+        kw.setdefault("request", request)
+    if "progress" in takes:
+        kw.setdefault("progress", progress)
+    return fn(model, importance, units, **kw)
+
+
+# -- excise run --------------------------------------------------------------------------------
+@dataclass
+class RunResult:
+    folder: Path
+    report: Report
+    seconds: float
+
+
+def check_out_dir(out: Path, overwrite: bool) -> None:
+    if out.exists():
+        if not out.is_dir():
+            raise ConfigError(f"--out {out}: exists and is not a folder")
+        if any((out / m).exists() for m in RUN_MARKERS) and not overwrite:
+            raise ConfigError(f"--out {out} already holds a run; choose another folder or pass "
+                              f"--overwrite")
+        if any(out.iterdir()) and not any((out / m).exists() for m in RUN_MARKERS):
+            raise ConfigError(f"--out {out} is a non-empty folder that is not an excise run; "
+                              f"refusing to write into it")
 
 
 def run(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = True,
         log: Callable[[str], None] = print) -> RunResult:
     import torch
 
-    import excise
     import locate
     import probes
     from excise import plots
 
     out = Path(out)
     check_out_dir(out, overwrite)
-    people = forget_people(cfg)
-    if cfg.request.jsonl:
-        from excise.request import ForgetRequest
-
-        try:
-            ForgetRequest.from_jsonl(cfg.request.jsonl)
-        except (ValueError, FileNotFoundError) as e:
-            raise ConfigError(f"request: {e}") from None
+    setup = Setup.check(cfg)
     regs = registries()
     locate_fn = regs["locate"][cfg.locate.method]
     edit_fn = regs["edit"][cfg.edit.method]
@@ -133,73 +231,48 @@ def run(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         write_yaml(tmp / "config.yaml", cfg.to_dict())
-        not_known = None
-        if cfg.model.name or cfg.model.path:  # a real model (excise.hf) instead of the organism
-            from types import SimpleNamespace
-
-            from excise.hf import load_model, screen_known
-
-            log(f"model: {cfg.model.name or cfg.model.path}")
-            try:
-                org = SimpleNamespace(model=load_model(cfg.model.name, cfg.model.path,
-                                                       on_split=cfg.model.on_split, log=log))
-            except (ValueError, ModuleNotFoundError) as e:
-                raise ConfigError(f"model: {e}") from None
-            req, not_known = screen_known(org.model, build_request(cfg, org, people), log=log)
-        else:
-            log(f"organism: {cfg.organism.preset} (seed {cfg.organism.seed})")
-            try:
-                org = excise.organism(cfg.organism.preset, seed=cfg.organism.seed,
-                                      progress=progress)
-            except ValueError as e:
-                raise ConfigError(f"organism: {e}") from None
-            req = build_request(cfg, org, people)
+        subject = setup.build(progress=progress, log=log)
+        model, req = subject.model, subject.request
         log(f"request: {req.summary()}")
         oracle = None
         if cfg.verify.oracle and req.forget_people():
             log("retrain oracle (trained once per forget split, then cached)")
-            oracle = org.oracle(req)
+            oracle = subject.oracle()
         log(f"locate: {cfg.locate.method}")
-        kw = dict(cfg.locate.params)
-        if "progress" in inspect.signature(locate_fn).parameters:
-            kw["progress"] = progress
-        imp = locate_fn(org.model, req, cfg.locate.sites, **kw)
+        imp = locate_with(locate_fn, model, req, cfg.locate.sites, cfg.locate.params,
+                          progress=progress)
         imp.save(tmp / "importance.safetensors")
         plot_paths = [plots.save(imp.plot("heatmap"), tmp / "importance.png"),
                       plots.save(imp.plot("bar"), tmp / "importance_top.png")]
         run_plots = getattr(locate, "run_plots", None)
         if run_plots is not None:  # method-specific figures (e.g. causal-trace heatmaps)
-            plot_paths += run_plots(imp, org.model, req, tmp)
+            plot_paths += run_plots(imp, model, req, tmp)
         units = None
         if cfg.select.top is not None:
             units = imp.top(cfg.select.top, cfg.select.sites)
             write_json(tmp / "selection.json", {"source": units.source,
                                                 "units": units.to_list()})
-        original = org.model.clone()
+        original = model.clone()
         log(f"edit: {cfg.edit.method} {cfg.edit.params}")
-        ekw = dict(cfg.edit.params)
-        if "request" in inspect.signature(edit_fn).parameters:
-            ekw.setdefault("request", req)
-        if "progress" in inspect.signature(edit_fn).parameters:
-            ekw.setdefault("progress", progress)
-        e = edit_fn(org.model, imp, units, **ekw)
+        e = edit_with(edit_fn, model, imp, units, cfg.edit.params, request=req,
+                      progress=progress)
         try:
             e.diff.save(tmp / "edit.safetensors")
             log(f"verify: {cfg.verify.suite}")
-            after = probes.verify(org.model, req, oracle=oracle, label="after",
+            after = probes.verify(model, req, oracle=oracle, label="after",
                                   suite=cfg.verify.suite, original=original,
                                   **cfg.verify.params)
         finally:
             e.revert()
         # the suites measure the original model as "before" when they need it; otherwise measure
-        # its behaviour here (the edit is reverted, so org.model is the original again)
+        # its behaviour here (the edit is reverted, so the model is the original again)
         before = after.metrics.get("before") or \
-            probes.verify(org.model, req, label="before").metrics["before"]
+            probes.verify(model, req, label="before").metrics["before"]
         report = Report(metrics={"before": before},
                         request=req.summary() | {"forget_people": req.forget_people()})
         report.merge(after)
-        if not_known:  # facts the model did not produce before editing: not "forgotten"
-            report.extra["not_known"] = not_known
+        if subject.not_known:  # facts the model did not produce before editing: not "forgotten"
+            report.extra["not_known"] = subject.not_known
         if after.verdict:
             report.verdict, report.verdict_rule = after.verdict, after.verdict_rule
         write_plots = getattr(probes, "write_plots", None)
@@ -250,5 +323,3 @@ def write_yaml(path: Path, obj) -> None:
 def default_out(cfg: RunConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{stamp}-{cfg.locate.method}-{cfg.edit.method}"
-
-

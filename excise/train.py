@@ -1,0 +1,251 @@
+"""The one training loop every trainer in excise runs on, and the one batch sampler.
+
+:func:`train` takes the parameters to train and a loss function of the step; the loss function
+draws its own batch (from a :class:`Sampler`), so each caller keeps only what differs - its data
+and its objective. Everything else is shared: the optimizer (:class:`Optim`: Adam, AdamW, SGD or
+L-BFGS), an optional learning-rate schedule, elementwise gradient masks per parameter, gradient
+clipping, an evaluation callback every ``eval_every`` steps (it may stop training early), and a
+tqdm progress bar. Users: the organism's recipe (``excise.organism``), SAE training
+(``excise.sae``), ``edit.finetune``, ``edit.project``'s probe fit, every fine-tuning attack and
+the positive controls in ``probes``.
+
+One step, always in this order (the order fixes the float results)::
+
+    loss = loss_fn(step)         # forward pass on the batch loss_fn draws
+    optimizer.zero_grad()        # grads set to None
+    loss.backward()
+    grad *= mask                 # per parameter, where a mask is given
+    clip_grad_norm_(params, max_grad_norm)   # when given
+    optimizer.step()
+    schedule.step()              # when given
+    evaluate(step + 1)           # every eval_every steps and after the last, under no_grad
+
+L-BFGS runs the same zero_grad / loss / backward / mask / clip sequence as its closure (it may
+call it several times per step, so its loss function should not draw a new batch).
+
+Same seed, same draws: a :class:`Sampler` owns one ``torch.Generator``, and every batch is drawn
+from it in the order the loss function asks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+OPTIMIZERS = ("adam", "adamw", "sgd", "lbfgs")
+LINE_SEARCHES = (None, "strong_wolfe")
+
+
+@dataclass(frozen=True)
+class Optim:
+    """Which optimizer and its settings. ``betas`` apply to Adam/AdamW, ``max_iter`` and
+    ``line_search`` to L-BFGS (iterations within one step); ``weight_decay`` to all but
+    L-BFGS. The defaults are torch's, except AdamW's ``weight_decay`` (0 here: say it)."""
+
+    name: str = "adam"
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    max_iter: int = 20
+    line_search: str | None = None
+
+    def __post_init__(self):
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.name!r}; choose one of {list(OPTIMIZERS)}")
+        if not self.lr > 0:
+            raise ValueError(f"optimizer lr={self.lr!r}: must be > 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"optimizer weight_decay={self.weight_decay!r}: must be >= 0")
+        if self.name == "lbfgs" and self.weight_decay:
+            raise ValueError(f"optimizer 'lbfgs' has no weight_decay (got "
+                             f"{self.weight_decay!r}); add an L2 term to the loss instead")
+        if not (isinstance(self.max_iter, int) and self.max_iter >= 1):
+            raise ValueError(f"optimizer max_iter={self.max_iter!r}: must be an integer >= 1")
+        if self.line_search not in LINE_SEARCHES:
+            raise ValueError(f"optimizer line_search={self.line_search!r}; choose one of "
+                             f"{list(LINE_SEARCHES)}")
+
+    def build(self, params: Sequence[Tensor]) -> torch.optim.Optimizer:
+        if self.name == "adam":
+            return torch.optim.Adam(params, lr=self.lr, betas=self.betas,
+                                    weight_decay=self.weight_decay)
+        if self.name == "adamw":
+            return torch.optim.AdamW(params, lr=self.lr, betas=self.betas,
+                                     weight_decay=self.weight_decay)
+        if self.name == "sgd":
+            return torch.optim.SGD(params, lr=self.lr, weight_decay=self.weight_decay)
+        return torch.optim.LBFGS(params, lr=self.lr, max_iter=self.max_iter,
+                                 line_search_fn=self.line_search)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a run of :func:`train` did: the loss of every step taken (for L-BFGS, the loss at
+    the start of each step) and whether the evaluation callback stopped it early."""
+
+    losses: tuple[float, ...]
+    stopped_early: bool = False
+
+    @property
+    def steps(self) -> int:
+        return len(self.losses)
+
+
+LossFn = Callable[[int], Tensor]
+EvalFn = Callable[[int], "bool | None"]
+
+
+def train(loss_fn: LossFn, params: Mapping[str, Tensor] | Sequence[Tensor], *, steps: int,
+          optim: Optim = Optim(), schedule: Callable[[int], float] | None = None,
+          max_grad_norm: float | None = None, masks: Mapping[str, Tensor] | None = None,
+          evaluate: EvalFn | None = None, eval_every: int | None = None,
+          progress: bool = False, desc: str = "train") -> TrainResult:
+    """Train ``params`` for ``steps`` steps on ``loss_fn(step)`` (``step`` counts from 0; the
+    function draws its own batch and returns a scalar loss).
+
+    ``params``: the tensors to train, by name (a dict) or as a list; each must require grad.
+    ``optim``: the optimizer. ``schedule``: ``lr multiplier of step`` (a ``LambdaLR``, stepped
+    after every optimizer step). ``masks``: ``{name: bool or 0/1 tensor shaped like the
+    parameter}`` - that parameter's gradient is multiplied by it before clipping, so only the
+    masked-in elements train (needs ``params`` as a dict). ``max_grad_norm``: clip the global
+    gradient norm. ``evaluate(steps_done)`` runs under ``no_grad`` every ``eval_every`` steps and
+    after the last one; a True return stops training there. ``progress``: a tqdm bar (``desc``)."""
+    from tqdm.auto import tqdm
+
+    named = dict(params) if isinstance(params, Mapping) else \
+        {str(i): p for i, p in enumerate(params)}
+    if not named:
+        raise ValueError("train: no parameters to train")
+    if not (isinstance(steps, int) and steps >= 1):
+        raise ValueError(f"train: steps={steps!r}; need an integer >= 1")
+    if max_grad_norm is not None and not max_grad_norm > 0:
+        raise ValueError(f"train: max_grad_norm={max_grad_norm!r}; need a number > 0 or None")
+    if evaluate is not None and not (isinstance(eval_every, int) and eval_every >= 1):
+        raise ValueError(f"train: eval_every={eval_every!r}; an evaluate callback needs an "
+                         f"integer >= 1")
+    frozen = [n for n, p in named.items() if not p.requires_grad]
+    if frozen:
+        raise ValueError(f"train: parameter {frozen[0]!r} does not require grad; call "
+                         f"requires_grad_(True) on every tensor it should train")
+    mask_list = _masks(named, masks)
+    tensors = list(named.values())
+    opt = optim.build(tensors)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule) if schedule is not None else None
+
+    def after_backward() -> None:
+        for p, m in mask_list:
+            if p.grad is not None:
+                p.grad.mul_(m)
+        if max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(tensors, max_grad_norm)
+
+    losses: list[float] = []
+    stopped = False
+    bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
+    with torch.enable_grad():
+        for step in bar:
+            if optim.name == "lbfgs":
+                def closure(step: int = step) -> Tensor:
+                    opt.zero_grad()
+                    value = loss_fn(step)
+                    value.backward()
+                    after_backward()
+                    return value
+
+                loss = opt.step(closure)
+            else:
+                loss = loss_fn(step)
+                opt.zero_grad()
+                loss.backward()
+                after_backward()
+                opt.step()
+            if sched is not None:
+                sched.step()
+            losses.append(float(loss.detach()))
+            if step % 50 == 0:
+                bar.set_postfix(loss=f"{losses[-1]:.3f}")
+            done = step + 1
+            if evaluate is not None and (done % eval_every == 0 or done == steps):
+                with torch.no_grad():
+                    if evaluate(done):
+                        stopped = done < steps
+                        break
+    bar.close()
+    return TrainResult(tuple(losses), stopped)
+
+
+def _masks(named: dict[str, Tensor], masks: Mapping[str, Tensor] | None
+           ) -> list[tuple[Tensor, Tensor]]:
+    if not masks:
+        return []
+    out = []
+    for name, m in masks.items():
+        if name not in named:
+            raise ValueError(f"train: a mask is given for {name!r}, which is not among the "
+                             f"parameters trained ({sorted(named)[:5]}...)")
+        p = named[name]
+        if tuple(m.shape) != tuple(p.shape):
+            raise ValueError(f"train: the mask for {name!r} has shape {tuple(m.shape)}, the "
+                             f"parameter {tuple(p.shape)}")
+        out.append((p, m.to(p.device)))
+    return out
+
+
+class Sampler:
+    """Seeded batch rows: one ``torch.Generator`` (seeded with ``seed``), draws in call order.
+
+    - :meth:`rows`: ``k`` distinct rows of ``n``, a fresh permutation at every call;
+    - :meth:`mixed`: rows of one batch over ``train + mix`` data (training rows plus a ratio of
+      mixed-in rows, e.g. retain facts mixed into a relearning batch);
+    - :meth:`with_replacement`: ``k`` rows of ``n`` drawn independently;
+    - :meth:`epochs`: batches of ``k`` walking through shuffled epochs of ``n`` rows (the
+      remainder of an epoch that does not fill a batch is skipped).
+    """
+
+    def __init__(self, seed: int):
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def rows(self, n: int, k: int) -> Tensor:
+        """Up to ``k`` distinct rows out of ``n`` (a random permutation, cut)."""
+        return torch.randperm(n, generator=self.generator)[:k]
+
+    def with_replacement(self, n: int, k: int) -> Tensor:
+        return torch.randint(0, n, (k,), generator=self.generator)
+
+    def mixed(self, n_train: int, n_mix: int, batch: int, mix_ratio: float) -> Tensor:
+        """Rows of one batch over ``train + mix`` data (mix rows numbered after the training
+        rows): up to ``batch`` training rows plus ``mix_ratio`` x as many mixed-in rows (a full
+        batch of mix rows when there is no training data)."""
+        parts = []
+        k = min(n_train, batch)
+        if k:
+            parts.append(self.rows(n_train, k))
+        k_mix = min(n_mix, round(mix_ratio * k) if n_train else batch)
+        if k_mix:
+            parts.append(n_train + self.rows(n_mix, k_mix))
+        if not parts:
+            raise ValueError(f"Sampler.mixed: an empty batch (n_train={n_train}, "
+                             f"n_mix={n_mix}, batch={batch}, mix_ratio={mix_ratio})")
+        return torch.cat(parts)
+
+    def epochs(self, n: int, k: int) -> Iterator[Tensor]:
+        """Endless batches of ``k`` rows: a shuffled epoch of ``n`` rows, cut into batches; a
+        new permutation when the next batch would run past the end (``k >= n``: every batch is
+        all ``n`` rows, reshuffled)."""
+        if n < 1 or k < 1:
+            raise ValueError(f"Sampler.epochs: need rows and a batch size >= 1 (n={n}, k={k})")
+        perm = torch.randperm(n, generator=self.generator)
+        pos = 0
+        while True:
+            if pos + k > n:
+                perm = torch.randperm(n, generator=self.generator)
+                pos = 0
+            yield perm[pos:pos + k]
+            pos += k

@@ -1,0 +1,349 @@
+"""The verification suites: a registry from name to a small function with declared prerequisites.
+
+A suite is ``fn(ctx: Context) -> SuiteResult``; ``@suite(name, ...)`` registers it (a name taken
+twice is refused) and declares what it needs before anything runs:
+
+- ``requires``   suites whose results it reads (``ctx.results[name]``); they run first and are
+                 added when not asked for;
+- ``needs``      models that must be given (``"oracle"``, ``"original"``), all of them;
+  ``needs_any``  at least one of them; ``refusal`` is the message when they are missing;
+- ``needs_holdout`` the request's holdout split must be non-empty;
+- ``check``      a check of the settings, ``check(settings)``, that raises on bad input;
+- ``timed``      whether its seconds are recorded under ``extra["verify_seconds"]``.
+
+``probes.verify`` runs the suites asked for, with their prerequisites, in registration order
+(``SUITES``): behaviour, oracle, privacy, loo_probe, drift, attacks, verdict. ``behaviour``
+always runs: every report starts from it.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from excise.handle import ModelHandle
+from excise.report import AttackCurves
+from excise.request import ForgetRequest
+from probes import attacks as A
+from probes import representations as R
+from probes.behaviour import behaviour_metrics
+from probes.oracle import oracle_metrics
+from probes.privacy import add_privleak, privacy_metrics
+from probes.verdict import decide
+
+MODELS = ("oracle", "original")  # the models a suite may need besides the one under test
+
+
+@dataclass(frozen=True)
+class VerifySettings:
+    """``probes.verify``'s settings, as every suite reads them.
+
+    ``attacks``: attack names, a dict of :class:`probes.attacks.AttackConfig` settings, or an
+    ``AttackConfig``. ``margin`` / ``tolerance``: the verdict rule's slack on forget recall and on
+    attack curves. ``sae``: an SAE (or ``(sae, input_scale)``) for the steering attack instead of
+    training one."""
+
+    suite: tuple[str, ...] = ("behaviour",)
+    label: str = "model"
+    attacks: Any = None
+    seed: int = 0
+    margin: float = 0.05
+    tolerance: float = 0.1
+    n_false: int = 5
+    n_candidates: int = 256
+    loo_lam: float = 10.0
+    loo_logistic: bool = True
+    max_probe: int = 150
+    loo_by: str = "person"
+    loo_null: int = 20
+    sae: Any = None
+
+    def __post_init__(self):
+        s = self.suite
+        object.__setattr__(self, "suite", (s,) if isinstance(s, str) else tuple(s))
+
+    @property
+    def original_label(self) -> str:
+        """The original model's column: ``before`` beside ``after`` (as in ``excise run``)."""
+        return "before" if self.label == "after" else "original"
+
+    def attack_config(self) -> A.AttackConfig:
+        """The attack settings (``seed`` is the verification seed unless given)."""
+        attacks = self.attacks
+        if isinstance(attacks, A.AttackConfig):
+            return attacks
+        if attacks is None:
+            return A.AttackConfig(seed=self.seed)
+        if isinstance(attacks, dict):
+            return A.AttackConfig.from_params({"seed": self.seed} | dict(attacks))
+        return A.AttackConfig.from_params({"attacks": attacks, "seed": self.seed})
+
+
+@dataclass(frozen=True)
+class SuiteResult:
+    """What one suite measured: metrics per model label (``metrics[label][name]``) and what it
+    adds to the report's ``extra`` (in order)."""
+
+    metrics: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttackResult(SuiteResult):
+    """The attacks suite: one :class:`AttackCurves` per attack, and the settings used."""
+
+    curves: Mapping[str, AttackCurves]
+    config: A.AttackConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class VerdictResult(SuiteResult):
+    """The verdict (``probes.verdict.VERDICTS``), the rule that produced it and its checks."""
+
+    verdict: str
+    rule: str
+    checks: Mapping[str, Mapping[str, Any]]
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a suite sees: the models, the request, the settings and earlier suites' results.
+
+    ``models`` are measured under their labels: the model under test and - when more than
+    behaviour runs and it is given - the original (``settings.original_label``); ``everyone``
+    adds the oracle. ``cache``: the caller's per-model cache (see :meth:`memo`)."""
+
+    model: ModelHandle
+    request: ForgetRequest
+    settings: VerifySettings
+    oracle: ModelHandle | None = None
+    original: ModelHandle | None = None
+    models: Mapping[str, ModelHandle] = field(default_factory=dict)
+    results: Mapping[str, SuiteResult] = field(default_factory=dict)
+    cache: dict | None = None
+    log: Callable[[str], None] | None = None
+
+    @property
+    def label(self) -> str:
+        return self.settings.label
+
+    @property
+    def everyone(self) -> dict[str, ModelHandle]:
+        return dict(self.models) | ({"oracle": self.oracle} if self.oracle is not None else {})
+
+    def memo(self, model: ModelHandle, key: tuple, fn: Callable[[], Any]) -> Any:
+        """``fn()``, reused from ``cache`` when a model without hooks with the same weights'
+        fingerprint was measured on the same request, seed and ``key`` (returned as a copy)."""
+        if self.cache is None or model.hook_count():
+            return fn()
+        k = (model.fingerprint(), self.request.digest(), self.settings.seed) + key
+        if k not in self.cache:
+            self.cache[k] = fn()
+        return copy.deepcopy(self.cache[k])
+
+
+@dataclass(frozen=True)
+class Suite:
+    """A registered suite and what it declares (see the module docstring)."""
+
+    name: str
+    run: Callable[[Context], SuiteResult]
+    requires: tuple[str, ...] = ()
+    needs: tuple[str, ...] = ()
+    needs_any: tuple[str, ...] = ()
+    refusal: str = ""
+    needs_holdout: bool = False
+    check: Callable[[VerifySettings], None] | None = None
+    timed: bool = True
+
+    def missing(self, given: Mapping[str, bool]) -> str | None:
+        """The refusal when a model it needs was not given, else None."""
+        if any(not given[n] for n in self.needs) or (
+                self.needs_any and not any(given[n] for n in self.needs_any)):
+            return self.refusal
+        return None
+
+
+SUITES: dict[str, Suite] = {}
+
+
+def register_suite(s: Suite) -> Suite:
+    """Add ``s`` to ``SUITES``. Refuses a name already taken, a prerequisite not registered yet
+    (so the registration order is a valid running order) and a model it cannot need."""
+    if s.name == "all":
+        raise ValueError("suite name 'all' is reserved: it selects every registered suite")
+    if s.name in SUITES:
+        raise ValueError(f"verification suite {s.name!r} is already registered (by "
+                         f"{SUITES[s.name].run.__module__}.{SUITES[s.name].run.__qualname__}); "
+                         f"choose another name")
+    bad = [r for r in s.requires if r not in SUITES]
+    if bad:
+        raise ValueError(f"suite {s.name!r} requires {bad[0]!r}, which is not registered; "
+                         f"register prerequisites first (registered: {list(SUITES)})")
+    bad = [n for n in s.needs + s.needs_any if n not in MODELS]
+    if bad:
+        raise ValueError(f"suite {s.name!r} needs {bad[0]!r}; a suite can need {list(MODELS)}")
+    if (s.needs or s.needs_any) and not s.refusal:
+        raise ValueError(f"suite {s.name!r} needs models: give the refusal message that says "
+                         f"what to pass")
+    SUITES[s.name] = s
+    return s
+
+
+def suite(name: str, **declared) -> Callable[[Callable[[Context], SuiteResult]], Callable]:
+    """Decorator: register ``fn(ctx) -> SuiteResult`` as suite ``name`` (see :class:`Suite`)."""
+    def deco(fn):
+        register_suite(Suite(name, fn, **declared))
+        return fn
+    return deco
+
+
+def resolve(names: str | Sequence[str]) -> list[str]:
+    """The suites to run for ``names`` ("all" = every one): those asked for, their
+    prerequisites and ``behaviour``, in registration order."""
+    names = [names] if isinstance(names, str) else list(names)
+    if "all" in names:
+        names = list(SUITES)
+    for s in names:
+        if s not in SUITES:
+            close = difflib.get_close_matches(str(s), list(SUITES), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ValueError(f"unknown verification suite {s!r}{hint} (choose from "
+                             f"{list(SUITES) + ['all']})")
+    want: set[str] = set()
+    todo = ["behaviour"] + names
+    while todo:
+        s = todo.pop()
+        if s not in want:
+            want.add(s)
+            todo.extend(SUITES[s].requires)
+    return [s for s in SUITES if s in want]
+
+
+# -- the suites --------------------------------------------------------------------------------
+@suite("behaviour")
+def behaviour(ctx: Context) -> SuiteResult:
+    """Recall per split and form, paraphrases, perplexity, shared knowledge."""
+    return SuiteResult({k: ctx.memo(m, ("behaviour",), partial(behaviour_metrics, m, ctx.request))
+                        for k, m in ctx.everyone.items()})
+
+
+@suite("oracle", requires=("behaviour",), needs=("oracle",),
+       refusal="the 'oracle' suite needs the retrain oracle: pass oracle=org.oracle(request)")
+def oracle(ctx: Context) -> SuiteResult:
+    """Truth ratio, forget quality (KS vs the oracle), KL to the oracle, recall gaps."""
+    s = ctx.settings
+    return SuiteResult(oracle_metrics(dict(ctx.models), ctx.oracle, ctx.request,
+                                      ctx.results["behaviour"].metrics, s.n_false, s.seed))
+
+
+@suite("privacy", needs_holdout=True)
+def privacy(ctx: Context) -> SuiteResult:
+    """Membership AUC (loss, min-k%), PrivLeak vs the oracle, canary exposure."""
+    s = ctx.settings
+    metrics = {k: ctx.memo(m, ("privacy", s.n_candidates), partial(
+        privacy_metrics, m, ctx.request, s.n_candidates, seed=s.seed))
+        for k, m in ctx.everyone.items()}
+    add_privleak(metrics)
+    return SuiteResult(metrics)
+
+
+@suite("loo_probe", needs_holdout=True)
+def loo_probe(ctx: Context) -> SuiteResult:
+    """Leave-one-out "memorized vs not" probes per depth (ridge + logistic) with a permutation
+    null."""
+    s = ctx.settings
+    facts, y = R.probe_data(ctx.request, s.max_probe, s.seed)
+    chance = float(max(y.mean(), 1 - y.mean()))
+    metrics: dict[str, dict[str, float]] = {}
+    curves = {}
+    for k, m in ctx.everyone.items():
+        res = ctx.memo(m, ("loo", s.max_probe, s.loo_lam, s.loo_logistic, s.loo_by, s.loo_null),
+                       partial(R.loo_probe, m, facts, y, s.loo_lam, s.loo_logistic, s.loo_by,
+                               s.loo_null, s.seed))
+        curves[k] = res
+        mk = metrics[k] = {}
+        for kind, accs in res.items():
+            for L, acc in enumerate(accs):
+                mk[f"loo_{kind}_L{L}"] = acc
+        mk["loo_chance"] = chance
+        if "null" in res:  # signature above the protocol's own chance, worst depth
+            mk["loo_gap_max"] = max(a - n for a, n in zip(res["balanced"], res["null"]))
+    extra = {"depths": list(range(ctx.model.n_layers)), "chance": chance, "n": len(y),
+             "lam": s.loo_lam, "left_out": s.loo_by, "curves": curves,
+             "labels": "forget (memorized) vs holdout (never trained)",
+             "null": "balanced probe with labels permuted across people "
+                     f"({s.loo_null} permutations)"}
+    return SuiteResult(metrics, {"loo_probe": extra})
+
+
+@suite("drift", needs_any=("original", "oracle"),
+       refusal="the 'drift' suite compares representations with the original and/or the "
+               "oracle: pass original= or oracle=")
+def drift(ctx: Context) -> SuiteResult:
+    """Linear CKA per layer against the original and the oracle."""
+    s = ctx.settings
+    refs = {n: r for n, r in (("original", ctx.original), ("oracle", ctx.oracle))
+            if r is not None}
+    sets = R.drift_facts(ctx.request, s.max_probe, s.seed)
+    metrics: dict[str, dict[str, float]] = {}
+    curves: dict = {}
+    for k, m in ctx.everyone.items():
+        mk = metrics.setdefault(k, {})
+        for rname, ref in refs.items():
+            for split, facts in sets.items():
+                vals = [1.0] * m.n_layers if ref is m else R.cka_per_layer(m, ref, facts)
+                curves.setdefault(k, {})[f"{rname}/{split}"] = vals
+                if split == "forget":
+                    for L, v in enumerate(vals):
+                        mk[f"cka_{rname}_forget_L{L}"] = v
+                else:
+                    mk[f"cka_{rname}_retain_min"] = min(vals)
+    return SuiteResult(metrics, {"drift": {"depths": list(range(ctx.model.n_layers)),
+                                           "curves": curves}})
+
+
+def _check_attacks(settings: VerifySettings) -> None:
+    settings.attack_config()
+
+
+@suite("attacks", check=_check_attacks)
+def attacks(ctx: Context) -> AttackResult:
+    """Restoration attacks with identical settings on the model and the oracle (see
+    ``probes.attacks``); the metric is each curve's peak forget recall."""
+    s, cfg = ctx.settings, ctx.settings.attack_config()
+    targets = {ctx.label: ctx.model} | ({"oracle": ctx.oracle} if ctx.oracle is not None else {})
+    if ctx.cache is None:
+        res = A.run_attacks(targets, ctx.request, cfg, sae_source=ctx.original, sae=s.sae,
+                            log=ctx.log)
+    else:  # one model at a time, so the oracle's curves are reused across edits
+        source = ctx.original or ctx.model
+        parts = {k: ctx.memo(m, ("attacks", repr(cfg), source.fingerprint()),
+                             partial(A.run_attacks, {"_": m}, ctx.request, cfg,
+                                     sae_source=source, sae=s.sae, log=ctx.log))
+                 for k, m in targets.items()}
+        first = next(iter(parts.values()))  # relabel "_" as each model's column
+        res = {name: AttackCurves({k: part[name].curves["_"] for k, part in parts.items()})
+               for name in first}
+    metrics: dict[str, dict[str, float]] = {k: {} for k in targets}
+    for name, a in res.items():
+        for k, c in a.curves.items():
+            metrics[k][f"attack_{name}"] = A.peak_recovery(c.y)
+    return AttackResult(metrics, {"attacks": res, "attack_config": cfg.to_dict()}, curves=res,
+                        config=cfg)
+
+
+@suite("verdict", requires=("behaviour", "attacks"), needs=("oracle", "original"),
+       refusal="the verdict compares the model with the retrain oracle and with the original: "
+               "pass both oracle= and original=", timed=False)
+def verdict(ctx: Context) -> VerdictResult:
+    """Deleted / suppressed / not forgotten (``probes.verdict``)."""
+    s = ctx.settings
+    v, rule, checks = decide(ctx.results["behaviour"].metrics, ctx.results["attacks"].curves,
+                             ctx.label, s.original_label, s.margin, s.tolerance)
+    return VerdictResult({}, {"verdict": {"verdict": v, "rule": rule, "checks": checks}},
+                         verdict=v, rule=rule, checks=checks)
