@@ -1,8 +1,23 @@
-"""The ``excise`` command line (typer): run, verify, sweep, organism train."""
+"""The ``excise`` command line (typer): run, verify, sweep, organism train.
+
+A refusal is one line on stderr, ``error: <what is wrong, and the valid choices>``, no
+traceback. Exit codes:
+
+- 0: done;
+- 2: refused - a bad config, request, model or file, or an ``--out`` excise may not write (a
+  file, a path under a file, a mount point, a non-empty folder that is not an excise run, a run
+  without ``--overwrite``); nothing was written;
+- 1: failed while running on an operating-system error (disk full, I/O error), named in the one
+  line; any other failure is a bug and shows its traceback (also 1);
+- 130: interrupted (SIGINT, Ctrl-C); 143: terminated (SIGTERM). The unfinished output's
+  partial folder was removed and ``--out`` left as it was.
+"""
 
 from __future__ import annotations
 
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import List, Optional
 
@@ -14,9 +29,33 @@ organism_app = typer.Typer(no_args_is_help=True, help="The embedded model organi
 app.add_typer(organism_app, name="organism")
 
 
-def _fail(msg: str, code: int = 2) -> None:
+EXIT_FAILED, EXIT_REFUSED, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
+
+
+def _fail(msg: str, code: int = EXIT_REFUSED) -> None:
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+@contextmanager
+def _refusals():
+    """Every refusal excise raises (``ConfigError`` and the ``ValueError`` of validation, a
+    missing file) as one ``error:`` line and exit code 2; an OS error as one line and 1; SIGINT
+    and SIGTERM as one line and 130 / 143."""
+    from excise.app.folders import Terminated
+
+    try:
+        yield
+    except Terminated:
+        _fail("terminated by SIGTERM before it finished; nothing was written (its partial "
+              "folder was removed)", EXIT_TERMINATED)
+    except KeyboardInterrupt:
+        _fail("interrupted (SIGINT) before it finished; nothing was written (its partial folder "
+              "was removed)", EXIT_INTERRUPTED)
+    except (ValueError, FileNotFoundError) as e:  # (ConfigError is a ValueError)
+        _fail(str(e))
+    except OSError as e:
+        _fail(f"{e.strerror or e}{f': {e.filename}' if e.filename else ''}", EXIT_FAILED)
 
 
 @app.command()
@@ -24,19 +63,18 @@ def run(config: Optional[Path] = typer.Argument(None, help="Pipeline YAML (defau
                                                  "configs/default.yaml)."),
         set_: List[str] = typer.Option([], "--set", help="Override a key, e.g. edit.alpha=5."),
         out: Optional[Path] = typer.Option(None, "--out", help="Run folder to create."),
-        overwrite: bool = typer.Option(False, help="Replace a run already in --out."),
+        overwrite: bool = typer.Option(False, help="Replace a run excise wrote in --out: "
+                                       "removes only the files its run.json lists."),
         quiet: bool = typer.Option(False, help="No progress bars.")):
     """Run locate -> edit -> verify and write a run folder."""
     from excise import config as C
     from excise.app import pipeline
 
-    try:
+    with _refusals():
         cfg = C.load(config, set_, pipeline.registries())
         target = out or pipeline.default_out(cfg)
         result = pipeline.run(cfg, target, overwrite=overwrite, progress=not quiet,
                               log=lambda m: typer.echo(m, err=True))
-    except (C.ConfigError, ValueError, FileNotFoundError) as e:
-        _fail(str(e))
     r = result.report
     typer.echo("")
     typer.echo(r.summary_text())
@@ -55,10 +93,8 @@ def organism_train(preset: str = typer.Argument("small"), seed: int = typer.Opti
     import excise
     import probes
 
-    try:
+    with _refusals():
         org = excise.organism(preset, seed=seed)
-    except ValueError as e:
-        _fail(str(e))
     req = org.request(forget_people=[0])
     rep = probes.verify(org.model, req)
     typer.echo(repr(org))
@@ -75,12 +111,16 @@ def verify(target: Path = typer.Argument(..., help="A run folder (with config.ya
            suite: Optional[str] = typer.Option(None, help="Suites, comma separated, or 'all' "
                                                "(default: the config's verify.suite)."),
            out: Optional[Path] = typer.Option(None, "--out", help="Folder for the report "
-                                              "(default: <run folder>/verify)."),
+                                              "(default: <run folder>/verify); a new or empty "
+                                              "folder, never the run itself."),
+           overwrite: bool = typer.Option(False, help="Replace a verify report (or run) excise "
+                                          "wrote in --out: removes only the files its run.json "
+                                          "lists."),
            quiet: bool = typer.Option(False, help="No progress messages.")):
     """Re-apply a saved edit diff to the run's model (organism or Hugging Face) and verify."""
     import probes
     from excise import config as C
-    from excise.app import pipeline
+    from excise.app import folders, pipeline
     from excise.edits import Diff
 
     target = Path(target)
@@ -93,31 +133,45 @@ def verify(target: Path = typer.Argument(..., help="A run folder (with config.ya
     if not cfg_path.exists():
         _fail(f"no config at {cfg_path}; pass --config with the pipeline YAML the edit was "
               f"made with")
+    if folders.incomplete(run_dir):
+        _fail(f"{run_dir} is a run whose replacement (--overwrite) was stopped half-way: it "
+              f"mixes files of two runs. Run it again with `excise run --overwrite`")
+    folder = out or run_dir / "verify"
+    real_folder, real_run = Path(os.path.realpath(folder)), Path(os.path.realpath(run_dir))
+    if real_run == real_folder or real_folder in real_run.parents:
+        _fail(f"--out {folder} {'is' if real_run == real_folder else 'holds'} the run being "
+              f"verified ({run_dir}); its metrics.json and report.md stay as the run wrote them. "
+              f"Give another folder (default: {run_dir / 'verify'})")
     log = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
-    try:
+    with _refusals():
+        folders.check_out(folder, overwrite, kind="verify")  # before any model is built
         cfg = C.load(cfg_path, set_, pipeline.registries())
         setup = pipeline.Setup.check(cfg)
+        if suite:  # a typo in --suite is refused before any model is built
+            from probes.suites import resolve
+
+            resolve([s.strip() for s in suite.split(",")])
         diff = Diff.load(diff_path)
-        subject = setup.build(progress=not quiet, log=log)
-        req = subject.request
-        oracle = subject.oracle(cfg.verify.oracle)
-        original = subject.model.clone()
-        edited = subject.model  # built for this command alone: edit it in place
-        diff.apply(edited)
-        suites = ([s.strip() for s in suite.split(",")] if suite else cfg.verify.suite)
-        log(f"verify: {suites} on {diff_path}")
-        report = probes.verify(edited, req, oracle=oracle, suite=suites, label="after",
-                               original=original, log=log, **cfg.verify.params)
-        if subject.not_known:  # facts the model did not produce before editing
-            report.extra["not_known"] = subject.not_known
-        folder = out or run_dir / "verify"
-        folder.mkdir(parents=True, exist_ok=True)
-        report.edit = {k: diff.manifest.get(k) for k in ("method", "params", "params_changed",
-                                                         "params_changed_frac")}
-        report.plots = [Path(p).name for p in probes.write_plots(report, folder)]
-        report.save(folder)
-    except (C.ConfigError, ValueError, FileNotFoundError) as e:
-        _fail(str(e))
+        of = {"id": folders.manifest_id(run_dir), "run": str(real_run), "diff": diff_path.name}
+        with folders.staged(folder, overwrite=overwrite, kind="verify", info={"of": of},
+                            log=log) as tmp:
+            subject = setup.build(progress=not quiet, log=log)
+            req = subject.request
+            oracle = subject.oracle(cfg.verify.oracle)
+            original = subject.model.clone()
+            edited = subject.model  # built for this command alone: edit it in place
+            diff.apply(edited)
+            suites = ([s.strip() for s in suite.split(",")] if suite else cfg.verify.suite)
+            log(f"verify: {suites} on {diff_path}")
+            report = probes.verify(edited, req, oracle=oracle, suite=suites, label="after",
+                                   original=original, log=log, **cfg.verify.params)
+            if subject.not_known:  # facts the model did not produce before editing
+                report.extra["not_known"] = subject.not_known
+            report.edit = {k: diff.manifest.get(k) for k in ("method", "params",
+                                                             "params_changed",
+                                                             "params_changed_frac")}
+            report.plots = [Path(p).name for p in probes.write_plots(report, tmp)]
+            report.save(tmp)
     typer.echo(report.summary_text())
     if report.verdict:
         typer.echo(f"verdict: {report.verdict}")
@@ -136,15 +190,12 @@ def sweep(config: Path = typer.Argument(..., help="Sweep YAML (e.g. configs/swee
                                                 "run's screen.json."),
           quiet: bool = typer.Option(False, help="No progress messages.")):
     """Screen locate x edit recipes, keep the best, report them beside retrain oracles."""
-    from excise import config as C
     from excise.app import sweep as S
 
     log = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
-    try:
+    with _refusals():
         cfg = S.load_config(config, set_)
         res = S.run(cfg, out, stage=stage, screen_from=screen, log=log)
-    except (C.ConfigError, ValueError, FileNotFoundError) as e:
-        _fail(str(e))
     rec = res.records
     typer.echo(f"finalists: {'; '.join(S.name(f) for f in rec['finalists'])}")
     if "rows" in rec:

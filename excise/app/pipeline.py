@@ -1,8 +1,10 @@
 """``excise run``: locate -> select -> edit -> verify, written to a run folder.
 
-The run is assembled in a hidden temporary folder beside the target and renamed into place only
-when every step has finished, so a failed run never looks like a finished one and never touches
-an earlier run.
+The run is assembled in a hidden partial folder beside the target and put in place, with its
+manifest ``run.json`` as the last file, only when every step has finished, so a failed or
+interrupted run (SIGINT, SIGTERM) never looks like a finished one and never touches an earlier
+run; ``overwrite`` removes only the files an earlier run's manifest lists (see
+:mod:`excise.app.folders`).
 
 Shared with ``excise verify`` and the sweep: the stage registries (:func:`registries`), the one
 "build model + request" step (:class:`Setup`: checked before anything is built, then
@@ -14,8 +16,6 @@ from __future__ import annotations
 
 import inspect
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,12 +23,11 @@ from typing import Any, Callable
 
 import yaml
 
+from excise.app.folders import check_out, staged
 from excise.config import ConfigError, RunConfig
 from excise.io import atomic_write_text, write_json
 from excise.report import Report
 from excise.request import ForgetRequest
-
-RUN_MARKERS = ("metrics.json", "config.yaml")
 
 
 def registries() -> dict[str, dict[str, Callable]]:
@@ -38,7 +37,8 @@ def registries() -> dict[str, dict[str, Callable]]:
     import locate
     import probes
 
-    return {"locate": locate.METHODS, "edit": edit.METHODS, "verify": probes.SUITES}
+    return {"locate": locate.METHODS, "edit": edit.METHODS, "verify": probes.SUITES,
+            "verify_settings": probes.VerifySettings}
 
 
 # -- the one "build model + request" step ------------------------------------------------------
@@ -199,18 +199,6 @@ class RunResult:
     seconds: float
 
 
-def check_out_dir(out: Path, overwrite: bool) -> None:
-    if out.exists():
-        if not out.is_dir():
-            raise ConfigError(f"--out {out}: exists and is not a folder")
-        if any((out / m).exists() for m in RUN_MARKERS) and not overwrite:
-            raise ConfigError(f"--out {out} already holds a run; choose another folder or pass "
-                              f"--overwrite")
-        if any(out.iterdir()) and not any((out / m).exists() for m in RUN_MARKERS):
-            raise ConfigError(f"--out {out} is a non-empty folder that is not an excise run; "
-                              f"refusing to write into it")
-
-
 def run(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = True,
         log: Callable[[str], None] = print) -> RunResult:
     import torch
@@ -220,24 +208,18 @@ def run(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = 
     from excise import plots
 
     out = Path(out)
-    check_out_dir(out, overwrite)
+    check_out(out, overwrite)  # (again when the run starts writing, and when it finishes)
     setup = Setup.check(cfg)
     regs = registries()
     locate_fn = regs["locate"][cfg.locate.method]
     edit_fn = regs["edit"][cfg.edit.method]
     t0 = time.time()
     torch.manual_seed(cfg.seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with staged(out, overwrite=overwrite, kind="run", log=log) as tmp:
         write_yaml(tmp / "config.yaml", cfg.to_dict())
         subject = setup.build(progress=progress, log=log)
         model, req = subject.model, subject.request
         log(f"request: {req.summary()}")
-        oracle = None
-        if cfg.verify.oracle and req.forget_people():
-            log("retrain oracle (trained once per forget split, then cached)")
-            oracle = subject.oracle()
         log(f"locate: {cfg.locate.method}")
         imp = locate_with(locate_fn, model, req, cfg.locate.sites, cfg.locate.params,
                           progress=progress)
@@ -258,6 +240,12 @@ def run(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = 
                       progress=progress)
         try:
             e.diff.save(tmp / "edit.safetensors")
+            # the oracle is trained only now: a value only the locate or edit method can judge
+            # (a site, a mode) is refused before minutes of training, not after
+            oracle = None
+            if cfg.verify.oracle and req.forget_people():
+                log("retrain oracle (trained once per forget split, then cached)")
+                oracle = subject.oracle()
             log(f"verify: {cfg.verify.suite}")
             after = probes.verify(model, req, oracle=oracle, label="after",
                                   suite=cfg.verify.suite, original=original,
@@ -290,10 +278,6 @@ def run(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = 
         report.plots = [Path(p).name for p in plot_paths]
         report.extra["seconds"] = round(time.time() - t0, 1)
         report.save(tmp)
-        _finalize(tmp, out, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return RunResult(out, report, time.time() - t0)
 
 
@@ -301,19 +285,6 @@ def _units_changed(e) -> int:
     if e.selection is not None:
         return len(e.selection)
     return sum(int(c.indices.numel()) for c in e.changes.values()) + len(e.hook_fns)
-
-
-def _finalize(tmp: Path, out: Path, overwrite: bool) -> None:
-    if out.exists():
-        if not overwrite and any(out.iterdir()):
-            raise ConfigError(f"--out {out} appeared while the run was going; left it alone, "
-                              f"the new run was discarded")
-        old = out.with_name(f".{out.name}.old-{int(time.time())}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
 
 
 def write_yaml(path: Path, obj) -> None:

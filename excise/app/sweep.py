@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from excise.config import (ConfigError, OrganismConfig, RequestConfig, RunConfig, check_params,
-                           parse_value, read_yaml, unknown_key)
+                           read_yaml, set_path, unknown_key)
 from excise.io import atomic_write_text
 
 PROTOCOL = __doc__.split("Protocol (the rules are printed into docs/results.md):")[1].strip()
@@ -117,18 +117,7 @@ def load_config(path: str | Path, sets: list[str] = (), registries: dict | None 
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a sweep config is a mapping, got {type(raw).__name__}")
     for item in sets:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. seeds=[0]")
-        key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        if parts[0] not in _TOP:
-            raise ConfigError(unknown_key(f"--set {key}", parts[0], list(_TOP)))
-        node = raw
-        for p in parts[:-1]:
-            child = node.get(p)
-            node[p] = dict(child) if isinstance(child, dict) else {}
-            node = node[p]
-        node[parts[-1]] = parse_value(value)
+        set_path(raw, item, list(_TOP), example="seeds=[0]")
     return build_config(raw, registries)
 
 
@@ -167,8 +156,10 @@ def build_config(raw: dict, registries: dict | None = None) -> SweepConfig:
                               f"{sorted(registries['locate'])}")
         if params is not None and not isinstance(params, dict):
             raise ConfigError(f"locate.{name}: parameters must be a mapping, got {params!r}")
-        check_params(f"locate.{name}", registries["locate"][name], params or {})
-    kw["locate"] = {k: dict(v or {}) for k, v in loc.items()}
+    # checked and converted ("1e-4" -> 1e-4 where the method takes a number)
+    kw["locate"] = {name: dict(check_params(f"locate.{name}", registries["locate"][name],
+                                            params or {}))
+                    for name, params in loc.items()}
 
     recipes: dict[str, Recipe] = {}
     for section, baseline in (("recipes", False), ("baselines", True)):
