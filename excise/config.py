@@ -6,6 +6,12 @@ against the registries the caller passes (``excise.app.pipeline.registries()``).
 Method-specific parameters sit beside ``method`` in the stage's mapping
 (``edit: {method: dampen, alpha: 10}``) and are checked against the method's signature, so
 ``--set edit.alpha=5`` works and ``--set edit.alpah=5`` fails naming the valid keys.
+
+The whole config is checked when it is loaded, before any model is built or trained: every key,
+every value's type (from the dataclass fields below and from the method signatures: names,
+defaults, annotations), method and suite names (with "did you mean"), the attribute names, and
+suites that need a retrain oracle the config does not provide. A number YAML reads as a string
+(``1e-4``: YAML 1.1 wants ``1.0e-4``) is converted when the parameter is numeric.
 """
 
 from __future__ import annotations
@@ -13,11 +19,15 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import inspect
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from excise.world import check_attributes
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
@@ -44,24 +54,24 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class RequestConfig:
-    forget_people: Any = 10  # int N (people 0..N-1), a list of indices, or null
+    forget_people: int | list[int] | None = 10  # int N (people 0..N-1), a list of indices
     forget_fraction: float | None = None  # fraction of trained people (overrides forget_people)
     split_seed: int = 0  # which people a fraction picks
-    attributes: list | None = None
+    attributes: list[str] | None = None  # attribute names (excise.world.ATTRIBUTES); null: all
     jsonl: str | None = None  # a request file instead of the organism's people
 
 
 @dataclass(frozen=True)
 class LocateConfig:
     method: str = "fisher"
-    sites: Any = None
+    sites: str | list[str] | None = None
     params: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class SelectConfig:
-    top: Any = None  # int count, float fraction, or null (the edit method decides)
-    sites: Any = None
+    top: int | float | None = None  # int count, float fraction, or null (the edit method decides)
+    sites: str | list[str] | None = None
 
 
 @dataclass(frozen=True)
@@ -72,7 +82,7 @@ class EditConfig:
 
 @dataclass(frozen=True)
 class VerifyConfig:
-    suite: Any = "behaviour"
+    suite: str | list[str] = "behaviour"
     oracle: bool = True
     params: dict = field(default_factory=dict)
 
@@ -122,31 +132,286 @@ def apply_sets(raw: dict, sets: list[str]) -> dict:
             fields = {f.name for f in dataclasses.fields(_STAGES[parts[0]])}
             raw[parts[0]] = {k: v for k, v in section.items() if k in fields and k != "params"}
     for item in sets:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. edit.alpha=5")
-        key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        if parts[0] not in _STAGES and not (len(parts) == 1 and parts[0] == "seed"):
-            raise ConfigError(unknown_key(f"--set {key}", parts[0], list(_STAGES) + ["seed"]))
-        node = raw
-        for p in parts[:-1]:
-            child = node.get(p)
-            node[p] = dict(child) if isinstance(child, dict) else {}
-            node = node[p]
-        node[parts[-1]] = parse_value(value)
+        set_path(raw, item, list(_STAGES) + ["seed"], example="edit.alpha=5",
+                 leaf_only=("seed",))
     return raw
 
 
+def set_path(raw: dict, item: str, top: list[str], *, example: str,
+             leaf_only: tuple[str, ...] = ()) -> None:
+    """Apply one ``--set key.path=value`` to ``raw`` in place: ``key``'s first part must be one
+    of ``top`` (or, alone, one of ``leaf_only``); the value is parsed as a YAML scalar / list and
+    intermediate mappings are copied, never shared with the caller's."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected key=value, e.g. {example}")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    if parts[0] not in top and not (len(parts) == 1 and parts[0] in leaf_only):
+        valid = list(top) + [k for k in leaf_only if k not in top]
+        raise ConfigError(unknown_key(f"--set {key}", parts[0], valid))
+    node = raw
+    for p in parts[:-1]:
+        child = node.get(p)
+        node[p] = dict(child) if isinstance(child, dict) else {}
+        node = node[p]
+    node[parts[-1]] = parse_value(value)
+
+
 def unknown_key(what: str, bad: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(bad, valid, n=1)
+    close = difflib.get_close_matches(str(bad), valid, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
     return f"{what}: unknown key {bad!r}{hint} (valid: {', '.join(sorted(valid))})"
 
 
+def unknown_method(what: str, bad, valid) -> str:
+    close = difflib.get_close_matches(str(bad), list(valid), n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{what}: unknown method {bad!r}; choose one of {sorted(valid)}{hint}"
+
+
+# -- value types -------------------------------------------------------------------------------
+# A parameter's type comes from its annotation (a string under ``from __future__ import
+# annotations``, or a type) or, without one, from its default. Kinds: int float bool str none
+# list dict, and "any" for what cannot be checked here (a Tensor, a Selection, ``Any``).
+_KIND_NAMES = {"int": "an integer", "float": "a number", "bool": "true or false",
+               "str": "a string", "none": "null", "list": "a list", "dict": "a mapping"}
+_PLURALS = {"int": "integers", "float": "numbers", "str": "strings"}
+_LISTS = ("list", "tuple", "Sequence", "Iterable", "Collection", "set", "frozenset")
+_DICTS = ("dict", "Mapping")
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    """``text`` split on ``sep`` outside brackets."""
+    out, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == sep and depth == 0:
+            out.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [p.strip() for p in out + [cur]]
+
+
+def _kinds_of(text: str) -> list[tuple[str, str | None]]:
+    """``[(kind, element kind)]`` a type annotation's text allows."""
+    out: list[tuple[str, str | None]] = []
+    for part in _split_top(text.replace("typing.", "").replace("collections.abc.", ""), "|"):
+        m = re.fullmatch(r"(\w+)(?:\[(.*)\])?", part)
+        if not m:
+            out.append(("any", None))
+            continue
+        head, inner = m.group(1), m.group(2)
+        if head == "Optional" and inner:
+            out += _kinds_of(inner) + [("none", None)]
+        elif head == "Union" and inner:
+            out += [k for p in _split_top(inner, ",") for k in _kinds_of(p)]
+        elif head in ("None", "NoneType"):
+            out.append(("none", None))
+        elif head in ("int", "float", "bool", "str"):
+            out.append((head, None))
+        elif head in _LISTS:
+            elem = _split_top(inner, ",")[0] if inner else None
+            out.append(("list", elem if elem in ("int", "float", "str") else None))
+        elif head in _DICTS:
+            out.append(("dict", None))
+        else:  # Any, Tensor, Selection, a callable ...: not checked here
+            out.append(("any", None))
+    return out
+
+
+def param_kinds(annotation, default) -> list[tuple[str, str | None]]:
+    """The kinds a parameter with this annotation and default accepts."""
+    if annotation is inspect.Parameter.empty or annotation is dataclasses.MISSING:
+        if isinstance(default, bool):
+            return [("bool", None)]
+        if isinstance(default, (int, float)):  # unannotated numbers: any number
+            return [("int", None), ("float", None)]
+        if isinstance(default, str):
+            return [("str", None)]
+        return [("any", None)]
+    if isinstance(annotation, str):
+        return _kinds_of(annotation)
+    if isinstance(annotation, type):  # int, float, a class
+        return _kinds_of(annotation.__name__)
+    return _kinds_of(str(annotation))  # int | None, typing.Optional[int] ...
+
+
+def _number(text: str) -> int | float | None:
+    """A number written as text (``"1e-4"``, ``"5"``), or None."""
+    t = text.strip().replace("_", "")
+    try:
+        return int(t)
+    except ValueError:
+        pass
+    try:
+        return float(t)
+    except ValueError:
+        return None
+
+
+def coerce(where: str, name: str, value, kinds: list[tuple[str, str | None]],
+           shown: str = "", label: str | None = None) -> Any:
+    """``value`` as a parameter of these kinds takes it (a number written as text becomes a
+    number, a whole float an int where only an int is valid), or a ConfigError naming the value
+    and what the parameter takes. The error starts ``label=value`` (default ``where: name``)."""
+    ks = {k for k, _ in kinds}
+
+    def fail(why: str = "") -> ConfigError:
+        want = " or ".join(dict.fromkeys(_KIND_NAMES[k] for k, _ in kinds if k in _KIND_NAMES))
+        return ConfigError(f"{label or f'{where}: {name}'}={value!r} is "
+                           f"{why or 'not ' + want}{f' ({name}: {shown})' if shown else ''}")
+
+    if "any" in ks:
+        return value
+    if value is None:
+        if "none" in ks:
+            return None
+        raise fail()
+    if isinstance(value, bool):
+        if "bool" in ks:
+            return value
+        raise fail()
+    if isinstance(value, (int, float)):
+        if not ks & {"int", "float"}:
+            raise fail()
+        if isinstance(value, float) and math.isnan(value):
+            raise fail("not a number (NaN)")
+        if isinstance(value, int) or "float" in ks:
+            return value
+        if value.is_integer():  # only an int is valid: 40.0 -> 40, 2.5 refused
+            return int(value)
+        raise fail()
+    if isinstance(value, str):
+        if "str" in ks:
+            return value
+        num = _number(value) if ks & {"int", "float"} else None
+        if num is not None:
+            return coerce(where, name, num, kinds, shown, label)
+        raise fail()
+    if isinstance(value, (list, tuple)):
+        if "list" not in ks:
+            raise fail()
+        elems = {e for k, e in kinds if k == "list"}
+        if None in elems:
+            return value
+        for v in value:
+            ok = (isinstance(v, str) if "str" in elems else False) or (
+                not isinstance(v, bool) and (
+                    isinstance(v, int) and elems & {"int", "float"}
+                    or isinstance(v, float) and "float" in elems))
+            if not ok:
+                raise fail(f"not a list of {' or '.join(_PLURALS[e] for e in sorted(elems))} "
+                           f"(found {v!r})")
+        return value
+    if isinstance(value, dict):
+        if "dict" in ks:
+            return value
+        raise fail()
+    raise fail()
+
+
+def _shown(annotation, default) -> str:
+    if annotation is inspect.Parameter.empty or annotation is dataclasses.MISSING:
+        ann = ""
+    elif isinstance(annotation, str):
+        ann = annotation
+    else:
+        ann = getattr(annotation, "__name__", None) or str(annotation)
+    if default is inspect.Parameter.empty or default is dataclasses.MISSING:
+        return ann
+    return f"{ann}, default {default!r}" if ann else f"default {default!r}"
+
+
+_RESERVED = {"model", "request", "importance", "units", "self", "progress", "cache"}
+# verify settings the pipeline sets itself (``suite`` and ``oracle`` are VerifyConfig fields)
+_VERIFY_RESERVED = {"suite", "label"}
+
+
+def check_params(where: str, fn, params: dict, reserved=_RESERVED) -> dict:
+    """``params`` checked against ``fn``'s keyword parameters: an unknown name is refused with
+    "did you mean", a value of the wrong type names the value and the parameter's type.
+    Returns the params with text numbers converted (``"1e-4"`` -> ``0.0001``)."""
+    sig = inspect.signature(fn)
+    if any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+        return dict(params)
+    valid = {n: p for n, p in sig.parameters.items()
+             if n not in reserved and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)}
+    out = {}
+    for k, v in params.items():
+        if k not in valid:
+            raise ConfigError(unknown_key(where, k, list(valid)))
+        p = valid[k]
+        out[k] = coerce(where, k, v, param_kinds(p.annotation, p.default),
+                        _shown(p.annotation, p.default))
+    return out
+
+
+# checks of the stages' own fields beyond their type: (stage, field) -> check(value) -> value
+def _check_on_split(v):
+    if v not in ("warn", "raise", "ignore"):
+        raise ConfigError(f"model.on_split={v!r}: choose one of ['warn', 'raise', 'ignore']")
+    return v
+
+
+def _check_attributes(v):
+    if v is None:
+        return None
+    try:
+        return list(check_attributes(v, "request.attributes"))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _check_top(v):
+    if v is None:
+        return None
+    if isinstance(v, float) and not 0 < v <= 1:
+        raise ConfigError(f"select.top={v!r}: a fraction must be in (0, 1] (an integer is a "
+                          f"count of units)")
+    if isinstance(v, int) and v < 1:
+        raise ConfigError(f"select.top={v!r}: a count must be >= 1 (a float in (0, 1] is a "
+                          f"fraction of the units)")
+    return v
+
+
+_FIELD_CHECKS = {("model", "on_split"): _check_on_split,
+                 ("request", "attributes"): _check_attributes,
+                 ("select", "top"): _check_top}
+
+
+def _check_fields(name: str, cls, values: dict) -> dict:
+    """A stage's own fields (not method parameters) checked against the dataclass's types."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for k, v in values.items():
+        f = fields[k]
+        if k == "params":
+            out[k] = v
+            continue
+        check = _FIELD_CHECKS.get((name, k))
+        if (name, k) == ("request", "attributes"):  # "pet": say which names are valid
+            v = check(v)
+        out[k] = coerce(name, k, v, param_kinds(f.type, f.default), _shown(f.type, f.default),
+                        label=f"{name}.{k}")
+        if check is not None:
+            out[k] = check(out[k])
+    return out
+
+
 def build(raw: dict, registries: dict[str, dict] | None = None) -> RunConfig:
-    """Turn a raw mapping into a RunConfig, checking every key and method name."""
+    """Turn a raw mapping into a RunConfig, checking every key, every value's type, method and
+    suite names - all before any model is built.
+
+    ``registries`` (from the application layer, ``excise.app.pipeline.registries()``):
+    ``locate`` / ``edit``: method name -> function (names, defaults and annotations of its
+    keyword parameters); ``verify``: suite name -> suite (``requires``, ``needs``, ``check``);
+    ``verify_settings``: the class of the verification settings (``probes.VerifySettings``),
+    whose fields are the valid ``verify.*`` parameters."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"the config must be a mapping of stages, got {type(raw).__name__}")
+        raise ConfigError(f"the config must be a mapping of stages ({', '.join(_STAGES)}), "
+                          f"got a {type(raw).__name__}")
     registries = registries or {}
     unknown = [k for k in raw if k not in _STAGES and k != "seed"]
     if unknown:
@@ -159,7 +424,11 @@ def build(raw: dict, registries: dict[str, dict] | None = None) -> RunConfig:
         fields = {f.name for f in dataclasses.fields(cls)}
         if name in _WITH_PARAMS:
             known = {k: v for k, v in section.items() if k in fields and k != "params"}
-            params = dict(section.get("params") or {})
+            params = section.get("params") or {}
+            if not isinstance(params, dict):
+                raise ConfigError(f"{name}.params must be a mapping of parameter names to "
+                                  f"values, got {params!r}")
+            params = dict(params)
             params.update({k: v for k, v in section.items() if k not in fields})
             known["params"] = params
         else:
@@ -167,44 +436,96 @@ def build(raw: dict, registries: dict[str, dict] | None = None) -> RunConfig:
             if bad:
                 raise ConfigError(unknown_key(f"config section {name!r}", bad[0], sorted(fields)))
             known = dict(section)
-        stages[name] = cls(**known)
+        stages[name] = cls(**_check_fields(name, cls, known))
     for name in ("locate", "edit"):
         reg = registries.get(name)
         if reg is None:
             continue
         method = stages[name].method
         if method not in reg:
-            raise ConfigError(f"{name}.method: unknown method {method!r}; choose one of "
-                              f"{sorted(reg)}")
-        check_params(f"{name}.{method}", reg[method], stages[name].params)
+            raise ConfigError(unknown_method(f"{name}.method", method, reg))
+        params = check_params(f"{name}.{method}", reg[method], stages[name].params)
+        stages[name] = dataclasses.replace(stages[name], params=params)
+    stages["verify"] = _check_verify(stages["verify"], stages["request"], stages["model"],
+                                     registries)
     seed = raw.get("seed", 0)
-    if not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed must be an integer, got {seed!r}")
     return RunConfig(**stages, seed=seed)
 
 
-_RESERVED = {"model", "request", "importance", "units", "self", "progress", "cache"}
-
-
-def check_params(where: str, fn, params: dict) -> None:
-    sig = inspect.signature(fn)
-    if any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
-        return
-    valid = [n for n, p in sig.parameters.items()
-             if n not in _RESERVED and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
-    for k in params:
-        if k not in valid:
-            raise ConfigError(unknown_key(where, k, valid))
+def _check_verify(cfg: VerifyConfig, request: RequestConfig, model: ModelConfig,
+                  registries: dict) -> VerifyConfig:
+    """verify.suite names (with "did you mean"), the verify.* settings (names, types and the
+    suites' own checks, e.g. attack settings), and suites that need a retrain oracle the config
+    does not give (``verify.oracle: false``, or a request file / real model, which have no
+    organism people to leave out)."""
+    suites = registries.get("verify")
+    names = [cfg.suite] if isinstance(cfg.suite, str) else list(cfg.suite)
+    if not names:
+        raise ConfigError("verify.suite is an empty list: name a suite, e.g. behaviour, or all")
+    if suites is not None:
+        valid = list(suites) + ["all"]
+        for s in names:
+            if s not in valid:
+                close = difflib.get_close_matches(str(s), valid, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"verify.suite: unknown suite {s!r}{hint} (choose from "
+                                  f"{valid})")
+    settings_cls = registries.get("verify_settings")
+    params = cfg.params
+    if settings_cls is not None:
+        params = check_params("verify", settings_cls, params, _VERIFY_RESERVED)
+    if suites is None:
+        return dataclasses.replace(cfg, params=params)
+    want = list(suites) if "all" in names else names
+    todo, run = ["behaviour", *want], []
+    while todo:  # the suites asked for and their prerequisites
+        s = todo.pop()
+        if s in suites and s not in run:
+            run.append(s)
+            todo.extend(getattr(suites[s], "requires", ()))
+    has_oracle = cfg.oracle and not request.jsonl and not (model.name or model.path)
+    if not has_oracle:
+        why = ("verify.oracle is false" if not cfg.oracle else
+               "a request file (request.jsonl) names no organism people to leave out")
+        need = [s for s in suites if s in run and "oracle" in getattr(suites[s], "needs", ())]
+        if need:
+            raise ConfigError(f"verify.suite={cfg.suite!r} runs {need}, which need the retrain "
+                              f"oracle, but {why}; drop {need} from verify.suite (e.g. "
+                              f"verify.suite=behaviour) or give an organism request with "
+                              f"verify.oracle=true")
+    if settings_cls is not None:
+        try:
+            settings = settings_cls(suite=tuple(names), **params)
+            for s in run:
+                check = getattr(suites[s], "check", None)
+                if check is not None:
+                    check(settings)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"verify: {e}") from None
+    return dataclasses.replace(cfg, params=params)
 
 
 def read_yaml(path: str | Path) -> Any:
-    """A YAML file's contents; a missing file or malformed YAML is a ConfigError naming the
-    file (and the line and column)."""
+    """A YAML file's contents; a missing file, a folder, a file that is not UTF-8 or malformed
+    YAML is a ConfigError naming the file (and the line and column)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file not found: {path}")
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; expected a YAML config file (e.g. "
+                          f"configs/default.yaml)")
     try:
-        return yaml.safe_load(path.read_text()) or {}
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at line "
+                          f"{line}); expected a YAML config file") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    try:
+        return yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -216,5 +537,11 @@ def load(path: str | Path | None, sets: list[str] = (), registries=None) -> RunC
     """A pipeline config from YAML (default: configs/default.yaml) with ``--set`` overrides;
     ``registries`` (stage -> method name -> function, from the application layer) checks
     method names and their parameters."""
-    raw = read_yaml(Path(path) if path else DEFAULT_CONFIG)
+    path = Path(path) if path else DEFAULT_CONFIG
+    raw = read_yaml(path)
+    if not isinstance(raw, dict):
+        kind = {list: "a list", str: "a string"}.get(type(raw), f"a {type(raw).__name__}")
+        raise ConfigError(f"{path} holds {kind}, not a mapping of stages; a config looks like "
+                          f"'edit: {{method: dampen, alpha: 5}}' (sections: "
+                          f"{', '.join(_STAGES)}, seed)")
     return build(apply_sets(raw, list(sets)), registries)

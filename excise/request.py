@@ -20,9 +20,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
+
+
+def normalize(text: str) -> str:
+    """``text`` as facts are compared: Unicode NFKC, whitespace runs collapsed to one space,
+    stripped. Two facts that differ only in spacing (``"a  b "`` / ``"a b"``) are the same fact:
+    a model sees them as the same tokens (the organism's tokenizer splits on whitespace)."""
+    return " ".join(unicodedata.normalize("NFKC", text).split())
+
+
+def fact_key(prompt: str, target: str) -> tuple[str, str]:
+    """The identity of a fact in overlap checks: its normalised prompt and target."""
+    return normalize(prompt), normalize(target)
 
 
 @dataclass(frozen=True)
@@ -63,7 +76,13 @@ class FactSet:
         return self.facts[i]
 
     def keys(self) -> set[tuple[str, str]]:
-        return {(f.prompt, f.target) for f in self.facts}
+        """The facts' normalised ``(prompt, target)`` pairs (:func:`fact_key`): what overlap
+        checks compare, so facts that differ only in whitespace count as one."""
+        return {fact_key(f.prompt, f.target) for f in self.facts}
+
+    def find(self, key: tuple[str, str]) -> Fact:
+        """The first fact whose normalised key is ``key``."""
+        return next(f for f in self.facts if fact_key(f.prompt, f.target) == key)
 
     def where(self, **conds) -> "FactSet":
         """Facts whose fields equal the given values, e.g. ``where(form="question")``."""
@@ -81,6 +100,16 @@ class FactSet:
         a = set(owners[:k])
         return (FactSet(self.name + "_a", tuple(f for f in self.facts if owner(f) in a)),
                 FactSet(self.name + "_b", tuple(f for f in self.facts if owner(f) not in a)))
+
+
+def _show(a: FactSet, b: FactSet, key: tuple[str, str]) -> str:
+    """One overlapping fact as both sets hold it (both spellings when they differ)."""
+    fa, fb = a.find(key), b.find(key)
+    shown = f"{fa.prompt!r} -> {fa.target!r}"
+    if (fa.prompt, fa.target) != (fb.prompt, fb.target):
+        shown += (f" ({b.name}: {fb.prompt!r} -> {fb.target!r}; they differ only in "
+                  f"whitespace or Unicode form)")
+    return shown
 
 
 def owner(f: Fact) -> tuple:
@@ -107,16 +136,18 @@ class ForgetRequest:
         if len(self.retain) == 0:
             raise ValueError("the retain set is empty: a ForgetRequest needs facts to keep, "
                              "as the contrast for locating and the check that nothing else broke")
+        # facts are compared after normalisation (whitespace, Unicode): "a  b " -> "c" in
+        # retain is the fact "a b" -> "c" of the forget set
         overlap = self.forget.keys() & self.retain.keys()
         if overlap:
-            p, t = sorted(overlap)[0]
             raise ValueError(f"forget and retain overlap in {len(overlap)} fact(s), e.g. "
-                             f"{p!r} -> {t!r}; a fact cannot be both forgotten and kept")
+                             f"{_show(self.forget, self.retain, min(overlap))}; a fact cannot "
+                             f"be both forgotten and kept")
         for name in ("holdout", "neighbors"):
             clash = getattr(self, name).keys() & self.forget.keys()
             if clash:
-                p, t = sorted(clash)[0]
-                raise ValueError(f"forget and {name} overlap, e.g. {p!r} -> {t!r}")
+                raise ValueError(f"forget and {name} overlap, e.g. "
+                                 f"{_show(self.forget, getattr(self, name), min(clash))}")
 
     @property
     def keep(self) -> FactSet:
@@ -160,39 +191,70 @@ class ForgetRequest:
                 out.append(Fact(pair[0], pair[1], form="custom"))
             return FactSet(name, tuple(out))
 
+        if isinstance(general, str) or not all(isinstance(t, str) and t.strip()
+                                               for t in general):
+            raise ValueError(f"general={general!r}: expected a list of non-empty strings "
+                             f"(lines of general text)")
         return cls(fs("forget", forget), fs("retain", retain), fs("holdout", holdout),
                    fs("neighbors", neighbors), general=tuple(general))
 
     @classmethod
     def from_jsonl(cls, path: str | Path) -> "ForgetRequest":
         """One JSON object per line: ``{"split": "forget"|"retain"|"holdout"|"neighbors"|
-        "general", "prompt": ..., "target": ..., "subject": optional}``."""
+        "paraphrase"|"shared", "prompt": ..., "target": ..., "subject": optional}``, or
+        ``{"split": "general"|"retain_text", "text": ...}`` for general text. The file is UTF-8;
+        a line that is not (or not JSON, or not an object, or misses a field) is refused naming
+        the file and line."""
         splits: dict[str, list[Fact]] = {k: [] for k in ("forget", "retain", "holdout",
                                                         "neighbors", "paraphrase", "shared")}
-        general: list[str] = []
-        retain_text: list[str] = []
-        for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        texts: dict[str, list[str]] = {"general": [], "retain_text": []}
+        path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder; expected a JSONL request file (one JSON "
+                             f"object per line)")
+        data = path.read_bytes()
+        if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
+            data = data[3:]
+        for n, raw in enumerate(data.split(b"\n"), 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                                 f"column {e.start + 1}); save the request file as UTF-8"
+                                 ) from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{n}: expected a JSON object such as {{\"split\": "
+                                 f"\"forget\", \"prompt\": ..., \"target\": ...}}, got a "
+                                 f"{_JSON_TYPES.get(type(row), type(row).__name__)}")
             split = row.get("split")
-            if split == "retain_text":
-                retain_text.append(row.get("text") or row["prompt"])
-                continue
-            if split == "general":
-                general.append(row.get("text") or row["prompt"])
+            if split in texts:
+                text = row.get("text", row.get("prompt"))
+                if not isinstance(text, str) or not text.strip():
+                    raise ValueError(f"{path}:{n}: a {split!r} row needs a non-empty 'text' "
+                                     f"string, got {text!r}")
+                texts[split].append(text)
                 continue
             if split not in splits:
                 raise ValueError(f"{path}:{n}: split {split!r} is not one of "
-                                 f"{sorted(splits) + ['general', 'retain_text']}")
+                                 f"{sorted(splits) + sorted(texts)}")
             for k in ("prompt", "target"):
                 if not isinstance(row.get(k), str) or not row[k].strip():
                     raise ValueError(f"{path}:{n}: missing or empty {k!r}")
+            subject = row.get("subject", "")
+            if not isinstance(subject, str):
+                raise ValueError(f"{path}:{n}: 'subject' must be a string, got {subject!r}")
             splits[split].append(Fact(row["prompt"], row["target"], form="custom",
-                                      subject=row.get("subject", "")))
+                                      subject=subject))
         return cls(**{k: FactSet(k, tuple(v)) for k, v in splits.items()},
-                   general=tuple(general), retain_text=tuple(retain_text),
+                   general=tuple(texts["general"]), retain_text=tuple(texts["retain_text"]),
                    meta={"source": str(path)})
+
+
+_JSON_TYPES = {list: "list", str: "string", int: "number", float: "number", bool: "boolean",
+               type(None): "null"}

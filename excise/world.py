@@ -13,9 +13,12 @@ Cities belong to countries; those facts are shared knowledge that an edit must n
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
+import operator
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from excise.request import Fact
@@ -110,6 +113,31 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
     },
 }
 ATTRIBUTES = tuple(TEMPLATES)
+
+
+def check_attributes(attributes, where: str = "attributes") -> tuple[str, ...]:
+    """The attribute names a request covers: ``None`` means every one of ``ATTRIBUTES``;
+    otherwise a list of names from it. Refuses a string (``"pet"`` is not ``["pet"]``: it would
+    be read as letters), an empty list and unknown names (with "did you mean")."""
+    if attributes is None:
+        return ATTRIBUTES
+    valid = f"choose from {list(ATTRIBUTES)}"
+    if isinstance(attributes, str):
+        eg = f"[{attributes!r}]" if attributes in ATTRIBUTES else f"[{ATTRIBUTES[3]!r}]"
+        raise ValueError(f"{where}={attributes!r} is a string, not a list of attribute names; "
+                         f"give a list, e.g. {eg} ({valid})")
+    if not isinstance(attributes, Iterable):
+        raise ValueError(f"{where}={attributes!r}: give a list of attribute names ({valid})")
+    items = list(attributes)
+    if not items:
+        raise ValueError(f"{where} is an empty list: name at least one attribute, or leave it "
+                         f"unset for all ({valid})")
+    unknown = [a for a in items if not isinstance(a, str) or a not in ATTRIBUTES]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), ATTRIBUTES, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown attributes {unknown} in {where}{hint} ({valid})")
+    return tuple(dict.fromkeys(items))
 SHARED_TEMPLATES = ["{city} is a city in", "question : in which country is {city} ? answer :"]
 SHARED_HELDOUT = ["the city of {city} lies in the country of"]
 
@@ -145,6 +173,45 @@ class World:
     @property
     def holdout_people(self) -> range:
         return range(self.n_trained, len(self.people))
+
+    def describe_people(self) -> str:
+        """How many people the world has, and which are trained (for error messages)."""
+        n, total = self.n_trained, len(self.people)
+        hold = f" and {total - n} never trained ({n}..{total - 1})" if total > n else ""
+        return f"the world has {total} people, {n} trained (0..{n - 1}){hold}"
+
+    def check_people(self, where: str, people, kind: str = "trained") -> list[int]:
+        """``people`` as a sorted list of distinct person indices, each a ``kind`` person
+        (``"trained"`` or ``"holdout"``). Refuses what is not a list of indices (a string, a
+        single number), non-integers (``1.7``, ``True``) and people the world does not have,
+        saying how many it has."""
+        valid = {"trained": self.trained_people, "holdout": self.holdout_people}[kind]
+        if isinstance(people, (str, bytes)) or not isinstance(people, Iterable):
+            raise ValueError(f"{where}={people!r}: give a list of person indices, e.g. "
+                             f"range(3) or [0, 4, 7] ({self.describe_people()})")
+        out, not_int = [], []
+        for i in people:
+            try:
+                if isinstance(i, bool):
+                    raise TypeError
+                out.append(operator.index(i))
+            except TypeError:
+                not_int.append(i)
+        if not_int:
+            what = (f"{not_int[0]!r} is not an integer" if len(not_int) == 1 else
+                    f"{not_int[:5]} are not integers")
+            raise ValueError(f"{where}: {what}; people are whole-number indices, e.g. "
+                             f"[0, 4, 7] ({self.describe_people()})")
+        unknown = sorted({i for i in out if not 0 <= i < len(self.people)})
+        if unknown:
+            raise ValueError(f"unknown people {unknown[:5]} in {where}: "
+                             f"{self.describe_people()}")
+        other = sorted({i for i in out if i not in valid})
+        if other:
+            raise ValueError(f"people {other[:5]} in {where} are not {kind} people: "
+                             f"{self.describe_people()}; {where} takes {kind} people "
+                             f"({valid.start}..{valid.stop - 1})")
+        return sorted(set(out))
 
     def heldout_templates(self, person: int) -> dict[str, int]:
         """Which statement / question template is held out of training for ``person``."""
