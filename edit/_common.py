@@ -1,7 +1,8 @@
 """Unit -> parameter mapping and selection defaults shared by the edit methods.
 
-Every method validates its input (:mod:`excise.checks`) *before* touching the model, so a bad
-call raises a ``ValueError`` that names the culprit and leaves the weights as they were.
+Every method validates its input (:mod:`excise.checks`, and :func:`check_inputs`: finite
+weights, an Importance computed on this model) *before* touching the model, so a bad call raises
+a ``ValueError`` that names the culprit and leaves the weights as they were.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from __future__ import annotations
 from excise.edits import Edit
 from excise.handle import ModelHandle
 from excise.importance import Importance
-from excise.sae import latent_spec, load_sae
+from excise.sae import check_sae_fits, latent_spec, load_sae
 from excise.sites import Selection
 
 
@@ -43,6 +43,7 @@ def ablate_latents(model: ModelHandle, importance: Importance | None, units: Sel
                 raise ValueError(f"sae latent edit: no SAE for {site!r}; pass sae= or use an "
                                  f"Importance from locate.sae (which records its SAE)")
             sae_model, s = load_sae(paths[site])
+        check_sae_fits(model, sae_model, base, "sae latent edit")  # widths, before attaching
         d_sae = sae_model.W_enc.shape[1]
         bad = [ix[0] for ix in idxs if not 0 <= ix[0] < d_sae]
         if bad:

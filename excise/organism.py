@@ -5,6 +5,14 @@ cache) a model that memorizes every trained person's facts. ``org.oracle(request
 *retrain oracle*: the same recipe and seed with the forget people's facts removed - the model that
 never saw the data. Both are cached under ``~/.cache/excise`` (``EXCISE_CACHE`` overrides) as
 safetensors + JSON, keyed by a hash of everything that determines the weights.
+
+Training is bit-reproducible for a given torch version: it runs at :data:`TRAIN_THREADS` torch
+threads with deterministic algorithms (:func:`excise.train.reproducible`), whatever the caller's
+thread setting (restored afterwards), and the cache key records the torch version and the thread
+count. The JSON records the sha256 of the weights file; a cached file that fails it (a flipped
+byte, a cut copy) or cannot be read is named in a :class:`~excise.io.CacheWarning` and retrained,
+never used. Training and writing one cache entry holds a file lock (``<entry>.lock``): a second
+process asking for the same model waits, then loads what the first one wrote.
 """
 
 from __future__ import annotations
@@ -13,16 +21,19 @@ import dataclasses
 import hashlib
 import json
 import os
+import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
 from excise.handle import TLHandle
-from excise.io import atomic_write_text, load_safetensors, save_safetensors
+from excise.io import (CacheWarning, NotSafetensorsError, atomic_write_text, checksum_problem,
+                       file_lock, file_sha256, load_safetensors, save_safetensors)
 from excise.request import FactSet, ForgetRequest
-from excise.train import Optim, Sampler, train
-from excise.world import ATTRIBUTES, World, Tokenizer, make_world
+from excise.train import Optim, Sampler, reproducible, train
+from excise.world import World, Tokenizer, check_attributes, make_world
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,15 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+# torch threads every organism and oracle trains at (reproducible(): the cache key records it).
+# Two, with deterministic algorithms: three trainings of `tiny` gave one fingerprint (without
+# deterministic algorithms, three), in 16-23 s against 26-27 s for one thread on an idle 2-core
+# machine; on a machine whose cores are busy with other work two threads wait on each other
+# (100-340 s against 31-85 s measured) - the price of the same bits everywhere.
+TRAIN_THREADS = 2
+CACHE_VERSION = 2  # 2: torch version + thread count in the key, sha256 of the weights
+
+
 def cache_dir() -> Path:
     root = os.environ.get("EXCISE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
                                                           "excise")
@@ -84,8 +104,9 @@ def build_model(preset: Preset, vocab_size: int, n_ctx: int):
 def train_model(preset: Preset, world: World, tokenizer: Tokenizer,
                 exclude_people: frozenset[int] = frozenset(), progress: bool = True,
                 desc: str = "train"):
-    """Train a fresh model on the world (minus ``exclude_people``). Deterministic given the
-    preset's seed: same seed, same weights.
+    """Train a fresh model on the world (minus ``exclude_people``). Bit-reproducible given the
+    preset's seed and the torch version: it trains at :data:`TRAIN_THREADS` threads with
+    deterministic algorithms, whatever the caller's setting (restored afterwards).
 
     The recipe: AdamW (betas 0.9 / 0.98, the preset's lr and weight decay), linear warm-up over
     the first 5% of the steps then linear decay to 5% of the lr, gradient norm clipped at 1,
@@ -93,18 +114,19 @@ def train_model(preset: Preset, world: World, tokenizer: Tokenizer,
     texts = world.training_texts(exclude_people)
     shared = [f.text for f in world.shared_facts()] * (preset.shared_repeat - 1)
     texts = texts + shared
-    model = build_model(preset, len(tokenizer), n_ctx=32)
-    handle = TLHandle(model, tokenizer, name=f"organism-{preset.name}")
-    data = handle.encode_texts(texts)
-    batches = Sampler(preset.seed).epochs(len(data), preset.batch_size)
-    warmup = max(1, preset.steps // 20)
-    model.train()
-    train(lambda _: handle.loss(data[next(batches)].trim()), dict(model.named_parameters()),
-          steps=preset.steps,
-          optim=Optim("adamw", lr=preset.lr, betas=(0.9, 0.98),
-                      weight_decay=preset.weight_decay),
-          schedule=lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / preset.steps),
-          max_grad_norm=1.0, progress=progress, desc=desc)
+    with reproducible(TRAIN_THREADS):
+        model = build_model(preset, len(tokenizer), n_ctx=32)
+        handle = TLHandle(model, tokenizer, name=f"organism-{preset.name}")
+        data = handle.encode_texts(texts)
+        batches = Sampler(preset.seed).epochs(len(data), preset.batch_size)
+        warmup = max(1, preset.steps // 20)
+        model.train()
+        train(lambda _: handle.loss(data[next(batches)].trim()), dict(model.named_parameters()),
+              steps=preset.steps,
+              optim=Optim("adamw", lr=preset.lr, betas=(0.9, 0.98),
+                          weight_decay=preset.weight_decay),
+              schedule=lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / preset.steps),
+              max_grad_norm=1.0, progress=progress, desc=desc)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
@@ -157,33 +179,22 @@ def organism_request(world: World, forget_people: Iterable[int],
     people's (default: every other trained person), the never-trained holdout people asked in
     the forget set's phrasings, neighbors, paraphrases (held-out phrasings of the forget facts),
     shared city -> country facts and general text."""
-    trained = set(world.trained_people)
-    forget = sorted(set(int(i) for i in forget_people))
+    # people are integer indices the world has (world.check_people refuses 1.7, True, "12",
+    # 999 - saying how many people there are); attributes a list of names, never a string
+    forget = world.check_people("forget_people", forget_people)
     if not forget:
         raise ValueError("forget_people is empty: name at least one trained person to forget")
-    bad = [i for i in forget if i not in trained]
-    if bad:
-        raise ValueError(f"unknown people {bad[:5]} in forget_people: trained people are "
-                         f"0..{world.n_trained - 1}")
-    retain = (sorted(trained - set(forget)) if retain_people is None
-              else sorted(set(int(i) for i in retain_people)))
-    bad = [i for i in retain if i not in trained]
-    if bad:
-        raise ValueError(f"unknown people {bad[:5]} in retain_people: trained people are "
-                         f"0..{world.n_trained - 1}")
+    retain = (sorted(set(world.trained_people) - set(forget)) if retain_people is None
+              else world.check_people("retain_people", retain_people))
     both = sorted(set(forget) & set(retain))
     if both:
         raise ValueError(f"people {both[:5]} are in both forget_people and retain_people")
-    holdout = list(world.holdout_people) if holdout_people is None else sorted(holdout_people)
-    bad = [i for i in holdout if i not in set(world.holdout_people)]
-    if bad:
-        raise ValueError(f"people {bad[:5]} are not holdout people: never-trained people are "
-                         f"{world.n_trained}..{len(world.people) - 1}")
-    attrs = tuple(attributes) if attributes else ATTRIBUTES
-    unknown = [a for a in attrs if a not in ATTRIBUTES]
-    if unknown:
-        raise ValueError(f"unknown attributes {unknown}; choose from {list(ATTRIBUTES)}")
-    neighbors = sorted(set(neighbor_people or ()) - set(forget))
+    holdout = (list(world.holdout_people) if holdout_people is None
+               else world.check_people("holdout_people", holdout_people, "holdout"))
+    attrs = check_attributes(attributes)
+    neighbors = sorted(set(() if neighbor_people is None else
+                           world.check_people("neighbor_people", neighbor_people))
+                       - set(forget))
 
     def facts(people, trained_flag):
         return tuple(f for i in people for f in world.facts(i, trained=trained_flag)
@@ -206,44 +217,96 @@ def organism_request(world: World, forget_people: Iterable[int],
 
 
 def _key(preset: Preset, world: World, exclude: frozenset[int]) -> str:
+    import torch
+
     blob = json.dumps({"preset": preset.to_dict(), "world": world.digest(),
-                       "exclude": sorted(exclude), "version": 1}, sort_keys=True)
+                       "exclude": sorted(exclude), "torch": torch.__version__,
+                       "threads": TRAIN_THREADS, "version": CACHE_VERSION}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cache_files(preset: Preset, world: World, exclude: frozenset[int] = frozenset()
+                ) -> tuple[Path, Path]:
+    """``(weights, meta)``: where the model (``exclude`` empty) or the oracle without
+    ``exclude`` is cached: ``<cache>/organism-<preset>/<model|oracle>-<key>.safetensors|json``."""
+    key = _key(preset, world, exclude)
+    kind = "oracle" if exclude else "model"
+    folder = cache_dir() / f"organism-{preset.name}"
+    return folder / f"{kind}-{key}.safetensors", folder / f"{kind}-{key}.json"
+
+
+def _load_cached(preset: Preset, tokenizer: Tokenizer, weights: Path, meta: Path,
+                 name: str) -> TLHandle | None:
+    """The cached model, or ``None`` when there is none or it fails its checks (then a
+    :class:`CacheWarning` names the file and why: it will be retrained)."""
+    if not (weights.exists() or meta.exists()):
+        return None
+    why = None
+    try:
+        recorded = json.loads(meta.read_text()) if meta.exists() else None
+        if not isinstance(recorded, dict):
+            why = f"{meta} is missing" if recorded is None else f"{meta} is not a JSON object"
+        else:
+            problem = checksum_problem(weights, recorded.get("sha256"))
+            if problem:
+                why = f"{weights}: {problem}"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        why = f"{meta} is unreadable ({e})"
+    state = None
+    if why is None:
+        try:
+            state = load_safetensors(weights)
+        except (NotSafetensorsError, OSError) as e:
+            why = str(e)
+    if why is not None:
+        warnings.warn(f"the cached {name} fails its check and is retrained: {why}",
+                      CacheWarning, stacklevel=3)
+        return None
+    model = build_model(preset, len(tokenizer), n_ctx=32)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    params = dict(model.named_parameters())
+    if unexpected or any(k in params for k in missing):
+        raise ValueError(f"cached weights {weights} do not fit this preset "
+                         f"(missing {[k for k in missing if k in params][:3]}, "
+                         f"unexpected {unexpected[:3]}); delete the file to retrain")
+    model.eval()
+    loaded = TLHandle(model, tokenizer, name=name)
+    loaded.check_finite(f"loading {weights}")
+    return loaded
 
 
 def _load_or_train(preset: Preset, world: World, tokenizer: Tokenizer,
                    exclude: frozenset[int], progress: bool) -> TLHandle:
-    key = _key(preset, world, exclude)
+    weights, meta = cache_files(preset, world, exclude)
     kind = "oracle" if exclude else "model"
-    folder = cache_dir() / f"organism-{preset.name}"
-    folder.mkdir(parents=True, exist_ok=True)
-    weights = folder / f"{kind}-{key}.safetensors"
-    meta = folder / f"{kind}-{key}.json"
-    model = build_model(preset, len(tokenizer), n_ctx=32)
-    if weights.exists() and meta.exists():
-        state = load_safetensors(weights)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        params = dict(model.named_parameters())
-        if unexpected or any(k in params for k in missing):
-            raise ValueError(f"cached weights {weights} do not fit this preset "
-                             f"(missing {[k for k in missing if k in params][:3]}, "
-                             f"unexpected {unexpected[:3]}); delete the file to retrain")
-        model.eval()
-        loaded = TLHandle(model, tokenizer, name=f"organism-{preset.name}" +
-                          ("-oracle" if exclude else ""))
-        loaded.check_finite(f"loading {weights}")
-        return loaded
-    t0 = time.time()
-    handle = train_model(preset, world, tokenizer, exclude, progress,
-                         desc=f"training {preset.name} {kind}")
-    handle.name = f"organism-{preset.name}" + ("-oracle" if exclude else "")
-    handle.check_finite(f"training {preset.name} {kind}")  # a diverged run is never cached
-    save_safetensors({k: v.detach() for k, v in handle.model.state_dict().items()
-                      if k in dict(handle.model.named_parameters())}, weights)
-    atomic_write_text(meta, json.dumps({"preset": preset.to_dict(), "world": world.digest(),
-                                        "exclude": sorted(exclude),
-                                        "train_seconds": round(time.time() - t0, 1)}, indent=2))
-    return handle
+    name = f"organism-{preset.name}" + ("-oracle" if exclude else "")
+
+    def waiting(lock: Path) -> None:
+        if progress:
+            print(f"excise: waiting for another process to finish {weights.name} ({lock})",
+                  file=sys.stderr, flush=True)
+
+    # one process trains and writes an entry; a second waits here, then loads its result
+    with file_lock(weights.with_suffix(".lock"), on_wait=waiting):
+        loaded = _load_cached(preset, tokenizer, weights, meta, name)
+        if loaded is not None:
+            return loaded
+        t0 = time.time()
+        handle = train_model(preset, world, tokenizer, exclude, progress,
+                             desc=f"training {preset.name} {kind}")
+        handle.name = name
+        handle.check_finite(f"training {preset.name} {kind}")  # a diverged run is never cached
+        save_safetensors({k: v.detach() for k, v in handle.model.state_dict().items()
+                          if k in dict(handle.model.named_parameters())}, weights)
+        import torch
+
+        # the JSON is written last, with the weights' checksum: it marks a finished entry
+        atomic_write_text(meta, json.dumps({
+            "preset": preset.to_dict(), "world": world.digest(), "exclude": sorted(exclude),
+            "torch": torch.__version__, "threads": TRAIN_THREADS, "version": CACHE_VERSION,
+            "sha256": file_sha256(weights), "fingerprint": handle.fingerprint(),
+            "train_seconds": round(time.time() - t0, 1)}, indent=2))
+        return handle
 
 
 def organism(preset: str | Preset = "small", seed: int | None = None,

@@ -8,8 +8,14 @@ the activations are collected here. Inputs are scaled to mean norm ``sqrt(d_in)`
 ``activation * input_scale``.
 
 Trained SAEs are cached under ``excise.organism.cache_dir() / "sae"`` in sae-lens' format
-(safetensors + ``cfg.json``, plus ``excise.json`` with the input scale), keyed by model
-fingerprint, site, training data and configuration; :func:`load_sae` reads one back.
+(safetensors + ``cfg.json``, plus ``excise.json`` with the input scale and the sha256 of both
+files), keyed by model fingerprint, site, training data and configuration; :func:`load_sae`
+reads one back and refuses files that fail their checksum. :func:`train_sae` retrains a cached
+SAE that fails its check (a :class:`~excise.io.CacheWarning` names it) and holds a file lock
+while it trains and writes, so a second process waits and then loads the first one's SAE.
+
+An SAE fits one site: :func:`check_sae_fits` (used wherever an SAE is attached to a site)
+refuses one whose input width differs from the site's, naming both.
 
 Users: ``locate.sae`` (latents that fire on forget, not retain), the SAE-steering attack and the
 latent-suppression control in ``probes``, and the ``sae_latents`` hook edit
@@ -20,6 +26,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+import tempfile
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -29,6 +39,7 @@ from torch import Tensor
 
 from excise.edits import HookSpec
 from excise.handle import Batch, ModelHandle
+from excise.io import CacheWarning, checksum_problem, file_lock, file_sha256
 from excise.request import FactSet
 from excise.train import Optim, Sampler, train
 
@@ -57,6 +68,27 @@ def check_sae_site(model: ModelHandle, site: str, who: str = "sae") -> None:
         raise ValueError(f"{who} cannot read site {site!r} (a {info.kind} site); an SAE reads "
                          f"one activation vector per token at "
                          f"{', '.join(f'blocks.L.{x}' for x in SAE_SITES)}")
+
+
+def sae_width(sae, who: str = "sae") -> tuple[int, int]:
+    """``(d_in, d_sae)`` of a sae-lens style SAE, from its encoder ``W_enc [d_in, d_sae]``."""
+    w = getattr(sae, "W_enc", None)
+    if not isinstance(w, Tensor) or w.ndim != 2:
+        raise ValueError(f"{who}: the SAE given ({type(sae).__name__}) has no encoder matrix "
+                         f"W_enc [d_in, d_sae]; pass a sae-lens SAE")
+    return int(w.shape[0]), int(w.shape[1])
+
+
+def check_sae_fits(model: ModelHandle, sae, site: str, who: str = "sae") -> None:
+    """``ValueError`` unless ``sae`` can be attached at ``site`` of ``model``: an activation
+    site an SAE reads, carrying as many dimensions as the SAE reads (both widths named)."""
+    check_sae_site(model, site, who)
+    d_in, d_sae = sae_width(sae, who)
+    have = int(model.info(site).unit_shape[0])
+    if d_in != have:
+        raise ValueError(f"{who}: the SAE reads d_in={d_in} dimensions (d_sae={d_sae} latents) "
+                         f"but site {site!r} carries {have}; an SAE fits only the site (and "
+                         f"model) it was trained on")
 
 
 def real_tokens(b: Batch) -> Tensor:
@@ -108,16 +140,33 @@ def train_sae(model: ModelHandle, facts: FactSet, site: str,
     The SAE's initialisation draws from torch's global generator, seeded with ``cfg.seed``
     (sae-lens builds its weights that way); batches come from a private seeded
     :class:`~excise.train.Sampler`."""
-    from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig
-    from sae_lens.saes.sae import TrainStepInput
-
     from excise.organism import cache_dir
 
     check_sae_site(model, site)
     path = cache_dir() / "sae" / f"{site}-{cache_key(model, facts, site, cfg)}"
-    if cache and (path / "excise.json").exists():
-        sae_model, scale = load_sae(path)
+    if not cache:
+        sae_model, scale, _ = _train_sae(model, facts, site, cfg, progress)
         return sae_model, scale, path
+    # one process trains and writes an entry; a second waits here, then loads its result
+    with file_lock(path.parent / f"{path.name}.lock"):
+        if path.exists():
+            try:
+                sae_model, scale = load_sae(path)
+                return sae_model, scale, path
+            except ValueError as e:
+                warnings.warn(f"the cached SAE fails its check and is retrained: {e}",
+                              CacheWarning, stacklevel=2)
+        sae_model, scale, info = _train_sae(model, facts, site, cfg, progress)
+        _save_sae(sae_model, path, info)
+    return sae_model, scale, path
+
+
+def _train_sae(model: ModelHandle, facts: FactSet, site: str, cfg: SAETrainConfig,
+               progress: bool):
+    """Train one SAE: ``(sae, input_scale, info for excise.json)``."""
+    from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig
+    from sae_lens.saes.sae import TrainStepInput
+
     acts = token_activations(model, facts, site)
     d_in = acts.shape[1]
     scale = float(d_in ** 0.5 / acts.norm(dim=1).mean().clamp(min=1e-12))
@@ -146,29 +195,55 @@ def train_sae(model: ModelHandle, facts: FactSet, site: str,
           optim=Optim("adam", lr=cfg.lr, betas=(0.9, 0.999)), progress=progress,
           desc=f"sae ({site})")
     sae_model.eval()
-    if cache:
-        out = last["out"]
-        path.mkdir(parents=True, exist_ok=True)
-        sae_model.save_model(path)
-        (path / "excise.json").write_text(json.dumps(
-            {"input_scale": scale, "site": site, "model": model.fingerprint(),
-             "train": cfg.to_dict(), "n_tokens": int(acts.shape[0]),
-             "final_mse": float(out.losses["mse_loss"].detach()),
-             "final_l0": float((out.feature_acts.detach() > 0).float().sum(-1).mean())}, indent=1))
-    return sae_model, scale, path
+    out = last["out"]
+    info = {"input_scale": scale, "site": site, "model": model.fingerprint(),
+            "train": cfg.to_dict(), "n_tokens": int(acts.shape[0]),
+            "final_mse": float(out.losses["mse_loss"].detach()),
+            "final_l0": float((out.feature_acts.detach() > 0).float().sum(-1).mean())}
+    return sae_model, scale, info
+
+
+SAE_FILES = ("sae_weights.safetensors", "cfg.json")  # what sae-lens' save_model writes
+
+
+def _save_sae(sae_model, path: Path, info: dict) -> None:
+    """Write the SAE (sae-lens' files, then ``excise.json`` with their sha256) into a hidden
+    folder beside ``path`` and rename it into place: an interrupted write is never a cache."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    try:
+        sae_model.save_model(tmp)
+        sums = {name: file_sha256(tmp / name) for name in SAE_FILES}
+        (tmp / "excise.json").write_text(json.dumps(info | {"sha256": sums}, indent=1))
+        if path.exists():
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_sae(path: str | Path):
     """A sae-lens SAE saved by :func:`train_sae` (safetensors + cfg.json) and its input scale:
-    ``(sae, input_scale)``, in eval mode."""
+    ``(sae, input_scale)``, in eval mode. ``ValueError`` naming the file when one is missing,
+    unreadable or fails the checksum recorded when it was saved."""
     from sae_lens import StandardTrainingSAE
 
     path = Path(path)
     meta_file = path / "excise.json"
     if not meta_file.exists():
         raise ValueError(f"no SAE saved by excise at {path} (missing {meta_file.name})")
-    return StandardTrainingSAE.load_from_disk(path).eval(), \
-        float(json.loads(meta_file.read_text())["input_scale"])
+    try:
+        meta = json.loads(meta_file.read_text())
+        scale = float(meta["input_scale"])
+        sums = meta.get("sha256") or {}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{meta_file} is unreadable ({type(e).__name__}: {e})") from None
+    for name in SAE_FILES:
+        problem = checksum_problem(path / name, sums.get(name) if isinstance(sums, dict)
+                                   else None)
+        if problem:
+            raise ValueError(f"{path / name}: {problem}")
+    return StandardTrainingSAE.load_from_disk(path).eval(), scale
 
 
 def latent_spec(sae, scale: float, site: str, latents: list[int], gain: float) -> HookSpec:

@@ -29,6 +29,7 @@ from it in the order the loss function asks.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Mapping, Sequence
 
@@ -178,6 +179,30 @@ def train(loss_fn: LossFn, params: Mapping[str, Tensor] | Sequence[Tensor], *, s
                         break
     bar.close()
     return TrainResult(tuple(losses), stopped)
+
+
+@contextmanager
+def reproducible(threads: int) -> Iterator[None]:
+    """Run the enclosed code bit-reproducibly for a given torch version: at ``threads``
+    intra-op threads with ``torch.use_deterministic_algorithms(True)``; the caller's thread
+    count and deterministic setting are restored afterwards.
+
+    Why both: on the CPU, with more than one thread, the backward of an indexed read
+    (``W_E[tokens]``, every embedding) adds its gradients with unordered atomic float adds -
+    the sums differ in the last bits from run to run - unless deterministic algorithms are on;
+    and any reduction split across threads adds in an order fixed by the thread count."""
+    if not (isinstance(threads, int) and threads >= 1):
+        raise ValueError(f"reproducible: threads={threads!r}; need an integer >= 1")
+    prev_threads = torch.get_num_threads()
+    prev_det = torch.are_deterministic_algorithms_enabled()
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
+        torch.set_num_threads(prev_threads)
 
 
 def _masks(named: dict[str, Tensor], masks: Mapping[str, Tensor] | None

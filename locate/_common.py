@@ -1,5 +1,6 @@
-"""Small helpers every locate method shares: site resolution with clear errors, metadata.
-(Input checks live in :mod:`excise.checks`.)"""
+"""Small helpers every locate method shares: the checks each runs first (:func:`check_inputs`:
+finite weights, a positive batch size), site resolution with clear errors, metadata. (The
+other input checks live in :mod:`excise.checks`.)"""
 
 from __future__ import annotations
 

@@ -20,7 +20,8 @@ from excise.checks import check_facts, check_finite
 from excise.handle import ModelHandle
 from excise.importance import Importance
 from excise.request import FactSet, ForgetRequest
-from excise.sae import SAE_SITES, SAETrainConfig, token_activations, train_sae
+from excise.sae import (SAE_SITES, SAETrainConfig, check_sae_fits, token_activations,
+                        train_sae)
 from locate._common import base_meta, check_inputs, resolve_sites
 from locate.activations import position_mask
 
@@ -53,10 +54,7 @@ def sae(model: ModelHandle, request: ForgetRequest, sites: str | Sequence[str] |
     for site in names:
         if sae is not None:
             model_sae, scale, path = sae, 1.0, ""
-            d_in = getattr(getattr(sae, "cfg", None), "d_in", None)
-            if d_in is not None and d_in != model.info(site).unit_shape[0]:
-                raise ValueError(f"sae: the SAE reads d_in={d_in} but site {site!r} carries "
-                                 f"{model.info(site).unit_shape[0]} dimensions")
+            check_sae_fits(model, sae, site, "sae")  # both widths named
         else:
             train_facts = FactSet("sae-train", request.retain.facts + request.forget.facts)
             model_sae, scale, path = train_sae(model, train_facts, site, cfg, progress=progress)

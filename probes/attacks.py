@@ -34,7 +34,7 @@ from excise.checks import check_positive
 from excise.handle import ModelHandle
 from excise.report import AttackCurves, Curve
 from excise.request import FactSet, ForgetRequest
-from excise.sae import SAETrainConfig, train_sae
+from excise.sae import SAETrainConfig, check_sae_fits, train_sae
 from excise.train import Optim, Sampler
 from excise.train import train as train_loop
 from probes.behaviour import recall
@@ -270,6 +270,7 @@ def sae_steer(model: ModelHandle, request: ForgetRequest, sae, site: str,
     that an edit only hid in latent space (latents dampened, but the weights still compute the
     facts from them) comes back for people the gains were never fitted on; a model that never
     learned the facts has nothing for the gains to amplify."""
+    check_sae_fits(model, sae, site, "SAE steering")  # widths, before anything is attached
     a, b = _split_people(request.forget if facts is None else facts, cfg, "SAE steering")
     m = model.clone()
     for p in m.named_parameters().values():

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import re
 
 import pytest
 import torch
@@ -478,3 +479,158 @@ def test_saved_sae_latent_edit_loads_in_a_fresh_process(tiny, tiny_request, tmp_
     got = torch.load(tmp_path / "out.pt")
     assert not torch.allclose(plain, edited, atol=1e-3)  # the edit does change the logits
     torch.testing.assert_close(got, edited, rtol=1e-5, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- issue 19 (F)
+def test_duplicate_edit_guard_compares_values_not_text(tiny_model, tiny_imp):
+    """``alpha=5, lam=1`` then ``alpha=5.0, lam=1.0`` is the same edit: refused, not stacked."""
+    import numpy as np
+
+    from excise.edits import _normalised
+
+    h = tiny_model
+    fp = h.fingerprint()
+    e = edit.dampen(h, tiny_imp, alpha=5, lam=1)
+    after = h.fingerprint()
+    for alpha, lam in [(5.0, 1.0), (5, 1.0), (5.0, 1)]:
+        with pytest.raises(RuntimeError, match="an identical 'dampen' edit is already applied"):
+            edit.dampen(h, tiny_imp, alpha=alpha, lam=lam)
+        assert h.fingerprint() == after and applied_edits(h) == [e]
+    with edit.dampen(h, tiny_imp, alpha=5.5, lam=1):  # another value is another edit
+        assert len(applied_edits(h)) == 2
+    e.revert()
+    assert h.fingerprint() == fp
+    def key(params):  # as Edit.key compares them
+        return json.dumps(_normalised(params), sort_keys=True, default=str)
+
+    assert key({"a": 5, "b": (1, 2.0), "c": np.float32(0.5), "d": np.int64(3),
+                "t": torch.tensor(2.0), "z": -0.0}) == \
+        key({"a": 5.0, "b": [1.0, 2], "c": 0.5, "d": 3.0, "t": 2, "z": 0.0})
+    assert key({"a": True}) != key({"a": 1})  # flags are not numbers
+    assert key({"a": "5"}) != key({"a": 5})
+    assert key(2 ** 60 + 1) != key(2 ** 60)  # big integers keep every digit
+
+
+def _span(data: bytes, name: str) -> tuple[int, int]:
+    import struct
+
+    n = struct.unpack("<Q", data[:8])[0]
+    start, end = json.loads(data[8:8 + n])[name]["data_offsets"]
+    return 8 + n + start, 8 + n + end
+
+
+def _forged(diff: Diff, site: str) -> Diff:
+    """``diff`` with its first new value at ``site`` changed (a consistent file, re-saved)."""
+    from excise.edits import ParamChange
+
+    c = diff.changes[site]
+    new = c.new.clone()
+    new[0] += 1.0
+    return Diff(dict(diff.changes) | {site: ParamChange(c.indices, c.old, new)}, diff.manifest,
+                diff.hook_specs)
+
+
+def test_a_diff_changed_after_it_was_saved_is_refused(tiny, tiny_imp, tmp_path):
+    """One byte flipped in a new value: Diff.load names the file (checksum). New values changed
+    and the file re-saved consistently: apply sees other weights than ``fingerprint_after``,
+    reverts and refuses - the model is left byte-identical."""
+    from safetensors import safe_open
+
+    from excise.io import load_safetensors, save_safetensors
+
+    h = tiny.model.clone()
+    e = edit.dampen(h, tiny_imp)
+    path = e.diff.save(tmp_path / "edit.safetensors")
+    site = sorted(e.changes)[0]
+    data = bytearray(path.read_bytes())
+    lo, _ = _span(bytes(data), f"{site}::new")
+    data[lo + 1] ^= 0x01
+    flipped = tmp_path / "flipped.safetensors"
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=re.escape(f"{flipped}: its tensors do not match the "
+                                                   f"checksum recorded when it was saved")):
+        Diff.load(flipped)
+    genuine = Diff.load(path)
+    forged = _forged(genuine, site).save(tmp_path / "forged.safetensors")
+    fresh = tiny.model.clone()
+    before, hooks = _state(fresh), fresh.hook_count()
+    want = genuine.manifest["fingerprint_after"]
+    with pytest.raises(ValueError, match=re.escape(f"the diff {forged} was made to give weights "
+                                                   f"with fingerprint {want}, but applying it "
+                                                   f"gave ")):
+        Diff.load(forged).apply(fresh)
+    assert _identical(before, _state(fresh)) and fresh.hook_count() == hooks
+    assert not applied_edits(fresh)
+    genuine.apply(fresh)
+    assert fresh.fingerprint() == want
+    # a diff saved before checksums were recorded loads; apply still checks the weights
+    with safe_open(str(path), framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "tensors_sha256"}
+    save_safetensors(load_safetensors(path), tmp_path / "old.safetensors", metadata=meta)
+    Diff.load(tmp_path / "old.safetensors").apply(tiny.model.clone())
+
+
+def test_excise_verify_refuses_a_forged_diff(tiny, tiny_imp, tmp_path):
+    """`excise verify` on a run whose diff was changed (and re-saved) after the run: one error
+    line, exit 2, no report, every file of the run byte-identical."""
+    from typer.testing import CliRunner
+
+    from excise.app.cli import app
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("organism: {preset: tiny}\nrequest: {forget_people: 3}\n"
+                                     "verify: {oracle: false, suite: behaviour}\n")
+    h = tiny.model.clone()
+    e = edit.dampen(h, tiny_imp)
+    _forged(e.diff, sorted(e.changes)[0]).save(run / "edit.safetensors")
+    files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    r = CliRunner().invoke(app, ["verify", str(run), "--quiet"])
+    assert r.exit_code == 2, r.output
+    assert "Traceback" not in r.output
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "its new values were changed after it was saved" in errors[0]
+    assert str(run / "edit.safetensors") in errors[0]
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
+
+
+def _sae_of_width(d_in: int, d_sae: int = 8):
+    from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig
+
+    torch.manual_seed(0)
+    return StandardTrainingSAE(StandardTrainingSAEConfig(
+        d_in=d_in, d_sae=d_sae, l1_coefficient=1.0, dtype="float32", device="cpu"))
+
+
+def test_an_sae_of_another_width_is_refused_when_attached(planted):
+    """An SAE whose width differs from its site's is refused where it is attached (locate,
+    the latent edit, a hook spec or a saved diff, the steering attack), naming both widths -
+    not at the next forward pass; nothing is attached."""
+    from edit.sae_latents import ablate_latents
+    from excise.edits import Edit
+    from excise.sae import latent_spec
+    from probes.attacks import sae_steer
+
+    h, req, site = planted.handle, planted.request, "blocks.1.resid_post"
+    wrong = _sae_of_width(32)  # the site carries 64
+    hooks, fp = h.hook_count(), h.fingerprint()
+    text = f"the SAE reads d_in=32 dimensions (d_sae=8 latents) but site '{site}' carries 64"
+    with pytest.raises(ValueError, match=re.escape(f"sae: {text}")):
+        locate.sae(h, req, site, sae=wrong)
+    units = Selection((Unit(f"{site}.sae", (0,)), Unit(f"{site}.sae", (3,))))
+    with pytest.raises(ValueError, match=re.escape(f"sae latent edit: {text}")):
+        ablate_latents(h, None, units, top=2, sae=wrong)
+    with pytest.raises(ValueError, match=re.escape(f"SAE steering: {text}")):
+        sae_steer(h, req, wrong, site)
+    spec = latent_spec(wrong, 1.0, site, [0, 3], gain=0.0)
+    hook_text = (f"hook 'sae_latents' at {site}: it reads 32 dimensions (an SAE latent hook "
+                 f"over 2 latents) but site '{site}' carries 64")
+    with pytest.raises(ValueError, match=re.escape(hook_text)):
+        Edit(h, "prune", {}, units, hook_specs=[spec]).apply()
+    with pytest.raises(ValueError, match=re.escape(hook_text)):
+        Diff({}, {"method": "prune"}, (spec,)).apply(h)
+    assert h.hook_count() == hooks and h.fingerprint() == fp and not applied_edits(h)
+    h.logits(h.encode(list(req.forget)).tokens)  # the model still runs
+    right = _sae_of_width(64)  # an SAE of the site's width attaches
+    with ablate_latents(h, None, units, top=2, sae=right):
+        assert h.hook_count() == hooks + 1
