@@ -3,10 +3,14 @@
     python bench/bench_locate.py [--preset auto|tiny|small] [--facts 8] [--repeats 3]
 
 - Fisher (per-batch estimator, every parameter) time per batch / one forward pass (target <= 3.5x)
-- exact causal tracing, batched restorations vs a plain loop of one forward per (component,
-  layer, position) (target >= 5x faster, same outputs)
+- exact causal tracing (each restoration resumes the corrupted run: keys and values reused)
+  vs a plain loop of one forward per (component, layer, position) - excise's own reference
+  loop; ``bench_peers.py`` compares against ROME's code (target >= 5x faster, same outputs)
 - attribution patching vs exact tracing (target >= 20x faster) and the Spearman correlation of
   their (component, layer, position) cells over the traced prompts
+- fact_lookup: attribution (one forward + backward per batch) vs exact patching (every neuron
+  of block 0 patched at the subject's tokens, batched), ``--fast-facts`` forget and as many
+  retain facts, and the Spearman correlation of their scores
 
 ``--preset auto`` uses the small organism when it is already in the cache (``EXCISE_CACHE``) and
 the tiny one otherwise: this script never trains the small organism.
@@ -124,14 +128,14 @@ def main():
           f"(target <= 3.5x; {n_b} batches per call; a model fingerprint, {1e3 * t_fp:.1f} ms, "
           f"is added once per call only when a StatsCache is used)")
 
-    # -- exact batched vs plain loop ---------------------------------------------------------
+    # -- exact (resumed runs) vs plain loop --------------------------------------------------
     fs = req.forget[:args.facts]
     t_exact, ex = _best(lambda: traces(model, fs, samples=args.samples, seed=0),
                           args.repeats)
     t_loop, ref = _best(lambda: loop_traces(model, fs, args.samples, 0), 1, warm=False)
     diff = max(float((a.scores - b).abs().max()) for a, b in zip(ex, ref))
     print(f"exact causal tracing, {len(fs)} prompts x {len(COMPS)} components x "
-          f"{model.n_layers} layers x positions, {args.samples} noise samples: batched "
+          f"{model.n_layers} layers x positions, {args.samples} noise samples: exact "
           f"{t_exact:.3f} s, plain loop {t_loop:.3f} s -> {t_loop / t_exact:.1f}x faster "
           f"(target >= 5x); max |difference| {diff:.2e}")
 
@@ -151,6 +155,26 @@ def main():
     print(f"Spearman(attribution, exact) over {cells_e.numel()} cells: "
           f"{spearman(cells_f, cells_e):.3f} (mlp.out cells only {rho_mlp:.3f}); "
           f"Pearson of effects {float(torch.corrcoef(torch.stack([eff_e, eff_f]))[0, 1]):.3f}")
+    fact_lookup_speed(model, req, args)
+
+
+def fact_lookup_speed(model, req, args):
+    """fact_lookup attribution vs exact patching on the same facts and neurons."""
+    from excise.request import FactSet, ForgetRequest
+    from locate import fact_lookup
+
+    n = args.fast_facts
+    sub = ForgetRequest(req.forget[:n], FactSet("retain", req.retain.facts[::max(
+        1, len(req.retain) // n)][:n]))
+    site = "blocks.0.mlp.post"
+    t_at, at = _best(lambda: fact_lookup(model, sub, site), args.repeats)
+    t_ex, ex = _best(lambda: fact_lookup(model, sub, site, mode="exact"), 1, warm=False)
+    units = model.info(site).unit_shape[0]
+    print(f"fact_lookup attribution vs exact patching, {len(sub.forget)} forget + "
+          f"{len(sub.retain)} retain facts x {units} neurons ({site}): attribution "
+          f"{t_at:.3f} s, exact {t_ex:.3f} s -> {t_ex / t_at:.0f}x faster; Spearman of scores "
+          f"{spearman(at.scores[site], ex.scores[site]):.3f}, of forget effects "
+          f"{spearman(at.parts['forget'][site], ex.parts['forget'][site]):.3f}")
 
 
 if __name__ == "__main__":

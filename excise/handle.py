@@ -83,6 +83,45 @@ def pad_batch(rows: Sequence[list[int]], tmask: Sequence[list[bool]],
     return Batch(tokens, tm, sm, torch.tensor([len(r) for r in rows]))
 
 
+def cut_to_last_position(module, args, kwargs=None):
+    """Forward pre-hook (registered with or without ``with_kwargs``): the module's first
+    input cut to the last position."""
+    if kwargs is None:
+        return (args[0][:, -1:],) + tuple(args[1:])
+    if args:
+        return (args[0][:, -1:],) + tuple(args[1:]), kwargs
+    key = next(iter(kwargs))
+    return args, {**kwargs, key: kwargs[key][:, -1:]}
+
+
+@dataclass(frozen=True)
+class Past:
+    """Every block's attention keys and values for a batch of runs (:meth:`ModelHandle.kv_run`),
+    in the backend's own layout; ``pos_dim`` is their position axis. ``past[rows]`` selects
+    runs, ``past.upto(t)`` keeps positions ``< t``: what :meth:`ModelHandle.resume` continues
+    from."""
+
+    keys: tuple[Tensor, ...]  # one per block, [runs, ...]
+    values: tuple[Tensor, ...]
+    pos_dim: int
+
+    def __len__(self) -> int:
+        return self.keys[0].shape[0]
+
+    @property
+    def length(self) -> int:
+        """Positions held."""
+        return self.keys[0].shape[self.pos_dim]
+
+    def __getitem__(self, rows) -> "Past":
+        return Past(tuple(k[rows] for k in self.keys), tuple(v[rows] for v in self.values),
+                    self.pos_dim)
+
+    def upto(self, t: int) -> "Past":
+        return Past(tuple(k.narrow(self.pos_dim, 0, t) for k in self.keys),
+                    tuple(v.narrow(self.pos_dim, 0, t) for v in self.values), self.pos_dim)
+
+
 class ModelHandle(abc.ABC):
     """One interface over a model, whichever library runs it: everything ``locate``, ``edit``
     and ``probes`` may ask of a model is declared here.
@@ -266,6 +305,55 @@ class ModelHandle(abc.ABC):
     def run_with_cache(self, tokens: Tensor, sites: Sequence[str]) -> dict[str, Tensor]:
         """Activations at ``sites`` (``attn.z`` as ``[batch, pos, heads, d_head]``); blocks
         past the last requested site need not run."""
+
+    @abc.abstractmethod
+    def kv_run(self, tokens: Tensor, hooks: Mapping[str, HookFn] | None = None
+               ) -> tuple[Tensor, Past]:
+        """Logits ``[n, T, vocab]`` of a run (as :meth:`logits`, with ``hooks``) and every
+        block's keys and values (:class:`Past`), from which :meth:`resume` continues it."""
+
+    @abc.abstractmethod
+    def _resume(self, past: Past, resid: Tensor, layer: int, hooks: Mapping[str, HookFn],
+                stop: int | None, last_mlp: bool) -> Tensor:
+        """Backend part of :meth:`resume` (arguments already checked). ``last_mlp``: run the
+        last block's MLP at the last position only (its input cut to that position; what the
+        MLP adds to the other positions' residual is never read)."""
+
+    def resume(self, past: Past, resid: Tensor, layer: int,
+               hooks: Mapping[str, HookFn] | None = None, stop: int | None = None) -> Tensor:
+        """Continue runs from their keys and values: logits ``[m, vocab]`` at the last position,
+        or with ``stop`` the residual stream leaving block ``stop - 1`` (``[m, q, d_model]``;
+        blocks from ``stop`` on are not run).
+
+        ``past`` (``m`` runs, ``t`` positions, from :meth:`kv_run`) holds what the attention of
+        every block reads at positions ``< t``; ``resid`` ``[m, q, d_model]`` is the residual
+        stream entering block ``layer`` at positions ``t .. t+q-1``. Blocks before ``layer``
+        are not run (the caller vouches that ``resid`` and ``past`` are what they produced), so
+        a run changed only at position ``t`` and above ``layer`` costs ``q`` positions of the
+        blocks from ``layer`` on. Without ``stop``, only the last position leaves the last block
+        (its MLP runs there alone) unless a hook reads or writes the last block's MLP or its
+        output. ``hooks`` see positions ``t ..`` only; hooks at ``embed`` or at sites of blocks
+        outside ``layer .. stop - 1`` are refused (those never run). Equal to the full run up to
+        float rounding."""
+        hooks = dict(hooks or {})
+        n = self.n_layers
+        if not (isinstance(layer, int) and 0 <= layer < n):
+            raise ValueError(f"resume: layer must be an int in [0, {n}), got {layer!r}")
+        end = n if stop is None else stop
+        if not (isinstance(end, int) and layer < end <= n):
+            raise ValueError(f"resume: stop must be an int in ({layer}, {n}], got {stop!r}")
+        if resid.dim() != 3 or resid.shape[0] != len(past) or resid.shape[1] < 1:
+            raise ValueError(f"resume: resid has shape {tuple(resid.shape)}; expected "
+                             f"[{len(past)} runs, positions >= 1, d_model]")
+        outside = [s for s in hooks
+                   if self.info(s).layer is None or not layer <= self.info(s).layer < end]
+        if outside:
+            raise ValueError(f"resume: a hook at {outside[0]!r} would never run (running "
+                             f"blocks {layer} to {end - 1}); hook sites of those blocks")
+        before_mlp = ("resid_pre", "resid_mid", "attn.z", "attn.out")
+        last_mlp = stop is None and resid.shape[1] > 1 and not any(
+            self.info(s).layer == n - 1 and not s.endswith(before_mlp) for s in hooks)
+        return self._resume(past, resid.to(self.device), layer, hooks, stop, last_mlp)
 
     def token_logprobs(self, batch: Batch, hooks: Mapping[str, HookFn] | None = None) -> Tensor:
         """Log-probability of each next token: ``[n, T-1]`` (zero where not a target)."""
@@ -489,6 +577,48 @@ class TLHandle(ModelHandle):
             self.model(tokens.to(self.device), stop_at_layer=stop)
         return store
 
+    def kv_run(self, tokens: Tensor, hooks: Mapping[str, HookFn] | None = None
+               ) -> tuple[Tensor, Past]:
+        """TransformerLens' own key/value cache, filled by the run (an all-ones attention mask:
+        no token counts as padding)."""
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+        tokens = tokens.to(self.device)
+        cache = TransformerLensKeyValueCache.init_cache(self.model.cfg, self.device,
+                                                        tokens.shape[0])
+        with self.hooks(hooks or {}):
+            logits = self.model(tokens, return_type="logits", past_kv_cache=cache,
+                                attention_mask=torch.ones_like(tokens))
+        return logits, Past(tuple(e.past_keys for e in cache.entries),
+                            tuple(e.past_values for e in cache.entries), pos_dim=1)
+
+    def _resume(self, past: Past, resid: Tensor, layer: int, hooks: Mapping[str, HookFn],
+                stop: int | None, last_mlp: bool) -> Tensor:
+        """``start_at_layer`` / ``stop_at_layer`` with a frozen cache holding ``past``; with
+        ``last_mlp`` a pre-hook on the last block's ``mlp`` keeps the last position."""
+        from transformer_lens.cache.key_value_cache import TransformerLensKeyValueCache
+
+        if self.model.cfg.positional_embedding_type == "shortformer":
+            raise ValueError("TLHandle.resume: shortformer positional embeddings are not "
+                             "supported (blocks read them beside the residual)")
+        cache = TransformerLensKeyValueCache.init_cache(self.model.cfg, self.device, len(past))
+        for entry, k, v in zip(cache.entries, past.keys, past.values):
+            entry.past_keys, entry.past_values = k, v
+        cache.previous_attention_mask = torch.ones(len(past), past.length, dtype=torch.int,
+                                                   device=self.device)
+        cache.freeze()
+        last = self.model.blocks[-1]
+        cut = (last.mlp.register_forward_pre_hook(cut_to_last_position)
+               if last_mlp and hasattr(last, "mlp") else None)
+        try:
+            with self.hooks(hooks):
+                out = self.model(resid, return_type="logits", start_at_layer=layer,
+                                 stop_at_layer=stop, past_kv_cache=cache)
+        finally:
+            if cut is not None:
+                cut.remove()
+        return out if stop is not None else out[:, -1]
+
     def functional_loss(self) -> Callable[[dict[str, Tensor], Tensor, Tensor], Tensor]:
         from torch.func import functional_call
 
@@ -509,7 +639,8 @@ class TLHandle(ModelHandle):
 
     def readout(self) -> tuple[Callable[[Tensor], Tensor], Tensor, Tensor]:
         u = self.model.unembed
-        return self.model.ln_final, u.W_U.detach(), u.b_U.detach()
+        norm = getattr(self.model, "ln_final", None)  # (absent without normalization)
+        return (norm if norm is not None else (lambda x: x)), u.W_U.detach(), u.b_U.detach()
 
     def clone(self) -> "TLHandle":
         return TLHandle(copy.deepcopy(self.model), self.tokenizer, self.name)

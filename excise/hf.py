@@ -61,7 +61,7 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
-from excise.handle import Batch, HookFn, ModelHandle, pad_batch
+from excise.handle import Batch, HookFn, ModelHandle, Past, cut_to_last_position, pad_batch
 from excise.request import Fact
 from excise.sites import SiteInfo, layer_of
 
@@ -270,6 +270,7 @@ class HFHandle(ModelHandle):
         self._modules: dict[str, tuple[torch.nn.Module, str]] = {}
         self._nn = None
         self._warned: set[tuple[str, str]] = set()
+        self._cache_kw: str | None = None
         self._check_modules()
 
     # -- structure --------------------------------------------------------------------------
@@ -594,6 +595,81 @@ class HFHandle(ModelHandle):
                 return (new,) + tuple(args[1:]), kwargs
             return args, {**kwargs, "hidden_states": new}
         return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+
+    def _cache_kwarg(self) -> str:
+        """The forward's name for a key/value cache (``cache`` in recent transformers)."""
+        if self._cache_kw is None:
+            import inspect
+
+            params = inspect.signature(self.model.forward).parameters
+            self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        return self._cache_kw
+
+    def kv_run(self, tokens: Tensor, hooks: Mapping[str, HookFn] | None = None
+               ) -> tuple[Tensor, Past]:
+        """The HF forward with a ``DynamicCache`` it fills (one entry per block; created
+        without the config, so sliding-window blocks keep every position too)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        with self.hooks(hooks or {}):
+            out = self.model(input_ids=tokens.to(self.device), use_cache=True,
+                             **{self._cache_kwarg(): cache})
+        return out.logits, Past(tuple(lay.keys for lay in cache.layers),
+                                tuple(lay.values for lay in cache.layers), pos_dim=2)
+
+    def _resume(self, past: Past, resid: Tensor, layer: int, hooks: Mapping[str, HookFn],
+                stop: int | None, last_mlp: bool) -> Tensor:
+        """The HF forward itself (its masks, positions, rotary and sliding-window layers) on a
+        ``DynamicCache`` built from ``past`` with the model's config; blocks outside ``layer ..
+        stop - 1`` pass their input through unchanged for this call (a per-instance
+        ``forward``, the previous one restored in ``finally``), a pre-hook puts ``resid`` into
+        block ``layer``, with ``last_mlp`` one on the last block's ``mlp`` keeps the last
+        position
+        and, with ``stop``, a hook keeps what block ``stop - 1`` returns."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(ddp_cache_data=list(zip(past.keys, past.values)),
+                             config=self.model.config)
+        blocks = list(self.model.get_submodule(self.family.blocks))
+        skipped = blocks[:layer] + (blocks[stop:] if stop is not None else [])
+        kept: list[Tensor] = []
+
+        def passthrough(hidden_states=None, *args, **kwargs):
+            return kwargs["hidden_states"] if hidden_states is None else hidden_states
+
+        def enter(module, args, kwargs):
+            if args:
+                return (resid,) + tuple(args[1:]), kwargs
+            return args, {**kwargs, "hidden_states": resid}
+
+        def leave(module, args, output):
+            kept.append(output[0] if isinstance(output, tuple) else output)
+
+        handles = [blocks[layer].register_forward_pre_hook(enter, with_kwargs=True,
+                                                           prepend=True)]
+        if last_mlp:
+            handles.append(blocks[-1].mlp.register_forward_pre_hook(cut_to_last_position,
+                                                                     with_kwargs=True))
+        # a forward already set on the instance (nnsight's, once run_with_cache has run) is put
+        # back afterwards
+        own = [(b, b.__dict__["forward"]) for b in skipped if "forward" in b.__dict__]
+        try:
+            for b in skipped:
+                b.forward = passthrough
+            with self.hooks(hooks):
+                if stop is not None:  # registered after the caller's hooks: sees their result
+                    handles.append(blocks[stop - 1].register_forward_hook(leave))
+                out = self.model(inputs_embeds=torch.zeros_like(resid), use_cache=True,
+                                 logits_to_keep=1, **{self._cache_kwarg(): cache})
+        finally:
+            for h in handles:
+                h.remove()
+            for b in skipped:
+                b.__dict__.pop("forward", None)
+            for b, f in own:
+                b.__dict__["forward"] = f
+        return kept[0] if stop is not None else out.logits[:, -1]
 
     def functional_loss(self):
         """Not offered: the Hugging Face forward is not run under ``torch.func`` here."""

@@ -32,7 +32,10 @@ class Importance:
         for site, s in self.scores.items():
             if not isinstance(s, Tensor):
                 raise ValueError(f"score for site {site!r} is a {type(s).__name__}, not a Tensor")
-            if not torch.isfinite(s).all():
+            # one reduction first (a sum of finite scores may still overflow: only then is
+            # every element looked at)
+            if s.is_floating_point() and not torch.isfinite(s.sum()) and \
+                    not torch.isfinite(s).all():
                 bad = int((~torch.isfinite(s)).sum())
                 raise ValueError(f"Importance({self.method!r}): {bad} non-finite score(s) at "
                                  f"site {site!r}")

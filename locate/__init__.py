@@ -11,6 +11,7 @@ and returns an :class:`excise.importance.Importance`:
 ``attribution``    attribution patching alone (two forwards, one backward)
 ``sae``            sparse-autoencoder latents firing on forget, not retain (sae-lens)
 ``circuit``        forget / retain circuits resolved by weighted MaxSAT (CLUE)
+``fact_lookup``    effect of patching each neuron at the subject's tokens (Guo et al. 2024)
 =================  =========================================================================
 
 Notebook helpers: :func:`trace` / :class:`Trace` (causal-trace heatmaps), :func:`compare`
@@ -27,13 +28,14 @@ from locate._grads import StatsCache
 from locate.activations import activations
 from locate.causal_trace import Trace, attribution, causal_trace, trace, traces
 from locate.circuit import circuit, circuit_selection
+from locate.fact_lookup import fact_lookup
 from locate.fisher import fisher
 from locate.grad_ratio import grad_ratio
 from locate.sae import sae
 
 METHODS = {"fisher": fisher, "grad_ratio": grad_ratio, "activations": activations,
            "causal_trace": causal_trace, "attribution": attribution, "sae": sae,
-           "circuit": circuit}
+           "circuit": circuit, "fact_lookup": fact_lookup}
 
 
 def compare(importances: Sequence[Importance] | Mapping[str, Importance],
@@ -92,5 +94,5 @@ def run_plots(imp: Importance, model, request, folder) -> list[str]:
 
 
 __all__ = ["METHODS", "StatsCache", "Trace", "activations", "attribution", "causal_trace",
-           "circuit", "circuit_selection", "compare", "fisher", "grad_ratio", "run_plots", "sae",
-           "trace", "traces"]
+           "circuit", "circuit_selection", "compare", "fact_lookup", "fisher", "grad_ratio",
+           "run_plots", "sae", "trace", "traces"]

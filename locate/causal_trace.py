@@ -7,9 +7,15 @@ residual stream, the MLP output or the attention output of one layer at one toke
 read the probability of the answer's first token. States whose restoration brings the answer
 back are where the fact flows through.
 
-``mode="exact"`` runs the restorations for real, many per forward pass: corrupted copies of the
-prompt are stacked along the batch dimension, each row restoring a different (layer, position)
-through a hook that indexes per row. ``mode="fast"`` estimates every cell at once by attribution
+``mode="exact"`` runs the restorations for real. Restoring a state at (layer ``l``, position
+``t``) leaves every position before ``t`` and every layer below ``l`` as in the corrupted run, so
+each restoration resumes the corrupted run from its keys and values
+(:meth:`~excise.handle.ModelHandle.resume`): only positions ``t ..`` of the layers above the
+restored state are computed. Restorations resuming at the same layer and position share a
+forward (their rows stacked: prompts of one length, noise samples, cells), and cells restoring
+the same states (ROME's window near the first and last layers) run once. A model with hooks
+attached (an activation edit) is traced by full forwards instead, one row per restoration.
+``mode="fast"`` estimates every cell at once by attribution
 patching: one clean forward (cached), one corrupted forward (cached) and one backward give
 ``p_corrupt + (clean - corrupt) . dp/dstate`` for every state.
 
@@ -289,26 +295,196 @@ def _sigma(model: ModelHandle, noise: float | None, noise_scale: float) -> float
 
 
 # ------------------------------------------------------------------------------------------------
-# exact tracing: many restorations per forward
+# exact tracing: resume the corrupted run at each restored state
 # ------------------------------------------------------------------------------------------------
+_LOW, _HIGH = -1, -2  # cells not run: their value is the corrupted / the clean probability
+
+
+def _prob(last_logits: Tensor, answers: Tensor) -> Tensor:
+    """P(answer) from last-position logits ``[n, vocab]``."""
+    lp = torch.log_softmax(last_logits.float(), dim=-1)
+    return lp.gather(-1, answers.to(lp.device)[:, None]).squeeze(-1).exp()
+
+
 def _answer_prob(logits: Tensor, last: Tensor, answers: Tensor) -> Tensor:
     rows = torch.arange(logits.shape[0], device=logits.device)
-    lp = torch.log_softmax(logits[rows, last.to(logits.device)].float(), dim=-1)
-    return lp.gather(-1, answers.to(logits.device)[:, None]).squeeze(-1).exp()
+    return _prob(logits[rows, last.to(logits.device)], answers)
 
 
-def _exact_group(model: ModelHandle, group: list[_Prompt], comps: tuple[str, ...], n_layers: int,
-                 window: int, samples: int, sigma: float, seed: int, max_rows: int
+def _restorations(comps: tuple[str, ...], n_layers: int, window: int, T: int
+                  ) -> tuple[list[tuple], Tensor]:
+    """The distinct restorations of one prompt length and, per cell ``[component, layer,
+    position]``, the index of the one it runs (or ``_LOW`` / ``_HIGH``).
+
+    A restoration is ``("resid", a, t)`` (the residual entering block ``a`` at position ``t``:
+    ``resid_pre`` of ``a`` or ``resid_post`` of ``a - 1``, the same tensor) or ``(component,
+    layers, t)``; cells restoring the same states share one (ROME's window covers the same
+    layers for several cells near the first and last block). Not run: last-block states at
+    positions other than the last (nothing reads them) -> corrupted; ``resid_post`` of the last
+    block at the last position is the clean run's output -> clean."""
+    keys: dict[tuple, int] = {}
+    cell = torch.empty(len(comps), n_layers, T, dtype=torch.long)
+    for ci, c in enumerate(comps):
+        for L in range(n_layers):
+            layers = tuple(window_layers(c, L, window, n_layers))
+            for t in range(T):
+                if c == "resid_post" and L == n_layers - 1:
+                    cell[ci, L, t] = _HIGH if t == T - 1 else _LOW
+                    continue
+                if t < T - 1 and layers[0] == n_layers - 1 and c != "resid_pre":
+                    cell[ci, L, t] = _LOW
+                    continue
+                key = (("resid", L + (c == "resid_post"), t) if c in ("resid_pre", "resid_post")
+                       else (c, layers, t))
+                cell[ci, L, t] = keys.setdefault(key, len(keys))
+    return list(keys), cell
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one restoration runs. ``step``: a block run alone at position ``t`` first (its
+    ``step_sites`` restored), whose output then enters the main run at ``t``; the main run
+    resumes at block ``resume`` over positions ``t ..`` with ``sites`` restored at ``t`` (or,
+    with ``enter``, that clean state entering at ``t`` directly)."""
+
+    t: int
+    resume: int
+    sites: tuple[str, ...] = ()
+    enter: str | None = None
+    step: int | None = None
+    step_sites: tuple[str, ...] = ()
+
+
+def _plan(key: tuple, n_layers: int) -> _Plan:
+    """A restoration's plan. The lowest restored block changes only position ``t`` (the states
+    it reads at other positions are the corrupted run's), so for an MLP / attention output it
+    runs alone at ``t`` and the main run starts one block higher."""
+    if key[0] == "resid":
+        return _Plan(key[2], key[1], enter=f"blocks.{key[1]}.resid_pre")
+    c, layers, t = key
+    sites = tuple(f"blocks.{L}.{c}" for L in layers)
+    if layers[0] == n_layers - 1:  # the last block (at the last position): nothing above it
+        return _Plan(t, layers[0], sites)
+    return _Plan(t, layers[0] + 1, sites[1:], step=layers[0], step_sites=sites[:1])
+
+
+def _rows(prompts: Tensor, K: int, S: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Every (prompt, restoration ``0 .. K-1``, noise sample) triple, prompt-major."""
+    return (prompts.repeat_interleave(K * S), torch.arange(K).repeat_interleave(S).repeat(
+        prompts.numel()), torch.arange(S).repeat(prompts.numel() * K))
+
+
+def _exact_group(model: ModelHandle, group: list[_Prompt], comps: tuple[str, ...],
+                 n_layers: int, window: int, samples: int, noise: Tensor, max_rows: int
                  ) -> tuple[Tensor, Tensor, Tensor]:
-    """Prompts of one length T. Returns scores [P, C, L, T], low [P], high [P].
+    """Prompts of one length T; ``noise`` ``[P, samples, T, d]`` (zero off the subject).
+    Returns scores [P, C, L, T], low [P], high [P].
 
-    Restorations that cannot change the answer are not run - their value is the corrupted
-    probability: states before the first corrupted position (clean and corrupted runs agree
-    there) and last-layer states at positions other than the last (nothing reads them)."""
+    Restoring the clean state at (block ``l``, position ``t``) leaves every position before
+    ``t``, and every block below the lowest restored one, exactly as in the corrupted run. So
+    the corrupted run is run once per noise sample, keeping its keys and values and the
+    residual entering each block, and each restoration resumes it
+    (:meth:`ModelHandle.resume`) at position ``t``: ``T - t`` positions of the blocks above
+    the restored state (the lowest restored block itself changes only position ``t``, run
+    alone). Restorations that resume at the same block and position share a forward, across
+    the group's prompts and noise samples; cells restoring the same states run once. Positions
+    before a prompt's first corrupted token are not run (clean and corrupted runs agree there):
+    their value is the corrupted probability."""
+    P, T, S = len(group), group[0].tokens.numel(), samples
+    dev = model.device
+    tokens = torch.stack([p.tokens for p in group]).to(dev)
+    answers = torch.tensor([p.answer for p in group], device=dev)
+    first = torch.tensor([int(p.subject.int().argmax()) for p in group])  # [P]
+    keys, cell = _restorations(comps, n_layers, window, T)
+    plans = [_plan(k, n_layers) for k in keys]
+    clean_sites = dict.fromkeys(s for pl in plans for s in pl.step_sites + pl.sites
+                                + ((pl.enter,) if pl.enter else ()))
+    entries = {b for pl in plans for b in (pl.resume, pl.step) if b is not None}
+    clean: dict[str, Tensor] = {}
+    corrupt: dict[str, Tensor] = {}  # the residual entering each block, [P * S, T, d]
+
+    def keep(store):
+        def hook(x, site):
+            store[site] = x.detach().clone()
+        return hook
+
+    probs = torch.zeros(P, len(keys), S)
+    with torch.inference_mode():
+        logits = model.logits(tokens, {s: keep(clean) for s in clean_sites})
+        high = _prob(logits[:, -1], answers).cpu()
+        src_p = torch.arange(P).repeat_interleave(S)  # corrupted run -> prompt, sample
+        src_s = torch.arange(S).repeat(P)
+        logits, past = model.kv_run(tokens[src_p], {"embed": _add(noise[src_p, src_s])} | {
+            f"blocks.{b}.resid_pre": keep(corrupt) for b in sorted(entries)})
+        low = _prob(logits[:, -1], answers[src_p]).cpu().view(P, S).mean(-1)
+        for t in range(T):
+            ps = torch.nonzero(first <= t).flatten()
+            here = [i for i, pl in enumerate(plans) if pl.t == t]
+            if not ps.numel() or not here:
+                continue
+            head = past.upto(t)
+            where = {k: i for i, k in enumerate(here)}
+            stepped = None  # [P, len(here), S, d]: each step's output at t
+
+            def run(block: int, kidx: list[int], step: bool):
+                nonlocal stepped
+                sites_of = [plans[k].step_sites if step else plans[k].sites for k in kidx]
+                has = {site: torch.tensor([site in ss for ss in sites_of])
+                       for site in dict.fromkeys(x for ss in sites_of for x in ss)}
+                enter = torch.tensor([plans[k].enter is not None for k in kidx])
+                after_step = torch.tensor([plans[k].step is not None for k in kidx])
+                local = torch.tensor([where[k] for k in kidx])
+                p_all, j_all, s_all = _rows(ps, len(kidx), S)
+                for i in range(0, p_all.numel(), max_rows):
+                    p_idx, j_idx, s_idx = (v[i:i + max_rows] for v in (p_all, j_all, s_all))
+                    src = (p_idx * S + s_idx).to(dev)
+                    resid = corrupt[f"blocks.{block}.resid_pre"][src, t:t + 1 if step else T]
+                    resid = resid.clone()
+                    hooks = {}
+                    for site, h in has.items():
+                        rows = h[j_idx]
+                        if rows.any():
+                            hooks[site] = _put_first(torch.nonzero(rows).flatten(),
+                                                     clean[site][p_idx[rows].to(dev), t])
+                    if step:
+                        out = model.resume(head[src], resid, block, hooks, stop=block + 1)
+                        if stepped is None:
+                            stepped = out.new_empty(P, len(here), S, out.shape[-1])
+                        stepped[p_idx, local[j_idx], s_idx] = out[:, 0]
+                        continue
+                    rows = enter[j_idx]  # the clean residual enters at t
+                    if rows.any():
+                        resid[rows.to(dev), 0] = clean[f"blocks.{block}.resid_pre"][
+                            p_idx[rows].to(dev), t]
+                    rows = after_step[j_idx]  # the step's output enters at t
+                    if rows.any():
+                        resid[rows.to(dev), 0] = stepped[p_idx[rows], local[j_idx[rows]],
+                                                         s_idx[rows]]
+                    out = model.resume(head[src], resid, block, hooks)
+                    k_idx = torch.tensor(kidx)[j_idx]
+                    probs[p_idx, k_idx, s_idx] = _prob(out, answers[p_idx.to(dev)]).cpu()
+
+            for b in sorted({plans[k].step for k in here} - {None}):
+                run(b, [k for k in here if plans[k].step == b], step=True)
+            for b in sorted({plans[k].resume for k in here}):
+                run(b, [k for k in here if plans[k].resume == b], step=False)
+    mean = probs.mean(-1)  # [P, K]
+    ran = (cell >= 0)[None] & (torch.arange(T)[None, None, None, :] >= first[:, None, None, None])
+    scores = torch.where(ran, mean[:, cell.clamp(min=0)], low[:, None, None, None])
+    scores = torch.where((cell == _HIGH)[None], high[:, None, None, None], scores)
+    return scores, low, high
+
+
+def _full_group(model: ModelHandle, group: list[_Prompt], comps: tuple[str, ...],
+                n_layers: int, window: int, samples: int, noise: Tensor, max_rows: int
+                ) -> tuple[Tensor, Tensor, Tensor]:
+    """As :func:`_exact_group`, by full forwards (every position, every block): for a model
+    with hooks attached (an applied activation edit), whose hooks a resumed run would not
+    replay as a full one does. Corrupted copies of the prompts are stacked along the batch,
+    each row restoring a different (layer, position) through a hook that indexes per row."""
     P, T = len(group), group[0].tokens.numel()
     dev = model.device
     tokens = torch.stack([p.tokens for p in group]).to(dev)
-    subj = torch.stack([p.subject for p in group]).to(dev)
     answers = torch.tensor([p.answer for p in group], device=dev)
     last = torch.full((P,), T - 1)
     restorations = [(c, L, t) for c in comps for L in range(n_layers) for t in range(T)]
@@ -331,10 +507,6 @@ def _exact_group(model: ModelHandle, group: list[_Prompt], comps: tuple[str, ...
     with torch.inference_mode():
         logits = model.logits(tokens, {s: grab for s in table})
         high = _answer_prob(logits, last, answers)
-        any_clean = clean[next(iter(table))]
-        d = any_clean.shape[-1]
-        noise = subject_noise(T, d, samples, sigma, seed).to(dev)  # same draw for every prompt
-        noise = (noise[None] * subj[:, None, :, None]).to(any_clean.dtype)
         pr = torch.nonzero(active)  # [rows / samples, 2]: (prompt, restoration)
         all_p = pr[:, 0].repeat_interleave(samples)
         all_r = pr[:, 1].repeat_interleave(samples)
@@ -359,7 +531,7 @@ def _exact_group(model: ModelHandle, group: list[_Prompt], comps: tuple[str, ...
 
 def _add(delta: Tensor):
     def hook(x, site):
-        return x + delta
+        return x + delta.to(x.device, x.dtype)
     return hook
 
 
@@ -369,6 +541,44 @@ def _restore(rows: Tensor, pos: Tensor, values: Tensor):
         x[rows.to(x.device), pos.to(x.device)] = values
         return x
     return hook
+
+
+def _put_first(rows: Tensor, values: Tensor):
+    """Set the first position of some rows (a resumed run's position ``t``)."""
+    def hook(x, site):
+        x = x.clone()
+        x[rows.to(x.device), 0] = values
+        return x
+    return hook
+
+
+def _exact_traces(model: ModelHandle, ps: list[_Prompt], comps: tuple[str, ...], n_layers: int,
+                  window: int, samples: int, max_rows: int, noise, progress: bool = False,
+                  resume: bool | None = None) -> list[Trace]:
+    """Exact traces of prompts; ``noise(prompt) -> [samples, T, d]`` (masked to the subject
+    here). Prompts of one length run together, as many as keep a forward under ``max_rows``
+    rows. ``resume``: resume the corrupted run per restoration (:func:`_exact_group`) or run
+    full forwards (:func:`_full_group`); default: resume unless the model has hooks attached."""
+    from tqdm.auto import tqdm
+
+    full = model.hook_count() > 0 if resume is None else not resume
+    by_len: dict[int, list[int]] = {}
+    for i, p in enumerate(ps):
+        by_len.setdefault(p.tokens.numel(), []).append(i)
+    out: list[Trace | None] = [None] * len(ps)
+    for T, idx in tqdm(sorted(by_len.items()), desc="causal tracing", disable=not progress,
+                       leave=False):
+        per_prompt = (1 + len(comps) * n_layers * (T - 1) if full else len(comps)) * samples
+        step = max(1, max_rows // per_prompt)
+        for k in range(0, len(idx), step):
+            group = [ps[i] for i in idx[k:k + step]]
+            nz = torch.stack([noise(p) * p.subject[None, :, None] for p in group])
+            scores, low, high = (_full_group if full else _exact_group)(
+                model, group, comps, n_layers, window, samples, nz, max_rows)
+            for j, i in enumerate(idx[k:k + step]):
+                out[i] = _make_trace(model, ps[i], comps, scores[j], float(low[j]),
+                                     float(high[j]), "exact", window)
+    return out  # type: ignore[return-value]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -484,25 +694,10 @@ def traces(model: ModelHandle, facts, *, components: str | Sequence[str] = COMPO
         out, _ = _attribution(model, ps, comps, n_layers, window, [], samples, sigma, seed,
                               batch_size, progress)
         return out
-    from tqdm.auto import tqdm
-
-    by_len: dict[int, list[int]] = {}
-    for i, p in enumerate(ps):
-        by_len.setdefault(p.tokens.numel(), []).append(i)
-    out: list[Trace | None] = [None] * len(ps)
-    # several prompts per forward when they are short; one group per length
-    for T, idx in tqdm(sorted(by_len.items()), desc="causal tracing", disable=not progress,
-                       leave=False):
-        per_prompt = (1 + len(comps) * n_layers * (T - 1)) * samples
-        step = max(1, max_rows // per_prompt)
-        for k in range(0, len(idx), step):
-            sub = idx[k:k + step]
-            scores, low, high = _exact_group(model, [ps[i] for i in sub], comps, n_layers,
-                                             window, samples, sigma, seed, max_rows)
-            for j, i in enumerate(sub):
-                out[i] = _make_trace(model, ps[i], comps, scores[j], float(low[j]),
-                                     float(high[j]), "exact", window)
-    return out  # type: ignore[return-value]
+    d = model.info("embed").unit_shape[0]
+    return _exact_traces(model, ps, comps, n_layers, window, samples, max_rows,
+                         lambda p: subject_noise(p.tokens.numel(), d, samples, sigma, seed),
+                         progress)
 
 
 def trace(model: ModelHandle, facts, *, components: str | Sequence[str] = COMPONENTS,

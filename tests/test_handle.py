@@ -18,7 +18,8 @@ from probes import attacks as A
 
 # the members every backend must provide (everything else lives once in the base)
 ABSTRACT = {"site_table", "_attach", "_forward", "run_with_cache", "functional_loss", "readout",
-            "clone", "unit_axis", "unit_out_weights", "site_writers", "quant_axes"}
+            "clone", "unit_axis", "unit_out_weights", "site_writers", "quant_axes", "kv_run",
+            "_resume"}
 
 
 def _handle_class(missing: str):

@@ -163,6 +163,75 @@ def test_exact_trace_equals_plain_loop(tiny, tiny_request, window):
         assert t.subject and all(t.labels[i] in f.subject.split() for i in t.subject)
 
 
+# ------------------------------------------- exact tracing: resumed runs vs full forwards --
+def _both_engines(handle, facts, comps, window, samples=2, seed=5, max_rows=7):
+    """Exact traces by resuming the corrupted run (keys and values reused) and by full
+    forwards (excise's earlier algorithm): the same prompts, noise and cells."""
+    from locate.causal_trace import _exact_traces, prompts, subject_noise
+
+    ps = prompts(handle, facts)
+    sigma = 3.0 * float(handle.parameter("embed.W_E").detach().std())
+    d = handle.info("embed").unit_shape[0]
+
+    def noise(p):
+        return subject_noise(p.tokens.numel(), d, samples, sigma, seed)
+
+    return [_exact_traces(handle, ps, comps, handle.n_layers, window, samples, max_rows, noise,
+                          resume=r) for r in (True, False)]
+
+
+@pytest.mark.parametrize("window", [1, 3])
+def test_resumed_exact_trace_equals_full_forwards(tiny, tiny_request, window):
+    comps = ("resid_pre", "resid_mid", "resid_post", "mlp.out", "attn.out")
+    facts = [tiny_request.forget[0], tiny_request.forget[2], tiny_request.forget[1]]
+    fast, full = _both_engines(tiny.model, facts, comps, window)  # max_rows 7: many chunks
+    for a, b in zip(fast, full):
+        assert a.scores.shape == b.scores.shape and a.labels == b.labels
+        torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=0)
+        assert abs(a.low - b.low) < 1e-6 and abs(a.high - b.high) < 1e-6
+        assert float(a.effect().abs().max()) > 1e-3  # the restorations do something
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gpt_neox", "llama", "gemma3"])
+def test_resumed_exact_trace_equals_full_forwards_hf(kind):
+    pytest.importorskip("transformers")
+    from excise.request import Fact
+    from test_hf import tiny as hf_tiny
+
+    h = hf_tiny(kind)
+    facts = [Fact("the s1 of s2 is", "a3", subject="s2"), Fact("s4 is the", "a5", subject="s4"),
+             Fact("the s6 of s7 is", "a8", subject="s6")]
+    fast, full = _both_engines(h, facts, ("resid_pre", "resid_post", "mlp.out", "attn.out"), 2,
+                               samples=3)
+    for a, b in zip(fast, full):
+        torch.testing.assert_close(a.scores, b.scores, atol=1e-5, rtol=0)
+        assert abs(a.low - b.low) < 1e-6
+
+
+def test_exact_trace_of_a_hooked_model_runs_full_forwards(tiny, tiny_request):
+    """An attached hook (an activation edit) is replayed by full forwards only: tracing such a
+    model takes the full-forward path and equals it exactly."""
+    from locate.causal_trace import _exact_traces, prompts, subject_noise
+
+    m = tiny.model.clone()
+    facts = tiny_request.forget[:2]
+    before = locate.traces(m, facts, samples=2, seed=1)
+    handle = m.add_persistent_hook("blocks.0.mlp.out", lambda x, s: x * 0.5)
+    try:
+        hooked = locate.traces(m, facts, samples=2, seed=1)
+        sigma = 3.0 * float(m.parameter("embed.W_E").detach().std())
+        d = m.info("embed").unit_shape[0]
+        full = _exact_traces(m, prompts(m, facts), ("resid_post", "mlp.out", "attn.out"),
+                             m.n_layers, 1, 2, 1024,
+                             lambda p: subject_noise(p.tokens.numel(), d, 2, sigma, 1),
+                             resume=False)
+    finally:
+        handle.remove()
+    for a, b, c in zip(hooked, full, before):
+        assert torch.equal(a.scores, b.scores)
+        assert not torch.allclose(a.scores, c.scores, atol=1e-4)
+
+
 def test_window_layers_match_rome():
     assert list(window_layers("mlp.out", 5, 10, 48)) == list(range(0, 10))
     assert list(window_layers("mlp.out", 20, 10, 48)) == list(range(15, 25))
@@ -192,6 +261,115 @@ def test_fast_trace_tracks_exact_and_round_trips(tiny, tiny_request, tmp_path):
     assert [p.split("/")[-1] for p in locate.run_plots(back, tiny.model, tiny_request,
                                                        tmp_path)] == ["causal_trace.png"]
     assert (tmp_path / "causal_trace.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------------------------- fisher --
+def _hf_facts():
+    """Facts with 1-, 2- and 3-token targets, so the two reductions differ."""
+    from excise.request import Fact, FactSet, ForgetRequest
+
+    targets = ["a1", "a2 a3", "a4 a5 a6"]
+    facts = [Fact(f"the s{i} of s{(i + 3) % 12} is", targets[i % 3]) for i in range(9)]
+    keep = [Fact(f"s{i} is the", "a7 a8" if i % 2 else "a9") for i in range(5)]
+    return ForgetRequest(FactSet("forget", tuple(facts)), FactSet("retain", tuple(keep)))
+
+
+def _ssd_fisher(h, facts, batch_size):
+    """SSD's calc_importance written out: per batch of consecutive facts, the cross-entropy
+    averaged over every target token of the batch, backward, squared gradients summed; divided
+    by the number of batches. Straight on the Hugging Face model (all logits, no handle)."""
+    model = h.model
+    params = dict(model.named_parameters())
+    imp = {k: torch.zeros_like(v) for k, v in params.items()}
+    n = 0
+    for i in range(0, len(facts), batch_size):
+        b = h.encode(list(facts[i:i + batch_size]))
+        y = torch.where(b.target_mask[:, 1:], b.tokens[:, 1:], torch.tensor(-100))
+        logits = model(input_ids=b.tokens).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
+                                                 y.reshape(-1))
+        grads = torch.autograd.grad(loss, list(params.values()))
+        for k, g in zip(params, grads):
+            imp[k] += g ** 2
+        n += 1
+    return {k: v / n for k, v in imp.items()}
+
+
+@pytest.mark.parametrize("batch_size", [1, 8])
+def test_fisher_token_reduction_is_ssds_formula(batch_size):
+    pytest.importorskip("transformers")
+    from test_hf import tiny as hf_tiny
+
+    h, req = hf_tiny("gpt2"), _hf_facts()
+    imp = locate.fisher(h, req, reduction="token", batch_size=batch_size)
+    fact = locate.fisher(h, req, batch_size=batch_size)  # the default
+    assert imp.meta["reduction"] == "token" and fact.meta["reduction"] == "fact"
+    ref = _ssd_fisher(h, req.forget, batch_size)
+    ref_keep = _ssd_fisher(h, req.keep, batch_size)
+    worst = 0.0
+    for site, f in imp.parts["forget"].items():
+        name = h.info(site).target
+        torch.testing.assert_close(f, ref[name], rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(imp.parts["retain"][site], ref_keep[name], rtol=1e-4,
+                                   atol=1e-9)
+        gap = (fact.parts["forget"][site] - ref[name]).abs().max() / ref[name].abs().max()
+        worst = max(worst, float(gap))
+    if batch_size == 1:  # one fact per batch: the reductions are the same
+        assert worst < 1e-4
+    else:  # unequal target lengths in a batch: per-fact averaging differs from SSD's
+        assert worst > 1e-2
+
+
+def test_fisher_fact_reduction_averages_each_facts_mean_loss(planted):
+    h, req = planted.handle, planted.request
+    site = f"blocks.{planted.layer}.mlp.W_out"
+    p = h.parameter(site)
+    imp = locate.fisher(h, req, [site], batch_size=2, reduction="fact")
+    acc, n = torch.zeros_like(p), 0
+    for i in range(0, len(req.forget), 2):
+        b = h.encode(list(req.forget[i:i + 2]))
+        lp = h.token_logprobs(b)
+        m = b.target_mask[:, 1:]
+        loss = (-(lp.sum(1) / m.sum(1))).mean()
+        g, = torch.autograd.grad(loss, [p])
+        acc, n = acc + g ** 2, n + 1
+    torch.testing.assert_close(imp.parts["forget"][site], acc / n, rtol=1e-4, atol=1e-10)
+
+
+def test_fisher_of_a_unit_is_the_squared_gate_gradient_of_the_batch_loss():
+    """Activation sites under the per-batch estimator: one gate per neuron, shared by the
+    batch's rows; Fisher = mean over batches of its squared gradient."""
+    pytest.importorskip("transformers")
+    from test_hf import tiny as hf_tiny
+
+    h, req = hf_tiny("gpt2"), _hf_facts()
+    site = "blocks.0.mlp.post"
+    for reduction in ("fact", "token"):
+        imp = locate.fisher(h, req, [site], batch_size=4, reduction=reduction)
+        acc, n = 0.0, 0
+        for i in range(0, len(req.forget), 4):
+            b = h.encode(list(req.forget[i:i + 4]))
+            gate = torch.ones(h.info(site).unit_shape, requires_grad=True)
+            loss = h.loss(b, {site: lambda x, s: x * gate}, per_example=reduction == "fact")
+            g, = torch.autograd.grad(loss.mean(), [gate])
+            acc, n = acc + g ** 2, n + 1
+        torch.testing.assert_close(imp.parts["forget"][site], acc / n, rtol=1e-4, atol=1e-12)
+
+
+def test_fisher_refuses_unknown_reduction_and_estimator(planted):
+    with pytest.raises(ValueError, match=r"fisher: unknown reduction 'mean'; choose one of "
+                                         r"\['fact', 'token'\]"):
+        locate.fisher(planted.handle, planted.request, reduction="mean")
+    with pytest.raises(ValueError, match="fisher: unknown estimator 'batches'"):
+        locate.fisher(planted.handle, planted.request, estimator="batches")
+    from locate._grads import gradient_stats
+
+    with pytest.raises(ValueError, match="unknown reduction 'Token'"):
+        gradient_stats(planted.handle, planted.request.forget, ["blocks.0.mlp.W_in"],
+                       reduction="Token")
+    with pytest.raises(ValueError, match=r"stats \['var'\]"):
+        gradient_stats(planted.handle, planted.request.forget, ["blocks.0.mlp.W_in"],
+                       stats=("var",))
 
 
 # ------------------------------------------------------------------------------------- sae ----
@@ -304,7 +482,7 @@ def test_methods_are_registered_with_pipeline_signature():
     import inspect
 
     assert set(locate.METHODS) == {"fisher", "grad_ratio", "activations", "causal_trace",
-                                   "attribution", "sae", "circuit"}
+                                   "attribution", "sae", "circuit", "fact_lookup"}
     for name, fn in locate.METHODS.items():
         params = list(inspect.signature(fn).parameters.values())
         assert [q.name for q in params[:3]] == ["model", "request", "sites"], name
