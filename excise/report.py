@@ -2,7 +2,9 @@
 
 The typed results a report carries live here too: :class:`Curve` (one model's forget recall along
 an attack's budget) and :class:`AttackCurves` (one attack's curves, one per model, on a shared
-axis). They stay typed up to the writers, which serialise them (``to_dict``).
+axis), :class:`GridPoint` (one attack setting: learning rate and seed) and :class:`AttackGrid`
+(every setting an attack ran at, the attacker-hygiene grid). They stay typed up to the writers,
+which serialise them (``to_dict``).
 """
 
 from __future__ import annotations
@@ -50,6 +52,13 @@ METRIC_LABELS = {
     "attack_sae": "attack: SAE steering (peak)",
     "attack_quantize": "attack: quantization (peak)",
     "attack_paraphrase": "attack: paraphrase (peak)",
+    "attack_relearn_gap": "attack: relearn, worst gap vs oracle",
+    "attack_benign_gap": "attack: benign relearn, worst gap vs oracle",
+    "attack_refit_gap": "attack: probe refit, worst gap vs oracle",
+    "attack_sae_gap": "attack: SAE steering, worst gap vs oracle",
+    "attack_quantize_gap": "attack: quantization, worst gap vs oracle",
+    "attack_paraphrase_gap": "attack: paraphrase, worst gap vs oracle",
+    "params_changed": "parameters changed (fraction)",
 }
 
 
@@ -57,18 +66,24 @@ METRIC_LABELS = {
 class Curve:
     """Forget recall of one model along an attack's budget axis: ``y[i]`` at budget ``x[i]``.
     ``aux`` holds further series on the same axis (e.g. recall on the part the attack trained
-    on), each as long as ``x``."""
+    on), each as long as ``x``. ``hits[i]`` (optional) is the per-fact correctness behind
+    ``y[i]`` and ``groups[i]`` the person (owner) of each of those facts: what the verdict's
+    per-person bootstrap resamples. They stay in memory (``to_dict`` leaves them out)."""
 
     x: tuple
     y: tuple[float, ...]
     xlabel: str
     ylabel: str = "forget recall"
     aux: Mapping[str, tuple[float, ...]] = field(default_factory=dict)
+    hits: tuple[tuple[bool, ...], ...] = ()
+    groups: tuple[tuple, ...] = ()
 
     def __post_init__(self):
         object.__setattr__(self, "x", tuple(self.x))
         object.__setattr__(self, "y", tuple(self.y))
         object.__setattr__(self, "aux", {k: tuple(v) for k, v in self.aux.items()})
+        object.__setattr__(self, "hits", tuple(tuple(bool(v) for v in h) for h in self.hits))
+        object.__setattr__(self, "groups", tuple(tuple(g) for g in self.groups))
         if len(self.x) != len(self.y):
             raise ValueError(f"Curve {self.xlabel!r}: {len(self.x)} budgets x but "
                              f"{len(self.y)} values y")
@@ -76,6 +91,16 @@ class Curve:
             if len(v) != len(self.x):
                 raise ValueError(f"Curve {self.xlabel!r}: aux series {k!r} has {len(v)} values "
                                  f"for {len(self.x)} budgets")
+        if self.hits or self.groups:
+            if not len(self.hits) == len(self.groups) == len(self.x):
+                raise ValueError(f"Curve {self.xlabel!r}: per-fact hits for {len(self.hits)} "
+                                 f"and groups for {len(self.groups)} budgets; give one of each "
+                                 f"per budget ({len(self.x)})")
+            bad = [i for i, (h, g) in enumerate(zip(self.hits, self.groups)) if len(h) != len(g)]
+            if bad:
+                raise ValueError(f"Curve {self.xlabel!r}: at budget {self.x[bad[0]]!r} "
+                                 f"{len(self.hits[bad[0]])} hits but "
+                                 f"{len(self.groups[bad[0]])} groups")
 
     @property
     def peak(self) -> float:
@@ -125,6 +150,87 @@ class AttackCurves:
                 aux.setdefault(k, {})[lab] = list(v)
         return {"x": list(self.x), "xlabel": self.xlabel, "ylabel": self.ylabel,
                 "curves": {lab: list(c.y) for lab, c in self.curves.items()}, "aux": aux}
+
+    def gap(self, label: str, reference: str = "oracle") -> tuple[float, object]:
+        """The largest ``label`` minus ``reference`` recall at equal budget, and that budget."""
+        e, o = self.curves[label].y, self.curves[reference].y
+        gaps = [x - y for x, y in zip(e, o)]
+        i = max(range(len(gaps)), key=gaps.__getitem__)
+        return gaps[i], self.x[i]
+
+
+@dataclass(frozen=True)
+class GridPoint:
+    """One setting of an attack, run identically on every model: the learning rate (None for
+    attacks without one) and the seed, the curves it produced, and whether it wrecks the unedited
+    model (``flagged``: the original's held-out recall under this setting falls more than the
+    attack config's ``flag_drop`` below its un-attacked value - kept and counted, never
+    dropped)."""
+
+    lr: float | None
+    seed: int | None
+    curves: AttackCurves
+    flagged: bool = False
+
+    def to_dict(self) -> dict:
+        return {"lr": self.lr, "seed": self.seed, "flagged": self.flagged,
+                "curves": self.curves.to_dict()}
+
+
+@dataclass(frozen=True)
+class AttackGrid:
+    """Every setting one attack ran at (the attacker-hygiene grid: learning rates x seeds, the
+    same on every model). ``param``: the config field the grid varies (e.g. ``relearn_lr``;
+    None for attacks without a learning rate, which run once)."""
+
+    points: tuple[GridPoint, ...]
+    param: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "points", tuple(self.points))
+        if not self.points:
+            raise ValueError("AttackGrid needs at least one setting")
+        labels = [tuple(p.curves.curves) for p in self.points]
+        bad = [lab for lab in labels if lab != labels[0]]
+        if bad:
+            raise ValueError(f"every setting of an attack grid runs on the same models; got "
+                             f"{list(labels[0])} and {list(bad[0])}")
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(self.points[0].curves.curves)
+
+    def worst(self, label: str, reference: str = "oracle") -> GridPoint:
+        """The setting with the largest ``label`` minus ``reference`` gap (the first of ties);
+        without a ``reference`` curve, the one where ``label`` recovers most."""
+        if reference in self.labels:
+            return max(self.points, key=lambda p: p.curves.gap(label, reference)[0])
+        return max(self.points, key=lambda p: p.curves.curves[label].peak)
+
+    def worst_gap(self, label: str, reference: str = "oracle") -> float:
+        """The largest gap anywhere on the grid (every setting, every budget)."""
+        return max(p.curves.gap(label, reference)[0] for p in self.points)
+
+    def peak(self, label: str) -> float:
+        """``label``'s highest recall anywhere on the grid."""
+        return max(p.curves.curves[label].peak for p in self.points)
+
+    def rows(self, label: str, reference: str = "oracle") -> list[dict]:
+        """The compact table: per setting the gap (``label`` - ``reference``, worst budget),
+        each model's peak recall, and the flag."""
+        out = []
+        for p in self.points:
+            c = p.curves.curves
+            row: dict[str, Any] = {"lr": p.lr, "seed": p.seed}
+            if reference in c:
+                row["gap"], row["at"] = p.curves.gap(label, reference)
+            row |= {f"peak {lab}": c[lab].peak for lab in c}
+            row["flagged"] = p.flagged
+            out.append(row)
+        return out
+
+    def to_dict(self) -> dict:
+        return {"param": self.param, "points": [p.to_dict() for p in self.points]}
 
 
 @dataclass
@@ -187,6 +293,9 @@ class Report:
         attacks = self.extra.get("attacks") or {}
         if attacks:
             md += ["", "## Restoration attacks (forget recall along each attack)", ""]
+            if self.extra.get("attack_grid"):
+                md += ["Each attack at its setting with the worst gap above the oracle (the "
+                       "whole grid is below).", ""]
             for name, a in attacks.items():
                 md += [f"**{name}** ({a.xlabel})", "",
                        "| model | " + " | ".join(str(x) for x in a.x) + " |",
@@ -194,12 +303,24 @@ class Report:
                 md += [f"| {lab} | " + " | ".join(_fmt(float(v)) for v in c.y) + " |"
                        for lab, c in a.curves.items()]
                 md += [""]
-        checks = (self.extra.get("verdict") or {}).get("checks")
-        if checks:
+        table = self.grid_table()
+        if table:
+            md += [""] if md[-1] else []
+            md += ["## Attack grid (every setting, run identically on every model)", ""]
+            md += ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
+            md += ["| " + " | ".join(r) + " |" for r in table[1:]]
+            md += [""]
+        verdict = self.extra.get("verdict") or {}
+        if verdict.get("checks"):
+            md += [""] if md[-1] else []
             md += ["## Verdict checks", ""]
             md += [f"- {k}: {'pass' if c['ok'] else 'FAIL'} "
                    + ", ".join(f"{kk}={_fmt(vv)}" for kk, vv in c.items() if kk != "ok")
-                   for k, c in checks.items()]
+                   for k, c in verdict["checks"].items()]
+        if verdict.get("bar"):
+            md += ["", "## Issue 8's bar (beside the verdict)", ""]
+            md += [f"- {k}: {_yes(c['ok'])} (value {_fmt(c['value'])})"
+                   for k, c in verdict["bar"].items()]
         if self.edit:
             md += ["", "## Edit", ""]
             md += [f"- **{k}**: {v}" for k, v in self.edit.items()]
@@ -211,17 +332,43 @@ class Report:
             md += [f"![{Path(p).stem}]({p})" for p in self.plots]
         return "\n".join(md) + "\n"
 
+    def grid_table(self) -> list[list[str]]:
+        """The attack grid as rows of text: attack, learning rate, seed, worst gap above the
+        oracle (and its budget), each model's peak recall, flagged; header first. Empty when
+        the report has no grid."""
+        grids = self.extra.get("attack_grid") or {}
+        if not grids:
+            return []
+        labels = next(iter(grids.values())).labels
+        label = labels[0]  # the model under test comes first
+        head = ["attack", "lr", "seed", f"worst gap ({label} - oracle)", "at"]
+        head += [f"peak {lab}" for lab in labels] + ["flagged"]
+        out = [head]
+        for name, g in grids.items():
+            for r in g.rows(label):
+                out.append([name, "-" if r["lr"] is None else f"{r['lr']:g}",
+                            "-" if r["seed"] is None else str(r["seed"]),
+                            _fmt(r.get("gap")), str(r.get("at", "-"))]
+                           + [_fmt(r[f"peak {lab}"]) for lab in labels]
+                           + ["yes" if r["flagged"] else ""])
+        return out
+
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         atomic_write_text(folder / "metrics.json", self.to_json())
         atomic_write_text(folder / "report.md", self.to_markdown())
 
     def _repr_html_(self) -> str:
-        rows = self.table()
-        head = "".join(f"<th>{c}</th>" for c in rows[0])
-        body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows[1:])
+        def html(rows: list[list[str]]) -> str:
+            head = "".join(f"<th>{c}</th>" for c in rows[0])
+            body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>"
+                           for r in rows[1:])
+            return f"<table><tr>{head}</tr>{body}</table>"
+
         v = f"<p><b>Verdict: {self.verdict}</b></p>" if self.verdict else ""
-        return f"{v}<table><tr>{head}</tr>{body}</table>"
+        grid = self.grid_table()
+        g = f"<p>Attack grid</p>{html(grid)}" if grid else ""
+        return f"{v}{html(self.table())}{g}"
 
 
 def _fmt(v) -> str:
@@ -232,6 +379,10 @@ def _fmt(v) -> str:
             return "nan"
         return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
     return str(v)
+
+
+def _yes(ok) -> str:
+    return "not measured" if ok is None else ("pass" if ok else "FAIL")
 
 
 def _plain(o: Any) -> Any:

@@ -16,6 +16,13 @@ faster than a model that never saw the data).
 - ``quantize``  round-to-nearest per-channel weight quantization (8 and 4 bit).
 - ``paraphrase``forget facts asked in never-trained phrasings, by form.
 
+Attacker hygiene (Deeb & Roger 2024; "Distillation Robustifies Unlearning"): every attack with a
+learning rate (``relearn``, ``benign``, ``refit``, ``sae``) runs over a grid of learning rates x
+seeds (``GRIDS``: ``quick`` for ``excise run``, ``full`` for the sweep and ``excise verify --grid
+full``, ``single`` = the configured setting only), identically on every model
+(:func:`run_grid`); the verdict reads the worst gap over the whole grid. Settings that wreck the
+unedited model's own held-out recall are flagged (:func:`wrecks`), never dropped.
+
 Defaults are tuned on positive controls (models where the facts are known to be only
 suppressed, see tests/test_probes.py), not on the edit methods being judged.
 """
@@ -32,14 +39,37 @@ from torch import Tensor
 
 from excise.checks import check_positive
 from excise.handle import ModelHandle
-from excise.report import AttackCurves, Curve
-from excise.request import FactSet, ForgetRequest
+from excise.report import AttackCurves, AttackGrid, Curve, GridPoint
+from excise.request import FactSet, ForgetRequest, owner
 from excise.sae import SAETrainConfig, check_sae_fits, train_sae
 from excise.train import Optim, Sampler
 from excise.train import train as train_loop
-from probes.behaviour import recall
+from probes.behaviour import fact_hits, recall
 
 ATTACKS = ("relearn", "benign", "refit", "sae", "quantize", "paraphrase")
+
+# the attacks with a learning rate, and the AttackConfig field each grid varies
+LR_FIELDS = {"relearn": "relearn_lr", "benign": "benign_lr", "refit": "refit_lr",
+             "sae": "sae_lr"}
+
+# The attacker-hygiene grids: learning rates per attack (each on its own scale: weights for the
+# fine-tuning attacks, a readout for refit, log-gains for SAE steering) and how many seeds
+# (cfg.seed, cfg.seed + 1, ...). Every setting runs on every model (edited, oracle, original).
+# One fine-tuning run of 60 steps costs ~15 s on `small` (2 cores), so "quick" (excise run) keeps
+# two seeds of every attack and two learning rates of relearning (the attack issue 8's bar reads);
+# "full" (the sweep, excise verify --grid full) spans 1e-5 .. 3e-3 as the literature does.
+# "single" runs the configured learning rate at cfg.seed only (tests, tuning).
+GRIDS: dict[str, dict] = {
+    "single": {"lrs": {}, "seeds": 1},
+    "quick": {"lrs": {"relearn": (3e-4, 1e-3), "benign": (3e-4,), "refit": (1e-2,),
+                      "sae": (0.2,)},
+              "seeds": 2},
+    "full": {"lrs": {"relearn": (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3),
+                     "benign": (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3),
+                     "refit": (1e-3, 1e-2, 1e-1),
+                     "sae": (0.05, 0.2, 0.5)},
+             "seeds": 2},
+}
 
 
 @dataclass(frozen=True)
@@ -75,6 +105,10 @@ class AttackConfig:
     sae_lr: float = 0.2
     # quantization
     quant_bits: tuple[int, ...] = (8, 4)
+    # attacker hygiene: the grid of learning rates x seeds (GRIDS) and when a setting is flagged
+    # as wrecking the unedited model (its held-out recall falls more than this below its start)
+    grid: str = "quick"
+    flag_drop: float = 0.1
 
     def __post_init__(self):
         bad = [a for a in self.attacks if a not in ATTACKS]
@@ -94,6 +128,21 @@ class AttackConfig:
             raise ValueError(f"retain_mix={self.retain_mix!r}: must be >= 0")
         if not self.quant_bits or any(not 2 <= int(b) <= 16 for b in self.quant_bits):
             raise ValueError(f"quant_bits={self.quant_bits!r}: give bit widths in 2..16")
+        if self.grid not in GRIDS:
+            raise ValueError(f"grid={self.grid!r}: choose one of {list(GRIDS)}")
+        if not 0 < self.flag_drop <= 1:
+            raise ValueError(f"flag_drop={self.flag_drop!r}: must be in (0, 1]")
+
+    def settings(self, attack: str) -> list["AttackConfig"]:
+        """The grid of ``attack``: one config per (learning rate, seed), learning rates
+        outermost; attacks without a learning rate run once, at ``seed``."""
+        g = GRIDS[self.grid]
+        field_ = LR_FIELDS.get(attack)
+        if field_ is None:
+            return [self]
+        lrs = g["lrs"].get(attack) or (getattr(self, field_),)
+        return [dataclasses.replace(self, seed=self.seed + k, **{field_: float(lr)})
+                for lr in lrs for k in range(g["seeds"])]
 
     @classmethod
     def from_params(cls, params: dict | None) -> "AttackConfig":
@@ -120,30 +169,50 @@ def _trainable_clone(model: ModelHandle) -> ModelHandle:
     return m
 
 
+def _groups(facts: Sequence) -> tuple:
+    """The owner (person, else subject) of each fact: what the verdict resamples."""
+    return tuple(owner(f) for f in facts)
+
+
 def finetune_curve(model: ModelHandle, train: Sequence, evaluate: Sequence,
                    mix: Sequence = (), *, steps: int, lr: float, batch: int, mix_ratio: float,
                    eval_every: int, seed: int, also: Sequence = ()) -> Curve:
     """Fine-tune a clone of ``model`` on ``train`` (with ``mix_ratio`` x as many ``mix`` facts
-    per batch) by AdamW; recall on ``evaluate`` (and ``also``) every ``eval_every`` steps."""
-    train, mix = list(train), list(mix)
+    per batch) by AdamW; recall on ``evaluate`` (and ``also``) every ``eval_every`` steps. The
+    curve keeps the per-fact hits on ``evaluate`` at every step measured."""
+    train, mix, evaluate = list(train), list(mix), list(evaluate)
     if not train and not mix:
         raise ValueError("nothing to fine-tune on")
     m = _trainable_clone(model)
     sampler = Sampler(seed)
     data = m.encode(train + mix)
+    ev = m.encode(evaluate)  # encoded once, measured at every evaluation
+    seen = m.encode(list(also)) if also else None
     n_tr, n_mix = len(train), len(mix)
-    xs, ys, aux = [0], [recall(m, evaluate)], [recall(m, also)] if also else []
+    xs, hits, aux = [], [], []
 
     def measure(step: int) -> None:
         xs.append(step)
-        ys.append(recall(m, evaluate))
-        if also:
-            aux.append(recall(m, also))
+        hits.append(fact_hits(m, ev))
+        if seen is not None:
+            aux.append(float(fact_hits(m, seen).float().mean()))
 
+    measure(0)
     train_loop(lambda _: m.loss(data[sampler.mixed(n_tr, n_mix, batch, mix_ratio)].trim()),
                m.named_parameters(), steps=steps, optim=Optim("adamw", lr=lr, weight_decay=0.0),
                max_grad_norm=1.0, evaluate=measure, eval_every=eval_every)
-    return Curve(xs, ys, "fine-tuning steps", aux={"trained part": aux} if also else {})
+    return _curve(xs, hits, evaluate, "fine-tuning steps",
+                  aux={"trained part": aux} if also else {})
+
+
+def _curve(xs, hits: Sequence[Tensor], facts: Sequence, xlabel: str,
+           ylabel: str = "forget recall", aux=None, groups=None) -> Curve:
+    """A Curve from per-fact hits at each budget (``groups``: per budget; default: the owners
+    of ``facts`` at every budget)."""
+    g = _groups(facts)
+    return Curve(xs, [float(h.float().mean()) if len(h) else float("nan") for h in hits],
+                 xlabel, ylabel, aux=aux or {}, hits=[h.tolist() for h in hits],
+                 groups=groups if groups is not None else [g] * len(hits))
 
 
 def _split_people(facts: FactSet, cfg: AttackConfig, attack: str) -> tuple[FactSet, FactSet]:
@@ -213,25 +282,33 @@ def _fit_readout(x: Tensor, tokens: Tensor, W0: Tensor, b0: Tensor,
 
 def refit(model: ModelHandle, request: ForgetRequest, cfg: AttackConfig = AttackConfig()) -> Curve:
     """Logit-lens readout from every depth, initialised at the model's unembedding and re-fitted
-    on retain activations; forget recall when reading the forget activations with it."""
+    on retain activations; forget recall when reading the forget activations with it. ``aux``
+    keeps the plain logit lens (the readout before fitting) at every depth: at the last depth
+    that is the model's own recall."""
     rng = random.Random(cfg.seed)
     retain = list(request.retain)
     if len(retain) > cfg.refit_max_facts:
         retain = rng.sample(retain, cfg.refit_max_facts)
     sites = [f"blocks.{L}.resid_post" for L in range(model.n_layers)]
     xr, tr, _ = _readout_data(model, retain, sites)
-    xf, tf, of = _readout_data(model, list(request.forget), sites)
+    forget = list(request.forget)
+    xf, tf, of = _readout_data(model, forget, sites)
     _, W0, b0 = model.readout()
     W0, b0 = W0.float().cpu(), b0.float().cpu()
-    ys = []
+
+    def fact_hit(W: Tensor, bias: Tensor, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            ok = ((x @ W + bias).argmax(-1) == tf).float()
+        hit = torch.ones(len(forget))
+        return hit.scatter_reduce_(0, of, ok, "amin").bool()
+
+    hits, lens = [], []
     for s in sites:
         W, bias = _fit_readout(xr[s], tr, W0, b0, cfg)
-        with torch.no_grad():
-            ok = ((xf[s] @ W + bias).argmax(-1) == tf).float()
-        hit = torch.ones(len(request.forget))
-        hit.scatter_reduce_(0, of, ok, "amin")
-        ys.append(float(hit.mean()))
-    return Curve(list(range(model.n_layers)), ys, "depth of the re-fitted readout (layer)")
+        hits.append(fact_hit(W, bias, xf[s]))
+        lens.append(float(fact_hit(W0, b0, xf[s]).float().mean()))
+    return _curve(list(range(model.n_layers)), hits, forget,
+                  "depth of the re-fitted readout (layer)", aux={"logit lens": lens})
 
 
 # -- SAE ---------------------------------------------------------------------------------------
@@ -278,8 +355,9 @@ def sae_steer(model: ModelHandle, request: ForgetRequest, sae, site: str,
     log_gains = torch.zeros(sae.W_dec.shape[0], requires_grad=True)  # gains = exp: amplify x20 fast
     sampler = Sampler(cfg.seed)
     data = m.encode(list(a) + list(request.retain))
+    eb, ea = m.encode(list(b)), m.encode(list(a))
     n_a, n_mix = len(a), len(request.retain)
-    xs, ys, seen = [0], [recall(m, b)], [recall(m, a)]
+    xs, hits, seen = [], [], []
 
     def loss(_step: int) -> Tensor:
         rows = sampler.mixed(n_a, n_mix, cfg.relearn_batch, cfg.retain_mix)
@@ -287,15 +365,16 @@ def sae_steer(model: ModelHandle, request: ForgetRequest, sae, site: str,
         return m.loss(data[rows].trim(), hooks={site: hook})
 
     def measure(step: int) -> None:
-        hk = {site: gain_hook(sae, log_gains.detach().exp(), scale)}
+        hk = {site: gain_hook(sae, log_gains.detach().exp(), scale)} if step else None
         xs.append(step)
-        ys.append(recall(m, b, hooks=hk))
-        seen.append(recall(m, a, hooks=hk))
+        hits.append(fact_hits(m, eb, hooks=hk))
+        seen.append(float(fact_hits(m, ea, hooks=hk).float().mean()))
 
+    measure(0)
     train_loop(loss, [log_gains], steps=cfg.sae_attack_steps, optim=Optim("adam", lr=cfg.sae_lr),
                evaluate=measure, eval_every=cfg.eval_every)
-    return Curve(xs, ys, f"steps fitting {len(log_gains)} latent gains ({site})",
-                 "forget recall (held-out people)", aux={"trained part": seen})
+    return _curve(xs, hits, list(b), f"steps fitting {len(log_gains)} latent gains ({site})",
+                  "forget recall (held-out people)", aux={"trained part": seen})
 
 
 # -- quantization ------------------------------------------------------------------------------
@@ -327,28 +406,32 @@ def quantized(model: ModelHandle, bits: int) -> ModelHandle:
 
 def quantize(model: ModelHandle, request: ForgetRequest,
              cfg: AttackConfig = AttackConfig()) -> Curve:
-    xs, ys, ret = ["fp32"], [recall(model, request.forget)], [recall(model, request.retain)]
+    forget = list(request.forget)
+    fb, rb = model.encode(forget), model.encode(list(request.retain))
+    xs, hits, ret = ["fp32"], [fact_hits(model, fb)], [recall(model, rb)]
     for b in cfg.quant_bits:
         q = quantized(model, int(b))
         xs.append(f"{int(b)}-bit")
-        ys.append(recall(q, request.forget))
-        ret.append(recall(q, request.retain))
-    return Curve(xs, ys, "weights", aux={"retain recall": ret})
+        hits.append(fact_hits(q, fb))
+        ret.append(recall(q, rb))
+    return _curve(xs, hits, forget, "weights", aux={"retain recall": ret})
 
 
 def paraphrase(model: ModelHandle, request: ForgetRequest,
                cfg: AttackConfig = AttackConfig()) -> Curve:
-    xs, ys = ["trained"], [recall(model, request.forget)]
+    forget = list(request.forget)
+    xs, hits, groups = ["trained"], [fact_hits(model, forget)], [_groups(forget)]
     first = ("statement", "question")
     for form in first + tuple(sorted({f.form for f in request.paraphrase} - set(first))):
-        part = request.paraphrase.where(form=form)
+        part = list(request.paraphrase.where(form=form))
         if len(part):
             xs.append(f"paraphrase {form}")
-            ys.append(recall(model, part))
+            hits.append(fact_hits(model, part))
+            groups.append(_groups(part))
     if len(xs) == 1:
         raise ValueError("the paraphrase attack needs request.paraphrase facts (never-trained "
                          "phrasings of the forget facts); the request has none")
-    return Curve(xs, ys, "phrasing")
+    return _curve(xs, hits, forget, "phrasing", groups=groups)
 
 
 # -- all together ------------------------------------------------------------------------------
@@ -365,36 +448,116 @@ RUNNERS: dict[str, Callable[..., Curve]] = {
 }
 
 
+def steering_kit(source: ModelHandle, request: ForgetRequest, cfg: AttackConfig, sae=None):
+    """``(sae, site, input scale)`` for the steering attack: ``sae`` (an SAE or ``(sae,
+    scale)``) or one trained on ``source`` (the original model) at ``cfg.sae_layer``."""
+    L = cfg.sae_layer if cfg.sae_layer is not None else source.n_layers // 2
+    if not 0 <= L < source.n_layers:
+        raise ValueError(f"sae_layer={L}: the model has layers 0..{source.n_layers - 1}")
+    site = f"blocks.{L}.resid_post"
+    if sae is None:
+        sae = steering_sae(source, request, site, cfg.sae_expansion, cfg.sae_steps, cfg.sae_l1,
+                           cfg.seed)
+    sae, scale = sae if isinstance(sae, tuple) else (sae, 1.0)
+    return sae, site, scale
+
+
+def _check_paraphrase(request: ForgetRequest, cfg: AttackConfig) -> None:
+    if "paraphrase" in cfg.attacks and not len(request.paraphrase):
+        raise ValueError("the paraphrase attack needs request.paraphrase facts; drop it from "
+                         "attacks or give never-trained phrasings of the forget facts")
+
+
 def run_attacks(models: dict[str, ModelHandle], request: ForgetRequest,
                 cfg: AttackConfig = AttackConfig(), *, sae_source: ModelHandle | None = None,
                 sae=None, log=None) -> dict[str, AttackCurves]:
-    """Run every attack of ``cfg`` with identical settings on each model.
+    """Run every attack of ``cfg`` once, at its configured setting, with identical settings on
+    each model (no grid: see :func:`run_grid`).
 
     Returns ``{attack: AttackCurves}`` (one :class:`Curve` per model label).
     ``sae_source`` is the model whose activations define the SAE and the forget latents
     (the original, unedited model); ``sae`` may be given instead of training one."""
-    out: dict[str, AttackCurves] = {}
-    first = next(iter(models.values()))
-    if "paraphrase" in cfg.attacks and not len(request.paraphrase):
-        raise ValueError("the paraphrase attack needs request.paraphrase facts; drop it from "
-                         "attacks or give never-trained phrasings of the forget facts")
+    _check_paraphrase(request, cfg)
     kit = None
     if "sae" in cfg.attacks:
-        L = cfg.sae_layer if cfg.sae_layer is not None else first.n_layers // 2
-        if not 0 <= L < first.n_layers:
-            raise ValueError(f"sae_layer={L}: the model has layers 0..{first.n_layers - 1}")
-        sae_site = f"blocks.{L}.resid_post"
-        src = sae_source or first
-        if sae is None:
-            sae = steering_sae(src, request, sae_site, cfg.sae_expansion, cfg.sae_steps,
-                               cfg.sae_l1, cfg.seed)
-        sae, sae_scale = sae if isinstance(sae, tuple) else (sae, 1.0)
-        kit = (sae, sae_site, sae_scale)
+        kit = steering_kit(sae_source or next(iter(models.values())), request, cfg, sae)
+    out: dict[str, AttackCurves] = {}
     for name in cfg.attacks:
         if log:
             log(f"attack: {name}")
         out[name] = AttackCurves({label: RUNNERS[name](model, request, cfg, kit)
                                   for label, model in models.items()})
+    return out
+
+
+def run_grid(models: dict[str, ModelHandle], request: ForgetRequest,
+             cfg: AttackConfig = AttackConfig(), *, sae_source: ModelHandle | None = None,
+             sae=None, kit=None, reference: str | None = None,
+             log=None) -> dict[str, AttackGrid]:
+    """Run every attack of ``cfg`` over its grid (:meth:`AttackConfig.settings`: learning rates
+    x seeds of ``cfg.grid``), every setting identically on each model.
+
+    Returns ``{attack: AttackGrid}``. ``reference``: the label of the unedited model, whose
+    curves flag the settings that wreck it (:func:`wrecks`); flagged settings stay in the grid.
+    ``kit``: a ready ``steering_kit`` (else one is built from ``sae`` / ``sae_source``)."""
+    _check_paraphrase(request, cfg)
+    if kit is None and "sae" in cfg.attacks:
+        kit = steering_kit(sae_source or next(iter(models.values())), request, cfg, sae)
+    out: dict[str, AttackGrid] = {}
+    for name in cfg.attacks:
+        points = []
+        for c in cfg.settings(name):
+            lr = getattr(c, LR_FIELDS[name]) if name in LR_FIELDS else None
+            if log:
+                log(f"attack: {name}" + (f" lr {lr:g} seed {c.seed}" if lr is not None else ""))
+            curves = AttackCurves({label: RUNNERS[name](model, request, c, kit)
+                                   for label, model in models.items()})
+            points.append(GridPoint(lr, c.seed if lr is not None else None, curves))
+        out[name] = AttackGrid(tuple(points), LR_FIELDS.get(name))
+    return flag(out, reference, cfg.flag_drop) if reference in next(
+        iter(out.values())).labels else out
+
+
+def wrecks(attack: str, curve: Curve, drop: float) -> bool:
+    """Whether a setting wrecks the unedited model ``curve`` was measured on: its recall under
+    the attack falls more than ``drop`` below its value without the attack. Without the attack:
+    the first budget (fine-tuning and steering attacks: step 0; quantization: fp32); for probe
+    re-fitting, the last depth read by the model's own readout (the logit lens, ``aux``),
+    against the re-fitted readout there. Paraphrases are not an attack setting: never flagged."""
+    if attack == "paraphrase":
+        return False
+    if attack == "refit":
+        return curve.y[-1] < curve.aux["logit lens"][-1] - drop
+    return min(curve.y[1:], default=curve.y[0]) < curve.y[0] - drop
+
+
+def flag(grids: dict[str, AttackGrid], reference: str, drop: float) -> dict[str, AttackGrid]:
+    """The grids with every setting flagged where it wrecks the ``reference`` model."""
+    return {name: dataclasses.replace(g, points=tuple(
+        dataclasses.replace(p, flagged=wrecks(name, p.curves.curves[reference], drop))
+        for p in g.points)) for name, g in grids.items()}
+
+
+def merge_grids(parts: dict[str, dict[str, AttackGrid]]) -> dict[str, AttackGrid]:
+    """Grids run one model at a time (``{label: {attack: grid}}``, each with one curve per
+    setting, labelled ``"_"``) as one grid per attack with every model's curve per setting.
+    Refuses parts whose settings differ."""
+    labels = list(parts)
+    first = parts[labels[0]]
+    out = {}
+    for name, g in first.items():
+        points = []
+        for i, p in enumerate(g.points):
+            curves = {}
+            for lab in labels:
+                q = parts[lab][name].points[i]
+                if (q.lr, q.seed) != (p.lr, p.seed):
+                    raise ValueError(f"attack {name}: setting {i} is lr {q.lr} seed {q.seed} "
+                                     f"for {lab!r} but lr {p.lr} seed {p.seed} for "
+                                     f"{labels[0]!r}; every model runs the same grid")
+                curves[lab] = next(iter(q.curves.curves.values()))
+            points.append(GridPoint(p.lr, p.seed, AttackCurves(curves)))
+        out[name] = AttackGrid(tuple(points), g.param)
     return out
 
 

@@ -17,14 +17,20 @@ from excise.request import FactSet
 
 
 @torch.inference_mode()
-def fact_hits(model: ModelHandle, facts: FactSet | Sequence, batch_size: int = 256,
+def fact_hits(model: ModelHandle, facts: FactSet | Sequence | Batch, batch_size: int = 256,
               hooks=None) -> torch.Tensor:
-    """Per fact: True when the greedy continuation equals the target. ``[n]`` bool."""
-    facts = list(facts)
-    if not facts:
+    """Per fact: True when the greedy continuation equals the target. ``[n]`` bool. ``facts``
+    may be a Batch already encoded (``model.encode(facts)``), so a caller measuring the same
+    facts many times (an attack curve) encodes them once."""
+    if not isinstance(facts, Batch):
+        facts = list(facts)
+        if not facts:
+            return torch.zeros(0, dtype=torch.bool)
+        facts = model.encode(facts)
+    if len(facts) == 0:
         return torch.zeros(0, dtype=torch.bool)
     out = []
-    for b in model.encode(facts).chunks(batch_size):
+    for b in facts.chunks(batch_size):
         logits = model.logits(b.tokens, hooks)  # [n, T, V]
         out.append(greedy_hits(logits[:, :-1], b)[1])
     return torch.cat(out)
@@ -73,31 +79,57 @@ def perplexity(model: ModelHandle, texts: Sequence[str], batch_size: int = 256,
     return math.exp(-total / max(1, count))
 
 
+# the request's fact splits behaviour measures, and the metric each one's recall is
+SPLITS = {"forget": "forget_recall", "retain": "retain_recall", "holdout": "holdout_recall",
+          "shared": "shared_recall", "paraphrase": "paraphrase_recall",
+          "neighbors": "neighbor_recall"}
+
+
+def behaviour_hits(model: ModelHandle, request) -> dict[str, torch.Tensor]:
+    """Per-fact greedy correctness (``[n]`` bool, in the request's order) of every split
+    behaviour measures: forget, retain, holdout, shared, and paraphrase / neighbors where the
+    request has them. One forward pass per batch; recall is the mean."""
+    out = {}
+    for split in SPLITS:
+        facts = getattr(request, split)
+        if split in ("forget", "retain", "holdout", "shared") or len(facts):
+            out[split] = fact_hits(model, facts)
+    return out
+
+
+def measure_behaviour(model: ModelHandle, request
+                      ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+    """``(behaviour_metrics, behaviour_hits)`` from one pass over every split: the metrics and
+    the per-fact correctness they are the means of (the verdict's bootstrap reads those)."""
+    hits = behaviour_hits(model, request)
+    forget = _by_form(hits["forget"], request.forget, "forget")
+    m = {"forget_recall": forget.pop("forget_recall")}
+    for split in ("retain", "holdout", "shared"):
+        m[SPLITS[split]] = _mean(hits[split])
+    m["perplexity"] = perplexity(model, request.general)
+    m.update(forget)
+    if "paraphrase" in hits:
+        m.update(_by_form(hits["paraphrase"], request.paraphrase, "paraphrase"))
+    if "neighbors" in hits:
+        m["neighbor_recall"] = _mean(hits["neighbors"])
+    return m, hits
+
+
 def behaviour_metrics(model: ModelHandle, request) -> dict[str, float]:
     """Recall on every split of the request (forget also by form; paraphrases by form),
     perplexity on general text, shared-knowledge accuracy."""
-    forget = _recall_by_form(model, request.forget, "forget")
-    m = {
-        "forget_recall": forget.pop("forget_recall"),
-        "retain_recall": recall(model, request.retain),
-        "holdout_recall": recall(model, request.holdout),
-        "shared_recall": recall(model, request.shared),
-        "perplexity": perplexity(model, request.general),
-    }
-    m.update(forget)
-    if len(request.paraphrase):
-        m.update(_recall_by_form(model, request.paraphrase, "paraphrase"))
-    if len(request.neighbors):
-        m["neighbor_recall"] = recall(model, request.neighbors)
-    return m
+    return measure_behaviour(model, request)[0]
 
 
-def _recall_by_form(model: ModelHandle, facts, name: str) -> dict[str, float]:
-    """``{name}_recall`` and, when the set mixes forms, ``{name}_{form}_recall`` - from one
-    forward pass over the set."""
+def _mean(hits: torch.Tensor) -> float:
+    return float(hits.float().mean()) if len(hits) else float("nan")
+
+
+def _by_form(hits: torch.Tensor, facts, name: str) -> dict[str, float]:
+    """``{name}_recall`` and, when the set mixes forms, ``{name}_{form}_recall``."""
     facts = list(facts)
-    hits = fact_hits(model, facts).float()
-    out = {f"{name}_recall": float(hits.mean()) if len(hits) else float("nan")}
+    hits = hits.float()
+    out = {f"{name}_recall": _mean(hits)}
     for form in ("statement", "question"):
         sel = torch.tensor([f.form == form for f in facts], dtype=torch.bool)
         if 0 < int(sel.sum()) < len(facts):

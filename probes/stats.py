@@ -16,6 +16,8 @@ Representation similarity
 Leave-one-out (LOO) linear probes
     ridge_fit, ridge_loo, ridge_loo_accuracy,
     logistic_fit, logistic_loo, loo_probe_accuracy
+Confidence intervals
+    resample_counts, group_bootstrap (paired, resampling groups such as people), Bootstrap
 
 Conventions for the linear probes
 ---------------------------------
@@ -33,6 +35,9 @@ free, so LOO accuracies agree); logistic maps them to {0, 1}.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -53,6 +58,9 @@ __all__ = [
     "ridge_group_loo",
     "logistic_group_loo",
     "group_loo_accuracy",
+    "Bootstrap",
+    "resample_counts",
+    "group_bootstrap",
 ]
 
 _F64 = torch.float64
@@ -634,3 +642,90 @@ def group_permutation_null(x: Tensor, y: Tensor, groups, lam: float = 1.0, n_per
         perm = label[torch.randperm(len(ids), generator=gen)]
         out[k] = balanced_group_loo_accuracy(x, perm[inverse], g, lam)
     return out
+
+
+# -- Paired bootstrap over groups (people) ---------------------------------------------------------
+@dataclass(frozen=True)
+class Bootstrap:
+    """A statistic on the data (``estimate``) and on ``n_boot`` resamples of its groups
+    (``samples``, float64 ``[n_boot]``). Bounds are quantiles of the samples (percentile
+    bootstrap, linear interpolation as ``torch.quantile``)."""
+
+    estimate: float
+    samples: Tensor
+    n_groups: int
+
+    def upper(self, level: float = 0.9) -> float:
+        """Upper end of the one-sided ``level`` interval: the ``level`` quantile."""
+        return float(torch.quantile(self.samples, _level(level)))
+
+    def lower(self, level: float = 0.9) -> float:
+        """Lower end of the one-sided ``level`` interval: the ``1 - level`` quantile."""
+        return float(torch.quantile(self.samples, 1.0 - _level(level)))
+
+
+def _level(level: float) -> float:
+    if not 0.5 <= level < 1:
+        raise ValueError(f"confidence level {level!r}: must be in [0.5, 1)")
+    return float(level)
+
+
+def resample_counts(n_groups: int, n_boot: int, seed: int = 0) -> Tensor:
+    """How often each of ``n_groups`` groups is drawn in each of ``n_boot`` resamples with
+    replacement (``n_groups`` draws each): float64 ``[n_boot, n_groups]``, rows summing to
+    ``n_groups``. Resample ``r`` draws the groups ``torch.randint(n_groups, (n_boot, n_groups),
+    generator=torch.Generator().manual_seed(seed))[r]``."""
+    if n_groups < 1 or n_boot < 1:
+        raise ValueError(f"resample_counts: need n_groups >= 1 and n_boot >= 1, got "
+                         f"{n_groups} and {n_boot}")
+    idx = torch.randint(n_groups, (n_boot, n_groups),
+                        generator=torch.Generator().manual_seed(seed))  # [R, P]
+    counts = torch.zeros(n_boot, n_groups, dtype=_F64)
+    return counts.scatter_add_(1, idx, torch.ones(n_boot, n_groups, dtype=_F64))
+
+
+def group_bootstrap(a, b, groups: Sequence, rows=None, *, scale: float = 1.0,
+                    n_boot: int = 2000, seed: int = 0) -> Bootstrap:
+    """Paired bootstrap over groups of ``max over rows [mean(a) - scale * mean(b)]``.
+
+    ``a``, ``b``: per-item values ``[n]`` (e.g. 0/1 correctness of each fact on two models -
+    the same facts on both: paired); ``b=None`` reads as zeros. ``groups``: the group of each
+    item (hashable labels, e.g. the person a fact is about); resampling draws whole groups with
+    replacement, every resample the same for ``a`` and ``b``. ``rows``: an optional row label per
+    item (e.g. the budget of an attack curve the fact was measured at); the means are taken per
+    row over that row's items, and the statistic is the largest row's difference (rows holding
+    no drawn item are skipped). Without ``rows`` every item is one row: a difference of means.
+
+    Vectorised: items are summed per (group, row) once, then every resample is a matrix product
+    of its group counts (:func:`resample_counts`) with those sums - no loop over resamples."""
+    a = _f64(a).reshape(-1)
+    b = torch.zeros_like(a) if b is None else _f64(b).reshape(-1)
+    n = a.numel()
+    labels = list(groups)
+    if n == 0 or b.numel() != n or len(labels) != n:
+        raise ValueError(f"group_bootstrap: need matching non-empty a, b and groups, got "
+                         f"{n}, {b.numel()} and {len(labels)} items")
+    row_labels = [0] * n if rows is None else list(rows)
+    if len(row_labels) != n:
+        raise ValueError(f"group_bootstrap: {n} items but {len(row_labels)} row labels")
+    gid = {g: i for i, g in enumerate(dict.fromkeys(labels))}
+    rid = {r: i for i, r in enumerate(dict.fromkeys(row_labels))}
+    gi = torch.tensor([gid[g] for g in labels])
+    ri = torch.tensor([rid[r] for r in row_labels])
+    P, B = len(gid), len(rid)
+    flat = gi * B + ri
+    d = a - scale * b  # the means are linear: mean(a) - s mean(b) = mean(a - s b) per row
+
+    def per_cell(v: Tensor) -> Tensor:  # [P, B] sums over the items of each (group, row)
+        return torch.zeros(P * B, dtype=_F64).index_add_(0, flat, v).reshape(P, B)
+
+    s_d, s_n = per_cell(d), per_cell(torch.ones(n, dtype=_F64))
+
+    def stat(w: Tensor) -> Tensor:  # w [R, P] group weights -> [R]
+        num, den = w @ s_d, w @ s_n  # [R, B]
+        mean = torch.where(den > 0, num / den.clamp(min=1e-300),
+                           torch.full_like(num, -math.inf))
+        return mean.amax(1)
+
+    est = float(stat(torch.ones(1, P, dtype=_F64))[0])
+    return Bootstrap(est, stat(resample_counts(P, n_boot, seed)), P)

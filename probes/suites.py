@@ -28,12 +28,13 @@ from typing import Any
 from excise.handle import ModelHandle
 from excise.report import AttackCurves
 from excise.request import ForgetRequest
+from excise.report import AttackGrid
 from probes import attacks as A
 from probes import representations as R
-from probes.behaviour import behaviour_metrics
+from probes.behaviour import measure_behaviour
 from probes.oracle import oracle_metrics
 from probes.privacy import add_privleak, privacy_metrics
-from probes.verdict import decide
+from probes.verdict import Judgement, Rule, decide, groups_of, params_changed
 
 MODELS = ("oracle", "original")  # the models a suite may need besides the one under test
 
@@ -43,9 +44,12 @@ class VerifySettings:
     """``probes.verify``'s settings, as every suite reads them.
 
     ``attacks``: attack names, a dict of :class:`probes.attacks.AttackConfig` settings, or an
-    ``AttackConfig``. ``margin`` / ``tolerance``: the verdict rule's slack on forget recall and on
-    attack curves. ``sae``: an SAE (or ``(sae, input_scale)``) for the steering attack instead of
-    training one."""
+    ``AttackConfig``. ``grid``: the attacker-hygiene grid of learning rates x seeds
+    (``probes.attacks.GRIDS``: quick, full, single) unless ``attacks`` sets its own.
+    ``margin`` / ``tolerance`` / ``utility`` / ``ppl_tolerance`` / ``mia_tolerance`` /
+    ``confidence`` / ``n_boot``: the verdict rule's settings (:class:`probes.verdict.Rule`).
+    ``sae``: an SAE (or ``(sae, input_scale)``) for the steering attack instead of training
+    one."""
 
     suite: tuple[str, ...] = ("behaviour",)
     label: str = "model"
@@ -61,10 +65,26 @@ class VerifySettings:
     loo_by: str = "person"
     loo_null: int = 20
     sae: Any = None
+    grid: str = "quick"
+    utility: float = 0.98
+    ppl_tolerance: float = 0.02
+    mia_tolerance: float = 0.05
+    confidence: float = 0.9
+    n_boot: int = 2000
 
     def __post_init__(self):
         s = self.suite
         object.__setattr__(self, "suite", (s,) if isinstance(s, str) else tuple(s))
+        if self.grid not in A.GRIDS:
+            raise ValueError(f"grid={self.grid!r}: choose one of {list(A.GRIDS)} (the attack "
+                             f"grid of learning rates x seeds)")
+        self.rule()  # refuses bad verdict settings before anything runs
+
+    def rule(self) -> Rule:
+        """The verdict rule with these settings (bootstrap seeded by ``seed``)."""
+        return Rule(margin=self.margin, tolerance=self.tolerance, utility=self.utility,
+                    perplexity=self.ppl_tolerance, mia=self.mia_tolerance,
+                    confidence=self.confidence, n_boot=self.n_boot, seed=self.seed)
 
     @property
     def original_label(self) -> str:
@@ -72,15 +92,17 @@ class VerifySettings:
         return "before" if self.label == "after" else "original"
 
     def attack_config(self) -> A.AttackConfig:
-        """The attack settings (``seed`` is the verification seed unless given)."""
+        """The attack settings (``seed`` is the verification seed and ``grid`` this grid
+        unless given; an ``AttackConfig`` is used as it is)."""
         attacks = self.attacks
         if isinstance(attacks, A.AttackConfig):
             return attacks
+        base = {"seed": self.seed, "grid": self.grid}
         if attacks is None:
-            return A.AttackConfig(seed=self.seed)
+            return A.AttackConfig(**base)
         if isinstance(attacks, dict):
-            return A.AttackConfig.from_params({"seed": self.seed} | dict(attacks))
-        return A.AttackConfig.from_params({"attacks": attacks, "seed": self.seed})
+            return A.AttackConfig.from_params(base | dict(attacks))
+        return A.AttackConfig.from_params(base | {"attacks": attacks})
 
 
 @dataclass(frozen=True)
@@ -93,20 +115,32 @@ class SuiteResult:
 
 
 @dataclass(frozen=True, kw_only=True)
+class BehaviourResult(SuiteResult):
+    """The behaviour suite: metrics, and per model the per-fact correctness of every split
+    (``hits[label][split]``, ``[n]`` bool) that the verdict's bootstrap resamples."""
+
+    hits: Mapping[str, Mapping[str, Any]]
+
+
+@dataclass(frozen=True, kw_only=True)
 class AttackResult(SuiteResult):
-    """The attacks suite: one :class:`AttackCurves` per attack, and the settings used."""
+    """The attacks suite: per attack its whole grid (:class:`excise.report.AttackGrid`), the
+    curves of its worst setting (:class:`AttackCurves`, what plots show), and the settings."""
 
     curves: Mapping[str, AttackCurves]
     config: A.AttackConfig
+    grids: Mapping[str, AttackGrid] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
 class VerdictResult(SuiteResult):
-    """The verdict (``probes.verdict.VERDICTS``), the rule that produced it and its checks."""
+    """The verdict (``probes.verdict.VERDICTS``), the rule that produced it, its checks and
+    issue 8's bar beside it."""
 
     verdict: str
     rule: str
     checks: Mapping[str, Mapping[str, Any]]
+    bar: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -226,10 +260,13 @@ def resolve(names: str | Sequence[str]) -> list[str]:
 
 # -- the suites --------------------------------------------------------------------------------
 @suite("behaviour")
-def behaviour(ctx: Context) -> SuiteResult:
-    """Recall per split and form, paraphrases, perplexity, shared knowledge."""
-    return SuiteResult({k: ctx.memo(m, ("behaviour",), partial(behaviour_metrics, m, ctx.request))
-                        for k, m in ctx.everyone.items()})
+def behaviour(ctx: Context) -> BehaviourResult:
+    """Recall per split and form, paraphrases, perplexity, shared knowledge (and the per-fact
+    correctness behind each recall)."""
+    got = {k: ctx.memo(m, ("behaviour",), partial(measure_behaviour, m, ctx.request))
+           for k, m in ctx.everyone.items()}
+    return BehaviourResult({k: v[0] for k, v in got.items()},
+                           hits={k: v[1] for k, v in got.items()})
 
 
 @suite("oracle", requires=("behaviour",), needs=("oracle",),
@@ -313,37 +350,58 @@ def _check_attacks(settings: VerifySettings) -> None:
 
 @suite("attacks", check=_check_attacks)
 def attacks(ctx: Context) -> AttackResult:
-    """Restoration attacks with identical settings on the model and the oracle (see
-    ``probes.attacks``); the metric is each curve's peak forget recall."""
+    """Restoration attacks over the attacker-hygiene grid (learning rates x seeds), every
+    setting identically on the model, the oracle and the original (whose curves flag the
+    settings that wreck it; see ``probes.attacks``). Metrics: each model's peak forget recall
+    over the whole grid, and the model's worst gap above the oracle."""
     s, cfg = ctx.settings, ctx.settings.attack_config()
-    targets = {ctx.label: ctx.model} | ({"oracle": ctx.oracle} if ctx.oracle is not None else {})
-    if ctx.cache is None:
-        res = A.run_attacks(targets, ctx.request, cfg, sae_source=ctx.original, sae=s.sae,
-                            log=ctx.log)
-    else:  # one model at a time, so the oracle's curves are reused across edits
-        source = ctx.original or ctx.model
-        parts = {k: ctx.memo(m, ("attacks", repr(cfg), source.fingerprint()),
-                             partial(A.run_attacks, {"_": m}, ctx.request, cfg,
-                                     sae_source=source, sae=s.sae, log=ctx.log))
-                 for k, m in targets.items()}
-        first = next(iter(parts.values()))  # relabel "_" as each model's column
-        res = {name: AttackCurves({k: part[name].curves["_"] for k, part in parts.items()})
-               for name in first}
+    orig = s.original_label
+    targets = {ctx.label: ctx.model}
+    if ctx.oracle is not None:
+        targets["oracle"] = ctx.oracle
+    if ctx.original is not None and orig in ctx.models:
+        targets[orig] = ctx.original
+    source = ctx.original or ctx.model
+    kit: dict = {}
+
+    def grid_of(m: ModelHandle) -> dict[str, AttackGrid]:
+        if "sae" in cfg.attacks and "kit" not in kit:  # built once, only when a model misses
+            kit["kit"] = A.steering_kit(source, ctx.request, cfg, s.sae)
+        return A.run_grid({"_": m}, ctx.request, cfg, kit=kit.get("kit"), log=ctx.log)
+
+    # one model at a time, so with a cache the oracle's and the original's grids are reused
+    parts = {k: ctx.memo(m, ("attacks", repr(cfg), source.fingerprint()), partial(grid_of, m))
+             for k, m in targets.items()}
+    grids = A.merge_grids(parts)
+    if orig in targets:
+        grids = A.flag(grids, orig, cfg.flag_drop)
+    # what plots show: each attack at its worst setting (largest gap above the oracle; without
+    # an oracle, where the model recovers most)
+    res = {name: g.worst(ctx.label).curves for name, g in grids.items()}
     metrics: dict[str, dict[str, float]] = {k: {} for k in targets}
-    for name, a in res.items():
-        for k, c in a.curves.items():
-            metrics[k][f"attack_{name}"] = A.peak_recovery(c.y)
-    return AttackResult(metrics, {"attacks": res, "attack_config": cfg.to_dict()}, curves=res,
-                        config=cfg)
+    for name, g in grids.items():
+        for k in targets:
+            metrics[k][f"attack_{name}"] = g.peak(k)
+        if "oracle" in targets:
+            metrics[ctx.label][f"attack_{name}_gap"] = g.worst_gap(ctx.label)
+    return AttackResult(metrics, {"attacks": res, "attack_grid": grids,
+                                  "attack_config": cfg.to_dict()},
+                        curves=res, config=cfg, grids=grids)
 
 
-@suite("verdict", requires=("behaviour", "attacks"), needs=("oracle", "original"),
+@suite("verdict", requires=("behaviour", "privacy", "attacks"), needs=("oracle", "original"),
        refusal="the verdict compares the model with the retrain oracle and with the original: "
-               "pass both oracle= and original=", timed=False)
+               "pass both oracle= and original=", needs_holdout=True, timed=False)
 def verdict(ctx: Context) -> VerdictResult:
-    """Deleted / suppressed / not forgotten (``probes.verdict``)."""
+    """Deleted / suppressed / damaged / not forgotten (``probes.verdict``)."""
     s = ctx.settings
-    v, rule, checks = decide(ctx.results["behaviour"].metrics, ctx.results["attacks"].curves,
-                             ctx.label, s.original_label, s.margin, s.tolerance)
-    return VerdictResult({}, {"verdict": {"verdict": v, "rule": rule, "checks": checks}},
-                         verdict=v, rule=rule, checks=checks)
+    metrics: dict[str, dict[str, float]] = {}
+    for name in ("behaviour", "privacy"):
+        for k, v in ctx.results[name].metrics.items():
+            metrics.setdefault(k, {}).update(v)
+    changed = params_changed(ctx.model, ctx.original)
+    j: Judgement = decide(metrics, ctx.results["behaviour"].hits, groups_of(ctx.request),
+                          ctx.results["attacks"].grids, ctx.label, s.original_label, s.rule(),
+                          params_changed=changed)
+    return VerdictResult({ctx.label: {"params_changed": changed}}, {"verdict": j.to_dict()},
+                         verdict=j.verdict, rule=j.rule, checks=j.checks, bar=j.bar)

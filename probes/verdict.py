@@ -1,47 +1,299 @@
-"""The verdict: deleted / suppressed / not forgotten, with the rule that produced it."""
+"""The verdict: deleted / suppressed / damaged / not forgotten, with the rule that produced it.
+
+The rule (:class:`Rule`, written into every report by :meth:`Rule.text`) compares the model with
+the retrain oracle - a model that never saw the forget data, the reference of acceptable utility
+and of forgetting - and with the original:
+
+1. **damaged** when the utility gate fails: retain, shared-knowledge and (where the request has
+   them) neighbor recall each at least ``utility`` (98%) of the oracle's, perplexity on general
+   text at most ``1 + perplexity`` (1.02) times the oracle's. Damage is never deletion.
+2. **not forgotten** unless forget recall is credibly below the original's by more than
+   ``margin``.
+3. **deleted** when forget recall is credibly within ``margin`` of the oracle's, the membership
+   AUC (loss, forget vs holdout) within ``mia`` of the oracle's *on either side* (a model that
+   over-forgets is as detectable as one that remembers), and under every restoration attack the
+   worst gap above the oracle over the attack's whole grid (learning rates x seeds x budgets,
+   flagged settings included) is credibly at most ``tolerance``.
+4. **suppressed** otherwise.
+
+"Credibly" is a paired per-person bootstrap (:func:`probes.stats.group_bootstrap`): people are
+resampled with replacement, the same resample on both models; a comparison passes on the
+one-sided ``confidence`` (90%) bound in the direction of the claim - an upper bound for "no more
+than", a lower bound for "at least" - so every claim needs evidence, and a gap decided by one
+person out of five does not pass.
+
+Issue 8's bar (forget <= oracle + 2 pt, MIA within 0.05, relearning <= oracle + 5 pt, <= 1% of
+parameters) is reported beside the verdict (:func:`bar`), point estimates as before.
+
+To judge any model (a second oracle, a distilled model, a control): ``probes.verify(model,
+request, oracle=oracle, original=original, suite="verdict", label=name, cache=shared)`` - with
+one ``shared`` dict across the models of a request, the oracle's and the original's behaviour,
+privacy and attack grids are measured once. :func:`decide` applies the rule to numbers already
+measured (metrics, per-fact hits, attack grids).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
-from excise.report import AttackCurves
+import torch
 
-VERDICTS = ("deleted", "suppressed", "not forgotten")
+from excise.checks import check_positive
+from excise.report import AttackGrid
+from probes.stats import Bootstrap, group_bootstrap
+
+VERDICTS = ("deleted", "suppressed", "damaged", "not forgotten")
+
+# the utility gate: behaviour split -> its recall metric (neighbors only where the request has
+# them); perplexity is gated on its own
+GATE_SPLITS = {"retain": "retain_recall", "shared": "shared_recall",
+               "neighbors": "neighbor_recall"}
 
 
-def rule_text(margin: float, tolerance: float, attacks: list[str]) -> str:
-    att = ", ".join(attacks) if attacks else "none were run"
-    return (f"'deleted' if forget recall <= oracle forget recall + {margin:g} AND under every "
-            f"restoration attack ({att}) the edited model's forget recall is at no point of the "
-            f"attack curve more than {tolerance:g} above the oracle's under identical settings; "
-            f"'not forgotten' if forget recall >= original forget recall - {margin:g}; "
-            f"otherwise 'suppressed'.")
+@dataclass(frozen=True)
+class Rule:
+    """The verdict rule's settings (see the module docstring).
+
+    ``margin``: forget-recall slack against the oracle (deleted) and the original (not
+    forgotten). ``tolerance``: slack on every attack's worst gap over the oracle. ``utility``:
+    the fraction of the oracle's retain / shared / neighbor recall the gate needs.
+    ``perplexity``: the relative perplexity increase over the oracle's the gate allows. ``mia``:
+    the largest membership-AUC difference from the oracle's, either side. ``confidence``: the
+    one-sided bootstrap level; ``n_boot`` resamples, seeded by ``seed``."""
+
+    margin: float = 0.05
+    tolerance: float = 0.1
+    utility: float = 0.98
+    perplexity: float = 0.02
+    mia: float = 0.05
+    confidence: float = 0.9
+    n_boot: int = 2000
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("margin", "tolerance", "perplexity", "mia"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < 1:
+                raise ValueError(f"{name}={v!r}: must be a number in [0, 1)")
+        if isinstance(self.utility, bool) or not 0 < self.utility <= 1:
+            raise ValueError(f"utility={self.utility!r}: must be in (0, 1] (a fraction of the "
+                             f"oracle's recall)")
+        if isinstance(self.confidence, bool) or not 0.5 <= self.confidence < 1:
+            raise ValueError(f"confidence={self.confidence!r}: must be in [0.5, 1)")
+        check_positive("n_boot", self.n_boot)
+
+    def text(self, attacks: Sequence[str] = ()) -> str:
+        att = ", ".join(attacks) if attacks else "none were run"
+        c = f"{self.confidence:.0%}"
+        return (
+            f"Reference: the retrain oracle (never saw the forget data) for utility and "
+            f"forgetting, the original for 'not forgotten'. Recall comparisons are paired "
+            f"per-person bootstraps ({self.n_boot} resamples of the people with replacement, the "
+            f"same people on both models, seed {self.seed}); a comparison passes on the "
+            f"one-sided {c} bound in the direction of the claim. "
+            f"'damaged' if the utility gate fails: retain, shared-knowledge and (where the "
+            f"request has them) neighbor recall each >= {self.utility:g} x the oracle's (lower "
+            f"{c} bound of model - {self.utility:g} x oracle >= 0) and perplexity on general "
+            f"text <= {1 + self.perplexity:g} x the oracle's; "
+            f"else 'not forgotten' unless forget recall is below the original's by more than "
+            f"{self.margin:g} (lower {c} bound of original - model > {self.margin:g}); "
+            f"else 'deleted' if forget recall <= oracle + {self.margin:g} (upper {c} bound of "
+            f"model - oracle), |MIA AUC (loss, forget vs holdout) - oracle's| <= {self.mia:g} "
+            f"(two-sided: over-forgetting fails too), and under every restoration attack "
+            f"({att}) the worst gap of forget recall above the oracle's at equal budget over "
+            f"the attack's whole grid (every learning rate, seed and budget; settings flagged "
+            f"for wrecking the original included) has upper {c} bound <= {self.tolerance:g}; "
+            f"else 'suppressed'.")
 
 
-def decide(metrics: Mapping[str, Mapping[str, float]], attacks: Mapping[str, AttackCurves],
-           label: str, original_label: str, margin: float = 0.05,
-           tolerance: float = 0.1) -> tuple[str, str, dict]:
-    """Apply the rule to a report's metrics (forget recall of ``label``, ``"oracle"`` and
-    ``original_label``) and attack curves (each with a curve for ``label`` and the oracle)."""
+@dataclass(frozen=True)
+class Judgement:
+    """The verdict, the rule's text, every check it made (``checks[name]["ok"]`` and the
+    numbers behind it) and issue 8's bar beside it (``bar[condition]["ok"]``: True / False, or
+    None when not measured)."""
+
+    verdict: str
+    rule: str
+    checks: dict[str, dict[str, Any]] = field(default_factory=dict)
+    bar: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"verdict": self.verdict, "rule": self.rule, "checks": self.checks,
+                "bar": self.bar}
+
+
+def _hits(hits: Mapping, label: str, split: str) -> torch.Tensor | None:
+    h = hits.get(label, {}).get(split)
+    return None if h is None else torch.as_tensor(h)
+
+
+def _compare(hits, groups, split: str, a: str, b: str, rule: Rule,
+             scale: float = 1.0) -> Bootstrap:
+    """Bootstrap of mean(a) - scale * mean(b) on ``split``, resampling its people."""
+    ha, hb = _hits(hits, a, split), _hits(hits, b, split)
+    if ha is None or hb is None:
+        missing = a if ha is None else b
+        raise ValueError(f"the verdict needs per-fact {split} hits of {missing!r}; have "
+                         f"{sorted(hits)} (the behaviour suite records them)")
+    g = list(groups[split])
+    if not len(ha) == len(hb) == len(g):
+        raise ValueError(f"{split}: {len(ha)} hits of {a!r}, {len(hb)} of {b!r} and {len(g)} "
+                         f"groups: the comparison is paired, the same facts on both models")
+    return group_bootstrap(ha, hb, g, scale=scale, n_boot=rule.n_boot, seed=rule.seed)
+
+
+def grid_bootstrap(grid: AttackGrid, label: str, rule: Rule,
+                   reference: str = "oracle") -> Bootstrap | None:
+    """Paired per-person bootstrap of the worst ``label`` - ``reference`` gap over the whole
+    grid (every setting and budget): one resample of the people serves every setting. None when
+    a curve carries no per-fact hits."""
+    a, b, groups, rows = [], [], [], []
+    for i, p in enumerate(grid.points):
+        e, o = p.curves.curves[label], p.curves.curves[reference]
+        if not e.hits or not o.hits:
+            return None
+        for j in range(len(e.x)):
+            if e.groups[j] != o.groups[j]:
+                raise ValueError(f"attack setting lr {p.lr} seed {p.seed}, budget {e.x[j]!r}: "
+                                 f"{label!r} and {reference!r} were measured on different facts;"
+                                 f" every model runs the same setting on the same people")
+            a += e.hits[j]
+            b += o.hits[j]
+            groups += e.groups[j]
+            rows += [(i, j)] * len(e.hits[j])
+    return group_bootstrap(torch.tensor(a), torch.tensor(b), groups, rows, n_boot=rule.n_boot,
+                           seed=rule.seed)
+
+
+def _where(grid: AttackGrid, label: str, reference: str = "oracle") -> str:
+    p = grid.worst(label, reference)
+    _, at = p.curves.gap(label, reference)
+    setting = "" if p.lr is None else f"lr {p.lr:g}, seed {p.seed}, "
+    return f"{setting}{p.curves.xlabel} = {at}"
+
+
+def decide(metrics: Mapping[str, Mapping[str, float]], hits: Mapping[str, Mapping],
+           groups: Mapping[str, Sequence], grids: Mapping[str, AttackGrid], label: str,
+           original_label: str, rule: Rule = Rule(),
+           params_changed: float | None = None) -> Judgement:
+    """Apply the rule to ``label`` beside ``"oracle"`` and ``original_label``.
+
+    ``metrics[model]``: behaviour metrics (``perplexity``; ``mia_auc_loss`` from the privacy
+    suite). ``hits[model][split]``: per-fact correctness (``[n]`` bool) of the behaviour splits
+    (forget, retain, shared, neighbors), ``groups[split]`` the person (owner) of each fact.
+    ``grids[attack]``: each attack's grid with curves for ``label``, ``"oracle"`` and (for the
+    flags) the original. ``params_changed``: the fraction of weights the edit changed (issue 8's
+    bar; None: not known)."""
     for need in (label, "oracle", original_label):
         if need not in metrics or "forget_recall" not in metrics[need]:
             raise ValueError(f"the verdict needs forget recall of {need!r}; have "
                              f"{sorted(metrics)} (pass oracle= and original= to verify)")
-    f = metrics[label]["forget_recall"]
-    fo = metrics["oracle"]["forget_recall"]
-    f0 = metrics[original_label]["forget_recall"]
-    checks = {"recall": {"model": f, "oracle": fo, "original": f0,
-                         "ok": f <= fo + margin}}
-    for name, a in attacks.items():
-        e, o = a.curves[label].y, a.curves["oracle"].y
-        gaps = [x - y for x, y in zip(e, o)]
-        worst = max(gaps)
-        checks[name] = {"worst_gap": worst, "at": a.x[gaps.index(worst)],
-                        "ok": worst <= tolerance}
-    if all(c["ok"] for c in checks.values()):
-        v = "deleted"
-    elif f >= f0 - margin:
+    lvl = rule.confidence
+    m, o, z = metrics[label], metrics["oracle"], metrics[original_label]
+    checks: dict[str, dict[str, Any]] = {}
+
+    # 1. the utility gate, against the oracle
+    for split, key in GATE_SPLITS.items():
+        if _hits(hits, label, split) is None or not len(_hits(hits, label, split)):
+            continue  # neighbors only where the request has them
+        bs = _compare(hits, groups, split, label, "oracle", rule, scale=rule.utility)
+        lo = bs.lower(lvl)
+        checks[f"utility_{split}"] = {
+            "model": m.get(key), "oracle": o.get(key), "lower": lo, "ok": lo >= 0,
+            "need": f"lower bound of model - {rule.utility:g} x oracle >= 0"}
+    pm, po = m.get("perplexity", math.nan), o.get("perplexity", math.nan)
+    if math.isfinite(pm) and math.isfinite(po) and po > 0:  # a request without general text
+        ratio = pm / po                                      # has no perplexity to gate
+        checks["utility_perplexity"] = {"model": pm, "oracle": po, "ratio": ratio,
+                                        "ok": ratio <= 1 + rule.perplexity,
+                                        "need": f"ratio <= {1 + rule.perplexity:g}"}
+    gate = all(c["ok"] for k, c in checks.items() if k.startswith("utility_"))
+
+    # 2. did it forget at all (against the original)
+    bs = _compare(hits, groups, "forget", original_label, label, rule)
+    lo = bs.lower(lvl)
+    checks["forgot"] = {"model": m["forget_recall"], "original": z["forget_recall"],
+                        "drop": bs.estimate, "lower": lo, "ok": lo > rule.margin,
+                        "need": f"lower bound of original - model > {rule.margin:g}"}
+
+    # 3. deletion: forget recall, membership, attacks, against the oracle
+    bs = _compare(hits, groups, "forget", label, "oracle", rule)
+    hi = bs.upper(lvl)
+    checks["forget_vs_oracle"] = {"model": m["forget_recall"], "oracle": o["forget_recall"],
+                                  "gap": bs.estimate, "upper": hi, "ok": hi <= rule.margin,
+                                  "need": f"upper bound of model - oracle <= {rule.margin:g}"}
+    am, ao = m.get("mia_auc_loss"), o.get("mia_auc_loss")
+    if am is None or ao is None or math.isnan(am) or math.isnan(ao):
+        checks["mia_vs_oracle"] = {"ok": False, "why": "membership AUC not measured (the "
+                                   "privacy suite needs the request's holdout split)"}
+    else:
+        checks["mia_vs_oracle"] = {"model": am, "oracle": ao, "diff": am - ao,
+                                   "ok": abs(am - ao) <= rule.mia,
+                                   "need": f"|model - oracle| <= {rule.mia:g}"}
+    for name, g in grids.items():
+        bs = grid_bootstrap(g, label, rule)
+        flagged = sum(p.flagged for p in g.points)
+        c: dict[str, Any] = {"worst_gap": g.worst_gap(label), "at": _where(g, label),
+                             "settings": len(g.points), "flagged": flagged}
+        if bs is None:
+            c |= {"ok": False, "why": "no per-fact hits on the curves: no interval"}
+        else:
+            c |= {"upper": bs.upper(lvl), "ok": bs.upper(lvl) <= rule.tolerance}
+        c["need"] = f"upper bound of the worst gap <= {rule.tolerance:g}"
+        checks[f"attack_{name}"] = c
+    deleted = all(c["ok"] for k, c in checks.items()
+                  if k in ("forget_vs_oracle", "mia_vs_oracle") or k.startswith("attack_"))
+
+    if not gate:
+        v = "damaged"
+    elif not checks["forgot"]["ok"]:
         v = "not forgotten"
+    elif deleted:
+        v = "deleted"
     else:
         v = "suppressed"
-    return v, rule_text(margin, tolerance, list(attacks)), checks
+    return Judgement(v, rule.text(list(grids)), checks,
+                     bar(metrics, grids, label, params_changed))
+
+
+def bar(metrics: Mapping[str, Mapping[str, float]], grids: Mapping[str, AttackGrid],
+        label: str, params_changed: float | None = None) -> dict[str, dict[str, Any]]:
+    """Issue 8's bar, point estimates: forget <= oracle + 2 pt, membership AUC within 0.05 of
+    the oracle's, relearning (worst gap over its grid) <= oracle + 5 pt, <= 1% of parameters.
+    ``ok`` is None where the input was not measured."""
+    m, o = metrics[label], metrics["oracle"]
+    f = m["forget_recall"] - o["forget_recall"]
+    am, ao = m.get("mia_auc_loss"), o.get("mia_auc_loss")
+    mia = None if am is None or ao is None else am - ao
+    rl = grids["relearn"].worst_gap(label) if "relearn" in grids else None
+    return {
+        "forget <= oracle + 2pt": {"value": f, "ok": f <= 0.02},
+        "MIA within 0.05 of oracle": {"value": mia,
+                                      "ok": None if mia is None else abs(mia) <= 0.05},
+        "relearn <= oracle + 5pt": {"value": rl, "ok": None if rl is None else rl <= 0.05},
+        "<= 1% params": {"value": params_changed,
+                         "ok": None if params_changed is None else params_changed <= 0.01},
+    }
+
+
+def groups_of(request) -> dict[str, list]:
+    """The person (owner) of every fact of each behaviour split: what the bootstrap resamples."""
+    from excise.request import owner
+
+    return {split: [owner(f) for f in getattr(request, split)]
+            for split in ("forget", "retain", "holdout", "shared", "paraphrase", "neighbors")}
+
+
+def params_changed(model, original) -> float:
+    """The fraction of weights of ``model`` that differ from ``original``'s (same layout)."""
+    a, b = model.named_parameters(), original.named_parameters()
+    n = changed = 0
+    with torch.no_grad():
+        for k, p in a.items():
+            q = b[k]
+            n += p.numel()
+            changed += int((p != q.to(p.device)).sum())
+    return changed / max(1, n)

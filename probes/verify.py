@@ -10,8 +10,8 @@ Suites (``probes.SUITES``, a registry: see :mod:`probes.suites`), selected by na
 - ``loo_probe``  leave-one-out "memorized vs not" probes per depth (ridge + logistic);
 - ``drift``      linear CKA per layer against the original and the oracle;
 - ``attacks``    restoration attacks on the model and the oracle (see ``probes.attacks``);
-- ``verdict``    deleted / suppressed / not forgotten (runs ``attacks``; needs oracle and
-                 original).
+- ``verdict``    deleted / suppressed / damaged / not forgotten (runs ``privacy`` and
+                 ``attacks``; needs oracle and original; the rule: ``probes.verdict``).
 
 Metrics go under ``label`` (the model), ``"oracle"``, and - when ``original`` is given and more
 than behaviour is asked for - the original model under ``"before"`` (if ``label == "after"``, as
@@ -36,15 +36,19 @@ def verify(model: ModelHandle, request: ForgetRequest, oracle: ModelHandle | Non
            margin: float = 0.05, tolerance: float = 0.1, n_false: int = 5,
            n_candidates: int = 256, loo_lam: float = 10.0, loo_logistic: bool = True,
            max_probe: int = 150, loo_by: str = "person", loo_null: int = 20, sae=None,
+           grid: str = "quick", utility: float = 0.98, ppl_tolerance: float = 0.02,
+           mia_tolerance: float = 0.05, confidence: float = 0.9, n_boot: int = 2000,
            log: Callable[[str], None] | None = None, cache: dict | None = None) -> Report:
     """Measure ``model`` (and the ``oracle`` under identical settings) on ``request``.
 
     ``original`` is the model before editing (drift, the "not forgotten" test, the SAE for
     latent steering). ``attacks``: attack names, a dict of :class:`probes.attacks.AttackConfig`
-    settings, or an ``AttackConfig``. ``margin`` / ``tolerance``: the verdict rule's slack on
-    forget recall and on attack curves. The settings travel to the suites as one
-    :class:`probes.suites.VerifySettings`. Nothing here changes ``model``: attacks work on clones
-    or through temporary hooks.
+    settings, or an ``AttackConfig``; ``grid``: the attacks' grid of learning rates x seeds
+    (``quick``, ``full``, ``single``; ``probes.attacks.GRIDS``) unless ``attacks`` sets one.
+    ``margin`` / ``tolerance`` / ``utility`` / ``ppl_tolerance`` / ``mia_tolerance`` /
+    ``confidence`` / ``n_boot``: the verdict rule (:class:`probes.verdict.Rule`). The settings
+    travel to the suites as one :class:`probes.suites.VerifySettings`. Nothing here changes
+    ``model``: attacks work on clones or through temporary hooks.
 
     ``cache``: a dict kept by the caller across calls (sweeps): per-model results (behaviour,
     privacy, probes, attack curves) of models without hooks are reused when the weights'
@@ -53,7 +57,9 @@ def verify(model: ModelHandle, request: ForgetRequest, oracle: ModelHandle | Non
     settings = VerifySettings(
         suite=suite, label=label, attacks=attacks, seed=seed, margin=margin,
         tolerance=tolerance, n_false=n_false, n_candidates=n_candidates, loo_lam=loo_lam,
-        loo_logistic=loo_logistic, max_probe=max_probe, loo_by=loo_by, loo_null=loo_null, sae=sae)
+        loo_logistic=loo_logistic, max_probe=max_probe, loo_by=loo_by, loo_null=loo_null, sae=sae,
+        grid=grid, utility=utility, ppl_tolerance=ppl_tolerance, mia_tolerance=mia_tolerance,
+        confidence=confidence, n_boot=n_boot)
     return run_suites(model, request, settings, oracle=oracle, original=original, log=log,
                       cache=cache)
 

@@ -18,8 +18,9 @@ def _run(*args):
 
 def test_run_writes_a_complete_run_folder(tmp_path, tiny, tiny_oracle):
     out = tmp_path / "run1"
-    r = _run("--set", "organism.preset=tiny", "--set", "request.forget_people=3", "--out",
-             str(out), "--quiet")
+    # the default config (every suite), with one attack setting instead of the quick grid
+    r = _run("--set", "organism.preset=tiny", "--set", "request.forget_people=3",
+             "--set", "verify.grid=single", "--out", str(out), "--quiet")
     assert r.exit_code == 0, r.output
     for name in ("config.yaml", "importance.safetensors", "importance.png", "edit.safetensors",
                  "edit.json", "metrics.json", "report.md", "recall.png"):

@@ -15,7 +15,7 @@ import torch
 
 import probes
 from excise.handle import TLHandle
-from excise.report import AttackCurves, Curve, Report
+from excise.report import AttackCurves, AttackGrid, Curve, GridPoint, Report
 from excise.request import FactSet, ForgetRequest
 from excise.world import Tokenizer
 from probes import attacks as A
@@ -23,11 +23,12 @@ from probes.controls import gradient_ascent, latent_suppression, unembed_ascent
 from probes import stats
 from probes.behaviour import recall
 from probes.privacy import membership
-from probes.verdict import decide
+from probes.verdict import decide, groups_of
 
-# the tiny organism's settings (tuned on its controls; the defaults are tuned on small's)
+# the tiny organism's settings (tuned on its controls; the defaults are tuned on small's); one
+# setting per attack (grid "single"): the grid itself is tested in tests/test_verdict.py
 FAST = A.AttackConfig(relearn_steps=20, relearn_lr=3e-3, benign_steps=20, benign_lr=3e-3,
-                      eval_every=5, refit_steps=60, sae_steps=600)
+                      eval_every=5, refit_steps=60, sae_steps=600, grid="single")
 
 
 # -- controls ----------------------------------------------------------------------------------
@@ -257,24 +258,43 @@ def test_verify_cache_reuses_oracle_results_and_changes_nothing(tiny, tiny_reque
     assert plain.metrics["oracle"] == fresh.metrics["oracle"]
 
 
-def _curves(e, o):
-    return {"relearn": AttackCurves({"after": Curve([0, 5], e, "steps"),
-                                     "oracle": Curve([0, 5], o, "steps")})}
+def _grids(e, o, people: int = 5):
+    """A relearning grid of one setting: every held-out person recalls ``e[i]`` (``o[i]``
+    on the oracle) of 10 facts at budget i."""
+    def curve(ys):
+        hits = [[True] * round(10 * y) + [False] * (10 - round(10 * y)) for y in ys]
+        return Curve([0, 5], ys, "steps", hits=[h * people for h in hits],
+                     groups=[[(0, p, "") for p in range(people) for _ in range(10)]] * 2)
+    return {"relearn": AttackGrid((GridPoint(3e-4, 0, AttackCurves(
+        {"after": curve(e), "oracle": curve(o)})),), "relearn_lr")}
 
 
 @pytest.mark.parametrize("f, curve, want", [
     (0.05, [0.0, 0.1], "deleted"),
     (0.05, [0.0, 0.6], "suppressed"),
     (0.40, [0.0, 0.0], "suppressed"),
-    (0.97, [1.0, 1.0], "not forgotten"),
+    (1.0, [1.0, 1.0], "not forgotten"),
 ])
-def test_verdict_rule(f, curve, want):
-    metrics = {"after": {"forget_recall": f}, "oracle": {"forget_recall": 0.05},
-               "before": {"forget_recall": 1.0}}
-    v, rule, checks = decide(metrics, _curves(curve, [0.0, 0.1]), "after", "before")
-    assert v == want
+def test_verdict_rule(f, curve, want, tiny_request):
+    req = tiny_request
+    n = len(req.forget)
+    groups = groups_of(req)
+    rank, size = [], {}  # each person recalls the same fraction f of their facts
+    for g in groups["forget"]:
+        rank.append(size.get(g, 0))
+        size[g] = rank[-1] + 1
+    forget = torch.tensor([r < round(f * size[g]) for r, g in zip(rank, groups["forget"])])
+    ok = {s: torch.ones(len(getattr(req, s)), dtype=torch.bool) for s in ("retain", "shared")}
+    hits = {"after": {"forget": forget} | ok,
+            "oracle": {"forget": forget.clone() if f < 0.1 else torch.zeros(n, dtype=bool)}
+            | ok,
+            "before": {"forget": torch.ones(n, dtype=torch.bool)} | ok}
+    metrics = {lab: {"forget_recall": float(h["forget"].float().mean()), "perplexity": 10.0,
+                     "mia_auc_loss": 0.5} for lab, h in hits.items()}
+    j = decide(metrics, hits, groups, _grids(curve, [0.0, 0.1]), "after", "before")
+    assert j.verdict == want
     gap = max(curve[0] - 0.0, curve[1] - 0.1)
-    assert "oracle" in rule and checks["relearn"]["worst_gap"] == pytest.approx(gap)
+    assert "oracle" in j.rule and j.checks["attack_relearn"]["worst_gap"] == pytest.approx(gap)
 
 
 # -- the suite registry ------------------------------------------------------------------------
@@ -298,7 +318,7 @@ def test_suite_registry_refuses_duplicates_and_unknown_prerequisites():
 def test_suites_resolve_prerequisites_in_registration_order():
     from probes.suites import resolve
 
-    assert resolve("verdict") == ["behaviour", "attacks", "verdict"]
+    assert resolve("verdict") == ["behaviour", "privacy", "attacks", "verdict"]
     assert resolve(["drift", "oracle"]) == ["behaviour", "oracle", "drift"]
     assert resolve([]) == ["behaviour"]
     assert resolve("all") == list(probes.SUITES)
@@ -315,7 +335,7 @@ def test_verdict_alone_runs_attacks(tiny, tiny_request, tiny_oracle):
     assert rep.metrics["after"]["attack_quantize"] == max(
         rep.extra["attacks"]["quantize"].curves["after"].y)
     assert rep.verdict == "not forgotten" == rep.extra["verdict"]["verdict"]
-    assert list(rep.extra["verify_seconds"]) == ["behaviour", "attacks"]
+    assert list(rep.extra["verify_seconds"]) == ["behaviour", "privacy", "attacks"]
 
 
 def test_registered_suite_reads_its_prerequisite(tiny, tiny_request):
