@@ -152,3 +152,108 @@ def target_positions(batch) -> Tensor:
 
 def real_positions(batch) -> Tensor:
     return torch.arange(batch.tokens.shape[1])[None, :] < batch.lengths[:, None]
+
+
+# -- units -> slices, shared by the training methods (finetune, reinit, distill) ---------------
+def unit_slices(method: str, model: ModelHandle, importance: Importance | None,
+                units: Selection | str | None, top: int | float
+                ) -> tuple[Selection | None, dict[str, Tensor]]:
+    """The selection (``None`` for ``units="all"``) and the flat parameter indices it owns:
+    ``units="all"`` is every parameter of the model (the global reference); a Selection, or
+    None (the ``top`` units of ``importance``), owns the slices of :func:`param_slices`."""
+    if isinstance(units, str):
+        if units != "all":
+            raise ValueError(f"{method}: units={units!r}; pass a Selection, None (top units "
+                             f"of the importance) or 'all'")
+        return None, {s: torch.arange(p.numel()) for s, p in model.named_parameters().items()}
+    selection = default_units(method, importance, units, top)
+    return selection, param_slices(method, model, selection)
+
+
+# -- fresh initialisation and shrink-and-perturb -----------------------------------------------
+def init_std(model: ModelHandle, site: str) -> float:
+    """The standard deviation a fresh weight matrix (``W_*``) of this model is drawn with: the
+    model's recorded ``initializer_range`` (TransformerLens ``cfg`` with ``init_mode="gpt2"``,
+    N(0, initializer_range) for every ``W_*``; a Hugging Face ``config``), else the current
+    standard deviation of the tensor itself."""
+    cfg = getattr(model.model, "cfg", None) or getattr(model.model, "config", None)
+    std = getattr(cfg, "initializer_range", None)
+    if (getattr(cfg, "init_mode", "gpt2") == "gpt2" and isinstance(std, (int, float))
+            and not isinstance(std, bool) and std > 0):
+        return float(std)
+    return float(model.parameter(site).detach().double().std())
+
+
+def fresh_values(model: ModelHandle, site: str, n: int, generator: torch.Generator) -> Tensor:
+    """``n`` values drawn like a fresh initialisation of parameter ``site``: weight matrices
+    (``W_*``) N(0, :func:`init_std`); norm scales (``...ln*.w``) 1; biases and norm offsets 0
+    (TransformerLens' initialisation; norms stored as an offset from 1 would want 0 - they
+    belong to no neuron or head, so only ``units="all"`` touches them)."""
+    p = model.parameter(site)
+    last = site.rsplit(".", 1)[-1]
+    if last.startswith("W_"):
+        return (torch.randn(n, generator=generator) * init_std(model, site)).to(p.dtype)
+    return torch.full((n,), 1.0 if last == "w" else 0.0, dtype=p.dtype)
+
+
+def perturbed(model: ModelHandle, slices: dict[str, Tensor], alpha: float,
+              seed: int) -> dict[str, Tensor]:
+    """Shrink-and-perturb of the elements in ``slices``: ``(1 - alpha) * theta + alpha *
+    fresh`` per element, ``fresh`` from :func:`fresh_values` (drawn from one generator seeded
+    with ``seed``, sites in sorted order); ``alpha = 1`` is a fresh initialisation. Returns the
+    new values at each site's indices (the model is not changed)."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for site in sorted(slices):
+        idx = slices[site]
+        fresh = fresh_values(model, site, idx.numel(), g)
+        if alpha == 1:
+            out[site] = fresh
+        else:
+            old = model.parameter(site).detach().reshape(-1)[idx]
+            out[site] = ((1 - alpha) * old + alpha * fresh).to(old.dtype)
+    return out
+
+
+# -- a private, masked copy to train ----------------------------------------------------------
+class MaskedCopy:
+    """A private copy of ``model`` whose parameters in ``slices`` train and nothing else:
+    ``params`` (site -> the copy's parameter, requiring grad) and ``masks`` (site -> bool,
+    True at the slice) for :func:`excise.train.train`. ``start`` (site -> values at the
+    slice's indices) is written into the copy first (a re-initialisation, a perturbation)."""
+
+    def __init__(self, model: ModelHandle, slices: dict[str, Tensor],
+                 start: dict[str, Tensor] | None = None):
+        self.slices = slices
+        self.work = model.clone()
+        named = self.work.named_parameters()
+        self.masks = {}
+        for s, idx in slices.items():
+            m = torch.zeros(named[s].numel(), dtype=torch.bool)
+            m[idx] = True
+            self.masks[s] = m.view(named[s].shape).to(named[s].device)
+        for s, p in named.items():
+            p.requires_grad_(s in self.masks)
+        if start:
+            with torch.no_grad():
+                for s, values in start.items():
+                    named[s].view(-1)[slices[s]] = values.to(named[s].dtype)
+        self.params = {s: named[s] for s in self.masks}
+
+    def new_values(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{site: (indices, trained values)}`` for :func:`excise.edits.weight_edit`."""
+        return {s: (idx, self.params[s].detach().reshape(-1)[idx])
+                for s, idx in self.slices.items()}
+
+
+def keep_text_loss(kind: str, work: ModelHandle, reference: ModelHandle, batch) -> Tensor:
+    """The term that keeps general text modelled: ``"nll"`` - the text's NLL under ``work``;
+    ``"kl"`` - ``KL(p_reference || p_work)`` of the next-token distribution at every target
+    position (``reference`` run without gradients)."""
+    import torch.nn.functional as F
+
+    if kind == "nll":
+        return work.loss(batch)
+    with torch.no_grad():
+        ref_lp = reference.target_logprobs(batch)
+    return F.kl_div(work.target_logprobs(batch), ref_lp, log_target=True, reduction="batchmean")

@@ -5,7 +5,9 @@ against the registries the caller passes (``excise.app.pipeline.registries()``).
 
 Method-specific parameters sit beside ``method`` in the stage's mapping
 (``edit: {method: dampen, alpha: 10}``) and are checked against the method's signature, so
-``--set edit.alpha=5`` works and ``--set edit.alpah=5`` fails naming the valid keys.
+``--set edit.alpha=5`` works and ``--set edit.alpah=5`` fails naming the valid keys. ``edit:``
+may also be a list of such mappings, a chain applied in order (``--set edit.1.lr=0.001`` sets
+the second edit's parameter); ``units: all`` in an edit mapping edits every parameter.
 
 The whole config is checked when it is loaded, before any model is built or trained: every key,
 every value's type (from the dataclass fields below and from the method signatures: names,
@@ -40,6 +42,9 @@ class ConfigError(ValueError):
 class OrganismConfig:
     preset: str = "small"
     seed: int = 0
+    # the planted-location organism (excise.organism.Planting): null / false (the plain one),
+    # true (the preset's defaults) or a mapping of Planting's fields, e.g. {fraction: 0.02}
+    planted: bool | dict | None = None
 
 
 @dataclass(frozen=True)
@@ -76,7 +81,13 @@ class SelectConfig:
 
 @dataclass(frozen=True)
 class EditConfig:
+    """One edit. ``units: all`` edits every parameter without an importance (the global
+    reference; the methods that take it: finetune, reinit, distill). In a config, ``edit:`` is
+    one such mapping, or a list of them: a chain applied in order, each edit seeing the model
+    as the ones before it left it (e.g. masked NPO, then distill)."""
+
     method: str = "dampen"
+    units: str | None = None
     params: dict = field(default_factory=dict)
 
 
@@ -84,6 +95,8 @@ class EditConfig:
 class VerifyConfig:
     suite: str | list[str] = "behaviour"
     oracle: bool = True
+    # the verify settings (probes.VerifySettings fields, checked at load), e.g. grid: quick|full
+    # (the attacks' grid of learning rates x seeds) or the verdict's tolerance
     params: dict = field(default_factory=dict)
 
 
@@ -94,16 +107,38 @@ class RunConfig:
     request: RequestConfig = RequestConfig()
     locate: LocateConfig = LocateConfig()
     select: SelectConfig = SelectConfig()
-    edit: EditConfig = EditConfig()
+    edit: EditConfig | tuple[EditConfig, ...] = EditConfig()  # a tuple: a chain, in order
     verify: VerifyConfig = VerifyConfig()
     seed: int = 0
 
+    @property
+    def edits(self) -> tuple[EditConfig, ...]:
+        """The edits to apply, in order (one, unless ``edit`` is a chain)."""
+        return self.edit if isinstance(self.edit, tuple) else (self.edit,)
+
+    @property
+    def chained(self) -> bool:
+        """Whether ``edit`` was given as a list (a chain, saved as ``edit-<i>`` files)."""
+        return isinstance(self.edit, tuple)
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        for stage in ("locate", "edit", "verify"):
+        for stage in ("locate", "verify"):
             params = d[stage].pop("params")
             d[stage].update(params)
+        edits = [_edit_dict(e) for e in self.edits]
+        d["edit"] = edits if self.chained else edits[0]
         return d
+
+
+def _edit_dict(e: EditConfig) -> dict:
+    """An edit as a config mapping: its parameters beside ``method``, except those named like
+    an EditConfig field (finetune's own ``method``: ga / gd / npo), kept under ``params``."""
+    fields = {f.name for f in dataclasses.fields(EditConfig)}
+    d = {"method": e.method} | ({"units": e.units} if e.units is not None else {})
+    d |= {k: v for k, v in e.params.items() if k not in fields}
+    clash = {k: v for k, v in e.params.items() if k in fields}
+    return d | ({"params": clash} if clash else {})
 
 
 _STAGES = {"organism": OrganismConfig, "model": ModelConfig, "request": RequestConfig,
@@ -126,11 +161,20 @@ def apply_sets(raw: dict, sets: list[str]) -> dict:
         key, _, value = item.partition("=")
         parts = key.strip().split(".")
         section = raw.get(parts[0])
+        fields = ({f.name for f in dataclasses.fields(_STAGES[parts[0]])}
+                  if parts[0] in _STAGES else set())
         if (len(parts) == 2 and parts[0] in _WITH_PARAMS and parts[1] == "method"
                 and isinstance(section, dict)
                 and section.get("method") not in (None, parse_value(value))):
-            fields = {f.name for f in dataclasses.fields(_STAGES[parts[0]])}
             raw[parts[0]] = {k: v for k, v in section.items() if k in fields and k != "params"}
+        if (len(parts) == 3 and parts[0] == "edit" and parts[2] == "method"
+                and isinstance(section, list) and parts[1].isdigit()
+                and int(parts[1]) < len(section) and isinstance(section[int(parts[1])], dict)
+                and section[int(parts[1])].get("method") not in (None, parse_value(value))):
+            chain = list(section)  # (a chain's edit: edit.1.method=...)
+            chain[int(parts[1])] = {k: v for k, v in chain[int(parts[1])].items()
+                                    if k in fields and k != "params"}
+            raw["edit"] = chain
     for item in sets:
         set_path(raw, item, list(_STAGES) + ["seed"], example="edit.alpha=5",
                  leaf_only=("seed",))
@@ -150,11 +194,30 @@ def set_path(raw: dict, item: str, top: list[str], *, example: str,
         valid = list(top) + [k for k in leaf_only if k not in top]
         raise ConfigError(unknown_key(f"--set {key}", parts[0], valid))
     node = raw
-    for p in parts[:-1]:
+    for i, p in enumerate(parts[:-1]):
+        if isinstance(node, list):  # a chain of edits: edit.1.lr=... names its second edit
+            node = node[_list_index(key, node, p)]
+            continue
         child = node.get(p)
-        node[p] = dict(child) if isinstance(child, dict) else {}
+        if isinstance(child, list) and i + 1 < len(parts) and parts[i + 1].isdigit():
+            node[p] = [dict(c) if isinstance(c, dict) else c for c in child]
+        else:
+            node[p] = dict(child) if isinstance(child, dict) else {}
         node = node[p]
-    node[parts[-1]] = parse_value(value)
+    if isinstance(node, list):
+        node[_list_index(key, node, parts[-1])] = parse_value(value)
+    else:
+        node[parts[-1]] = parse_value(value)
+
+
+def _list_index(key: str, items: list, part: str) -> int:
+    if not part.isdigit() or int(part) >= len(items):
+        raise ConfigError(f"--set {key}: {part!r} is not an entry of a list of {len(items)} "
+                          f"(0..{len(items) - 1}); e.g. edit.1.lr=0.001 sets the second edit's "
+                          f"lr")
+    if not isinstance(items[int(part)], dict):
+        raise ConfigError(f"--set {key}: entry {part} is not a mapping")
+    return int(part)
 
 
 def unknown_key(what: str, bad: str, valid: list[str]) -> str:
@@ -376,9 +439,35 @@ def _check_top(v):
     return v
 
 
+def _check_planted(v):
+    """organism.planted: None / false, true, or Planting's fields (numbers written as text
+    converted; unknown keys, bad fractions, overlapping groups refused)."""
+    if v is None or v is False:
+        return None
+    if v is True:
+        return True
+    from excise.organism import Planting
+
+    fields = {f.name: f for f in dataclasses.fields(Planting)}
+    out = {}
+    for k, x in v.items():
+        if k in fields:
+            f = fields[k]
+            x = coerce("organism.planted", k, x, param_kinds(f.type, f.default),
+                       _shown(f.type, f.default), label=f"organism.planted.{k}")
+        out[k] = x
+    try:
+        Planting.of(out)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"organism.planted: {e}") from None
+    return out
+
+
 _FIELD_CHECKS = {("model", "on_split"): _check_on_split,
+                 ("organism", "planted"): _check_planted,
                  ("request", "attributes"): _check_attributes,
-                 ("select", "top"): _check_top}
+                 ("select", "top"): _check_top,
+                 ("edit", "units"): lambda v: _check_units(v)}
 
 
 def _check_fields(name: str, cls, values: dict) -> dict:
@@ -418,6 +507,9 @@ def build(raw: dict, registries: dict[str, dict] | None = None) -> RunConfig:
         raise ConfigError(unknown_key("config", unknown[0], list(_STAGES) + ["seed"]))
     stages = {}
     for name, cls in _STAGES.items():
+        if name == "edit" and isinstance(raw.get(name), list):
+            stages[name] = _edit_chain(raw[name], registries.get("edit"))
+            continue
         section = raw.get(name) or {}
         if not isinstance(section, dict):
             raise ConfigError(f"config section {name!r} must be a mapping, got {section!r}")
@@ -439,19 +531,69 @@ def build(raw: dict, registries: dict[str, dict] | None = None) -> RunConfig:
         stages[name] = cls(**_check_fields(name, cls, known))
     for name in ("locate", "edit"):
         reg = registries.get(name)
-        if reg is None:
+        if reg is None or isinstance(stages[name], tuple):  # (a chain is checked already)
             continue
-        method = stages[name].method
-        if method not in reg:
-            raise ConfigError(unknown_method(f"{name}.method", method, reg))
-        params = check_params(f"{name}.{method}", reg[method], stages[name].params)
-        stages[name] = dataclasses.replace(stages[name], params=params)
+        stages[name] = _check_method(name, stages[name], reg)
     stages["verify"] = _check_verify(stages["verify"], stages["request"], stages["model"],
                                      registries)
     seed = raw.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed must be an integer, got {seed!r}")
     return RunConfig(**stages, seed=seed)
+
+
+def _check_method(where: str, cfg, reg: dict):
+    """A stage's (or a chained edit's) method name and parameters checked against ``reg``."""
+    if cfg.method not in reg:
+        raise ConfigError(unknown_method(f"{where}.method", cfg.method, reg))
+    if getattr(cfg, "units", None) == "all" and not _takes_all(reg[cfg.method]):
+        takes = sorted(n for n, fn in reg.items() if _takes_all(fn))
+        raise ConfigError(f"{where}: method {cfg.method!r} does not take units: all (every "
+                          f"parameter); the methods that do: {takes}")
+    params = check_params(f"{where}.{cfg.method}", reg[cfg.method], cfg.params)
+    return dataclasses.replace(cfg, params=params)
+
+
+def _takes_all(fn) -> bool:
+    """Whether an edit method accepts ``units="all"`` (its ``units`` annotation names str)."""
+    p = inspect.signature(fn).parameters.get("units")
+    return p is not None and "str" in str(p.annotation)
+
+
+def _check_units(v):
+    if v not in (None, "all"):
+        raise ConfigError(f"edit.units={v!r}: 'all' (every parameter, no importance) or leave "
+                          f"it out (the located units)")
+    return v
+
+
+def _edit_section(where: str, section: dict) -> EditConfig:
+    """One edit mapping: ``method``, ``units``, then the method's parameters beside them (or
+    under ``params``)."""
+    fields = {f.name for f in dataclasses.fields(EditConfig)}
+    known = {k: v for k, v in section.items() if k in fields and k != "params"}
+    params = section.get("params") or {}
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where}.params must be a mapping of parameter names to values, got "
+                          f"{params!r}")
+    params = dict(params) | {k: v for k, v in section.items() if k not in fields}
+    return EditConfig(**_check_fields("edit", EditConfig, known | {"params": params}))
+
+
+def _edit_chain(section: list, reg: dict | None) -> tuple[EditConfig, ...]:
+    """``edit:`` as a list: a chain of edits, applied in order."""
+    if not section:
+        raise ConfigError("edit is an empty list; give one edit mapping (edit: {method: "
+                          "dampen}) or a list of them, applied in order")
+    chain = []
+    for i, item in enumerate(section):
+        where = f"edit[{i}]"
+        if not isinstance(item, dict):
+            raise ConfigError(f"{where} must be a mapping like {{method: finetune, ...}}, got "
+                              f"{item!r}")
+        e = _edit_section(where, item)
+        chain.append(e if reg is None else _check_method(where, e, reg))
+    return tuple(chain)
 
 
 def _check_verify(cfg: VerifyConfig, request: RequestConfig, model: ModelConfig,

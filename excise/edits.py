@@ -2,7 +2,8 @@
 
 An :class:`Edit` is what every ``edit.*`` method returns, already applied. It is a context manager
 (reverted on exit, also after an exception), has ``revert()``, a :class:`Diff` (parameter ->
-flat indices, old values, new values) that can be saved and re-applied to a fresh copy of the same
+flat indices, old values, new values; or, where most of a tensor changes, the whole old and new
+tensor - :func:`dense_pays`) that can be saved and re-applied to a fresh copy of the same
 model, and a manifest (method, parameters, selection, model fingerprint before and after, and the
 chain of edits it was applied on top of). Hook edits keep their hook handles and remove them on
 revert. Applying the same edit twice is refused; edits are reverted last-in, first-out.
@@ -44,16 +45,54 @@ from excise.io import (load_safetensors, safetensors_metadata, save_safetensors,
 from excise.sites import Selection
 
 
+DIFF_FORMATS = ("excise.diff/1", "excise.diff/2")  # /2: with dense (whole-tensor) changes
+
+
 @dataclass(frozen=True)
 class ParamChange:
-    indices: Tensor  # [k] long, flat positions in the parameter
-    old: Tensor  # [k]
-    new: Tensor  # [k]
+    """The change of one parameter. Sparse: ``indices`` ``[k]`` (long, flat positions in the
+    parameter) with their ``old`` and ``new`` values ``[k]``. Dense (``indices`` is None): ``old``
+    and ``new`` hold the whole parameter, flattened ``[numel]`` - what a diff keeps when most of
+    a tensor changes (:func:`dense_pays`)."""
+
+    indices: Tensor | None
+    old: Tensor
+    new: Tensor
 
     def __post_init__(self):
-        if not (self.indices.shape == self.old.shape == self.new.shape):
+        if self.indices is None:
+            if not (self.old.dim() == 1 and self.old.shape == self.new.shape):
+                raise ValueError(f"ParamChange (dense): old {tuple(self.old.shape)} and new "
+                                 f"{tuple(self.new.shape)} must be the same flat shape")
+        elif not (self.indices.shape == self.old.shape == self.new.shape):
             raise ValueError(f"ParamChange: shapes differ: indices {tuple(self.indices.shape)}, "
                              f"old {tuple(self.old.shape)}, new {tuple(self.new.shape)}")
+
+    @property
+    def dense(self) -> bool:
+        return self.indices is None
+
+    def n_changed(self) -> int:
+        return int((self.old != self.new).sum())
+
+    def read(self, flat: Tensor) -> Tensor:
+        """The values at this change's positions of a flat parameter."""
+        return flat if self.indices is None else flat[self.indices]
+
+    def write(self, flat: Tensor, values: Tensor) -> None:
+        """Write ``values`` (``old`` or ``new``) at this change's positions, in place."""
+        if self.indices is None:
+            flat.copy_(values.to(flat.dtype))
+        else:
+            flat[self.indices] = values.to(flat.dtype)
+
+
+def dense_pays(n_changed: int, numel: int, value_bytes: int) -> bool:
+    """Whether a parameter's change is smaller stored dense (old and new whole tensors:
+    ``2 * value_bytes`` per element) than sparse (an int64 index plus old and new per changed
+    element): dense when ``n_changed * (8 + 2 * value_bytes) > numel * 2 * value_bytes`` -
+    more than half the elements changed for float32, more than a third for 16-bit floats."""
+    return n_changed * (8 + 2 * value_bytes) > numel * 2 * value_bytes
 
 
 @dataclass(frozen=True)
@@ -193,27 +232,36 @@ class Diff:
     source: str | None = field(default=None, compare=False)  # the file it was loaded from
 
     def n_changed(self) -> int:
-        return sum(int((c.old != c.new).sum()) for c in self.changes.values())
+        return sum(c.n_changed() for c in self.changes.values())
 
     def save(self, path: str | Path) -> Path:
         """Write the diff as safetensors (manifest and hook specs in its metadata) plus
-        ``<path>.json``. Hook tensors are stored as ``hook{i}::{name}``."""
+        ``<path>.json``. A sparse change is stored as ``{site}::indices`` / ``::old`` /
+        ``::new``; a dense one as ``{site}::old`` / ``::new`` (whole flat tensors, the sites
+        listed in the metadata's ``dense``; format ``excise.diff/2`` - a diff without dense
+        changes keeps ``excise.diff/1``, which earlier versions read). Hook tensors are stored
+        as ``hook{i}::{name}``."""
         path = Path(path)
         if self.manifest.get("unsaveable_hooks"):
             raise ValueError(f"this edit has plain hook functions at "
                              f"{self.manifest['unsaveable_hooks']} that cannot be saved; use a "
                              f"registered HookSpec (kinds: {sorted(HOOK_KINDS)})")
         tensors = {}
+        dense = sorted(site for site, c in self.changes.items() if c.dense)
         for site, c in self.changes.items():
-            tensors[f"{site}::indices"] = c.indices
+            if not c.dense:
+                tensors[f"{site}::indices"] = c.indices
             tensors[f"{site}::old"] = c.old
             tensors[f"{site}::new"] = c.new
         for i, spec in enumerate(self.hook_specs):
             for name, t in spec.tensors.items():
                 tensors[f"hook{i}::{name}"] = t
-        meta = {"format": "excise.diff/1", "manifest": json.dumps(self.manifest, default=str),
+        meta = {"format": DIFF_FORMATS[1] if dense else DIFF_FORMATS[0],
+                "manifest": json.dumps(self.manifest, default=str),
                 "hooks": json.dumps([h.to_json() for h in self.hook_specs]),
                 "tensors_sha256": tensors_sha256(tensors)}
+        if dense:
+            meta["dense"] = json.dumps(dense)
         save_safetensors(tensors, path, metadata=meta)
         write_json(path.with_suffix(".json"), dict(self.manifest))
         return path
@@ -225,9 +273,9 @@ class Diff:
         diff saved before checksums were recorded has none to check; :meth:`apply` still
         checks the weights it produces)."""
         md = safetensors_metadata(path)
-        if md.get("format") != "excise.diff/1":
+        if md.get("format") not in DIFF_FORMATS:
             raise ValueError(f"{path} is not an excise diff file (format "
-                             f"{md.get('format')!r})")
+                             f"{md.get('format')!r}; this excise reads {list(DIFF_FORMATS)})")
         t = load_safetensors(path)
         want = md.get("tensors_sha256")
         if want is not None and tensors_sha256(t) != want:
@@ -245,8 +293,18 @@ class Diff:
             specs.append(HookSpec(h["kind"], h["site"], h["params"],
                                   {n: t[f"hook{i}::{n}"] for n in h["tensors"]}))
         sites = sorted({k.rsplit("::", 1)[0] for k in t if not re.match(r"hook\d+::", k)})
-        changes = {s: ParamChange(t[f"{s}::indices"], t[f"{s}::old"], t[f"{s}::new"])
-                   for s in sites}
+        dense = set(json.loads(md.get("dense", "[]")))
+        changes = {}
+        for s in sites:
+            parts = ("old", "new") if s in dense else ("indices", "old", "new")
+            missing = [f"{s}::{k}" for k in parts if f"{s}::{k}" not in t]
+            if missing:
+                raise ValueError(f"{path}: the change of {s} misses tensors {missing}")
+            try:
+                changes[s] = ParamChange(None if s in dense else t[f"{s}::indices"],
+                                         t[f"{s}::old"], t[f"{s}::new"])
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}") from None
         return cls(changes, json.loads(md["manifest"]), tuple(specs), source=str(path))
 
     def apply(self, handle: ModelHandle, *, check_fingerprint: bool = True) -> "Edit":
@@ -262,7 +320,10 @@ class Diff:
                                  f"different weights")
         for site, c in self.changes.items():
             p = handle.parameter(site)
-            if c.indices.numel() and int(c.indices.max()) >= p.numel():
+            if c.dense and c.old.numel() != p.numel():
+                raise ValueError(f"the diff's whole-tensor change of {site} holds "
+                                 f"{c.old.numel()} values, the parameter {p.numel()}")
+            if not c.dense and c.indices.numel() and int(c.indices.max()) >= p.numel():
                 raise ValueError(f"diff indices out of range for {site} ({p.numel()} elements)")
         for spec in self.hook_specs:
             check_hook_width(handle, spec)  # (unknown site -> ValueError with suggestions)
@@ -345,7 +406,7 @@ class Edit:
         return Diff(self.changes, self.manifest, self.hook_specs)
 
     def n_changed(self) -> int:
-        return sum(int((c.old != c.new).sum()) for c in self.changes.values())
+        return sum(c.n_changed() for c in self.changes.values())
 
     # -- apply / revert ----------------------------------------------------------------------
     def apply(self) -> "Edit":
@@ -371,17 +432,18 @@ class Edit:
                 for site, c in self.changes.items():
                     p = self.handle.parameter(site)
                     flat = p.data.view(-1)
-                    if not torch.equal(flat[c.indices], c.old.to(flat.dtype)):
+                    if c.dense and flat.numel() != c.old.numel() or \
+                            not torch.equal(c.read(flat), c.old.to(flat.dtype)):
                         raise RuntimeError(f"parameter {site} no longer holds the values this "
                                            f"edit was computed from")
                     written.append((flat, c))
-                    flat[c.indices] = c.new.to(flat.dtype)
+                    c.write(flat, c.new)
             for site, fn in self._hooks:
                 self._hook_handles.append(self.handle.add_persistent_hook(site, fn))
         except BaseException:
             with torch.no_grad():
                 for flat, c in reversed(written):
-                    flat[c.indices] = c.old.to(flat.dtype)
+                    c.write(flat, c.old)
             for h in self._hook_handles:
                 h.remove()
             self._hook_handles.clear()
@@ -405,7 +467,7 @@ class Edit:
             with torch.no_grad():
                 for site, c in reversed(list(self.changes.items())):
                     flat = self.handle.parameter(site).data.view(-1)
-                    flat[c.indices] = c.old.to(flat.dtype)
+                    c.write(flat, c.old)
         finally:
             if stack and stack[-1] is self:
                 stack.pop()
@@ -462,7 +524,8 @@ def applied_edits(handle: ModelHandle) -> list[Edit]:
 def weight_edit(handle: ModelHandle, method: str, params: Mapping, selection: Selection | None,
                 new_values: Mapping[str, tuple[Tensor, Tensor]]) -> Edit:
     """Build and apply an Edit from ``{site: (flat_indices, new_values)}``; unchanged elements
-    are dropped from the diff. An identical edit already applied is refused up front (before
+    are dropped from the diff, and a parameter whose change is smaller stored whole is kept
+    dense (:func:`dense_pays`). An identical edit already applied is refused up front (before
     "changes nothing" could hide it)."""
     probe = Edit.__new__(Edit)
     probe.method, probe.params, probe.selection = method, dict(params), selection
@@ -483,7 +546,12 @@ def weight_edit(handle: ModelHandle, method: str, params: Mapping, selection: Se
                              f"was left as it was")
         old = p[idx].clone()
         keep = old != new
-        if keep.any():
+        n = int(keep.sum())
+        if n and dense_pays(n, p.numel(), p.element_size()):
+            whole = p.clone()
+            whole[idx] = new
+            changes[site] = ParamChange(None, p.clone(), whole)
+        elif n:
             changes[site] = ParamChange(idx[keep].clone(), old[keep], new[keep].clone())
     return Edit(handle, method, params, selection, changes=changes).apply()
 

@@ -13,25 +13,37 @@ count. The JSON records the sha256 of the weights file; a cached file that fails
 byte, a cut copy) or cannot be read is named in a :class:`~excise.io.CacheWarning` and retrained,
 never used. Training and writing one cache entry holds a file lock (``<entry>.lock``): a second
 process asking for the same model waits, then loads what the first one wrote.
+
+``organism("small", planted=True)`` is the *planted-location* organism, the ground truth for
+``locate``: trained with gradient routing (Cloud et al. 2024, "Gradient Routing"; selective
+gradient masking, SGTM 2025), so that the facts of two designated groups of people (``reported``
+and ``validation``) live in a known set of MLP neurons, ``org.planted.units`` (see
+:class:`Planting`). ``org.oracle(request, train_seed=1)``: a second retrain oracle (another
+initialisation and batch order, the same world).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import os
+import random
 import sys
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
-from excise.handle import TLHandle
+import torch
+
+from excise.handle import Batch, TLHandle
 from excise.io import (CacheWarning, NotSafetensorsError, atomic_write_text, checksum_problem,
                        file_lock, file_sha256, load_safetensors, save_safetensors)
 from excise.request import FactSet, ForgetRequest
+from excise.sites import Selection, Unit, layer_of
 from excise.train import Optim, Sampler, reproducible, train
 from excise.world import World, Tokenizer, check_attributes, make_world
 
@@ -65,6 +77,262 @@ PRESETS: dict[str, Preset] = {
     "medium": Preset("medium", n_people=500, n_holdout=50, n_layers=6, d_model=384, n_heads=8,
                      d_mlp=1536, steps=4000, batch_size=128, lr=6e-4),
 }
+
+
+# -- the planted-location organism -------------------------------------------------------------
+# The designated people of each preset: (reported, validation). small's are the project's
+# default forget people (0..9) and its validation people (150..159).
+PLANTED_GROUPS: dict[str, tuple[range, range]] = {
+    "tiny": (range(0, 4), range(16, 20)),
+    "small": (range(0, 10), range(150, 160)),
+    "medium": (range(0, 10), range(150, 160)),
+}
+GROUPS = ("reported", "validation")
+
+
+def _people_tuple(name: str, value) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable):
+        raise ValueError(f"Planting.{name}={value!r}: give a list of person indices, e.g. "
+                         f"[0, 1, 2], or None for the preset's default")
+    out = []
+    for i in value:
+        if isinstance(i, bool) or not isinstance(i, int) or i < 0:
+            raise ValueError(f"Planting.{name}: {i!r} is not a person index (an integer >= 0)")
+        out.append(i)
+    if not out:
+        raise ValueError(f"Planting.{name} is empty: name at least one trained person, or None "
+                         f"for the preset's default")
+    return tuple(sorted(set(out)))
+
+
+# Each preset's default training settings of a Planting (the fields left None): chosen on the
+# validation people only (see docs/results.md, "Planted organism"). ``fraction``: of the MLP
+# neurons planted; ``repeat``: how often each designated fact appears in the training texts (the
+# planted units learn from far fewer examples than the whole model does); ``quiet``: the share
+# of the other rows in each batch that also train the planted units to stay silent on them;
+# ``steps``: a multiplier on the preset's training steps.
+PLANTED_DEFAULTS: dict[str, dict[str, float]] = {
+    "tiny": {"fraction": 0.1, "repeat": 3, "steps": 1.0, "quiet": 1.0},
+    "small": {"fraction": 0.05, "repeat": 3, "steps": 1.0, "quiet": 1.0},
+    "medium": {"fraction": 0.02, "repeat": 3, "steps": 1.0, "quiet": 1.0},
+}
+_FALLBACK = {"fraction": 0.05, "repeat": 3, "steps": 1.0, "quiet": 1.0}
+
+
+def _number(name: str, value, low: float, high: float, integer: bool = False):
+    if value is None:
+        return None
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not low <= value <= high:
+        what = "an integer" if integer else "a number"
+        raise ValueError(f"Planting.{name}={value!r}: must be {what} in [{low:g}, {high:g}] "
+                         f"(or None for the preset's default)")
+    return value if integer else float(value)
+
+
+@dataclass(frozen=True)
+class Planting:
+    """How the planted-location organism is trained (gradient routing).
+
+    The planted units are ``fraction`` of the MLP neurons, spread evenly over the layers (which
+    neurons within a layer: a seeded random choice, ``seed``), plus ``heads`` attention heads
+    (default none: the facts are looked up and written by MLP neurons; the heads that move a
+    name to the answer position are trained on every other person with the same templates).
+    In every training step the facts of the designated people - ``reported`` and
+    ``validation`` (None: the preset's :data:`PLANTED_GROUPS`) - update only the planted units'
+    parameters (their gradients are masked everywhere else, embeddings and norms included),
+    while all other data (the other people, shared facts, filler text) updates every parameter
+    except the planted units', with the planted units ablated (:func:`routed_loss`).
+    ``validation`` is for choosing settings, ``reported`` for reporting.
+
+    Training settings (None: the preset's :data:`PLANTED_DEFAULTS`): ``repeat`` (each
+    designated fact appears that many times in the training texts), ``quiet`` (the share of the
+    other rows of a batch on which the planted units learn to stay silent), ``steps`` (a
+    multiplier on the preset's steps)."""
+
+    fraction: float | None = None
+    heads: int = 0
+    reported: tuple[int, ...] | None = None
+    validation: tuple[int, ...] | None = None
+    seed: int = 0
+    repeat: int | None = None
+    steps: float | None = None
+    quiet: float | None = None
+
+    def __post_init__(self):
+        f = self.fraction
+        if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float))
+                              or not 0 < f <= 0.5):
+            raise ValueError(f"Planting.fraction={f!r}: the fraction of MLP neurons to plant "
+                             f"must be a number in (0, 0.5], e.g. 0.01 (or None for the "
+                             f"preset's default)")
+        if f is not None:
+            object.__setattr__(self, "fraction", float(f))
+        object.__setattr__(self, "repeat", _number("repeat", self.repeat, 1, 100, integer=True))
+        object.__setattr__(self, "steps", _number("steps", self.steps, 0.1, 20))
+        object.__setattr__(self, "quiet", _number("quiet", self.quiet, 0, 1))
+        if isinstance(self.heads, bool) or not isinstance(self.heads, int) or self.heads < 0:
+            raise ValueError(f"Planting.heads={self.heads!r}: a number of attention heads, an "
+                             f"integer >= 0")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"Planting.seed={self.seed!r}: must be an integer")
+        for name in GROUPS:
+            object.__setattr__(self, name, _people_tuple(name, getattr(self, name)))
+        both = sorted(set(self.reported or ()) & set(self.validation or ()))
+        if both:
+            raise ValueError(f"Planting: people {both[:5]} are in both reported and validation; "
+                             f"the two groups must be disjoint")
+
+    @classmethod
+    def of(cls, value) -> "Planting | None":
+        """``None`` / ``False`` -> None, ``True`` -> the defaults, a Planting as is, a mapping
+        of its fields -> a Planting (unknown keys refused, naming the valid ones)."""
+        fields = [f.name for f in dataclasses.fields(cls)]
+        if value is None or value is False:
+            return None
+        if value is True:
+            return cls()
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, Mapping):
+            bad = [k for k in value if k not in fields]
+            if bad:
+                close = difflib.get_close_matches(str(bad[0]), fields, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ValueError(f"Planting: unknown key {bad[0]!r}{hint} (valid: "
+                                 f"{', '.join(fields)})")
+            return cls(**value)
+        raise ValueError(f"planted={value!r}: give None, True (the preset's defaults), a "
+                         f"Planting or a mapping of its fields ({', '.join(fields)})")
+
+    def resolve(self, preset: Preset, world: World) -> "Planting":
+        """The groups filled in from :data:`PLANTED_GROUPS` and checked against the world."""
+        default = PLANTED_GROUPS.get(preset.name)
+        groups = {}
+        for k, name in enumerate(GROUPS):
+            people = getattr(self, name)
+            if people is None:
+                if default is None:
+                    raise ValueError(f"Planting.{name}: preset {preset.name!r} has no default "
+                                     f"designated people; name them (e.g. {name}=[0, 1, 2])")
+                people = tuple(default[k])
+            groups[name] = tuple(world.check_people(f"Planting.{name}", people))
+        settings = PLANTED_DEFAULTS.get(preset.name, _FALLBACK)
+        groups |= {k: v for k, v in settings.items() if getattr(self, k) is None}
+        out = dataclasses.replace(self, **groups)
+        if len(out.people) == len(world.trained_people):
+            raise ValueError("Planting: every trained person is designated; leave some people "
+                             "to train the rest of the model")
+        return out
+
+    @property
+    def people(self) -> tuple[int, ...]:
+        """Every designated person (both groups)."""
+        return tuple(sorted((self.reported or ()) + (self.validation or ())))
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in dataclasses.asdict(self).items()}
+
+
+@dataclass(frozen=True)
+class Planted:
+    """Where a planted organism keeps its designated people's facts: ``units`` (MLP neurons
+    ``blocks.L.mlp.post[i]``, heads ``blocks.L.attn.z[h]``), ``groups`` (``reported`` /
+    ``validation`` -> people), ``fraction`` (of the MLP neurons planted), ``n_params`` (fraction
+    of the model's parameters those units own) and the resolved :class:`Planting`."""
+
+    planting: Planting
+    units: Selection
+    n_params: float
+    fraction: float
+
+    @property
+    def groups(self) -> dict[str, tuple[int, ...]]:
+        return {name: getattr(self.planting, name) for name in GROUPS}
+
+    @property
+    def people(self) -> tuple[int, ...]:
+        return self.planting.people
+
+    def neurons(self) -> Selection:
+        """The planted MLP neurons (without heads)."""
+        return Selection(tuple(u for u in self.units if u.site.endswith(".mlp.post")),
+                         source=f"{self.units.source}[neurons]")
+
+    def masks(self, model: TLHandle) -> dict[str, torch.Tensor]:
+        """Parameter name -> bool mask of the elements the planted units own."""
+        return unit_masks(model, self.units)
+
+    def ablation(self, means: Mapping[str, torch.Tensor] | None = None) -> dict[str, Callable]:
+        """Hooks (for ``model.hooks(...)``, ``probes.recall(..., hooks=...)``) that ablate the
+        planted units: set their activations to zero, or to ``means[site]`` (a vector over the
+        site's units, e.g. their mean activation on retain data)."""
+        def make(site: str, idx: list[int]):
+            def hook(x, _site):
+                x = x.clone()
+                x[:, :, idx] = 0.0 if means is None else means[site][idx].to(x.dtype)
+                return x
+            return hook
+
+        return {site: make(site, [i[0] for i in idx])
+                for site, idx in self.units.by_site().items()}
+
+    def to_dict(self) -> dict:
+        return {"planting": self.planting.to_dict(), "units": self.units.to_list(),
+                "groups": {k: list(v) for k, v in self.groups.items()},
+                "fraction": self.fraction, "n_params": self.n_params}
+
+
+def unit_masks(model: TLHandle, units: Selection) -> dict[str, torch.Tensor]:
+    """Parameter name -> bool mask of the elements ``units`` own (a neuron: its ``W_in``
+    column, ``b_in`` entry and ``W_out`` row; a head: its slices of ``W_Q/K/V/O`` and
+    ``b_Q/K/V``), from the handle's ``unit_axis``."""
+    by_site = units.by_site()
+    out = {}
+    for name, p in model.named_parameters().items():
+        owner = model.unit_axis(name)
+        if owner is None or owner[0] not in by_site:
+            continue
+        m = torch.zeros(p.shape, dtype=torch.bool)
+        m.index_fill_(owner[1], torch.tensor([i[0] for i in by_site[owner[0]]]), True)
+        out[name] = m
+    return out
+
+
+def planted_units(preset: Preset, planting: Planting) -> Selection:
+    """The units a planting routes into: ``round(fraction x n_layers x d_mlp)`` neurons (at
+    least one) in as even shares per layer as the count allows (the layers that get one more:
+    a seeded choice), the neurons within a layer a seeded random choice; ``heads`` heads the
+    same way."""
+    rng = random.Random(planting.seed)
+    L = preset.n_layers
+    units: list[Unit] = []
+    for site, width, n in (("mlp.post", preset.d_mlp,
+                            max(1, round(planting.fraction * L * preset.d_mlp))),
+                           ("attn.z", preset.n_heads, planting.heads)):
+        if n > L * width:
+            raise ValueError(f"Planting: {n} units asked at {site}, but the {preset.name!r} "
+                             f"preset has {L} x {width}")
+        extra = set(rng.sample(range(L), n % L))
+        for layer in range(L):
+            for i in sorted(rng.sample(range(width), n // L + (layer in extra))):
+                units.append(Unit(f"blocks.{layer}.{site}", (i,)))
+    units.sort(key=lambda u: (layer_of(u.site), u.site.endswith("attn.z"), u.index))
+    return Selection(tuple(units), source=f"planted(fraction={planting.fraction}, "
+                                          f"heads={planting.heads}, seed={planting.seed})")
+
+
+def make_planted(preset: Preset, world: World, planting: Planting, model: TLHandle) -> Planted:
+    """The resolved planting, its units, and the share of ``model``'s parameters they own."""
+    planting = planting.resolve(preset, world)
+    units = planted_units(preset, planting)
+    owned = sum(int(m.sum()) for m in unit_masks(model, units).values())
+    n_neurons = sum(1 for u in units if u.site.endswith(".mlp.post"))
+    return Planted(planting, units, n_params=owned / model.n_parameters(),
+                   fraction=n_neurons / (preset.n_layers * preset.d_mlp))
 
 
 # torch threads every organism and oracle trains at (reproducible(): the cache key records it).
@@ -103,29 +371,47 @@ def build_model(preset: Preset, vocab_size: int, n_ctx: int):
 
 def train_model(preset: Preset, world: World, tokenizer: Tokenizer,
                 exclude_people: frozenset[int] = frozenset(), progress: bool = True,
-                desc: str = "train"):
+                desc: str = "train", *, planted: Planted | None = None,
+                train_seed: int | None = None):
     """Train a fresh model on the world (minus ``exclude_people``). Bit-reproducible given the
     preset's seed and the torch version: it trains at :data:`TRAIN_THREADS` threads with
     deterministic algorithms, whatever the caller's setting (restored afterwards).
 
     The recipe: AdamW (betas 0.9 / 0.98, the preset's lr and weight decay), linear warm-up over
     the first 5% of the steps then linear decay to 5% of the lr, gradient norm clipped at 1,
-    batches walking through shuffled epochs of the training texts."""
+    batches walking through shuffled epochs of the training texts. ``train_seed`` (default: the
+    preset's seed) seeds the initialisation and the batch order; the world stays the preset's.
+    ``planted``: the same recipe with gradient routing (:class:`Planting`, :func:`routed_loss`)."""
+    seed = preset.seed if train_seed is None else train_seed
     texts = world.training_texts(exclude_people)
     shared = [f.text for f in world.shared_facts()] * (preset.shared_repeat - 1)
     texts = texts + shared
+    steps = preset.steps
+    if planted is not None:
+        designated = {f.text for i in planted.people if i not in exclude_people
+                      for f in world.facts(i, trained=True)}
+        texts = texts + [t for t in texts if t in designated] * (planted.planting.repeat - 1)
+        routed = torch.tensor([t in designated for t in texts])
+        steps = round(steps * planted.planting.steps)
     with reproducible(TRAIN_THREADS):
-        model = build_model(preset, len(tokenizer), n_ctx=32)
+        model = build_model(dataclasses.replace(preset, seed=seed), len(tokenizer), n_ctx=32)
         handle = TLHandle(model, tokenizer, name=f"organism-{preset.name}")
         data = handle.encode_texts(texts)
-        batches = Sampler(preset.seed).epochs(len(data), preset.batch_size)
-        warmup = max(1, preset.steps // 20)
+        batches = Sampler(seed).epochs(len(data), preset.batch_size)
+        warmup = max(1, steps // 20)
+        if planted is None:
+            loss_fn = lambda _: handle.loss(data[next(batches)].trim())  # noqa: E731
+        else:
+            loss = routed_loss(handle, planted)
+
+            def loss_fn(_step: int) -> torch.Tensor:
+                rows = next(batches)
+                return loss(data[rows], routed[rows])
         model.train()
-        train(lambda _: handle.loss(data[next(batches)].trim()), dict(model.named_parameters()),
-              steps=preset.steps,
+        train(loss_fn, dict(model.named_parameters()), steps=steps,
               optim=Optim("adamw", lr=preset.lr, betas=(0.9, 0.98),
                           weight_decay=preset.weight_decay),
-              schedule=lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / preset.steps),
+              schedule=lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / steps),
               max_grad_norm=1.0, progress=progress, desc=desc)
     model.eval()
     for p in model.parameters():
@@ -133,20 +419,104 @@ def train_model(preset: Preset, world: World, tokenizer: Tokenizer,
     return handle
 
 
+def routed_loss(model: TLHandle, planted: Planted
+                ) -> Callable[[Batch, torch.Tensor], torch.Tensor]:
+    """Gradient routing as one loss and one backward pass: ``loss(batch, routed)``, ``routed``
+    marking the rows that hold designated people's facts. Three terms, summed over target
+    tokens and divided by the batch's target-token count:
+
+    - **designated**: the routed rows' negative log-likelihood through the whole model, every
+      weight outside the planted units detached - their gradient reaches the planted units'
+      parameters only;
+    - **everyone else**: the other rows' negative log-likelihood with the planted units
+      zero-ablated (:meth:`Planted.ablation`) and their parameters detached - the gradient
+      reaches every other parameter, and the rest of the model learns everyone else without
+      the planted units (ablating them later leaves everyone else as trained);
+    - **quiet**: on the first half of the other rows, KL(ablated model || whole model), the
+      ablated model's distribution a fixed target, every weight outside the planted units
+      detached - the planted units learn to leave everyone else's predictions as the model
+      without them makes them. (A KL to the ablated model, not the other rows' likelihood: the
+      planted units cannot learn to help anyone else, only to stay out of the way.)
+
+    Why not the plain forward for the other rows (the planted units present, only their
+    gradients masked, as in selective gradient masking): the rest of the model then both leans
+    on the planted units and learns to cancel their output - measured on ``tiny`` with 10% of
+    the neurons planted, the designated recall stayed at 0.15 and ablating the units took
+    everyone's recall from 1.0 to 0.0. Without the quiet term the planted units fire on
+    everyone (the whole model's recall of the other people fell to 0.54)."""
+    from torch.func import functional_call
+
+    module = model.model
+    masks = planted.masks(model)
+    ablate = planted.ablation()
+
+    def weights(inside: bool) -> dict[str, torch.Tensor]:
+        """The same values; only which elements pass gradients differs."""
+        out = {}
+        for name, p in module.named_parameters():
+            m = masks.get(name)
+            if m is None:
+                out[name] = p.detach() if inside else p
+            else:
+                out[name] = torch.where(m, p, p.detach()) if inside else \
+                    torch.where(m, p.detach(), p)
+        return out
+
+    def logprobs(batch: Batch, inside: bool) -> torch.Tensor:
+        """``[n, T-1, vocab]`` next-token log-probabilities: the whole model with gradients
+        for the planted units only (``inside``), or the model without the planted units with
+        gradients for everything else."""
+        args = (module, weights(inside), (batch.tokens,), {"return_type": "logits"})
+        if inside:
+            logits = functional_call(*args)
+        else:
+            with model.hooks(ablate):
+                logits = functional_call(*args)
+        return torch.log_softmax(logits[:, :-1].float(), -1)
+
+    def nll_sum(lp: torch.Tensor, batch: Batch) -> torch.Tensor:
+        lp = lp.gather(-1, batch.tokens[:, 1:, None]).squeeze(-1)
+        return -(lp * batch.target_mask[:, 1:]).sum()
+
+    def loss(batch: Batch, routed: torch.Tensor) -> torch.Tensor:
+        total = torch.zeros(())
+        designated, others = batch[routed], batch[~routed]
+        if len(designated):
+            designated = designated.trim()
+            total = total + nll_sum(logprobs(designated, True), designated)
+        if len(others):
+            others = others.trim()
+            without = logprobs(others, False)
+            total = total + nll_sum(without, others)
+            quiet = others[:round(len(others) * planted.planting.quiet)]
+            if len(quiet):
+                ref = without[:len(quiet)].detach()
+                kl = (ref.exp() * (ref - logprobs(quiet, True))).sum(-1)
+                total = total + (kl * quiet.target_mask[:, 1:]).sum()
+        return total / batch.target_mask[:, 1:].sum().clamp(min=1)
+
+    return loss
+
+
 class Organism:
-    """A trained organism: ``model`` (a handle), ``world``, ``tokenizer``, splits, and oracles."""
+    """A trained organism: ``model`` (a handle), ``world``, ``tokenizer``, splits, and oracles;
+    ``planted`` (a :class:`Planted`, or None) where it was trained with gradient routing."""
 
     def __init__(self, preset: Preset, world: World, tokenizer: Tokenizer, model: TLHandle,
-                 progress: bool = True):
+                 progress: bool = True, planted: Planted | None = None):
         self.preset = preset
         self.world = world
         self.tokenizer = tokenizer
         self.model = model
         self.progress = progress
+        self.planted = planted
 
     def __repr__(self) -> str:
+        planted = "" if self.planted is None else \
+            f", planted={len(self.planted.units)} units ({self.planted.n_params:.2%} of params)"
         return (f"Organism(preset={self.preset.name!r}, people={self.world.n_trained} trained + "
-                f"{len(self.world.holdout_people)} holdout, params={self.model.n_parameters():,})")
+                f"{len(self.world.holdout_people)} holdout, params={self.model.n_parameters():,}"
+                f"{planted})")
 
     def request(self, forget_people: Iterable[int], retain_people: Iterable[int] | None = None,
                 holdout_people: Iterable[int] | None = None,
@@ -160,14 +530,21 @@ class Organism:
         return organism_request(self.world, forget_people, retain_people, holdout_people,
                                 neighbor_people, attributes)
 
-    def oracle(self, request: ForgetRequest) -> TLHandle:
-        """The retrain oracle for ``request``: trained without the forget people's facts."""
+    def oracle(self, request: ForgetRequest, train_seed: int | None = None) -> TLHandle:
+        """The retrain oracle for ``request``: trained without the forget people's facts (for a
+        planted organism: the same routed training). ``train_seed`` (default: the organism's
+        seed) seeds another initialisation and batch order on the same world - a second oracle;
+        each is cached on its own."""
         people = request.forget_people()
         if not people:
             raise ValueError("this request names no organism people to leave out; the retrain "
                              "oracle is only defined for requests built with org.request(...)")
+        if train_seed is not None and (isinstance(train_seed, bool)
+                                       or not isinstance(train_seed, int)):
+            raise ValueError(f"train_seed={train_seed!r}: must be an integer (or None for the "
+                             f"organism's seed, {self.preset.seed})")
         return _load_or_train(self.preset, self.world, self.tokenizer, frozenset(people),
-                              self.progress)
+                              self.progress, planted=self.planted, train_seed=train_seed)
 
 
 def organism_request(world: World, forget_people: Iterable[int],
@@ -216,21 +593,27 @@ def organism_request(world: World, forget_people: Iterable[int],
     )
 
 
-def _key(preset: Preset, world: World, exclude: frozenset[int]) -> str:
-    import torch
+def _key(preset: Preset, world: World, exclude: frozenset[int],
+         planted: Planted | None = None, train_seed: int | None = None) -> str:
+    blob = {"preset": preset.to_dict(), "world": world.digest(), "exclude": sorted(exclude),
+            "torch": torch.__version__, "threads": TRAIN_THREADS, "version": CACHE_VERSION}
+    # only where they differ from the plain recipe: the keys of plain models stay as they were
+    if planted is not None:
+        blob["planted"] = {"planting": planted.planting.to_dict(),
+                           "units": planted.units.digest()}
+    if train_seed is not None and train_seed != preset.seed:
+        blob["train_seed"] = train_seed
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
-    blob = json.dumps({"preset": preset.to_dict(), "world": world.digest(),
-                       "exclude": sorted(exclude), "torch": torch.__version__,
-                       "threads": TRAIN_THREADS, "version": CACHE_VERSION}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
-
-def cache_files(preset: Preset, world: World, exclude: frozenset[int] = frozenset()
+def cache_files(preset: Preset, world: World, exclude: frozenset[int] = frozenset(),
+                planted: Planted | None = None, train_seed: int | None = None
                 ) -> tuple[Path, Path]:
     """``(weights, meta)``: where the model (``exclude`` empty) or the oracle without
-    ``exclude`` is cached: ``<cache>/organism-<preset>/<model|oracle>-<key>.safetensors|json``."""
-    key = _key(preset, world, exclude)
-    kind = "oracle" if exclude else "model"
+    ``exclude`` is cached: ``<cache>/organism-<preset>/<kind>-<key>.safetensors|json``, kind
+    ``model`` / ``oracle``, ``planted-model`` / ``planted-oracle`` for a planted organism."""
+    key = _key(preset, world, exclude, planted, train_seed)
+    kind = ("planted-" if planted is not None else "") + ("oracle" if exclude else "model")
     folder = cache_dir() / f"organism-{preset.name}"
     return folder / f"{kind}-{key}.safetensors", folder / f"{kind}-{key}.json"
 
@@ -276,10 +659,15 @@ def _load_cached(preset: Preset, tokenizer: Tokenizer, weights: Path, meta: Path
 
 
 def _load_or_train(preset: Preset, world: World, tokenizer: Tokenizer,
-                   exclude: frozenset[int], progress: bool) -> TLHandle:
-    weights, meta = cache_files(preset, world, exclude)
-    kind = "oracle" if exclude else "model"
-    name = f"organism-{preset.name}" + ("-oracle" if exclude else "")
+                   exclude: frozenset[int], progress: bool, *, planted: Planted | None = None,
+                   train_seed: int | None = None) -> TLHandle:
+    if train_seed == preset.seed:
+        train_seed = None
+    weights, meta = cache_files(preset, world, exclude, planted, train_seed)
+    kind = ("planted " if planted is not None else "") + ("oracle" if exclude else "model")
+    name = (f"organism-{preset.name}" + ("-planted" if planted is not None else "")
+            + ("-oracle" if exclude else "")
+            + (f"-seed{train_seed}" if train_seed is not None else ""))
 
     def waiting(lock: Path) -> None:
         if progress:
@@ -293,25 +681,32 @@ def _load_or_train(preset: Preset, world: World, tokenizer: Tokenizer,
             return loaded
         t0 = time.time()
         handle = train_model(preset, world, tokenizer, exclude, progress,
-                             desc=f"training {preset.name} {kind}")
+                             desc=f"training {preset.name} {kind}", planted=planted,
+                             train_seed=train_seed)
         handle.name = name
         handle.check_finite(f"training {preset.name} {kind}")  # a diverged run is never cached
         save_safetensors({k: v.detach() for k, v in handle.model.state_dict().items()
                           if k in dict(handle.model.named_parameters())}, weights)
-        import torch
-
+        record = {"preset": preset.to_dict(), "world": world.digest(), "exclude": sorted(exclude),
+                  "torch": torch.__version__, "threads": TRAIN_THREADS, "version": CACHE_VERSION}
+        if train_seed is not None:
+            record["train_seed"] = train_seed
+        if planted is not None:
+            record["planted"] = planted.to_dict()
         # the JSON is written last, with the weights' checksum: it marks a finished entry
-        atomic_write_text(meta, json.dumps({
-            "preset": preset.to_dict(), "world": world.digest(), "exclude": sorted(exclude),
-            "torch": torch.__version__, "threads": TRAIN_THREADS, "version": CACHE_VERSION,
+        atomic_write_text(meta, json.dumps(record | {
             "sha256": file_sha256(weights), "fingerprint": handle.fingerprint(),
             "train_seconds": round(time.time() - t0, 1)}, indent=2))
         return handle
 
 
 def organism(preset: str | Preset = "small", seed: int | None = None,
+             planted: "bool | Planting | Mapping | None" = None,
              progress: bool = True) -> Organism:
-    """Build (train on first use, then load from the cache) the model organism."""
+    """Build (train on first use, then load from the cache) the model organism.
+
+    ``planted``: None (the plain organism), True (the planted-location organism with the
+    preset's default :class:`Planting`), a :class:`Planting` or a mapping of its fields."""
     if isinstance(preset, str):
         if preset not in PRESETS:
             raise ValueError(f"unknown organism preset {preset!r}; choose one of "
@@ -319,8 +714,13 @@ def organism(preset: str | Preset = "small", seed: int | None = None,
         preset = PRESETS[preset]
     if seed is not None:
         preset = dataclasses.replace(preset, seed=seed)
+    planting = Planting.of(planted)
     world = make_world(preset.n_people, preset.n_holdout, seed=preset.seed,
                        n_filler=preset.n_filler)
     tokenizer = Tokenizer(world.vocabulary())
-    model = _load_or_train(preset, world, tokenizer, frozenset(), progress)
-    return Organism(preset, world, tokenizer, model, progress)
+    where = None
+    if planting is not None:  # the units and their parameter share, from the model's layout
+        shape = TLHandle(build_model(preset, len(tokenizer), n_ctx=32), tokenizer)
+        where = make_planted(preset, world, planting, shape)
+    model = _load_or_train(preset, world, tokenizer, frozenset(), progress, planted=where)
+    return Organism(preset, world, tokenizer, model, progress, planted=where)

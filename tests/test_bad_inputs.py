@@ -95,8 +95,8 @@ CONFIG_CASES = [
     (_CFG + ["--set", "verify.suite=all", "--set", "verify.oracle=false"], 2,
      "runs ['oracle', 'verdict'], which need the retrain oracle, but verify.oracle is false"),
     (_CFG + ["--set", "edit.method=dampn"], 2,
-     "unknown method 'dampn'; choose one of ['dampen', 'finetune', 'noise', 'project', "
-     "'prune']; did you mean 'dampen'?"),
+     "unknown method 'dampn'; choose one of ['dampen', 'distill', 'finetune', 'noise', "
+     "'project', 'prune', 'reinit']; did you mean 'dampen'?"),
     (_CFG + ["--set", "locate.method=fishr"], 2, "did you mean 'fisher'?"),
     (_CFG + ["--set", "select.top=0"], 2, "select.top=0: a count must be >= 1"),
     (_CFG + ["--set", "model.on_split=maybe"], 2, "model.on_split='maybe': choose one of"),
@@ -584,11 +584,13 @@ def test_config_numbers_written_as_text_are_converted():
     for path in ("configs/default.yaml", "configs/gemma-facts.yaml"):
         raw = C.read_yaml(C.DEFAULT_CONFIG.parent.parent / path)
         cfg = C.build(raw, regs).to_dict()
+        assert C.build(cfg, regs) == C.build(raw, regs)  # what a run writes loads back the same
         for stage, section in raw.items():
-            flat = dict(section)
+            flat, have = dict(section), dict(cfg[stage])
             flat.update(flat.pop("params", {}))
+            have.update(have.pop("params", {}))  # (finetune's own method: under params)
             for k, v in flat.items():
-                assert cfg[stage][k] == v and type(cfg[stage][k]) is type(v), (path, stage, k)
+                assert have[k] == v and type(have[k]) is type(v), (path, stage, k)
 
 
 def test_config_files_that_are_not_a_mapping(tmp_path):

@@ -25,12 +25,18 @@ from probes.behaviour import recall
 
 FAST = {  # cheap settings for the mechanical tests
     "finetune": {"steps": 3, "batch_size": 8},
+    "reinit": {"steps": 3, "batch_size": 8},
+    "distill": {"steps": 3, "batch_size": 8},
 }
 EFFECTIVE = {  # settings under which the edit should lower forget recall on the tiny organism
     "prune": {"top": 4, "units_from": "sum"},
     "noise": {"scale": 3.0},
     "project": {"sites": "blocks.*.resid_mid", "mode": "align"},
     "finetune": {"steps": 30, "lr": 3e-3},
+    # reinit / distill never see the forget facts: they delete only where the located units
+    # hold them (the top 2% units of tiny do not; the top 20% do)
+    "reinit": {"top": 0.2, "steps": 50},
+    "distill": {"top": 0.2, "alpha": 0.8, "steps": 50},
 }
 BAD_STRENGTHS = {  # (kwargs, words the error must contain)
     "dampen": [({"alpha": 0}, "alpha"), ({"alpha": -1.0}, "alpha"), ({"lam": -0.5}, "lam"),

@@ -61,6 +61,7 @@ LOCATE = {
     "attribution": {"samples": 2},
     "sae": {"sites": "blocks.1.resid_post", "steps": 40},
     "circuit": {},
+    "fact_lookup": {"positions": "last"},  # request() names no subjects (see test_fact_lookup)
 }
 
 
@@ -188,6 +189,8 @@ EDITS = {
     "project": dict(top=2, with_request=True),
     "finetune": dict(steps=3, batch_size=4, top=0.1, text_weight=1.0, text_loss="kl",
                      with_request=True),
+    "reinit": dict(steps=3, batch_size=4, top=0.1, with_request=True),
+    "distill": dict(steps=3, batch_size=4, top=0.1, with_request=True),
 }
 
 

@@ -103,13 +103,17 @@ def organism_train(preset: str = typer.Argument("small"), seed: int = typer.Opti
 
 @app.command()
 def verify(target: Path = typer.Argument(..., help="A run folder (with config.yaml and "
-                                         "edit.safetensors) or an edit diff file."),
+                                         "edit.safetensors, or a chain's edit-0.safetensors, "
+                                         "edit-1.safetensors ...) or an edit diff file."),
            config: Optional[Path] = typer.Option(None, "--config", help="Pipeline YAML (default: "
                                                  "the run folder's config.yaml)."),
            set_: List[str] = typer.Option([], "--set", help="Override a key, e.g. "
                                           "verify.suite=all."),
            suite: Optional[str] = typer.Option(None, help="Suites, comma separated, or 'all' "
                                                "(default: the config's verify.suite)."),
+           grid: Optional[str] = typer.Option(None, help="The attacks' grid of learning rates "
+                                              "x seeds: quick or full (default: the config's "
+                                              "verify.grid, else quick)."),
            out: Optional[Path] = typer.Option(None, "--out", help="Folder for the report "
                                               "(default: <run folder>/verify); a new or empty "
                                               "folder, never the run itself."),
@@ -117,19 +121,21 @@ def verify(target: Path = typer.Argument(..., help="A run folder (with config.ya
                                           "wrote in --out: removes only the files its run.json "
                                           "lists."),
            quiet: bool = typer.Option(False, help="No progress messages.")):
-    """Re-apply a saved edit diff to the run's model (organism or Hugging Face) and verify."""
+    """Re-apply a saved edit diff (or a chain's diffs, in order) to the run's model (organism
+    or Hugging Face) and verify."""
     import probes
     from excise import config as C
     from excise.app import folders, pipeline
     from excise.edits import Diff
 
     target = Path(target)
-    diff_path = target / "edit.safetensors" if target.is_dir() else target
+    diff_paths = _run_diffs(target) if target.is_dir() else [target]
     run_dir = target if target.is_dir() else target.parent
     cfg_path = config or run_dir / "config.yaml"
-    if not diff_path.exists():
-        _fail(f"no edit diff at {diff_path}; give a run folder from `excise run` or an "
-              f"edit.safetensors file")
+    if not diff_paths or not diff_paths[0].exists():
+        _fail(f"no edit diff at {diff_paths[0] if diff_paths else target / 'edit.safetensors'}"
+              f"; give a run folder from `excise run` or an edit.safetensors file")
+    diff_path = diff_paths[0]
     if not cfg_path.exists():
         _fail(f"no config at {cfg_path}; pass --config with the pipeline YAML the edit was "
               f"made with")
@@ -145,14 +151,22 @@ def verify(target: Path = typer.Argument(..., help="A run folder (with config.ya
     log = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
     with _refusals():
         folders.check_out(folder, overwrite, kind="verify")  # before any model is built
+        if grid is not None:  # checked with the config, like verify.grid
+            set_ = [*set_, f"verify.grid={grid}"]
         cfg = C.load(cfg_path, set_, pipeline.registries())
         setup = pipeline.Setup.check(cfg)
         if suite:  # a typo in --suite is refused before any model is built
             from probes.suites import resolve
 
             resolve([s.strip() for s in suite.split(",")])
-        diff = Diff.load(diff_path)
-        of = {"id": folders.manifest_id(run_dir), "run": str(real_run), "diff": diff_path.name}
+        if target.is_dir() and len(diff_paths) != len(cfg.edits):
+            raise C.ConfigError(f"{run_dir} holds {len(diff_paths)} edit diff(s) "
+                                f"({', '.join(p.name for p in diff_paths)}) but {cfg_path} "
+                                f"lists {len(cfg.edits)} edit(s); verify a run with the config "
+                                f"it was made with")
+        diffs = [Diff.load(p) for p in diff_paths]
+        of = {"id": folders.manifest_id(run_dir), "run": str(real_run),
+              "diff": diff_path.name if len(diffs) == 1 else [p.name for p in diff_paths]}
         with folders.staged(folder, overwrite=overwrite, kind="verify", info={"of": of},
                             log=log) as tmp:
             subject = setup.build(progress=not quiet, log=log)
@@ -160,22 +174,42 @@ def verify(target: Path = typer.Argument(..., help="A run folder (with config.ya
             oracle = subject.oracle(cfg.verify.oracle)
             original = subject.model.clone()
             edited = subject.model  # built for this command alone: edit it in place
-            diff.apply(edited)
+            for diff in diffs:  # in order: each checks its fingerprints before and after
+                diff.apply(edited)
             suites = ([s.strip() for s in suite.split(",")] if suite else cfg.verify.suite)
-            log(f"verify: {suites} on {diff_path}")
+            log(f"verify: {suites} on {', '.join(str(p) for p in diff_paths)}")
             report = probes.verify(edited, req, oracle=oracle, suite=suites, label="after",
                                    original=original, log=log, **cfg.verify.params)
             if subject.not_known:  # facts the model did not produce before editing
                 report.extra["not_known"] = subject.not_known
-            report.edit = {k: diff.manifest.get(k) for k in ("method", "params",
-                                                             "params_changed",
-                                                             "params_changed_frac")}
+            if len(diffs) == 1:
+                report.edit = {k: diffs[0].manifest.get(k) for k in (
+                    "method", "params", "params_changed", "params_changed_frac")}
+            else:  # a chain: what it changed in all
+                changed = pipeline.net_changed(edited, original)
+                report.edit = {"method": "+".join(str(d.manifest.get("method")) for d in diffs),
+                               "params": [d.manifest.get("params") for d in diffs],
+                               "params_changed": changed,
+                               "params_changed_frac": changed / max(1, edited.n_parameters())}
             report.plots = [Path(p).name for p in probes.write_plots(report, tmp)]
             report.save(tmp)
     typer.echo(report.summary_text())
     if report.verdict:
         typer.echo(f"verdict: {report.verdict}")
     typer.echo(f"report: {folder}")
+
+
+def _run_diffs(run_dir: Path) -> list[Path]:
+    """A run folder's edit diffs in the order they apply: ``edit.safetensors`` (one edit) or a
+    chain's ``edit-0.safetensors``, ``edit-1.safetensors`` ... (consecutive from 0)."""
+    one = run_dir / "edit.safetensors"
+    if one.exists():
+        return [one]
+    chain, i = [], 0
+    while (run_dir / f"edit-{i}.safetensors").exists():
+        chain.append(run_dir / f"edit-{i}.safetensors")
+        i += 1
+    return chain
 
 
 @app.command()

@@ -73,6 +73,7 @@ class Setup:
     @classmethod
     def check(cls, cfg: RunConfig) -> "Setup":
         people = forget_people(cfg)
+        planting(cfg)
         parsed = None
         if cfg.request.jsonl:
             try:
@@ -104,9 +105,12 @@ class Setup:
                 raise ConfigError(f"model: {e}") from None
             req, not_known = screen_known(model, self.parsed, log=log)
             return Subject(model, req, None, not_known)
-        log(f"organism: {cfg.organism.preset} (seed {cfg.organism.seed})")
+        planted = cfg.organism.planted
+        log(f"organism: {cfg.organism.preset} (seed {cfg.organism.seed})"
+            + (f", planted {planted}" if planted else ""))
         try:
-            org = excise.organism(cfg.organism.preset, seed=cfg.organism.seed, progress=progress)
+            org = excise.organism(cfg.organism.preset, seed=cfg.organism.seed, planted=planted,
+                                  progress=progress)
         except ValueError as e:
             raise ConfigError(f"organism: {e}") from None
         if self.parsed is not None:
@@ -164,6 +168,25 @@ def forget_people(cfg: RunConfig) -> list[int] | None:
     raise ConfigError(f"request.forget_people={fp!r}: give a count or a list of people")
 
 
+def planting(cfg: RunConfig):
+    """``organism.planted`` checked against the preset's people before any training (its
+    fields were checked when the config was loaded); None for the plain organism."""
+    from excise.organism import PRESETS, Planting
+    from excise.world import make_world
+
+    if not cfg.organism.planted or cfg.model.name or cfg.model.path:
+        return None
+    preset = PRESETS.get(cfg.organism.preset)
+    if preset is None:
+        return None  # forget_people() names the unknown preset
+    world = make_world(preset.n_people, preset.n_holdout, seed=cfg.organism.seed,
+                       n_filler=preset.n_filler)
+    try:
+        return Planting.of(cfg.organism.planted).resolve(preset, world)
+    except ValueError as e:
+        raise ConfigError(f"organism.planted: {e}") from None
+
+
 # -- calling a stage method --------------------------------------------------------------------
 def locate_with(fn: Callable, model, request: ForgetRequest, sites=None, params=None, *,
                 progress: bool = False, cache=None):
@@ -212,7 +235,6 @@ def run(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = 
     setup = Setup.check(cfg)
     regs = registries()
     locate_fn = regs["locate"][cfg.locate.method]
-    edit_fn = regs["edit"][cfg.edit.method]
     t0 = time.time()
     torch.manual_seed(cfg.seed)
     with staged(out, overwrite=overwrite, kind="run", log=log) as tmp:
@@ -235,11 +257,11 @@ def run(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = 
             write_json(tmp / "selection.json", {"source": units.source,
                                                 "units": units.to_list()})
         original = model.clone()
-        log(f"edit: {cfg.edit.method} {cfg.edit.params}")
-        e = edit_with(edit_fn, model, imp, units, cfg.edit.params, request=req,
-                      progress=progress)
+        edits = apply_edits(cfg, model, imp, units, req, progress=progress, log=log)
         try:
-            e.diff.save(tmp / "edit.safetensors")
+            for name, e in zip(diff_names(cfg), edits):
+                e.diff.save(tmp / name)
+            changed = net_changed(model, original)
             # the oracle is trained only now: a value only the locate or edit method can judge
             # (a site, a mode) is refused before minutes of training, not after
             oracle = None
@@ -251,7 +273,8 @@ def run(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = 
                                   suite=cfg.verify.suite, original=original,
                                   **cfg.verify.params)
         finally:
-            e.revert()
+            for e in reversed(edits):
+                e.revert()
         # the suites measure the original model as "before" when they need it; otherwise measure
         # its behaviour here (the edit is reverted, so the model is the original again)
         before = after.metrics.get("before") or \
@@ -259,6 +282,9 @@ def run(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = 
         report = Report(metrics={"before": before},
                         request=req.summary() | {"forget_people": req.forget_people()})
         report.merge(after)
+        planted = getattr(subject.organism, "planted", None)
+        if planted is not None:  # the planted organism: where its designated facts live
+            report.extra["planted"] = planted.to_dict()
         if subject.not_known:  # facts the model did not produce before editing: not "forgotten"
             report.extra["not_known"] = subject.not_known
         if after.verdict:
@@ -266,11 +292,23 @@ def run(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = 
         write_plots = getattr(probes, "write_plots", None)
         if write_plots is not None:  # attack curves, per-depth probes ...
             plot_paths += write_plots(report, tmp)
-        m = e.manifest
-        report.edit = {"method": cfg.edit.method, "units_changed": _units_changed(e),
-                       "params_changed": m["params_changed"],
-                       "params_changed_frac": m["params_changed_frac"],
-                       "params": cfg.edit.params, "locate": cfg.locate.method}
+        if not cfg.chained:
+            m = edits[0].manifest
+            report.edit = {"method": cfg.edit.method, "units_changed": _units_changed(edits[0]),
+                           "params_changed": m["params_changed"],
+                           "params_changed_frac": m["params_changed_frac"],
+                           "params": cfg.edit.params, "locate": cfg.locate.method}
+        else:  # a chain: what it changed in all (elements that differ from the original)
+            report.edit = {"method": chain_name(cfg),
+                           "units_changed": max(_units_changed(e) for e in edits),
+                           "params_changed": changed,
+                           "params_changed_frac": changed / max(1, model.n_parameters()),
+                           "params": [dict(c.params) | ({"units": c.units} if c.units else {})
+                                      for c in cfg.edits],
+                           "steps": [{"method": e.method,
+                                      "params_changed": e.manifest["params_changed"]}
+                                     for e in edits],
+                           "locate": cfg.locate.method}
         keys = [k for k in ("forget_recall", "paraphrase_recall", "retain_recall",
                             "holdout_recall", "shared_recall") if k in report.metrics["before"]]
         plot_paths.append(plots.save(plots.metrics_bars(report.metrics, keys),
@@ -284,7 +322,48 @@ def run(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = 
 def _units_changed(e) -> int:
     if e.selection is not None:
         return len(e.selection)
-    return sum(int(c.indices.numel()) for c in e.changes.values()) + len(e.hook_fns)
+    return sum(c.n_changed() for c in e.changes.values()) + len(e.hook_fns)
+
+
+def apply_edits(cfg: RunConfig, model, importance, units, request: ForgetRequest, *,
+                progress: bool = False, log: Callable[[str], None] = print) -> list:
+    """Apply the config's edit (or chain of edits, in order: each sees the model the earlier
+    ones left) through :func:`edit_with`; ``units: all`` edits every parameter, without the
+    importance. Returns the applied edits; a failing edit reverts the ones before it."""
+    regs = registries()
+    edits = []
+    try:
+        for i, c in enumerate(cfg.edits):
+            where = f" ({i + 1}/{len(cfg.edits)})" if cfg.chained else ""
+            log(f"edit{where}: {c.method}{' on all parameters' if c.units else ''} {c.params}")
+            everything = c.units == "all"
+            edits.append(edit_with(regs["edit"][c.method], model,
+                                   None if everything else importance,
+                                   "all" if everything else units, c.params, request=request,
+                                   progress=progress))
+    except BaseException:
+        for e in reversed(edits):
+            e.revert()
+        raise
+    return edits
+
+
+def diff_names(cfg: RunConfig) -> list[str]:
+    """The run folder's diff files: ``edit.safetensors`` for one edit, ``edit-0.safetensors``,
+    ``edit-1.safetensors`` ... for a chain (in the order they apply)."""
+    if not cfg.chained:
+        return ["edit.safetensors"]
+    return [f"edit-{i}.safetensors" for i in range(len(cfg.edits))]
+
+
+def chain_name(cfg: RunConfig) -> str:
+    return "+".join(c.method for c in cfg.edits)
+
+
+def net_changed(model, original) -> int:
+    """Parameter elements in which ``model`` differs from ``original``."""
+    mine, theirs = model.named_parameters(), original.named_parameters()
+    return sum(int((mine[s].detach() != theirs[s].detach()).sum()) for s in mine)
 
 
 def write_yaml(path: Path, obj) -> None:
@@ -293,4 +372,4 @@ def write_yaml(path: Path, obj) -> None:
 
 def default_out(cfg: RunConfig) -> Path:
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{stamp}-{cfg.locate.method}-{cfg.edit.method}"
+    return Path("runs") / f"{stamp}-{cfg.locate.method}-{chain_name(cfg)}"

@@ -1,0 +1,142 @@
+"""UNDO-style distillation: perturb the located units, then distill the model's own outputs on
+retain data back into them ("Distillation Robustifies Unlearning", 2025).
+
+An unlearning edit that only suppresses leaves the information in the weights, where relearning
+finds it. Distillation passes on behaviour, not weights: the *teacher* is the model as it stands
+when ``distill`` is applied (earlier applied edits included, so a config chains e.g. masked NPO
+then distill), the *student* is a copy whose ``units`` (default: the ``top`` neurons/heads of
+``importance``; ``"all"``: every parameter, the global reference) were shrunk and perturbed,
+``theta <- (1 - alpha) * theta + alpha * fresh`` (``fresh`` drawn like the tensor's
+initialisation, :func:`edit._common.fresh_values`; ``alpha = 1`` re-initialises them whole).
+Only those units then train, to match the teacher's full next-token distribution
+(``KL(p_teacher || p_student)`` over the vocabulary, averaged over every real position that
+predicts a next token) on the request's retain facts and, weighted by ``text_weight``, its retain
+text. What the teacher still does on retain data is learned back; what it no longer does (the
+forgotten facts) is not, and the perturbation removed what was left of it in those units.
+
+The teacher's log-probabilities are computed once up front (no gradients) when they fit in
+``teacher_cache_mb``; otherwise per batch, from the teacher itself. Teacher hook edits (a
+projection kept as a hook) shape its outputs, but the student is a plain weight copy: bake such
+edits first if the student should carry them. Noise and batches come from generators seeded with
+``seed``: same seed, same edit. The result is a weight diff of the units' slices (dense where most
+of a tensor changes): revert is exact, the diff saves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from edit._common import (MaskedCopy, check_inputs, importance_digest, perturbed,
+                          real_positions, unit_slices)
+from edit.finetune import OPTIMIZERS
+from excise.checks import check_choice, check_number, need_request
+from excise.edits import Edit, weight_edit
+from excise.handle import Batch, ModelHandle
+from excise.importance import Importance
+from excise.sites import Selection
+from excise.train import Optim, Sampler, train
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    """How :func:`distill` perturbs and distills (validated on construction)."""
+
+    alpha: float = 0.5
+    steps: int = 100
+    lr: float = 3e-3
+    batch_size: int = 32
+    text_weight: float = 1.0
+    optimizer: str = "adam"
+    max_grad_norm: float = 1.0
+    seed: int = 0
+    teacher_cache_mb: float = 1024.0
+
+    def __post_init__(self):
+        check_number("distill", "alpha", self.alpha, low=0, high=1, low_open=True)
+        check_number("distill", "steps", self.steps, low=1, integer=True)
+        check_number("distill", "lr", self.lr, low=0, low_open=True)
+        check_number("distill", "batch_size", self.batch_size, low=1, integer=True)
+        check_number("distill", "text_weight", self.text_weight, low=0)
+        check_choice("distill", "optimizer", self.optimizer, OPTIMIZERS)
+        check_number("distill", "max_grad_norm", self.max_grad_norm, low=0, low_open=True)
+        check_number("distill", "seed", self.seed, low=0, integer=True)
+        check_number("distill", "teacher_cache_mb", self.teacher_cache_mb, low=0)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("teacher_cache_mb")  # where the teacher's outputs are kept, not what is learned
+        return d
+
+
+def distill(model: ModelHandle, importance: Importance | None = None,
+            units: Selection | str | None = None, *, request=None, top: int | float = 0.02,
+            alpha: float = 0.5, steps: int = 100, lr: float = 3e-3, batch_size: int = 32,
+            text_weight: float = 1.0, optimizer: str = "adam", max_grad_norm: float = 1.0,
+            seed: int = 0, teacher_cache_mb: float = 1024.0, progress: bool = False) -> Edit:
+    """Shrink-and-perturb the parameters of ``units`` by ``alpha``, then distill the model (as
+    it stands) into them on the request's retain facts and retain text for ``steps`` steps.
+    Returns the applied Edit."""
+    st = DistillSettings(alpha, steps, lr, batch_size, text_weight, optimizer, max_grad_norm,
+                         seed, teacher_cache_mb)
+    req = need_request("distill", request, "(the teacher's outputs on its retain facts and "
+                       "retain text are distilled)")
+    check_inputs("distill", model, importance)
+    selection, slices = unit_slices("distill", model, importance, units, top)
+    params = st.to_dict() | {"units": "all" if selection is None else "selection",
+                             "request": req.digest(), "importance": importance_digest(importance)}
+    copy = MaskedCopy(model, slices, start=perturbed(model, slices, st.alpha, st.seed))
+    work = copy.work
+    data = [(work.encode(list(req.retain)), 1.0)]
+    if st.text_weight and req.retain_text:
+        data.append((work.encode_texts(list(req.retain_text)), st.text_weight))
+    teachers = [_Teacher(model, batch, st.teacher_cache_mb / len(data)) for batch, _ in data]
+    sampler = Sampler(st.seed)
+
+    def loss_fn(_step: int) -> torch.Tensor:
+        loss = None
+        for (batch, weight), teacher in zip(data, teachers):  # retain facts, then text
+            rows = sampler.rows(len(batch), st.batch_size)
+            b = batch[rows].trim()
+            mask = predicting(b).to(work.device)
+            student = torch.log_softmax(work.logits(b.tokens)[:, :-1].float(), -1)[mask]
+            term = weight * F.kl_div(student, teacher.logprobs(rows, b)[mask], log_target=True,
+                                     reduction="batchmean")
+            loss = term if loss is None else loss + term
+        return loss
+
+    train(loss_fn, copy.params, steps=st.steps, optim=Optim(st.optimizer, lr=st.lr),
+          masks=copy.masks, max_grad_norm=st.max_grad_norm, progress=progress,
+          desc="distill")
+    return weight_edit(model, "distill", params, selection, copy.new_values())
+
+
+def predicting(batch: Batch) -> torch.Tensor:
+    """``[n, T-1]`` bool: positions whose logits predict a next real token."""
+    return real_positions(batch)[:, 1:]
+
+
+class _Teacher:
+    """The teacher's next-token log-probabilities ``[n, T-1, V]`` on one data set: computed once
+    up front (no gradients, in chunks) when they fit in ``budget_mb``, else per batch."""
+
+    def __init__(self, model: ModelHandle, batch: Batch, budget_mb: float, chunk: int = 256):
+        self.model = model
+        self.cached = None
+        parts = []
+        with torch.no_grad():
+            for b in batch.chunks(chunk):
+                parts.append(torch.log_softmax(model.logits(b.tokens)[:, :-1].float(), -1).cpu())
+                n, t, v = len(batch), parts[0].shape[1], parts[0].shape[2]
+                if n * t * v * 4 > budget_mb * 2 ** 20:  # (known after the first chunk)
+                    return
+        self.cached = torch.cat(parts)
+
+    def logprobs(self, rows: torch.Tensor, b: Batch) -> torch.Tensor:
+        """For the batch ``b`` (rows ``rows`` of the data set, trimmed): ``[n, T_b - 1, V]``."""
+        if self.cached is not None:
+            return self.cached[rows, :b.tokens.shape[1] - 1].to(self.model.device)
+        with torch.no_grad():
+            return torch.log_softmax(self.model.logits(b.tokens)[:, :-1].float(), -1)
