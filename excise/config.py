@@ -110,6 +110,10 @@ class RunConfig:
     edit: EditConfig | tuple[EditConfig, ...] = EditConfig()  # a tuple: a chain, in order
     verify: VerifyConfig = VerifyConfig()
     seed: int = 0
+    # torch intra-op threads for the run (None: as the process is set up - OMP_NUM_THREADS when
+    # set, else torch's default). CPU results depend on the thread count: same torch version,
+    # same threads, same numbers. The CLI's --threads overrides it.
+    threads: int | None = None
 
     @property
     def edits(self) -> tuple[EditConfig, ...]:
@@ -141,6 +145,7 @@ def _edit_dict(e: EditConfig) -> dict:
     return d | ({"params": clash} if clash else {})
 
 
+_TOP = ("seed", "threads")  # top-level keys that are values, not stage sections
 _STAGES = {"organism": OrganismConfig, "model": ModelConfig, "request": RequestConfig,
            "locate": LocateConfig, "select": SelectConfig, "edit": EditConfig,
            "verify": VerifyConfig}
@@ -176,8 +181,8 @@ def apply_sets(raw: dict, sets: list[str]) -> dict:
                                     if k in fields and k != "params"}
             raw["edit"] = chain
     for item in sets:
-        set_path(raw, item, list(_STAGES) + ["seed"], example="edit.alpha=5",
-                 leaf_only=("seed",))
+        set_path(raw, item, list(_STAGES) + list(_TOP), example="edit.alpha=5",
+                 leaf_only=_TOP)
     return raw
 
 
@@ -502,9 +507,9 @@ def build(raw: dict, registries: dict[str, dict] | None = None) -> RunConfig:
         raise ConfigError(f"the config must be a mapping of stages ({', '.join(_STAGES)}), "
                           f"got a {type(raw).__name__}")
     registries = registries or {}
-    unknown = [k for k in raw if k not in _STAGES and k != "seed"]
+    unknown = [k for k in raw if k not in _STAGES and k not in _TOP]
     if unknown:
-        raise ConfigError(unknown_key("config", unknown[0], list(_STAGES) + ["seed"]))
+        raise ConfigError(unknown_key("config", unknown[0], list(_STAGES) + list(_TOP)))
     stages = {}
     for name, cls in _STAGES.items():
         if name == "edit" and isinstance(raw.get(name), list):
@@ -539,7 +544,26 @@ def build(raw: dict, registries: dict[str, dict] | None = None) -> RunConfig:
     seed = raw.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ConfigError(f"seed must be an integer, got {seed!r}")
-    return RunConfig(**stages, seed=seed)
+    return RunConfig(**stages, seed=seed, threads=check_threads(raw.get("threads")))
+
+
+def check_threads(value, where: str = "threads") -> int | None:
+    """A thread count: None (as the process is set up) or an integer >= 1 (text converted)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}={value!r}: the torch threads to run at must be an integer "
+                          f">= 1, or null for the process's setting (OMP_NUM_THREADS, else "
+                          f"torch's default of {_default_threads()})")
+    return value
+
+
+def _default_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _check_method(where: str, cfg, reg: dict):
@@ -685,5 +709,5 @@ def load(path: str | Path | None, sets: list[str] = (), registries=None) -> RunC
         kind = {list: "a list", str: "a string"}.get(type(raw), f"a {type(raw).__name__}")
         raise ConfigError(f"{path} holds {kind}, not a mapping of stages; a config looks like "
                           f"'edit: {{method: dampen, alpha: 5}}' (sections: "
-                          f"{', '.join(_STAGES)}, seed)")
+                          f"{', '.join(_STAGES)}, seed, threads)")
     return build(apply_sets(raw, list(sets)), registries)

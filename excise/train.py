@@ -182,6 +182,26 @@ def train(loss_fn: LossFn, params: Mapping[str, Tensor] | Sequence[Tensor], *, s
 
 
 @contextmanager
+def using_threads(threads: int | None) -> Iterator[int]:
+    """Run the enclosed code at ``threads`` torch intra-op threads (None: as the process is
+    set up - torch reads ``OMP_NUM_THREADS`` at start, else uses every core); yields the count
+    in effect and restores the caller's afterwards. Pick it deliberately where other processes
+    share the cores: several torch processes each at every core's count slow each other down
+    many times over."""
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int)
+                                or threads < 1):
+        raise ValueError(f"threads={threads!r}: need an integer >= 1, or None for the process's "
+                         f"setting")
+    prev = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(prev)
+
+
+@contextmanager
 def reproducible(threads: int) -> Iterator[None]:
     """Run the enclosed code bit-reproducibly for a given torch version: at ``threads``
     intra-op threads with ``torch.use_deterministic_algorithms(True)``; the caller's thread

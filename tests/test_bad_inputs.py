@@ -98,6 +98,8 @@ CONFIG_CASES = [
      "unknown method 'dampn'; choose one of ['dampen', 'distill', 'finetune', 'noise', "
      "'project', 'prune', 'reinit']; did you mean 'dampen'?"),
     (_CFG + ["--set", "locate.method=fishr"], 2, "did you mean 'fisher'?"),
+    (_CFG + ["--threads", "0"], 2, "threads=0: the torch threads to run at must be an "
+     "integer >= 1"),
     (_CFG + ["--set", "select.top=0"], 2, "select.top=0: a count must be >= 1"),
     (_CFG + ["--set", "model.on_split=maybe"], 2, "model.on_split='maybe': choose one of"),
     # the request: people that are not integers, attributes given as a string

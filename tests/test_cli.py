@@ -90,14 +90,21 @@ def test_verify_reapplies_an_organism_runs_edit(tmp_path, tiny, tiny_oracle):
     """`excise verify RUN` rebuilds the model the run's config names and re-applies its diff:
     the behaviour it measures is the run's 'after' column, number for number."""
     out = tmp_path / "run"
+    import torch
+
+    threads = torch.get_num_threads()
     r = _run("--set", "organism.preset=tiny", "--set", "request.forget_people=3", "--set",
-             "verify.suite=behaviour", "--out", str(out), "--quiet")
+             "verify.suite=behaviour", "--out", str(out), "--quiet", "--threads", "1")
     assert r.exit_code == 0, r.output
+    assert torch.get_num_threads() == threads  # the caller's setting is restored
     r = runner.invoke(app, ["verify", str(out), "--quiet"])
     assert r.exit_code == 0, r.output
     ran = json.loads((out / "metrics.json").read_text())
     again = json.loads((out / "verify" / "metrics.json").read_text())
     assert again["after"] == ran["after"] and again["oracle"] == ran["oracle"]
+    # --threads is recorded in the run's config, and verify runs at the run's count
+    assert ran["probes"]["threads"] == 1 and again["probes"]["threads"] == 1
+    assert "threads: 1" in (out / "config.yaml").read_text()
 
 
 # -- a Hugging Face run: excise verify builds what the run's config says -----------------------

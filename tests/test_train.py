@@ -8,7 +8,7 @@ import torch
 
 from excise.edits import HOOK_KINDS, HookSpec, register_hook_kind
 from excise.handle import Batch
-from excise.train import Optim, Sampler, TrainResult, train
+from excise.train import Optim, Sampler, TrainResult, train, using_threads
 
 
 def _problem(seed: int = 0):
@@ -217,3 +217,19 @@ def test_hook_kind_registry_refuses_duplicates():
         HOOK_KINDS.pop(name, None)
     with pytest.raises(ValueError, match="non-empty string"):
         register_hook_kind("")
+
+
+def test_using_threads_sets_and_restores_the_count():
+    before = torch.get_num_threads()
+    with using_threads(1) as n:
+        assert n == 1 and torch.get_num_threads() == 1
+    assert torch.get_num_threads() == before
+    with using_threads(None) as n:  # the process's own setting, untouched
+        assert n == before
+    with pytest.raises(RuntimeError), using_threads(1):
+        raise RuntimeError("inside")
+    assert torch.get_num_threads() == before  # restored after an error too
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="threads="):
+            with using_threads(bad):
+                pass

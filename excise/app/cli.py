@@ -31,6 +31,15 @@ app.add_typer(organism_app, name="organism")
 
 EXIT_FAILED, EXIT_REFUSED, EXIT_INTERRUPTED, EXIT_TERMINATED = 1, 2, 130, 143
 
+_THREADS_HELP = ("Torch threads to run at (default: the config's threads, else "
+                 "OMP_NUM_THREADS, else every core). Set it where other processes share the "
+                 "cores. CPU numbers depend on it: same torch, same threads, same numbers.")
+
+
+def _threads_set(set_: List[str], threads: Optional[int]) -> List[str]:
+    """``--threads N`` as the config override ``threads=N`` (checked with the config)."""
+    return set_ if threads is None else [*set_, f"threads={threads}"]
+
 
 def _fail(msg: str, code: int = EXIT_REFUSED) -> None:
     typer.secho(f"error: {msg}", fg=typer.colors.RED, err=True)
@@ -65,13 +74,14 @@ def run(config: Optional[Path] = typer.Argument(None, help="Pipeline YAML (defau
         out: Optional[Path] = typer.Option(None, "--out", help="Run folder to create."),
         overwrite: bool = typer.Option(False, help="Replace a run excise wrote in --out: "
                                        "removes only the files its run.json lists."),
+        threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
         quiet: bool = typer.Option(False, help="No progress bars.")):
     """Run locate -> edit -> verify and write a run folder."""
     from excise import config as C
     from excise.app import pipeline
 
     with _refusals():
-        cfg = C.load(config, set_, pipeline.registries())
+        cfg = C.load(config, _threads_set(set_, threads), pipeline.registries())
         target = out or pipeline.default_out(cfg)
         result = pipeline.run(cfg, target, overwrite=overwrite, progress=not quiet,
                               log=lambda m: typer.echo(m, err=True))
@@ -120,6 +130,7 @@ def verify(target: Path = typer.Argument(..., help="A run folder (with config.ya
            overwrite: bool = typer.Option(False, help="Replace a verify report (or run) excise "
                                           "wrote in --out: removes only the files its run.json "
                                           "lists."),
+           threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
            quiet: bool = typer.Option(False, help="No progress messages.")):
     """Re-apply a saved edit diff (or a chain's diffs, in order) to the run's model (organism
     or Hugging Face) and verify."""
@@ -127,6 +138,7 @@ def verify(target: Path = typer.Argument(..., help="A run folder (with config.ya
     from excise import config as C
     from excise.app import folders, pipeline
     from excise.edits import Diff
+    from excise.train import using_threads
 
     target = Path(target)
     diff_paths = _run_diffs(target) if target.is_dir() else [target]
@@ -153,7 +165,7 @@ def verify(target: Path = typer.Argument(..., help="A run folder (with config.ya
         folders.check_out(folder, overwrite, kind="verify")  # before any model is built
         if grid is not None:  # checked with the config, like verify.grid
             set_ = [*set_, f"verify.grid={grid}"]
-        cfg = C.load(cfg_path, set_, pipeline.registries())
+        cfg = C.load(cfg_path, _threads_set(set_, threads), pipeline.registries())
         setup = pipeline.Setup.check(cfg)
         if suite:  # a typo in --suite is refused before any model is built
             from probes.suites import resolve
@@ -168,7 +180,7 @@ def verify(target: Path = typer.Argument(..., help="A run folder (with config.ya
         of = {"id": folders.manifest_id(run_dir), "run": str(real_run),
               "diff": diff_path.name if len(diffs) == 1 else [p.name for p in diff_paths]}
         with folders.staged(folder, overwrite=overwrite, kind="verify", info={"of": of},
-                            log=log) as tmp:
+                            log=log) as tmp, using_threads(cfg.threads) as n_threads:
             subject = setup.build(progress=not quiet, log=log)
             req = subject.request
             oracle = subject.oracle(cfg.verify.oracle)
@@ -192,6 +204,7 @@ def verify(target: Path = typer.Argument(..., help="A run folder (with config.ya
                                "params_changed": changed,
                                "params_changed_frac": changed / max(1, edited.n_parameters())}
             report.plots = [Path(p).name for p in probes.write_plots(report, tmp)]
+            report.extra["threads"] = n_threads
             report.save(tmp)
     typer.echo(report.summary_text())
     if report.verdict:
@@ -222,14 +235,18 @@ def sweep(config: Path = typer.Argument(..., help="Sweep YAML (e.g. configs/swee
                                     "only) or 'all'."),
           screen: Optional[Path] = typer.Option(None, "--screen", help="Reuse an earlier "
                                                 "run's screen.json."),
+          threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
           quiet: bool = typer.Option(False, help="No progress messages.")):
     """Screen locate x edit recipes, keep the best, report them beside retrain oracles."""
+    from excise import config as C
     from excise.app import sweep as S
+    from excise.train import using_threads
 
     log = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
     with _refusals():
         cfg = S.load_config(config, set_)
-        res = S.run(cfg, out, stage=stage, screen_from=screen, log=log)
+        with using_threads(C.check_threads(threads, "--threads")):
+            res = S.run(cfg, out, stage=stage, screen_from=screen, log=log)
     rec = res.records
     typer.echo(f"finalists: {'; '.join(S.name(f) for f in rec['finalists'])}")
     if "rows" in rec:

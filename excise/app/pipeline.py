@@ -224,6 +224,16 @@ class RunResult:
 
 def run(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = True,
         log: Callable[[str], None] = print) -> RunResult:
+    """locate -> edit -> verify into the run folder ``out``, at ``cfg.threads`` torch threads
+    (None: the process's setting; the count in effect is recorded in metrics.json)."""
+    from excise.train import using_threads
+
+    with using_threads(cfg.threads):
+        return _run(cfg, out, overwrite=overwrite, progress=progress, log=log)
+
+
+def _run(cfg: RunConfig, out: Path, *, overwrite: bool, progress: bool,
+         log: Callable[[str], None]) -> RunResult:
     import torch
 
     import locate
@@ -315,6 +325,7 @@ def run(cfg: RunConfig, out: Path, *, overwrite: bool = False, progress: bool = 
                                      tmp / "recall.png"))
         report.plots = [Path(p).name for p in plot_paths]
         report.extra["seconds"] = round(time.time() - t0, 1)
+        report.extra["threads"] = torch.get_num_threads()
         report.save(tmp)
     return RunResult(out, report, time.time() - t0)
 
