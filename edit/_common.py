@@ -12,7 +12,7 @@ import hashlib
 import torch
 from torch import Tensor
 
-from excise.checks import check_units
+from excise.checks import check_units, need_request
 from excise.handle import ModelHandle
 from excise.importance import Importance
 from excise.sites import PARAM_UNITS, Selection, layer_of
@@ -257,3 +257,20 @@ def keep_text_loss(kind: str, work: ModelHandle, reference: ModelHandle, batch) 
     with torch.no_grad():
         ref_lp = reference.target_logprobs(batch)
     return F.kl_div(work.target_logprobs(batch), ref_lp, log_target=True, reduction="batchmean")
+
+
+def start_unit_edit(method: str, model: ModelHandle, importance: Importance | None,
+                    units, top, request, why: str, settings: dict, alpha: float | None, seed: int
+                    ) -> tuple:
+    """The common start of the edits that re-train units on retain data (reinit, distill):
+    the request (``why`` it is needed), the inputs checked, the units' slices, the manifest
+    parameters, and a :class:`MaskedCopy` whose slices start perturbed by ``alpha``
+    (:func:`perturbed`). Returns ``(request, selection, copy, params)``."""
+    req = need_request(method, request, why)
+    check_inputs(method, model, importance)
+    selection, slices = unit_slices(method, model, importance, units, top)
+    params = settings | {"units": "all" if selection is None else "selection",
+                         "request": req.digest(), "importance": importance_digest(importance)}
+    copy = MaskedCopy(model, slices, start=perturbed(model, slices, alpha, seed))
+    return req, selection, copy, params
+

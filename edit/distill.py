@@ -29,10 +29,9 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from edit._common import (MaskedCopy, check_inputs, importance_digest, perturbed,
-                          real_positions, unit_slices)
+from edit._common import real_positions, start_unit_edit
 from edit.finetune import OPTIMIZERS
-from excise.checks import check_choice, check_number, need_request
+from excise.checks import check_choice, check_number
 from excise.edits import Edit, weight_edit
 from excise.handle import Batch, ModelHandle
 from excise.importance import Importance
@@ -81,13 +80,9 @@ def distill(model: ModelHandle, importance: Importance | None = None,
     Returns the applied Edit."""
     st = DistillSettings(alpha, steps, lr, batch_size, text_weight, optimizer, max_grad_norm,
                          seed, teacher_cache_mb)
-    req = need_request("distill", request, "(the teacher's outputs on its retain facts and "
-                       "retain text are distilled)")
-    check_inputs("distill", model, importance)
-    selection, slices = unit_slices("distill", model, importance, units, top)
-    params = st.to_dict() | {"units": "all" if selection is None else "selection",
-                             "request": req.digest(), "importance": importance_digest(importance)}
-    copy = MaskedCopy(model, slices, start=perturbed(model, slices, st.alpha, st.seed))
+    req, selection, copy, params = start_unit_edit(
+        "distill", model, importance, units, top, request, "(the teacher's outputs on its "
+        "retain facts and retain text are distilled)", st.to_dict(), st.alpha, st.seed)
     work = copy.work
     data = [(work.encode(list(req.retain)), 1.0)]
     if st.text_weight and req.retain_text:

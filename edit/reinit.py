@@ -28,10 +28,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from edit._common import (MaskedCopy, check_inputs, importance_digest, keep_text_loss,
-                          perturbed, unit_slices)
+from edit._common import MaskedCopy, keep_text_loss, start_unit_edit
 from edit.finetune import OPTIMIZERS, TEXT_LOSSES
-from excise.checks import check_choice, check_number, need_request
+from excise.checks import check_choice, check_number
 from excise.edits import Edit, weight_edit
 from excise.handle import ModelHandle
 from excise.importance import Importance
@@ -96,13 +95,9 @@ def reinit(model: ModelHandle, importance: Importance | None = None,
     request's retain facts and retain text. Returns the applied Edit."""
     st = ReinitSettings(mode, alpha, steps, lr, batch_size, text_weight, text_loss, optimizer,
                         max_grad_norm, seed)
-    req = need_request("reinit", request, "(its retain facts and retain text retrain the "
-                       "re-initialised units)")
-    check_inputs("reinit", model, importance)
-    selection, slices = unit_slices("reinit", model, importance, units, top)
-    params = st.to_dict() | {"units": "all" if selection is None else "selection",
-                             "request": req.digest(), "importance": importance_digest(importance)}
-    copy = MaskedCopy(model, slices, start=perturbed(model, slices, st.strength, st.seed))
+    req, selection, copy, params = start_unit_edit(
+        "reinit", model, importance, units, top, request, "(its retain facts and retain text "
+        "retrain the re-initialised units)", st.to_dict(), st.strength, st.seed)
     if st.steps:
         retrain(model, copy, req, st, desc=f"reinit ({st.mode})", progress=progress)
     return weight_edit(model, "reinit", params, selection, copy.new_values())
