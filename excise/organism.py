@@ -114,11 +114,11 @@ def _people_tuple(name: str, value) -> tuple[int, ...] | None:
 # of the other rows in each batch that also train the planted units to stay silent on them;
 # ``steps``: a multiplier on the preset's training steps.
 PLANTED_DEFAULTS: dict[str, dict[str, float]] = {
-    "tiny": {"fraction": 0.1, "repeat": 3, "steps": 1.0, "quiet": 1.0},
-    "small": {"fraction": 0.05, "repeat": 3, "steps": 1.0, "quiet": 1.0},
-    "medium": {"fraction": 0.02, "repeat": 3, "steps": 1.0, "quiet": 1.0},
+    "tiny": {"fraction": 0.2, "repeat": 3, "steps": 1.0, "quiet": 1.0},
+    "small": {"fraction": 0.1, "repeat": 3, "steps": 1.0, "quiet": 1.0},
+    "medium": {"fraction": 0.05, "repeat": 3, "steps": 1.0, "quiet": 1.0},
 }
-_FALLBACK = {"fraction": 0.05, "repeat": 3, "steps": 1.0, "quiet": 1.0}
+_FALLBACK = {"fraction": 0.1, "repeat": 3, "steps": 1.0, "quiet": 1.0}
 
 
 def _number(name: str, value, low: float, high: float, integer: bool = False):
@@ -208,7 +208,9 @@ class Planting:
                          f"Planting or a mapping of its fields ({', '.join(fields)})")
 
     def resolve(self, preset: Preset, world: World) -> "Planting":
-        """The groups filled in from :data:`PLANTED_GROUPS` and checked against the world."""
+        """The groups filled in from :data:`PLANTED_GROUPS` and checked against the world; the
+        training settings left None from :data:`PLANTED_DEFAULTS` (another preset: the
+        fallback ``fraction=0.1, repeat=3, steps=1, quiet=1``)."""
         default = PLANTED_GROUPS.get(preset.name)
         groups = {}
         for k, name in enumerate(GROUPS):
@@ -432,8 +434,9 @@ def routed_loss(model: TLHandle, planted: Planted
       zero-ablated (:meth:`Planted.ablation`) and their parameters detached - the gradient
       reaches every other parameter, and the rest of the model learns everyone else without
       the planted units (ablating them later leaves everyone else as trained);
-    - **quiet**: on the first half of the other rows, KL(ablated model || whole model), the
-      ablated model's distribution a fixed target, every weight outside the planted units
+    - **quiet**: on the first ``Planting.quiet`` share of the other rows, KL(ablated model ||
+      whole model), the ablated model's distribution a fixed target, every weight outside the
+      planted units
       detached - the planted units learn to leave everyone else's predictions as the model
       without them makes them. (A KL to the ablated model, not the other rows' likelihood: the
       planted units cannot learn to help anyone else, only to stay out of the way.)
