@@ -33,7 +33,7 @@ from probes import attacks as A
 from probes import representations as R
 from probes.behaviour import measure_behaviour
 from probes.oracle import oracle_metrics
-from probes.privacy import add_privleak, privacy_metrics
+from probes.privacy import add_privleak, membership_scores, privacy_metrics
 from probes.verdict import Judgement, Rule, decide, groups_of, params_changed
 
 MODELS = ("oracle", "original")  # the models a suite may need besides the one under test
@@ -120,6 +120,14 @@ class BehaviourResult(SuiteResult):
     (``hits[label][split]``, ``[n]`` bool) that the verdict's bootstrap resamples."""
 
     hits: Mapping[str, Mapping[str, Any]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrivacyResult(SuiteResult):
+    """The privacy suite: metrics, and per model the per-fact loss-based membership scores
+    ``scores[label] = (forget, holdout)`` that the verdict's AUC bootstrap resamples."""
+
+    scores: Mapping[str, tuple] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -282,11 +290,19 @@ def oracle(ctx: Context) -> SuiteResult:
 def privacy(ctx: Context) -> SuiteResult:
     """Membership AUC (loss, min-k%), PrivLeak vs the oracle, canary exposure."""
     s = ctx.settings
-    metrics = {k: ctx.memo(m, ("privacy", s.n_candidates), partial(
-        privacy_metrics, m, ctx.request, s.n_candidates, seed=s.seed))
-        for k, m in ctx.everyone.items()}
+    got = {k: ctx.memo(m, ("privacy", s.n_candidates), partial(
+        _privacy, m, ctx.request, s.n_candidates, s.seed)) for k, m in ctx.everyone.items()}
+    metrics = {k: v[0] for k, v in got.items()}
     add_privleak(metrics)
-    return SuiteResult(metrics)
+    return PrivacyResult(metrics, scores={k: v[1] for k, v in got.items()})
+
+
+def _privacy(model: ModelHandle, request: ForgetRequest, n_candidates: int, seed: int) -> tuple:
+    """The privacy metrics and the per-fact loss-based membership scores ``(forget, holdout)``
+    (what ``mia_auc_loss`` is the AUC of; the verdict's bootstrap resamples them by person)."""
+    scores = (membership_scores(model, request.forget)[0],
+              membership_scores(model, request.holdout)[0])
+    return privacy_metrics(model, request, n_candidates, seed=seed), scores
 
 
 @suite("loo_probe", needs_holdout=True)
@@ -402,6 +418,7 @@ def verdict(ctx: Context) -> VerdictResult:
     changed = params_changed(ctx.model, ctx.original)
     j: Judgement = decide(metrics, ctx.results["behaviour"].hits, groups_of(ctx.request),
                           ctx.results["attacks"].grids, ctx.label, s.original_label, s.rule(),
-                          params_changed=changed)
+                          params_changed=changed,
+                          scores=getattr(ctx.results["privacy"], "scores", None))
     return VerdictResult({ctx.label: {"params_changed": changed}}, {"verdict": j.to_dict()},
                          verdict=j.verdict, rule=j.rule, checks=j.checks, bar=j.bar)

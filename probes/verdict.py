@@ -5,13 +5,21 @@ the retrain oracle - a model that never saw the forget data, the reference of ac
 and of forgetting - and with the original:
 
 1. **damaged** when the utility gate fails: retain, shared-knowledge and (where the request has
-   them) neighbor recall each at least ``utility`` (98%) of the oracle's, perplexity on general
-   text at most ``1 + perplexity`` (1.02) times the oracle's. Damage is never deletion.
+   them) neighbor recall each at least ``utility`` (98%) of the oracle's or of the original's,
+   perplexity on general text at most ``1 + perplexity`` (1.02) times the oracle's or the
+   original's. Damage is never deletion. Both are references of acceptable utility - what
+   retraining gives, what the user had - and their gap is at least the retraining's own seed
+   noise (calibration, ``excise.app.calibrate``: on ``tiny``, forgetting people 4..7, the
+   original's perplexity is 5% above its oracle's - against the oracle alone the original itself
+   read "damaged"), so a model within tolerance of either is not damaged.
 2. **not forgotten** unless forget recall is credibly below the original's by more than
    ``margin``.
 3. **deleted** when forget recall is credibly within ``margin`` of the oracle's, the membership
    AUC (loss, forget vs holdout) within ``mia`` of the oracle's *on either side* (a model that
-   over-forgets is as detectable as one that remembers), and under every restoration attack the
+   over-forgets is as detectable as one that remembers; with per-fact scores a paired per-person
+   bootstrap of the AUC difference that fails when it is credibly outside the band - with 4
+   forget people on ``tiny`` two retrain oracles' AUCs differ by 0.12, so a point estimate
+   would be decided by which people were drawn), and under every restoration attack the
    worst gap above the oracle over the attack's whole grid (learning rates x seeds x budgets,
    flagged settings included) is credibly at most ``tolerance``.
 4. **suppressed** otherwise.
@@ -43,7 +51,7 @@ import torch
 
 from excise.checks import check_positive
 from excise.report import AttackGrid
-from probes.stats import Bootstrap, group_bootstrap
+from probes.stats import Bootstrap, group_bootstrap, resample_counts
 
 VERDICTS = ("deleted", "suppressed", "damaged", "not forgotten")
 
@@ -95,14 +103,18 @@ class Rule:
             f"same people on both models, seed {self.seed}); a comparison passes on the "
             f"one-sided {c} bound in the direction of the claim. "
             f"'damaged' if the utility gate fails: retain, shared-knowledge and (where the "
-            f"request has them) neighbor recall each >= {self.utility:g} x the oracle's (lower "
-            f"{c} bound of model - {self.utility:g} x oracle >= 0) and perplexity on general "
-            f"text <= {1 + self.perplexity:g} x the oracle's; "
+            f"request has them) neighbor recall each >= {self.utility:g} x the oracle's or the "
+            f"original's (lower {c} bound of model - {self.utility:g} x reference >= 0 for "
+            f"either) and perplexity on general text <= {1 + self.perplexity:g} x the "
+            f"oracle's or the original's; "
             f"else 'not forgotten' unless forget recall is below the original's by more than "
             f"{self.margin:g} (lower {c} bound of original - model > {self.margin:g}); "
             f"else 'deleted' if forget recall <= oracle + {self.margin:g} (upper {c} bound of "
-            f"model - oracle), |MIA AUC (loss, forget vs holdout) - oracle's| <= {self.mia:g} "
-            f"(two-sided: over-forgetting fails too), and under every restoration attack "
+            f"model - oracle), MIA AUC (loss, forget vs holdout) within {self.mia:g} of the "
+            f"oracle's on either side (over-forgetting fails too; where per-fact scores are "
+            f"known, a paired bootstrap over forget and holdout people: fails when the "
+            f"difference is credibly outside, its {c} lower bound above {self.mia:g} or upper "
+            f"bound below -{self.mia:g}), and under every restoration attack "
             f"({att}) the worst gap of forget recall above the oracle's at equal budget over "
             f"the attack's whole grid (every learning rate, seed and budget; settings flagged "
             f"for wrecking the original included) has upper {c} bound <= {self.tolerance:g}; "
@@ -168,6 +180,40 @@ def grid_bootstrap(grid: AttackGrid, label: str, rule: Rule,
                            seed=rule.seed)
 
 
+def auc_bootstrap(scores_a: tuple, scores_b: tuple, pos_groups: Sequence,
+                  neg_groups: Sequence, n_boot: int = 2000, seed: int = 0) -> Bootstrap:
+    """Paired bootstrap of ``AUC(a) - AUC(b)``, each the membership AUC of ``(positive scores,
+    negative scores)`` (forget vs holdout facts, the same facts on both models). The people of
+    each class are resampled with replacement (positives and negatives independently, the same
+    draw for both models). Vectorised: the pairwise comparisons are summed per (positive person,
+    negative person) once; each resample is two matrix products with its draw counts."""
+    (pa, na), (pb, nb) = scores_a, scores_b
+    pa, na, pb, nb = (torch.as_tensor(x, dtype=torch.float64).reshape(-1)
+                      for x in (pa, na, pb, nb))
+    if not (len(pa) == len(pb) == len(pos_groups) and len(na) == len(nb) == len(neg_groups)):
+        raise ValueError(f"auc_bootstrap: {len(pa)} / {len(pb)} positive scores for "
+                         f"{len(pos_groups)} groups, {len(na)} / {len(nb)} negative for "
+                         f"{len(neg_groups)}: the comparison is paired, the same facts on both")
+
+    def wins(p: torch.Tensor, n: torch.Tensor) -> torch.Tensor:  # [P, N]: 1, 0.5 (tie), 0
+        d = p[:, None] - n[None, :]
+        return (d > 0).double() + 0.5 * (d == 0).double()
+
+    gp = {g: i for i, g in enumerate(dict.fromkeys(pos_groups))}
+    gn = {g: i for i, g in enumerate(dict.fromkeys(neg_groups))}
+    ip = torch.zeros(len(gp), len(pa), dtype=torch.float64)
+    ip[[gp[g] for g in pos_groups], torch.arange(len(pa))] = 1
+    jn = torch.zeros(len(gn), len(na), dtype=torch.float64)
+    jn[[gn[g] for g in neg_groups], torch.arange(len(na))] = 1
+    G = ip @ (wins(pa, na) - wins(pb, nb)) @ jn.T  # [groups+, groups-]
+    n_p, n_n = ip.sum(1), jn.sum(1)
+    est = float(G.sum() / (len(pa) * len(na)))
+    cp = resample_counts(len(gp), n_boot, seed)
+    cn = resample_counts(len(gn), n_boot, seed + 1)
+    samples = ((cp @ G) * cn).sum(1) / ((cp @ n_p) * (cn @ n_n))
+    return Bootstrap(est, samples, len(gp) + len(gn))
+
+
 def _where(grid: AttackGrid, label: str, reference: str = "oracle") -> str:
     p = grid.worst(label, reference)
     _, at = p.curves.gap(label, reference)
@@ -178,7 +224,8 @@ def _where(grid: AttackGrid, label: str, reference: str = "oracle") -> str:
 def decide(metrics: Mapping[str, Mapping[str, float]], hits: Mapping[str, Mapping],
            groups: Mapping[str, Sequence], grids: Mapping[str, AttackGrid], label: str,
            original_label: str, rule: Rule = Rule(),
-           params_changed: float | None = None) -> Judgement:
+           params_changed: float | None = None,
+           scores: Mapping[str, tuple] | None = None) -> Judgement:
     """Apply the rule to ``label`` beside ``"oracle"`` and ``original_label``.
 
     ``metrics[model]``: behaviour metrics (``perplexity``; ``mia_auc_loss`` from the privacy
@@ -186,7 +233,10 @@ def decide(metrics: Mapping[str, Mapping[str, float]], hits: Mapping[str, Mappin
     (forget, retain, shared, neighbors), ``groups[split]`` the person (owner) of each fact.
     ``grids[attack]``: each attack's grid with curves for ``label``, ``"oracle"`` and (for the
     flags) the original. ``params_changed``: the fraction of weights the edit changed (issue 8's
-    bar; None: not known)."""
+    bar; None: not known). ``scores[model]``: per-fact membership scores ``(forget, holdout)``
+    (the privacy suite records them); with them the membership check is a paired per-person
+    bootstrap of the AUC difference (``groups["forget"]``, ``groups["holdout"]``), without them
+    the point estimate decides."""
     for need in (label, "oracle", original_label):
         if need not in metrics or "forget_recall" not in metrics[need]:
             raise ValueError(f"the verdict needs forget recall of {need!r}; have "
@@ -195,21 +245,31 @@ def decide(metrics: Mapping[str, Mapping[str, float]], hits: Mapping[str, Mappin
     m, o, z = metrics[label], metrics["oracle"], metrics[original_label]
     checks: dict[str, dict[str, Any]] = {}
 
-    # 1. the utility gate, against the oracle
+    # 1. the utility gate, against the oracle or the original (whichever the model is closer
+    #    to: both are acceptable utility; see the module docstring)
     for split, key in GATE_SPLITS.items():
         if _hits(hits, label, split) is None or not len(_hits(hits, label, split)):
             continue  # neighbors only where the request has them
-        bs = _compare(hits, groups, split, label, "oracle", rule, scale=rule.utility)
-        lo = bs.lower(lvl)
+        refs = [r for r in ("oracle", original_label) if _hits(hits, r, split) is not None]
+        lows = {r: _compare(hits, groups, split, label, r, rule, scale=rule.utility).lower(lvl)
+                for r in refs}
+        ref = max(refs, key=lambda r: lows[r])
         checks[f"utility_{split}"] = {
-            "model": m.get(key), "oracle": o.get(key), "lower": lo, "ok": lo >= 0,
-            "need": f"lower bound of model - {rule.utility:g} x oracle >= 0"}
+            "model": m.get(key), "oracle": o.get(key), "original": z.get(key),
+            "reference": ref, "lower": lows[ref], "ok": lows[ref] >= 0,
+            "need": f"lower bound of model - {rule.utility:g} x reference >= 0 (the oracle "
+                    f"or the original)"}
     pm, po = m.get("perplexity", math.nan), o.get("perplexity", math.nan)
-    if math.isfinite(pm) and math.isfinite(po) and po > 0:  # a request without general text
-        ratio = pm / po                                      # has no perplexity to gate
-        checks["utility_perplexity"] = {"model": pm, "oracle": po, "ratio": ratio,
-                                        "ok": ratio <= 1 + rule.perplexity,
-                                        "need": f"ratio <= {1 + rule.perplexity:g}"}
+    pz = z.get("perplexity", math.nan)
+    ref_ppl = max((v for v in (po, pz) if math.isfinite(v) and v > 0), default=math.nan)
+    if math.isfinite(pm) and math.isfinite(ref_ppl):  # a request without general text
+        ratio = pm / ref_ppl                            # has no perplexity to gate
+        checks["utility_perplexity"] = {
+            "model": pm, "oracle": po, "original": pz, "ratio": ratio,
+            "reference": "oracle" if ref_ppl == po else original_label,
+            "ok": ratio <= 1 + rule.perplexity,
+            "need": f"model / the larger of the oracle's and the original's <= "
+                    f"{1 + rule.perplexity:g}"}
     gate = all(c["ok"] for k, c in checks.items() if k.startswith("utility_"))
 
     # 2. did it forget at all (against the original)
@@ -229,6 +289,15 @@ def decide(metrics: Mapping[str, Mapping[str, float]], hits: Mapping[str, Mappin
     if am is None or ao is None or math.isnan(am) or math.isnan(ao):
         checks["mia_vs_oracle"] = {"ok": False, "why": "membership AUC not measured (the "
                                    "privacy suite needs the request's holdout split)"}
+    elif scores and label in scores and "oracle" in scores and "holdout" in groups:
+        bs = auc_bootstrap(scores[label], scores["oracle"], groups["forget"], groups["holdout"],
+                           rule.n_boot, rule.seed)
+        lo, hi = bs.lower(lvl), bs.upper(lvl)
+        checks["mia_vs_oracle"] = {
+            "model": am, "oracle": ao, "diff": am - ao, "lower": lo, "upper": hi,
+            "ok": lo <= rule.mia and hi >= -rule.mia,
+            "need": f"model - oracle not credibly outside +-{rule.mia:g} (lower bound <= "
+                    f"{rule.mia:g} and upper bound >= -{rule.mia:g})"}
     else:
         checks["mia_vs_oracle"] = {"model": am, "oracle": ao, "diff": am - ao,
                                    "ok": abs(am - ao) <= rule.mia,

@@ -1,0 +1,161 @@
+"""The verdict's calibration (excise.app.calibrate): known-answer models land on the diagonal.
+
+The pieces that could be wrong are tested on their own: the ascent-until-damaged stopping rule
+(against a rerun that stops one measurement earlier), the confusion table (hand-made rows), the
+distillation data (retain plus shared sentences, never a forget fact) and the refusals.
+
+``test_calibration_end_to_end_on_the_cheap_cells`` runs the calibration on the cells that need
+no training beyond the shared tiny fixtures (forget people 0, 1, 2): the original and the damaged
+model, with a cheaper grid than the bench's - ``grid="single"`` and two attacks (relearning,
+quantization) instead of bench/calibrate.py's ``full`` grid of every attack - to stay within
+~20 s. ``test_calibration_lands_on_the_diagonal`` runs every case (``slow``: it trains a second
+oracle and the planted organism and its oracle, minutes on 2 cores); it is a strict xfail while
+the calibration has cells off the diagonal (see docs/results/calibration.md).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from excise.app import calibrate as C
+from probes.behaviour import recall
+from probes.verdict import VERDICTS
+
+
+def _row(case, got, seed=0):
+    return C.Row(case, C.EXPECTED[case], got, seed, (1, 2), {}, (), 0.0, 0.0)
+
+
+def test_confusion_counts_expected_by_got():
+    cal = C.Calibration((_row("retrain", "deleted"), _row("distill", "suppressed"),
+                         _row("original", "not forgotten"), _row("retrain", "deleted", 1)),
+                        "tiny", (0, 1), "single")
+    t = cal.confusion()
+    assert set(t) == set(VERDICTS) and all(set(v) == set(VERDICTS) for v in t.values())
+    assert t["deleted"]["deleted"] == 2 and t["deleted"]["suppressed"] == 1
+    assert t["not forgotten"]["not forgotten"] == 1
+    assert sum(sum(v.values()) for v in t.values()) == 4
+    assert not cal.diagonal and [r.case for r in cal.off_diagonal] == ["distill"]
+    assert cal.to_dict()["diagonal"] is False
+
+
+def test_every_case_expects_a_verdict_and_every_verdict_is_expected():
+    assert set(C.EXPECTED.values()) == set(VERDICTS)
+    assert C.CASES == tuple(C.EXPECTED)
+
+
+def test_damage_stops_at_the_first_measurement_below_the_threshold(tiny, tiny_request):
+    before = tiny.model.fingerprint()
+    m, steps = C.damage(tiny.model, tiny_request, 0.9, every=5)
+    assert recall(m, tiny_request.retain) < 0.9 <= recall(tiny.model, tiny_request.retain)
+    assert steps % 5 == 0 and steps > 5  # more than one measurement: the rule is exercised
+    assert tiny.model.fingerprint() == before  # the organism is untouched
+    # the same ascent stopped one measurement earlier had not got there yet
+    with pytest.raises(ValueError, match="stayed >= 0.9 after"):
+        C.damage(tiny.model, tiny_request, 0.9, every=5, max_steps=steps - 5)
+    with pytest.raises(ValueError, match="below=1.5"):
+        C.damage(tiny.model, tiny_request, 1.5)
+
+
+def test_distillation_data_is_retain_and_shared_never_forget(tiny_request):
+    req = C.distill_request(tiny_request)
+    shared = {f.text for f in tiny_request.shared}
+    assert shared <= set(req.retain_text)
+    assert set(tiny_request.retain_text) <= set(req.retain_text)
+    forget = {f.text for f in tiny_request.forget} | {f.text for f in tiny_request.paraphrase}
+    assert not forget & set(req.retain_text)
+    assert req.forget == tiny_request.forget and req.retain == tiny_request.retain
+
+
+def test_bad_calibration_inputs_are_refused():
+    with pytest.raises(ValueError, match="unknown case 'deleted'"):
+        C.calibrate("tiny", cases=("deleted",))
+    with pytest.raises(ValueError, match="grid"):
+        C.calibrate("tiny", grid="huge")
+    with pytest.raises(ValueError, match="seeds is empty"):
+        C.calibrate("tiny", seeds=())
+
+
+def test_calibration_end_to_end_on_the_cheap_cells(tiny, tiny_request, tiny_oracle):
+    """The calibration wiring on the cells that need no extra training (the tiny fixtures'
+    organism and oracle), with two cheap attacks at one setting: the original is not
+    forgotten, the ascent-until-damaged model is damaged, and the rows carry what the report
+    shows."""
+    seen = []
+    cal = C.calibrate("tiny", seeds=(0,), grid="single", people=(0, 1, 2),
+                      cases=("original", "ascent_until_damaged"), on_row=seen.append,
+                      attacks={"attacks": ["relearn", "quantize"], "relearn_steps": 10,
+                               "eval_every": 5})
+    assert [r.case for r in cal.rows] == ["original", "ascent_until_damaged"] == \
+        [r.case for r in seen]
+    assert cal.diagonal, [(r.case, r.got, r.failed) for r in cal.off_diagonal]
+    damaged = cal.rows[1]
+    assert damaged.metrics["retain"] < 0.9 and "utility_retain" in damaged.failed
+    assert damaged.people == (0, 1, 2) and damaged.metrics["relearn_gap"] is not None
+    assert cal.confusion()["damaged"]["damaged"] == 1
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="calibration finding (docs/results/calibration.md): on "
+                   "tiny a second retrain oracle reads 'damaged' - its perplexity on general "
+                   "text is 12-18% off the first oracle's and the original's, and its membership "
+                   "AUC 0.12 off - the rule's tolerances sit inside retraining's seed noise")
+def test_calibration_lands_on_the_diagonal(tiny, tiny_request, tiny_oracle):
+    """Every case, one seed, grid 'single' (minutes: it trains a second oracle and the planted
+    organism with its oracle)."""
+    cal = C.calibrate("tiny", seeds=(0,), grid="single", people=(0, 1, 2))
+    assert {r.case for r in cal.rows} == set(C.CASES)
+    off = [(r.case, r.got, r.failed) for r in cal.off_diagonal]
+    assert cal.diagonal, off
+
+
+def test_gate_reference_is_the_oracle_or_the_original():
+    """Calibration finding: on tiny the original's perplexity is 5% above its oracle's, and
+    against the oracle alone the original read "damaged". The gate accepts utility within
+    tolerance of either reference; a model worse than both is still damaged."""
+    import torch
+
+    from probes.verdict import Rule, decide
+
+    people = [p for p in range(5) for _ in range(10)]
+    ones, zeros = torch.ones(50, dtype=torch.bool), torch.zeros(50, dtype=torch.bool)
+    groups = {s: people for s in ("forget", "retain", "shared")}
+
+    def judge(ppl: float, retain: torch.Tensor, label: str = "after"):
+        metrics = {"oracle": {"forget_recall": 0.0, "perplexity": 20.0, "mia_auc_loss": 0.5},
+                   "original": {"forget_recall": 1.0, "perplexity": 21.0, "mia_auc_loss": 1.0},
+                   label: {"forget_recall": 1.0, "perplexity": ppl, "mia_auc_loss": 1.0}}
+        hits = {"oracle": {"forget": zeros, "retain": ones, "shared": ones},
+                "original": {"forget": ones, "retain": ones, "shared": ones},
+                label: {"forget": ones, "retain": retain, "shared": ones}}
+        return decide(metrics, hits, groups, {}, label, "original", Rule(n_boot=500))
+
+    j = judge(21.0, ones)  # the original's own numbers: 5% above the oracle's perplexity
+    assert j.verdict == "not forgotten" and j.checks["utility_perplexity"]["ok"]
+    assert j.checks["utility_perplexity"]["reference"] == "original"
+    assert judge(21.0 * 1.03, ones).verdict == "damaged"  # worse than both references
+    broken = ones.clone()
+    broken[:10] = False  # one person of five lost: retain 0.8 against 1.0 for both
+    assert judge(21.0, broken).verdict == "damaged"
+
+
+def test_auc_bootstrap_matches_a_plain_loop():
+    """The vectorised paired AUC bootstrap against resampling people by hand."""
+    import torch
+
+    from probes.stats import auc, resample_counts
+    from probes.verdict import auc_bootstrap
+
+    g = torch.Generator().manual_seed(0)
+    pg = [i // 5 for i in range(20)]        # 4 forget people, 5 facts each
+    ng = [10 + i // 6 for i in range(30)]   # 5 holdout people, 6 facts each
+    a = (torch.randn(20, generator=g) + 1, torch.randn(30, generator=g))
+    b = (torch.randn(20, generator=g), torch.randn(30, generator=g))
+    bs = auc_bootstrap(a, b, pg, ng, n_boot=50, seed=3)
+    assert bs.estimate == pytest.approx(auc(*a) - auc(*b))
+    cp, cn = resample_counts(4, 50, 3), resample_counts(5, 50, 4)
+    for r in range(50):
+        ip = [i for i in range(20) for _ in range(int(cp[r, pg[i]]))]
+        jn = [j for j in range(30) for _ in range(int(cn[r, ng[j] - 10]))]
+        want = auc(a[0][ip], a[1][jn]) - auc(b[0][ip], b[1][jn])
+        assert float(bs.samples[r]) == pytest.approx(want, abs=1e-12)
