@@ -23,6 +23,16 @@ full``, ``single`` = the configured setting only), identically on every model
 (:func:`run_grid`); the verdict reads the worst gap over the whole grid. Settings that wreck the
 unedited model's own held-out recall are flagged (:func:`wrecks`), never dropped.
 
+Speed (``AttackConfig.engine``, ``ENGINES``): the fine-tuning and steering attacks run their
+forward passes either through the handle ("serial": TransformerLens, hooks and all) or, by
+default, "fused": the same GPT-2-style computation written with fused torch ops, each batch run
+in groups of rows of similar length so padding is hardly computed. Same steps, batches, learning
+rates and seeds; losses equal to float precision, every per-fact hit identical on the tiny and
+small organisms (tests/test_attacks_batched.py, bench/bench_attacks.py). Where it does not apply
+(another handle or architecture, hooks attached, logits that differ from the handle's) the
+serial path runs. Training several settings at once with ``torch.func.vmap`` was measured and
+left out: on the CPU it is no faster than running them one after another (0.9-1.0x on small).
+
 Defaults are tuned on positive controls (models where the facts are known to be only
 suppressed, see tests/test_probes.py), not on the edit methods being judged.
 """
@@ -30,23 +40,32 @@ suppressed, see tests/test_probes.py), not on the edit methods being judged.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from excise.checks import check_positive
-from excise.handle import ModelHandle
+from excise.handle import Batch, ModelHandle, TLHandle
 from excise.report import AttackCurves, AttackGrid, Curve, GridPoint
 from excise.request import FactSet, ForgetRequest, owner
 from excise.sae import SAETrainConfig, check_sae_fits, train_sae
 from excise.train import Optim, Sampler
 from excise.train import train as train_loop
-from probes.behaviour import fact_hits, recall
+from probes.behaviour import fact_hits, greedy_hits, recall
 
 ATTACKS = ("relearn", "benign", "refit", "sae", "quantize", "paraphrase")
+
+# How the fine-tuning and steering attacks (relearn, benign, sae) run their forward passes:
+# "serial" through the handle (TransformerLens, hooks and all); "fused" through fused torch ops
+# (layer_norm, scaled_dot_product_attention, addmm; _fused_forward) on batches split by length
+# (_buckets) - same steps, batches, learning rates and seeds, the same losses to float precision.
+# Where it does not apply the serial path runs (see the module docstring).
+ENGINES = ("serial", "fused")
 
 # the attacks with a learning rate, and the AttackConfig field each grid varies
 LR_FIELDS = {"relearn": "relearn_lr", "benign": "benign_lr", "refit": "refit_lr",
@@ -109,6 +128,8 @@ class AttackConfig:
     # as wrecking the unedited model (its held-out recall falls more than this below its start)
     grid: str = "quick"
     flag_drop: float = 0.1
+    # forward passes of relearn / benign / sae: "serial" or "fused" (ENGINES)
+    engine: str = "fused"
 
     def __post_init__(self):
         bad = [a for a in self.attacks if a not in ATTACKS]
@@ -132,6 +153,8 @@ class AttackConfig:
             raise ValueError(f"grid={self.grid!r}: choose one of {list(GRIDS)}")
         if not 0 < self.flag_drop <= 1:
             raise ValueError(f"flag_drop={self.flag_drop!r}: must be in (0, 1]")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine={self.engine!r}: choose one of {list(ENGINES)}")
 
     def settings(self, attack: str) -> list["AttackConfig"]:
         """The grid of ``attack``: one config per (learning rate, seed), learning rates
@@ -174,12 +197,24 @@ def _groups(facts: Sequence) -> tuple:
     return tuple(owner(f) for f in facts)
 
 
+def _engine(m: ModelHandle, engine: str, data: Batch) -> FusedForward | None:
+    """The fused forward of ``m`` when ``engine`` asks for it and it applies (checked against
+    the handle's logits on a few rows of ``data``), else None: the serial path."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}: choose one of {list(ENGINES)}")
+    if engine == "serial" or not len(data):
+        return None
+    return _fused_forward(m, data[:8].trim().tokens)
+
+
 def finetune_curve(model: ModelHandle, train: Sequence, evaluate: Sequence,
                    mix: Sequence = (), *, steps: int, lr: float, batch: int, mix_ratio: float,
-                   eval_every: int, seed: int, also: Sequence = ()) -> Curve:
+                   eval_every: int, seed: int, also: Sequence = (),
+                   engine: str = "serial") -> Curve:
     """Fine-tune a clone of ``model`` on ``train`` (with ``mix_ratio`` x as many ``mix`` facts
     per batch) by AdamW; recall on ``evaluate`` (and ``also``) every ``eval_every`` steps. The
-    curve keeps the per-fact hits on ``evaluate`` at every step measured."""
+    curve keeps the per-fact hits on ``evaluate`` at every step measured. ``engine``: the
+    forward passes (``ENGINES``; "fused" falls back to "serial" where it does not apply)."""
     train, mix, evaluate = list(train), list(mix), list(evaluate)
     if not train and not mix:
         raise ValueError("nothing to fine-tune on")
@@ -190,16 +225,30 @@ def finetune_curve(model: ModelHandle, train: Sequence, evaluate: Sequence,
     seen = m.encode(list(also)) if also else None
     n_tr, n_mix = len(train), len(mix)
     xs, hits, aux = [], [], []
+    fwd = _engine(m, engine, data)
+    params = m.named_parameters()
+    if fwd is None:
+        def hits_of(b: Batch) -> Tensor:
+            return fact_hits(m, b)
+
+        def loss(b: Batch) -> Tensor:
+            return m.loss(b.trim())
+    else:
+        def hits_of(b: Batch) -> Tensor:
+            return _fused_hits(fwd, params, b)
+
+        def loss(b: Batch) -> Tensor:
+            return _fused_loss(fwd, params, b)
 
     def measure(step: int) -> None:
         xs.append(step)
-        hits.append(fact_hits(m, ev))
+        hits.append(hits_of(ev))
         if seen is not None:
-            aux.append(float(fact_hits(m, seen).float().mean()))
+            aux.append(float(hits_of(seen).float().mean()))
 
     measure(0)
-    train_loop(lambda _: m.loss(data[sampler.mixed(n_tr, n_mix, batch, mix_ratio)].trim()),
-               m.named_parameters(), steps=steps, optim=Optim("adamw", lr=lr, weight_decay=0.0),
+    train_loop(lambda _: loss(data[sampler.mixed(n_tr, n_mix, batch, mix_ratio)]),
+               params, steps=steps, optim=Optim("adamw", lr=lr, weight_decay=0.0),
                max_grad_norm=1.0, evaluate=measure, eval_every=eval_every)
     return _curve(xs, hits, evaluate, "fine-tuning steps",
                   aux={"trained part": aux} if also else {})
@@ -227,6 +276,142 @@ def _split_people(facts: FactSet, cfg: AttackConfig, attack: str) -> tuple[FactS
     return facts.split(cfg.relearn_fraction, seed=cfg.seed)
 
 
+# -- the fused engine --------------------------------------------------------------------------
+# TransformerLens configuration the fused forward reproduces (any other value: serial path)
+_FUSED_CFG = {"normalization_type": "LN", "positional_embedding_type": "standard",
+              "attn_only": False, "parallel_attn_mlp": False, "n_key_value_heads": None,
+              "gated_mlp": False, "use_local_attn": False, "final_rms": False,
+              "scale_attn_by_inverse_layer_idx": False, "use_split_qkv_input": False,
+              "use_attn_result": False, "use_hook_mlp_in": False, "attn_types": None,
+              "use_normalization_before_and_after": False, "original_architecture": None,
+              "attention_dir": "causal", "use_qk_norm": False, "post_embedding_ln": False,
+              "output_logits_soft_cap": -1.0, "attn_scores_soft_cap": -1.0}
+_FUSED_ACT = {"gelu": F.gelu, "relu": F.relu}
+_BLOCK_PARAMS = ("ln1.w", "ln1.b", "attn.W_Q", "attn.W_K", "attn.W_V", "attn.W_O", "attn.b_Q",
+                 "attn.b_K", "attn.b_V", "attn.b_O", "ln2.w", "ln2.b", "mlp.W_in", "mlp.b_in",
+                 "mlp.W_out", "mlp.b_out")
+
+FusedForward = Callable[[Mapping[str, Tensor], Tensor, "Mapping[str, Callable] | None"], Tensor]
+
+
+def _fused_forward(model: ModelHandle, check: Tensor | None = None) -> FusedForward | None:
+    """``logits(params, tokens, hooks)`` of ``model`` computed with fused torch ops, or None
+    where that would not be the model's own computation: a handle other than a plain
+    :class:`TLHandle` (subclasses may change what the model computes), forward hooks attached,
+    a configuration other than a GPT-2-style TransformerLens model (LayerNorm, learned positions,
+    gelu / relu MLP, full causal attention scaled by sqrt(d_head)), other parameters, or - given
+    ``check`` tokens - logits that differ from the handle's there by more than float noise.
+    ``params``: parameter site -> tensor (the handle's ``named_parameters()``: gradients flow to
+    them); ``hooks``: only ``blocks.{L}.resid_post`` sites, ``fn(x, site)`` as the handle's."""
+    if type(model) is not TLHandle or model.hook_count():
+        return None
+    tl = model.model
+    if any(mod._forward_hooks or mod._forward_pre_hooks for mod in tl.modules()):
+        return None
+    c = tl.cfg
+    if any(getattr(c, k, v) != v for k, v in _FUSED_CFG.items()) or c.act_fn not in _FUSED_ACT:
+        return None
+    if not c.use_attn_scale or abs(c.attn_scale - math.sqrt(c.d_head)) > 1e-9:
+        return None
+    names = {"embed.W_E", "pos_embed.W_pos", "ln_final.w", "ln_final.b", "unembed.W_U",
+             "unembed.b_U"} | {f"blocks.{L}.{n}" for L in range(c.n_layers) for n in _BLOCK_PARAMS}
+    params = dict(tl.named_parameters())
+    if set(params) != names or any(p.dtype != torch.float32 for p in params.values()):
+        return None
+    act, H, dh, d, eps = _FUSED_ACT[c.act_fn], c.n_heads, c.d_head, c.d_model, c.eps
+    resid_sites = {f"blocks.{L}.resid_post": L for L in range(c.n_layers)}
+
+    def forward(P: Mapping[str, Tensor], tokens: Tensor, hooks=None) -> Tensor:
+        at: dict[int, tuple[str, Callable]] = {}
+        for site, fn in (hooks or {}).items():
+            if site not in resid_sites:
+                raise ValueError(f"the fused forward takes hooks at {sorted(resid_sites)} only; "
+                                 f"got {site!r} (use engine='serial')")
+            at[resid_sites[site]] = (site, fn)
+        B, T = tokens.shape
+        x = P["embed.W_E"][tokens] + P["pos_embed.W_pos"][:T]
+        for L in range(c.n_layers):
+            p = f"blocks.{L}."
+            h = F.layer_norm(x, (d,), P[p + "ln1.w"], P[p + "ln1.b"], eps).reshape(B * T, d)
+            W = torch.cat([P[p + "attn.W_Q"], P[p + "attn.W_K"], P[p + "attn.W_V"]])
+            b = torch.cat([P[p + "attn.b_Q"], P[p + "attn.b_K"], P[p + "attn.b_V"]])
+            qkv = torch.addmm(b.reshape(-1), h, W.permute(1, 0, 2).reshape(d, 3 * H * dh))
+            q, k, v = qkv.view(B, T, 3, H, dh).permute(2, 0, 3, 1, 4)
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1 / c.attn_scale)
+            z = z.transpose(1, 2).reshape(B * T, H * dh)
+            x = x + torch.addmm(P[p + "attn.b_O"], z, P[p + "attn.W_O"].reshape(H * dh, d)
+                                ).view(B, T, d)
+            h = F.layer_norm(x, (d,), P[p + "ln2.w"], P[p + "ln2.b"], eps).reshape(B * T, d)
+            u = act(torch.addmm(P[p + "mlp.b_in"], h, P[p + "mlp.W_in"]))
+            x = x + torch.addmm(P[p + "mlp.b_out"], u, P[p + "mlp.W_out"]).view(B, T, d)
+            if L in at:
+                site, fn = at[L]
+                new = fn(x, site)
+                x = x if new is None else new
+        h = F.layer_norm(x, (d,), P["ln_final.w"], P["ln_final.b"], eps).reshape(B * T, d)
+        return torch.addmm(P["unembed.b_U"], h, P["unembed.W_U"]).view(B, T, -1)
+
+    if check is not None:
+        with torch.no_grad():
+            want = model.logits(check)
+            got = forward(model.named_parameters(), check.to(want.device))
+        if not torch.allclose(got, want, rtol=1e-4, atol=1e-4 * (1 + float(want.abs().max()))):
+            return None
+    return forward
+
+
+def _buckets(lengths: Tensor) -> list[Tensor]:
+    """The rows of a batch in up to 3 groups of similar length (each group is then trimmed to
+    its longest row): the split that computes the fewest padded positions, counting each extra
+    group as 8% of the unsplit batch's positions (one more pass of per-op overhead)."""
+    order = torch.argsort(lengths, stable=True)
+    ls = lengths[order].tolist()
+    n = len(ls)
+    if n == 0:
+        return []
+    cuts = [i for i in range(1, n) if ls[i - 1] < ls[i]]
+    extra = 0.08 * n * ls[-1]
+    best, best_cuts = n * ls[-1], []
+    for i in cuts:
+        cost = i * ls[i - 1] + (n - i) * ls[-1] + extra
+        if cost < best:
+            best, best_cuts = cost, [i]
+        for j in cuts:
+            if j > i:
+                cost = i * ls[i - 1] + (j - i) * ls[j - 1] + (n - j) * ls[-1] + 2 * extra
+                if cost < best:
+                    best, best_cuts = cost, [i, j]
+    bounds = [0] + best_cuts + [n]
+    return [order[a:b] for a, b in zip(bounds, bounds[1:])]
+
+
+def _fused_loss(forward: FusedForward, params: Mapping[str, Tensor], batch: Batch,
+                hooks=None) -> Tensor:
+    """The handle's ``loss(batch)`` (mean NLL of the target tokens) through ``forward``, the
+    rows run in groups of similar length."""
+    total = torch.zeros(())
+    for rows in _buckets(batch.lengths):
+        b = batch[rows].trim()
+        logits = forward(params, b.tokens, hooks)[:, :-1]
+        lp = torch.log_softmax(logits.float(), -1).gather(-1, b.tokens[:, 1:, None])[..., 0]
+        total = total + (lp * b.target_mask[:, 1:]).sum()
+    return -total / batch.target_mask[:, 1:].sum().clamp(min=1)
+
+
+@torch.no_grad()
+def _fused_hits(forward: FusedForward, params: Mapping[str, Tensor], batch: Batch,
+                hooks=None, batch_size: int = 256) -> Tensor:
+    """``fact_hits`` through ``forward``: per fact, whether the greedy continuation is the
+    target (``[n]`` bool), rows run in groups of similar length."""
+    out = torch.zeros(len(batch), dtype=torch.bool)
+    for i in range(0, len(batch), batch_size):
+        chunk = batch[i:i + batch_size]
+        for rows in _buckets(chunk.lengths):
+            b = chunk[rows].trim()
+            out[i + rows] = greedy_hits(forward(params, b.tokens, hooks)[:, :-1], b)[1]
+    return out
+
+
 # -- the attacks -------------------------------------------------------------------------------
 def relearn(model: ModelHandle, request: ForgetRequest, cfg: AttackConfig = AttackConfig(),
             facts: FactSet | None = None) -> Curve:
@@ -235,7 +420,7 @@ def relearn(model: ModelHandle, request: ForgetRequest, cfg: AttackConfig = Atta
     a, b = _split_people(request.forget if facts is None else facts, cfg, "relearning")
     c = finetune_curve(model, a, b, request.retain, steps=cfg.relearn_steps, lr=cfg.relearn_lr,
                        batch=cfg.relearn_batch, mix_ratio=cfg.retain_mix,
-                       eval_every=cfg.eval_every, seed=cfg.seed, also=a)
+                       eval_every=cfg.eval_every, seed=cfg.seed, also=a, engine=cfg.engine)
     return dataclasses.replace(c, ylabel="forget recall (held-out people)")
 
 
@@ -245,7 +430,7 @@ def benign(model: ModelHandle, request: ForgetRequest,
     data = request.neighbors if len(request.neighbors) else request.retain
     c = finetune_curve(model, [], request.forget, data, steps=cfg.benign_steps,
                        lr=cfg.benign_lr, batch=cfg.benign_batch, mix_ratio=1.0,
-                       eval_every=cfg.eval_every, seed=cfg.seed)
+                       eval_every=cfg.eval_every, seed=cfg.seed, engine=cfg.engine)
     return c
 
 
@@ -359,16 +544,24 @@ def sae_steer(model: ModelHandle, request: ForgetRequest, sae, site: str,
     n_a, n_mix = len(a), len(request.retain)
     xs, hits, seen = [], [], []
 
+    fwd = _engine(m, cfg.engine, data)
+    params = m.named_parameters()
+
     def loss(_step: int) -> Tensor:
         rows = sampler.mixed(n_a, n_mix, cfg.relearn_batch, cfg.retain_mix)
-        hook = gain_hook(sae, log_gains.exp(), scale)
-        return m.loss(data[rows].trim(), hooks={site: hook})
+        hook = {site: gain_hook(sae, log_gains.exp(), scale)}
+        if fwd is not None:
+            return _fused_loss(fwd, params, data[rows], hooks=hook)
+        return m.loss(data[rows].trim(), hooks=hook)
+
+    def hits_of(b: Batch, hk) -> Tensor:
+        return fact_hits(m, b, hooks=hk) if fwd is None else _fused_hits(fwd, params, b, hk)
 
     def measure(step: int) -> None:
         hk = {site: gain_hook(sae, log_gains.detach().exp(), scale)} if step else None
         xs.append(step)
-        hits.append(fact_hits(m, eb, hooks=hk))
-        seen.append(float(fact_hits(m, ea, hooks=hk).float().mean()))
+        hits.append(hits_of(eb, hk))
+        seen.append(float(hits_of(ea, hk).float().mean()))
 
     measure(0)
     train_loop(loss, [log_gains], steps=cfg.sae_attack_steps, optim=Optim("adam", lr=cfg.sae_lr),

@@ -1,0 +1,82 @@
+"""The restoration-attack grid, serial against fused engine, on the `small` organism.
+
+    EXCISE_CACHE=/tmp/exc OMP_NUM_THREADS=1 python bench/bench_attacks.py [--preset small]
+        [--forget 10] [--grid quick] [--models original,oracle] [--attacks relearn,benign,sae]
+        [--repeats 1]
+
+Runs ``probes.attacks.run_grid`` (every learning rate x seed of the grid on each model, as the
+attacks suite does) once with ``engine="serial"`` (TransformerLens forward passes) and once with
+``engine="fused"`` (fused torch ops on batches split by length), interleaved per attack
+(``--repeats`` times, the order alternating),
+at equal budgets (same steps, learning rates, batches, people, seeds); prints seconds per attack,
+the ratio, and whether every per-fact hit of every curve agrees. Both are excise's own code
+paths (no reference implementation is involved). Needs the organism (and, for ``oracle``, its
+retrain oracle) in the cache - trains them otherwise (minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--forget", type=int, default=10)
+    ap.add_argument("--grid", default="quick")
+    ap.add_argument("--models", default="original,oracle")
+    ap.add_argument("--attacks", default="relearn,benign,sae")
+    ap.add_argument("--repeats", type=int, default=1)
+    a = ap.parse_args()
+
+    import torch
+
+    import excise
+    from probes import attacks as A
+
+    org = excise.organism(a.preset, progress=False)
+    req = org.request(forget_people=range(a.forget))
+    avail = {"original": lambda: org.model, "oracle": lambda: org.oracle(req)}
+    names = a.models.split(",")
+    bad = [n for n in names if n not in avail]
+    if bad:
+        raise SystemExit(f"unknown model {bad[0]!r}; choose from {list(avail)}")
+    models = {n: avail[n]() for n in names}
+    attacks = tuple(a.attacks.split(","))
+    cfg = A.AttackConfig(attacks=attacks, grid=a.grid)
+    kit = A.steering_kit(org.model, req, cfg) if "sae" in attacks else None
+    print(f"{a.preset}, forget people 0..{a.forget - 1}, grid {a.grid!r}, models {names}, "
+          f"attacks {list(attacks)}, {torch.get_num_threads()} thread(s)")
+
+    secs = {e: {n: 0.0 for n in attacks} for e in A.ENGINES}
+    grids = {}
+    for r in range(a.repeats):  # interleaved per attack, the order alternating
+        for name in attacks:
+            for engine in A.ENGINES[::1 if r % 2 == 0 else -1]:
+                c = dataclasses.replace(cfg, attacks=(name,), engine=engine)
+                t = time.perf_counter()
+                g = A.run_grid(models, req, c, kit=kit)
+                secs[engine][name] += time.perf_counter() - t
+                grids.setdefault(engine, {}).update(g)
+    same = all(p.curves.curves[lab].hits == q.curves.curves[lab].hits
+               for name in attacks
+               for p, q in zip(grids["serial"][name].points, grids["fused"][name].points)
+               for lab in names)
+    print(f"{'attack':10s} {'settings':>8s} {'serial s':>9s} {'fused s':>8s} {'ratio':>6s}")
+    for name in attacks:
+        s, f = secs["serial"][name] / a.repeats, secs["fused"][name] / a.repeats
+        print(f"{name:10s} {len(cfg.settings(name)):8d} {s:9.1f} {f:8.1f} {s / f:6.2f}")
+    s = sum(secs["serial"].values()) / a.repeats
+    f = sum(secs["fused"].values()) / a.repeats
+    print(f"{'all':10s} {'':8s} {s:9.1f} {f:8.1f} {s / f:6.2f}")
+    print(f"every per-fact hit identical (serial vs fused): {same}")
+
+
+if __name__ == "__main__":
+    main()

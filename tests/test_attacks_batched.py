@@ -1,0 +1,124 @@
+"""The fused engine of the fine-tuning and steering attacks (probes.attacks, ``engine="fused"``).
+
+It must compute what the serial path (the handle, TransformerLens) computes: the same logits and
+losses to float precision, the same gradients, and on the tiny organism the same curves (every
+per-fact hit identical) for relearning, benign relearning and SAE steering. Where it does not
+apply (hooks, a handle subclass, another architecture) it must step aside.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from excise.handle import TLHandle
+from excise.train import Optim, Sampler, train
+from probes import attacks as A
+
+# short budgets of the tiny organism's settings (tests/test_probes.py FAST)
+CFG = A.AttackConfig(relearn_steps=10, relearn_lr=3e-3, benign_steps=10, benign_lr=3e-3,
+                     eval_every=5, sae_attack_steps=10, sae_steps=300, grid="single",
+                     engine="serial")
+
+
+def _data(tiny, tiny_request):
+    facts = list(tiny_request.forget) + list(tiny_request.retain)
+    return tiny.model.encode(facts)
+
+
+def test_fused_logits_loss_and_gradients_match_the_handle(tiny, tiny_request):
+    m = A._trainable_clone(tiny.model)
+    data = _data(tiny, tiny_request)
+    fwd = A._fused_forward(m, data[:8].trim().tokens)
+    assert fwd is not None
+    params = m.named_parameters()
+    b = data[Sampler(0).rows(len(data), 48)]
+    with torch.no_grad():
+        want = m.logits(b.trim().tokens)
+        got = fwd(params, b.trim().tokens)
+    assert (got - want).abs().max() < 1e-4
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    ref = m.loss(b.trim())
+    g_ref = torch.autograd.grad(ref, list(params.values()))
+    loss = A._fused_loss(fwd, params, b)  # rows split by length
+    g = torch.autograd.grad(loss, list(params.values()))
+    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+    for name, x, y in zip(params, g, g_ref):
+        assert torch.allclose(x, y, rtol=1e-3, atol=1e-6), name
+    assert torch.equal(A._fused_hits(fwd, params, b), A.fact_hits(m, b))
+
+
+def test_fused_training_losses_follow_the_serial_ones(tiny, tiny_request):
+    data = _data(tiny, tiny_request)
+    runs = []
+    for engine in ("serial", "fused"):
+        m = A._trainable_clone(tiny.model)
+        fwd = A._engine(m, engine, data)
+        params = m.named_parameters()
+        s = Sampler(3)
+
+        def loss(_, m=m, fwd=fwd, params=params, s=s):
+            b = data[s.rows(len(data), 64)]
+            return m.loss(b.trim()) if fwd is None else A._fused_loss(fwd, params, b)
+
+        runs.append(train(loss, params, steps=15, optim=Optim("adamw", lr=3e-3),
+                          max_grad_norm=1.0).losses)
+    assert runs[0] == pytest.approx(runs[1], rel=1e-4, abs=1e-5)
+    assert runs[0][-1] != runs[0][0]  # it trained
+
+
+@pytest.mark.parametrize("attack", ["relearn", "benign"])
+def test_fused_finetune_curves_equal_serial(attack, tiny, tiny_request, tiny_oracle):
+    for model in (tiny.model, tiny_oracle):
+        fn = getattr(A, attack)
+        serial = fn(model, tiny_request, CFG)
+        fused = fn(model, tiny_request, dataclasses.replace(CFG, engine="fused"))
+        assert fused.hits == serial.hits
+        assert fused.y == serial.y and fused.x == serial.x
+        assert fused.aux == serial.aux
+
+
+def test_fused_sae_steering_equals_serial(tiny, tiny_request):
+    kit = A.steering_kit(tiny.model, tiny_request, CFG)
+    serial = A.sae_steer(tiny.model, tiny_request, kit[0], kit[1], CFG, kit[2])
+    fused = A.sae_steer(tiny.model, tiny_request, kit[0], kit[1],
+                        dataclasses.replace(CFG, engine="fused"), kit[2])
+    assert fused.hits == serial.hits and fused.aux == serial.aux
+
+
+def test_fused_engine_steps_aside(tiny, tiny_request):
+    data = _data(tiny, tiny_request)
+    tokens = data[:4].trim().tokens
+    assert A._fused_forward(tiny.model, tokens) is not None
+    hooked = tiny.model.clone()
+    hooked.add_persistent_hook("blocks.0.resid_post", lambda x, site: x * 0.5)
+    assert A._fused_forward(hooked, tokens) is None
+
+    class Filtered(TLHandle):  # a subclass may compute something else
+        pass
+
+    assert A._fused_forward(Filtered(tiny.model.model, tiny.tokenizer), tokens) is None
+    other = tiny.model.clone()
+    other.model.cfg.act_fn = "silu"
+    assert A._fused_forward(other, tokens) is None
+    with pytest.raises(ValueError, match="engine"):
+        A.AttackConfig(engine="vmap")
+    m = A._trainable_clone(tiny.model)
+    fwd = A._fused_forward(m, tokens)
+    with pytest.raises(ValueError, match="resid_post"):
+        fwd(m.named_parameters(), tokens, {"blocks.0.mlp.post": lambda x, s: x})
+
+
+def test_buckets_cover_every_row_once():
+    lengths = torch.tensor([9, 3, 3, 17, 4, 9, 3, 18, 5, 5, 6, 3])
+    groups = A._buckets(lengths)
+    rows = torch.cat(groups)
+    assert sorted(rows.tolist()) == list(range(len(lengths)))
+    assert 1 < len(groups) <= 3
+    tops = [int(lengths[g].max()) for g in groups]
+    assert tops == sorted(tops)
+    assert sum(len(g) * t for g, t in zip(groups, tops)) < len(lengths) * 18
+    assert [len(g) for g in A._buckets(torch.full((5,), 7))] == [5]  # nothing to gain
+    assert A._buckets(torch.zeros(0, dtype=torch.long)) == []
