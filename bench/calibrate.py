@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from excise.io import atomic_write_text  # noqa: E402
+from excise.io import atomic_write_text, write_marked_section  # noqa: E402
 
 START, END = "<!-- calibration:start -->", "<!-- calibration:end -->"
 
@@ -121,13 +121,7 @@ def write(d: dict, out: Path) -> None:
              "original.", "", "## Every row", "", *rows_md(d), ""]
     atomic_write_text(res / "calibration.md", "\n".join(lines))
     md = out / "results.md"
-    text = md.read_text() if md.exists() else ""
-    block = "\n".join(section(d))
-    if START in text and END in text:
-        text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    atomic_write_text(md, text)
+    write_marked_section(md, "\n".join(section(d)), START, END)
 
 
 def main() -> None:

@@ -37,7 +37,7 @@ import edit
 import excise
 import locate
 from excise.importance import Importance
-from excise.io import atomic_write_text
+from excise.io import atomic_write_text, write_marked_section
 from locate._grads import StatsCache
 from probes.attacks import AttackConfig, peak_recovery, relearn
 from probes.behaviour import behaviour_metrics
@@ -385,12 +385,7 @@ def results_section(md: Path, body: str) -> None:
     """Put ``body`` under "Deletion vs fraction touched" in ``results.md`` (a block the sweep
     keeps when it rewrites the rest)."""
     block = "\n".join([START, "## Deletion vs fraction touched", "", body.rstrip(), END])
-    text = md.read_text() if md.exists() else ""
-    if START in text and END in text:
-        text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    atomic_write_text(md, text)
+    write_marked_section(md, block, START, END)
     print(f"wrote the deletion section of {md}")
 
 

@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import excise  # noqa: E402
 from excise import plots  # noqa: E402
 from excise.importance import Importance  # noqa: E402
-from excise.io import atomic_write_text  # noqa: E402
+from excise.io import atomic_write_text, write_marked_section  # noqa: E402
 
 K_MULTIPLES = (0.5, 1, 2, 5)
 
@@ -245,13 +245,7 @@ def write_report(res: dict, out: Path) -> None:
     atomic_write_text(out / "results" / "planted.md", "\n".join(lines))
     figure(res, out / "results" / "planted.png")
     md = out / "results.md"
-    text = md.read_text() if md.exists() else ""
-    block = "\n".join(section(res))
-    if START in text and END in text:
-        text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    atomic_write_text(md, text)
+    write_marked_section(md, "\n".join(section(res)), START, END)
 
 
 START, END = "<!-- planted:start -->", "<!-- planted:end -->"

@@ -36,6 +36,20 @@ def atomic_write_bytes(path: Path | str, data: bytes) -> None:
     _atomic(Path(path), lambda f: f.write(data))
 
 
+def write_marked_section(path: Path | str, block: str, start: str, end: str) -> None:
+    """Replace the text between the markers ``start`` .. ``end`` (included) in the Markdown
+    file ``path`` with ``block`` (which carries the markers itself), or append ``block`` when
+    the file has no such section; atomically. How bench scripts own a section of
+    docs/results.md that the sweep keeps when it rewrites the rest."""
+    path = Path(path)
+    text = path.read_text() if path.exists() else ""
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    atomic_write_text(path, text)
+
+
 def write_json(path: Path | str, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_default) + "\n")
 
