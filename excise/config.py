@@ -49,12 +49,19 @@ class OrganismConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A real model instead of the organism (``excise.hf.load_model``); needs request.jsonl."""
+    """A real model instead of the organism (``excise.hf.load_model``; needs request.jsonl),
+    and where either runs (``device`` / ``dtype``)."""
 
     name: str | None = None  # one of excise.hf.MODELS, e.g. gemma3-270m
     path: str | None = None  # or a local Hugging Face model folder
     # a target that tokenizes differently after its prompt: warn | raise | ignore
     on_split: str = "warn"
+    # where the model runs (the organism too): auto (a GPU when present) | cpu | cuda | cuda:N
+    # | mps; null: the CPU. dtype: auto (as loaded: float32) | float32 | bfloat16 | float16
+    device: str | None = None
+    dtype: str | None = None
+    # shard a real model with accelerate: auto | balanced | sequential | {module: device}
+    device_map: str | dict | None = None
 
 
 @dataclass(frozen=True)

@@ -26,13 +26,14 @@ only, not the model or edited copies of it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import tempfile
 import time
 import warnings
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from excise.io import CacheWarning, checksum_problem, file_lock, file_sha256
 
@@ -88,13 +89,28 @@ def _cache_problem(folder: Path) -> str | None:
     return None
 
 
-def load_hf(*, refresh: bool = False, log: Callable[[str], None] = print):
-    """``(model, tokenizer)``: the float32 ``Gemma3ForCausalLM`` in eval mode, and its tokenizer.
+def load_hf(*, refresh: bool = False, log: Callable[[str], None] = print, dtype=None,
+            device_map=None):
+    """``(model, tokenizer)``: ``Gemma3ForCausalLM`` in eval mode (float32 unless ``dtype``;
+    dispatched by accelerate when ``device_map`` is given), and its tokenizer.
 
     Uses the safetensors cache when present (``refresh=True`` rebuilds it from the GGUF file)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    kw = {"device_map": device_map} if device_map is not None else {}
+    with ready_folder(refresh=refresh, log=log) as folder:
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype or torch.float32,
+                                                     **kw)
+        return model.eval(), AutoTokenizer.from_pretrained(str(folder))
+
+
+@contextlib.contextmanager
+def ready_folder(*, refresh: bool = False, log: Callable[[str], None] = print
+                 ) -> Iterator[Path]:
+    """The checked safetensors cache folder of Gemma 3 270M, built from the GGUF package when
+    it is missing or fails its check (``refresh=True``: always rebuilt); held under the cache's
+    lock while the block reads it, so no other process rebuilds it meanwhile."""
     folder = cache_path()
     folder.parent.mkdir(parents=True, exist_ok=True)
     with file_lock(folder.parent / f"{folder.name}.lock",
@@ -111,9 +127,7 @@ def load_hf(*, refresh: bool = False, log: Callable[[str], None] = print):
             if not ok:
                 raise ModuleNotFoundError(f"Gemma 3 270M is not available: {why}")
             _build_cache(folder, log)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    return model.eval(), tokenizer
+        yield folder
 
 
 def _build_cache(folder: Path, log: Callable[[str], None]) -> None:
@@ -173,14 +187,17 @@ def _write_manifest(out: Path, source: str, gguf_sha256: str) -> None:
 
 
 def gemma3_270m(*, refresh: bool = False, log: Callable[[str], None] = print,
-                on_split: str = "warn"):
-    """Gemma 3 270M as an :class:`excise.hf.HFHandle` (float32, CPU, eval mode).
+                on_split: str = "warn", device=None, dtype=None, device_map=None):
+    """Gemma 3 270M as an :class:`excise.hf.HFHandle` in eval mode: float32 on the CPU unless
+    ``device`` / ``dtype`` / ``device_map`` say otherwise (see :func:`excise.hf.load_model`).
 
     ``on_split`` is passed to the handle: what to do when a target tokenizes differently after
     its prompt than on its own (``"warn"``, ``"raise"`` or ``"ignore"``)."""
-    from excise.hf import HFHandle
+    from excise.hf import from_folder
+    from excise.placement import check_device_map, resolve_device, resolve_dtype
 
-    model, tokenizer = load_hf(refresh=refresh, log=log)
-    handle = HFHandle(model, tokenizer, name=NAME, on_split=on_split)
-    handle.check_finite(f"loading {NAME} from {cache_path()}")
-    return handle
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
+    device_map = check_device_map(device_map)
+    with ready_folder(refresh=refresh, log=log) as folder:
+        return from_folder(folder, name=NAME, on_split=on_split, device=device, dtype=dtype,
+                           device_map=device_map)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
+from excise.placement import devices_of, resolve_device, resolve_dtype
 from excise.request import Fact
 from excise.sites import SiteInfo, expand, layer_of, unit_of_param, unknown_site_error
 from excise.world import Tokenizer
@@ -443,7 +444,44 @@ class ModelHandle(abc.ABC):
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where input tokens go: the device of the token embedding (for a model sharded with a
+        ``device_map``, the first shard's). Everything else follows the tensor it meets."""
+        return self._embedding_weight().device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' floating dtype (the token embedding's)."""
+        return self._embedding_weight().dtype
+
+    @property
+    def devices(self) -> list[torch.device]:
+        """Every device that holds a parameter (more than one for a sharded model)."""
+        return devices_of(self.model)
+
+    def _embedding_weight(self) -> Tensor:
+        return next(self.model.parameters())
+
+    def to(self, device: "str | torch.device | None" = None,
+           dtype: "str | torch.dtype | None" = None) -> "ModelHandle":
+        """Move the model to ``device`` (``"auto"``: a GPU when present) and/or cast its weights
+        to ``dtype`` (``"bfloat16"``, ...), in place; returns the handle. ``None`` leaves either
+        as it is. Edits applied before the move keep their saved values and revert exactly."""
+        dev, dt = resolve_device(device), resolve_dtype(dtype)
+        if dev is not None and self._sharded():
+            raise ValueError(f"model {self.name!r} is sharded (on "
+                             f"{', '.join(map(str, self.devices))}); it cannot be moved to "
+                             f"{dev} as a whole - load it again with that device")
+        if dev is not None:
+            self._move(dev)
+        if dt is not None:
+            self._move(dt)
+        return self
+
+    def _move(self, where: "torch.device | torch.dtype") -> None:
+        self.model.to(where)
+
+    def _sharded(self) -> bool:
+        return len(self.devices) > 1
 
     @abc.abstractmethod
     def clone(self) -> "ModelHandle":
@@ -533,6 +571,13 @@ class TLHandle(ModelHandle):
     def cfg(self):
         """The ``HookedTransformerConfig`` (TransformerLens users' convenience)."""
         return self.model.cfg
+
+    def _embedding_weight(self) -> Tensor:
+        return self.model.embed.W_E
+
+    def _move(self, where: "torch.device | torch.dtype") -> None:
+        # TransformerLens keeps cfg.device / cfg.dtype in step with the weights
+        self.model.to(where, print_details=False)
 
     @property
     def n_ctx(self) -> int:

@@ -52,6 +52,7 @@ never processed.
 from __future__ import annotations
 
 import copy
+import logging
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -62,6 +63,7 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from excise.handle import Batch, HookFn, ModelHandle, Past, cut_to_last_position, pad_batch
+from excise.placement import check_device_map, resolve_device, resolve_dtype
 from excise.request import Fact
 from excise.sites import SiteInfo, layer_of
 
@@ -272,6 +274,17 @@ class HFHandle(ModelHandle):
         self._warned: set[tuple[str, str]] = set()
         self._cache_kw: str | None = None
         self._check_modules()
+
+    def _embedding_weight(self) -> Tensor:
+        return self.model.get_input_embeddings().weight
+
+    @property
+    def device_map(self) -> dict | None:
+        """The accelerate ``device_map`` the model was dispatched with (None: not sharded)."""
+        return getattr(self.model, "hf_device_map", None)
+
+    def _sharded(self) -> bool:
+        return self.device_map is not None  # accelerate's hooks place every module
 
     # -- structure --------------------------------------------------------------------------
     def _n_blocks(self) -> int:
@@ -751,22 +764,80 @@ MODELS = {"gemma3-270m": _gemma}
 
 
 def load_model(name: str | None = None, path: str | None = None, *, on_split: str = "warn",
-               log=print) -> HFHandle:
+               device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+               device_map: str | dict | None = None, log=print) -> HFHandle:
     """An :class:`HFHandle` for a named model (``MODELS``) or a local Hugging Face folder
-    (``from_pretrained(path)``, float32, no download: ``local_files_only``)."""
+    (``from_pretrained(path)``, no download: ``local_files_only``).
+
+    ``device``: ``"auto"`` (a GPU when present), ``"cpu"``, ``"cuda:1"``, ...; None: the CPU.
+    ``dtype``: ``"bfloat16"``, ``"float16"``, ``"float32"`` (None / ``"auto"``: float32).
+    ``device_map``: shard the model with accelerate (``"auto"`` or ``{module: device}``); then
+    ``device`` must be None - each layer runs where the map puts it, and the input tokens go to
+    the token embedding's device."""
     if (name is None) == (path is None):
         raise ValueError("load_model: give exactly one of name= (one of "
                          f"{sorted(MODELS)}) or path= (a local Hugging Face model folder)")
+    dev, dt = resolve_device(device), resolve_dtype(dtype)
+    device_map = check_device_map(device_map)
+    if device_map is not None and dev is not None:
+        raise ValueError(f"load_model: device={device!r} and device_map={device_map!r} both "
+                         f"place the model; give one of them")
     if name is not None:
         if name not in MODELS:
             raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)} or give "
                              f"path= to a local Hugging Face folder")
-        return MODELS[name](on_split=on_split, log=log)
+        return MODELS[name](on_split=on_split, log=log, device=dev, dtype=dt,
+                            device_map=device_map)
+    return from_folder(path, on_split=on_split, device=dev, dtype=dt, device_map=device_map)
+
+
+def from_folder(path, tokenizer_path=None, *, name: str | None = None, on_split: str = "warn",
+                device: torch.device | None = None, dtype: torch.dtype | None = None,
+                device_map: str | dict | None = None) -> HFHandle:
+    """A local Hugging Face folder as an :class:`HFHandle`, placed as asked (see
+    :func:`load_model`; ``device`` / ``dtype`` already resolved). Weights load in float32 unless
+    ``dtype`` says otherwise, then are checked finite."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                 local_files_only=True)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    handle = HFHandle(model, tokenizer, name=str(path), on_split=on_split)
+    kw = {"device_map": device_map} if device_map is not None else {}
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype or torch.float32,
+                                                 local_files_only=True, **kw)
+    if device is not None:
+        model.to(device)
+    if device_map is not None:
+        dispatch(model, device_map)
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_path or path), local_files_only=True)
+    handle = HFHandle(model, tokenizer, name=name or str(path), on_split=on_split)
     handle.check_finite(f"loading {path}")
     return handle
+
+
+def dispatch(model, device_map) -> None:
+    """Make sure a model loaded with a ``device_map`` runs through accelerate's device hooks -
+    also when every entry names one device (transformers then skips dispatching; the hooks are
+    what moves activations between shards, so they run here the way they run on several GPUs) -
+    and that no weight was offloaded: a module accelerate keeps on ``meta`` between forwards
+    cannot be read, scored or edited in place."""
+    from accelerate import dispatch_model
+
+    if isinstance(device_map, dict) and getattr(model, "hf_device_map", None) is None:
+        # accelerate warns of "meta" parameters whenever a map names the CPU, offloaded or not
+        # (with the CPU as the main device nothing is): the check below is the real one
+        quiet = logging.getLogger("accelerate.big_modeling")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            dispatch_model(model, device_map=device_map, force_hooks=True)
+        finally:
+            quiet.setLevel(level)
+        model.hf_device_map = dict(device_map)
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    entries = getattr(model, "hf_device_map", None) or {}
+    offloaded = sorted({next((k for k in entries if n == k or n.startswith(k + ".")), n)
+                        for n in meta})
+    if offloaded:
+        raise ValueError(f"device_map offloads {', '.join(map(repr, offloaded))} to the CPU "
+                         f"or disk, where accelerate keeps their "
+                         f"weights off the model between forwards; excise reads and edits "
+                         f"weights in place. Map every module to a device (a GPU index, "
+                         f"'cuda:N', or 'cpu' when no GPU is in the map), or use device= instead")

@@ -42,6 +42,7 @@ import torch
 from excise.handle import Batch, TLHandle
 from excise.io import (CacheWarning, NotSafetensorsError, atomic_write_text, checksum_problem,
                        file_lock, file_sha256, load_safetensors, save_safetensors)
+from excise.placement import resolve_device, resolve_dtype
 from excise.request import FactSet, ForgetRequest
 from excise.sites import Selection, Unit, layer_of
 from excise.train import Optim, Sampler, reproducible, train
@@ -298,8 +299,9 @@ def unit_masks(model: TLHandle, units: Selection) -> dict[str, torch.Tensor]:
         owner = model.unit_axis(name)
         if owner is None or owner[0] not in by_site:
             continue
-        m = torch.zeros(p.shape, dtype=torch.bool)
-        m.index_fill_(owner[1], torch.tensor([i[0] for i in by_site[owner[0]]]), True)
+        m = torch.zeros(p.shape, dtype=torch.bool, device=p.device)
+        m.index_fill_(owner[1], torch.tensor([i[0] for i in by_site[owner[0]]], device=p.device),
+                      True)
         out[name] = m
     return out
 
@@ -506,13 +508,17 @@ class Organism:
     ``planted`` (a :class:`Planted`, or None) where it was trained with gradient routing."""
 
     def __init__(self, preset: Preset, world: World, tokenizer: Tokenizer, model: TLHandle,
-                 progress: bool = True, planted: Planted | None = None):
+                 progress: bool = True, planted: Planted | None = None,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None):
         self.preset = preset
         self.world = world
         self.tokenizer = tokenizer
         self.model = model
         self.progress = progress
         self.planted = planted
+        # where the model and every oracle are placed once loaded (trained on the CPU in float32)
+        self.device = device
+        self.dtype = dtype
 
     def __repr__(self) -> str:
         planted = "" if self.planted is None else \
@@ -547,7 +553,8 @@ class Organism:
             raise ValueError(f"train_seed={train_seed!r}: must be an integer (or None for the "
                              f"organism's seed, {self.preset.seed})")
         return _load_or_train(self.preset, self.world, self.tokenizer, frozenset(people),
-                              self.progress, planted=self.planted, train_seed=train_seed)
+                              self.progress, planted=self.planted,
+                              train_seed=train_seed).to(self.device, self.dtype)
 
 
 def organism_request(world: World, forget_people: Iterable[int],
@@ -705,11 +712,16 @@ def _load_or_train(preset: Preset, world: World, tokenizer: Tokenizer,
 
 def organism(preset: str | Preset = "small", seed: int | None = None,
              planted: "bool | Planting | Mapping | None" = None,
-             progress: bool = True) -> Organism:
+             progress: bool = True, device: "str | torch.device | None" = None,
+             dtype: "str | torch.dtype | None" = None) -> Organism:
     """Build (train on first use, then load from the cache) the model organism.
 
     ``planted``: None (the plain organism), True (the planted-location organism with the
-    preset's default :class:`Planting`), a :class:`Planting` or a mapping of its fields."""
+    preset's default :class:`Planting`), a :class:`Planting` or a mapping of its fields.
+    ``device`` (``"auto"``: a GPU when present) / ``dtype`` (e.g. ``"bfloat16"``): where the
+    model and its oracles run once loaded. Training itself always runs on the CPU in float32
+    (bit-reproducible, one cache for every placement)."""
+    device, dtype = resolve_device(device), resolve_dtype(dtype)
     if isinstance(preset, str):
         if preset not in PRESETS:
             raise ValueError(f"unknown organism preset {preset!r}; choose one of "
@@ -726,4 +738,5 @@ def organism(preset: str | Preset = "small", seed: int | None = None,
         shape = TLHandle(build_model(preset, len(tokenizer), n_ctx=32), tokenizer)
         where = make_planted(preset, world, planting, shape)
     model = _load_or_train(preset, world, tokenizer, frozenset(), progress, planted=where)
-    return Organism(preset, world, tokenizer, model, progress, planted=where)
+    return Organism(preset, world, tokenizer, model.to(device, dtype), progress, planted=where,
+                    device=device, dtype=dtype)

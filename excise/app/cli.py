@@ -36,9 +36,19 @@ _THREADS_HELP = ("Torch threads to run at (default: the config's threads, else "
                  "cores. CPU numbers depend on it: same torch, same threads, same numbers.")
 
 
-def _threads_set(set_: List[str], threads: Optional[int]) -> List[str]:
-    """``--threads N`` as the config override ``threads=N`` (checked with the config)."""
-    return set_ if threads is None else [*set_, f"threads={threads}"]
+_DEVICE_HELP = ("Where the model runs: auto (a GPU when present), cpu, cuda, cuda:N, mps "
+                "(default: the config's model.device, else the CPU).")
+_DTYPE_HELP = ("The weights' dtype: float32, bfloat16, float16 (default: the config's "
+               "model.dtype, else float32). Sums that need precision stay float32.")
+
+
+def _threads_set(set_: List[str], threads: Optional[int], device: Optional[str] = None,
+                 dtype: Optional[str] = None) -> List[str]:
+    """``--threads N`` / ``--device D`` / ``--dtype T`` as the config overrides ``threads=N``,
+    ``model.device=D``, ``model.dtype=T`` (checked with the config)."""
+    extra = [f"{key}={v}" for key, v in (("threads", threads), ("model.device", device),
+                                          ("model.dtype", dtype)) if v is not None]
+    return [*set_, *extra]
 
 
 def _fail(msg: str, code: int = EXIT_REFUSED) -> None:
@@ -75,13 +85,15 @@ def run(config: Optional[Path] = typer.Argument(None, help="Pipeline YAML (defau
         overwrite: bool = typer.Option(False, help="Replace a run excise wrote in --out: "
                                        "removes only the files its run.json lists."),
         threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
+        device: Optional[str] = typer.Option(None, "--device", help=_DEVICE_HELP),
+        dtype: Optional[str] = typer.Option(None, "--dtype", help=_DTYPE_HELP),
         quiet: bool = typer.Option(False, help="No progress bars.")):
     """Run locate -> edit -> verify and write a run folder."""
     from excise import config as C
     from excise.app import pipeline
 
     with _refusals():
-        cfg = C.load(config, _threads_set(set_, threads), pipeline.registries())
+        cfg = C.load(config, _threads_set(set_, threads, device, dtype), pipeline.registries())
         target = out or pipeline.default_out(cfg)
         result = pipeline.run(cfg, target, overwrite=overwrite, progress=not quiet,
                               log=lambda m: typer.echo(m, err=True))
@@ -131,6 +143,7 @@ def verify(target: Path = typer.Argument(..., help="A run folder (with config.ya
                                           "wrote in --out: removes only the files its run.json "
                                           "lists."),
            threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
+           device: Optional[str] = typer.Option(None, "--device", help=_DEVICE_HELP),
            quiet: bool = typer.Option(False, help="No progress messages.")):
     """Re-apply a saved edit diff (or a chain's diffs, in order) to the run's model (organism
     or Hugging Face) and verify."""
@@ -165,7 +178,7 @@ def verify(target: Path = typer.Argument(..., help="A run folder (with config.ya
         folders.check_out(folder, overwrite, kind="verify")  # before any model is built
         if grid is not None:  # checked with the config, like verify.grid
             set_ = [*set_, f"verify.grid={grid}"]
-        cfg = C.load(cfg_path, _threads_set(set_, threads), pipeline.registries())
+        cfg = C.load(cfg_path, _threads_set(set_, threads, device), pipeline.registries())
         setup = pipeline.Setup.check(cfg)
         if suite:  # a typo in --suite is refused before any model is built
             from probes.suites import resolve
@@ -236,14 +249,22 @@ def sweep(config: Path = typer.Argument(..., help="Sweep YAML (e.g. configs/swee
           screen: Optional[Path] = typer.Option(None, "--screen", help="Reuse an earlier "
                                                 "run's screen.json."),
           threads: Optional[int] = typer.Option(None, "--threads", help=_THREADS_HELP),
+          executor: Optional[str] = typer.Option(None, "--executor", help="Where the report "
+                                                 "stage's cells run: serial, local (a process "
+                                                 "pool of cores // threads workers) or ray "
+                                                 "(default: the config's executor, else "
+                                                 "local)."),
           quiet: bool = typer.Option(False, help="No progress messages.")):
-    """Screen locate x edit recipes, keep the best, report them beside retrain oracles."""
+    """Screen locate x edit recipes, keep the best, report them beside retrain oracles. Exits 1
+    (after writing the records) when a report cell still failed after its retries."""
     from excise import config as C
     from excise.app import sweep as S
     from excise.train import using_threads
 
     log = (lambda m: None) if quiet else (lambda m: typer.echo(m, err=True))
     with _refusals():
+        if executor is not None:  # checked with the config, like executor: in the YAML
+            set_ = [*set_, f"executor={executor}"]
         cfg = S.load_config(config, set_)
         with using_threads(C.check_threads(threads, "--threads")):
             res = S.run(cfg, out, stage=stage, screen_from=screen, log=log)
@@ -254,6 +275,12 @@ def sweep(config: Path = typer.Argument(..., help="Sweep YAML (e.g. configs/swee
                    f"{len(rec['seeds'])} seeds x {len(rec['finalists'])} finalists)")
     typer.echo("records: " + ", ".join(str(p) for p in res.files) +
                f"  ({rec['seconds']:.0f} s)")
+    failed = [r for r in rec.get("rows", []) if "error" in r]
+    if failed:
+        _fail(f"{len(failed)} of {len(rec['rows'])} report cells failed after "
+              f"{rec['dispatch']['retries']} retries (their rows in sweep.json hold the error): "
+              + "; ".join(f"{r['split']} seed {r['seed']} {S.name(r)}: {r['error']}"
+                          for r in failed[:3]), EXIT_FAILED)
 
 
 def main() -> None:  # console-script entry point

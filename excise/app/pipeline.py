@@ -74,6 +74,7 @@ class Setup:
     def check(cls, cfg: RunConfig) -> "Setup":
         people = forget_people(cfg)
         planting(cfg)
+        placement(cfg)
         parsed = None
         if cfg.request.jsonl:
             try:
@@ -100,7 +101,8 @@ class Setup:
             log(f"model: {cfg.model.name or cfg.model.path}")
             try:
                 model = load_model(cfg.model.name, cfg.model.path, on_split=cfg.model.on_split,
-                                   log=log)
+                                   device=cfg.model.device, dtype=cfg.model.dtype,
+                                   device_map=cfg.model.device_map, log=log)
             except (ValueError, ModuleNotFoundError) as e:
                 raise ConfigError(f"model: {e}") from None
             req, not_known = screen_known(model, self.parsed, log=log)
@@ -110,7 +112,8 @@ class Setup:
             + (f", planted {planted}" if planted else ""))
         try:
             org = excise.organism(cfg.organism.preset, seed=cfg.organism.seed, planted=planted,
-                                  progress=progress)
+                                  progress=progress, device=cfg.model.device,
+                                  dtype=cfg.model.dtype)
         except ValueError as e:
             raise ConfigError(f"organism: {e}") from None
         if self.parsed is not None:
@@ -166,6 +169,27 @@ def forget_people(cfg: RunConfig) -> list[int] | None:
                               f"{cfg.organism.preset} organism's trained people are 0..{n - 1}")
         return sorted(set(fp))
     raise ConfigError(f"request.forget_people={fp!r}: give a count or a list of people")
+
+
+def placement(cfg: RunConfig) -> None:
+    """``model.device`` / ``dtype`` / ``device_map`` checked before anything is built: names
+    this machine can honour (a CUDA device where there is none is refused here)."""
+    from excise.placement import check_device_map, resolve_device, resolve_dtype
+
+    m = cfg.model
+    try:
+        resolve_device(m.device)
+        resolve_dtype(m.dtype)
+        check_device_map(m.device_map)
+    except ValueError as e:
+        raise ConfigError(f"model: {e}") from None
+    if m.device_map is not None and not (m.name or m.path):
+        raise ConfigError(f"model.device_map={m.device_map!r}: sharding is for Hugging Face "
+                          f"models (model.name / model.path); the organism runs on one device "
+                          f"(model.device)")
+    if m.device_map is not None and m.device is not None:
+        raise ConfigError(f"model: device={m.device!r} and device_map={m.device_map!r} both "
+                          f"place the model; give one of them")
 
 
 def planting(cfg: RunConfig):
