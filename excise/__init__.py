@@ -12,5 +12,17 @@ from excise.request import Fact, FactSet, ForgetRequest
 from excise.sites import Selection, Unit
 
 __all__ = ["Batch", "Fact", "FactSet", "ForgetRequest", "ModelHandle", "Organism", "PRESETS",
-           "Selection", "TLHandle", "Unit", "organism"]
+           "RemoteError", "RemoteHFHandle", "Selection", "TLHandle", "Unit", "load_remote",
+           "organism"]
 __version__ = "0.1.0"
+
+# models run on NDIF (excise.remote): imported when first asked for (it imports nnsight)
+_REMOTE = ("RemoteError", "RemoteHFHandle", "load_remote")
+
+
+def __getattr__(name: str):
+    if name in _REMOTE:
+        from excise import remote
+
+        return getattr(remote, name)
+    raise AttributeError(f"module 'excise' has no attribute {name!r}")

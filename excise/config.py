@@ -62,6 +62,10 @@ class ModelConfig:
     dtype: str | None = None
     # shard a real model with accelerate: auto | balanced | sequential | {module: device}
     device_map: str | dict | None = None
+    # run on NDIF (nnsight remote=True; excise.remote): name is then the Hugging Face repo id
+    # NDIF serves, path may hold its config and tokenizer. Forward passes only: a config that
+    # edits is refused (every run / verify / sweep config does - see excise.remote)
+    remote: bool = False
 
 
 @dataclass(frozen=True)

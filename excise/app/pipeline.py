@@ -72,6 +72,7 @@ class Setup:
 
     @classmethod
     def check(cls, cfg: RunConfig) -> "Setup":
+        remote(cfg)
         people = forget_people(cfg)
         planting(cfg)
         placement(cfg)
@@ -100,9 +101,16 @@ class Setup:
 
             log(f"model: {cfg.model.name or cfg.model.path}")
             try:
-                model = load_model(cfg.model.name, cfg.model.path, on_split=cfg.model.on_split,
-                                   device=cfg.model.device, dtype=cfg.model.dtype,
-                                   device_map=cfg.model.device_map, log=log)
+                if cfg.model.remote:  # NDIF: forward passes only (remote() checked the config)
+                    from excise.remote import load_remote
+
+                    model = load_remote(cfg.model.name, path=cfg.model.path,
+                                        on_split=cfg.model.on_split, log=log)
+                else:
+                    model = load_model(cfg.model.name, cfg.model.path,
+                                       on_split=cfg.model.on_split, device=cfg.model.device,
+                                       dtype=cfg.model.dtype, device_map=cfg.model.device_map,
+                                       log=log)
             except (ValueError, ModuleNotFoundError) as e:
                 raise ConfigError(f"model: {e}") from None
             req, not_known = screen_known(model, self.parsed, log=log)
@@ -169,6 +177,32 @@ def forget_people(cfg: RunConfig) -> list[int] | None:
                               f"{cfg.organism.preset} organism's trained people are 0..{n - 1}")
         return sorted(set(fp))
     raise ConfigError(f"request.forget_people={fp!r}: give a count or a list of people")
+
+
+def remote(cfg: RunConfig) -> None:
+    """``model.remote: true`` checked before anything is built: NDIF runs forward passes only,
+    so a config that edits (every run, verify and sweep config) is refused here, naming the
+    edit; ``model.name`` must be the repo id NDIF serves, and NDIF places the model."""
+    m = cfg.model
+    if not m.remote:
+        return
+    if not m.name:
+        raise ConfigError("model.remote: true needs model.name, the Hugging Face repo id NDIF "
+                          "serves (e.g. openai-community/gpt2); model.path may hold its config "
+                          "and tokenizer")
+    placed = {k: v for k, v in (("device", m.device), ("dtype", m.dtype),
+                                ("device_map", m.device_map)) if v is not None}
+    if placed:
+        raise ConfigError(f"model.remote: true: NDIF places and casts the model; drop "
+                          f"{', '.join(f'model.{k}={v!r}' for k, v in placed.items())}")
+    if cfg.edits:
+        methods = ", ".join(repr(c.method) for c in cfg.edits)
+        raise ConfigError(f"model.remote: true runs {m.name!r} on NDIF, where only forward "
+                          f"passes run; edit {methods} needs local weights. Load the model "
+                          f"locally (model.remote: false, model.path: a local folder), or from "
+                          f"Python use excise.load_remote({m.name!r}) with the forward-only "
+                          f"methods (locate.activations, locate.traces(mode='exact'), "
+                          f"probes.verify's behaviour / privacy / loo_probe / drift suites)")
 
 
 def placement(cfg: RunConfig) -> None:
