@@ -151,7 +151,8 @@ def target_positions(batch) -> Tensor:
 
 
 def real_positions(batch) -> Tensor:
-    return torch.arange(batch.tokens.shape[1])[None, :] < batch.lengths[:, None]
+    t = torch.arange(batch.tokens.shape[1], device=batch.lengths.device)
+    return t[None, :] < batch.lengths[:, None]
 
 
 # -- units -> slices, shared by the training methods (finetune, reinit, distill) ---------------
@@ -201,17 +202,20 @@ def perturbed(model: ModelHandle, slices: dict[str, Tensor], alpha: float,
     """Shrink-and-perturb of the elements in ``slices``: ``(1 - alpha) * theta + alpha *
     fresh`` per element, ``fresh`` from :func:`fresh_values` (drawn from one generator seeded
     with ``seed``, sites in sorted order); ``alpha = 1`` is a fresh initialisation. Returns the
-    new values at each site's indices (the model is not changed)."""
-    g = torch.Generator().manual_seed(seed)
+    new values at each site's indices (the model is not changed), on the parameter's device
+    and in its dtype (mixed in float32 or wider)."""
+    g = torch.Generator().manual_seed(seed)  # CPU draws: the same values on every device
     out = {}
     for site in sorted(slices):
         idx = slices[site]
-        fresh = fresh_values(model, site, idx.numel(), g)
+        p = model.parameter(site).detach()
+        fresh = fresh_values(model, site, idx.numel(), g).to(p.device)
         if alpha == 1:
             out[site] = fresh
         else:
-            old = model.parameter(site).detach().reshape(-1)[idx]
-            out[site] = ((1 - alpha) * old + alpha * fresh).to(old.dtype)
+            acc = torch.promote_types(p.dtype, torch.float32)
+            old = p.reshape(-1)[idx.to(p.device)].to(acc)
+            out[site] = ((1 - alpha) * old + alpha * fresh.to(acc)).to(p.dtype)
     return out
 
 
@@ -237,7 +241,8 @@ class MaskedCopy:
         if start:
             with torch.no_grad():
                 for s, values in start.items():
-                    named[s].view(-1)[slices[s]] = values.to(named[s].dtype)
+                    p = named[s]
+                    p.view(-1)[slices[s].to(p.device)] = values.to(p.device, p.dtype)
         self.params = {s: named[s] for s in self.masks}
 
     def new_values(self) -> dict[str, tuple[Tensor, Tensor]]:

@@ -60,12 +60,12 @@ def dampen(model: ModelHandle, importance: Importance | None = None,
             continue
         idx, beta = ssd_factors(parts["forget"][site], parts["retain"][site], alpha, lam)
         if allowed is not None:
-            keep = torch.isin(idx, allowed[site])
+            keep = torch.isin(idx, allowed[site].to(idx.device))
             idx, beta = idx[keep], beta[keep]
         if idx.numel() == 0:
             continue
         p = model.parameter(site).detach().reshape(-1)
-        new[site] = (idx, (p[idx].double() * beta).to(p.dtype))
+        new[site] = (idx, (p[idx.to(p.device)].double() * beta.to(p.device)).to(p.dtype))
     if not new:
         raise ValueError(f"dampen(alpha={alpha}) selects no parameter: no forget Fisher exceeds "
                          f"alpha x retain Fisher" + (" within the selected units" if units

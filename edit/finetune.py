@@ -219,7 +219,7 @@ def cir_bases(method: str, model: ModelHandle, req: ForgetRequest, sites: list[s
             if x is None or x.dim() != 3:
                 raise ValueError(f"{method}: cir_rank needs the input of {site} as [batch, pos, "
                                  f"d_model]; this model passes it otherwise")
-            rows = x[mask].double()
+            rows = x[mask.to(x.device)].double()
             grams[site] = grams.get(site, 0) + rows.T @ rows
         return hook
 
@@ -250,6 +250,11 @@ def cir_bases(method: str, model: ModelHandle, req: ForgetRequest, sites: list[s
     return out
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or as it is when already float32 / float64 (no copy)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def project_out(g: torch.Tensor, axis: int, u: torch.Tensor) -> torch.Tensor:
     """``g`` with its component along the columns of ``u`` (orthonormal, ``[d, r]``) removed
     on ``axis``: ``(I - u u^T)`` applied to every vector along that axis."""
@@ -275,16 +280,17 @@ class _Projector:
                                  f"but the selection trains only some of their elements "
                                  f"(parameter-element units); select neurons or heads, or use "
                                  f"cir_rank=0")
-        self.params, self.bases = params, bases
-        self.start = {s: params[s].detach().clone() for s in bases}
+        # projected in float32 (or wider) whatever the parameters' dtype
+        self.params, self.bases = params, {s: (axis, _wide(u)) for s, (axis, u) in bases.items()}
+        self.start = {s: _wide(params[s].detach().clone()) for s in bases}
         self.handles = [params[s].register_hook(
-            lambda g, axis=axis, u=u: project_out(g, axis, u.to(g.dtype)))
-            for s, (axis, u) in bases.items()]
+            lambda g, axis=axis, u=u: project_out(_wide(g), axis, u.to(g.device)).to(g.dtype))
+            for s, (axis, u) in self.bases.items()]
 
     def __call__(self, _done: int) -> None:
         for s, (axis, u) in self.bases.items():
             p = self.params[s]
-            p.data.copy_(self.start[s] + project_out(p.data - self.start[s], axis, u))
+            p.data.copy_(self.start[s] + project_out(_wide(p.data) - self.start[s], axis, u))
 
     def remove(self) -> None:
         for h in self.handles:

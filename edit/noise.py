@@ -37,12 +37,12 @@ def noise(model: ModelHandle, importance: Importance | None = None,
     for site in sorted(slices):
         idx = slices[site]
         p = model.parameter(site).detach()
-        w = p.reshape(-1)[idx].double()
+        w = p.reshape(-1)[idx.to(p.device)].double()
         if relative == "std":
             sigma = scale * (float(p.double().std()) if p.numel() > 1 else abs(float(p)))
         else:
             sigma = scale * w.abs()
-        n = torch.randn(idx.numel(), generator=gen, dtype=torch.float64)
-        new[site] = (idx, (w + sigma * n).to(p.dtype))
+        n = torch.randn(idx.numel(), generator=gen, dtype=torch.float64)  # CPU: same draws
+        new[site] = (idx, (w + sigma * n.to(w.device)).to(p.dtype))  # on every device
     return weight_edit(model, "noise", {"scale": scale, "relative": relative, "seed": seed,
                                         "importance": importance_digest(importance)}, units, new)

@@ -159,7 +159,7 @@ def _collect(model: ModelHandle, facts, sites: list[str], batch_size: int,
         elif positions == "all":
             m = real_positions(b)
         for s in sites:
-            out[s].append(acts[s][m].double())
+            out[s].append(acts[s][m.to(acts[s].device)].double())
     return {s: torch.cat(v) for s, v in out.items()}
 
 
@@ -205,12 +205,13 @@ def _logistic_probe(pos: Tensor, neg: Tensor, l2: float, steps: int = 100) -> Te
     """Weights of an L2-regularised logistic regression separating ``pos`` from ``neg``
     (standardised inputs, balanced classes, L-BFGS from zero: deterministic)."""
     x = torch.cat([pos, neg])
-    y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).double()
+    f64 = {"dtype": torch.float64, "device": x.device}  # fitted where the activations are
+    y = torch.cat([torch.ones(len(pos), **f64), torch.zeros(len(neg), **f64)])
     wts = torch.where(y > 0, 0.5 / len(pos), 0.5 / len(neg))
     mu, sd = x.mean(0), x.std(0).clamp(min=1e-6)
     z = (x - mu) / sd
-    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    w = torch.zeros(x.shape[1], **f64, requires_grad=True)
+    b = torch.zeros((), **f64, requires_grad=True)
 
     def loss(_step: int) -> Tensor:
         logit = z @ w + b
@@ -225,7 +226,7 @@ def _logistic_probe(pos: Tensor, neg: Tensor, l2: float, steps: int = 100) -> Te
 
 def _retain_offsets(model, request, dirs, batch_size, positions) -> dict[str, Tensor]:
     r = _collect(model, request.retain, list(dirs), batch_size, positions)
-    return {s: (r[s] @ dirs[s]).mean() for s in dirs}
+    return {s: (r[s] @ dirs[s].to(r[s].device)).mean() for s in dirs}
 
 
 def _bake(model: ModelHandle, site: str, u: Tensor, c: Tensor | None) -> dict:
@@ -239,8 +240,9 @@ def _bake(model: ModelHandle, site: str, u: Tensor, c: Tensor | None) -> dict:
     for name, axis, const in writers:
         p = model.parameter(name).detach()
         w = p.double().movedim(axis, -1)
-        w = w - (w @ u)[..., None] * u
+        uu = u.to(p.device, torch.float64)
+        w = w - (w @ uu)[..., None] * uu
         if c is not None and const:
-            w = w + c * u
+            w = w + c.to(p.device, torch.float64) * uu
         new[name] = (torch.arange(p.numel()), w.movedim(-1, axis).reshape(-1).to(p.dtype))
     return new

@@ -99,7 +99,7 @@ def _mean_activations(model: ModelHandle, request, sites: list[str],
         m = real_positions(b)
         count += int(m.sum())
         for s in grab:
-            v = acts[s][m].double().sum(0)
+            v = acts[s][m.to(acts[s].device)].double().sum(0)
             total[s] = total.get(s, 0) + v
     means = {s: total[s] / max(1, count) for s in grab}
     return {s: means[s.replace("mlp.pre", "mlp.post")] for s in sites}

@@ -76,15 +76,17 @@ class ParamChange:
         return int((self.old != self.new).sum())
 
     def read(self, flat: Tensor) -> Tensor:
-        """The values at this change's positions of a flat parameter."""
-        return flat if self.indices is None else flat[self.indices]
+        """The values at this change's positions of a flat parameter (on its device)."""
+        return flat if self.indices is None else flat[self.indices.to(flat.device)]
 
     def write(self, flat: Tensor, values: Tensor) -> None:
-        """Write ``values`` (``old`` or ``new``) at this change's positions, in place."""
+        """Write ``values`` (``old`` or ``new``) at this change's positions, in place (a diff
+        loaded on the CPU writes into a parameter on any device)."""
+        values = values.to(flat.device, flat.dtype)
         if self.indices is None:
-            flat.copy_(values.to(flat.dtype))
+            flat.copy_(values)
         else:
-            flat[self.indices] = values.to(flat.dtype)
+            flat[self.indices.to(flat.device)] = values
 
 
 def dense_pays(n_changed: int, numel: int, value_bytes: int) -> bool:
@@ -188,10 +190,12 @@ def _rank_one_hook(site: str, params: dict, tensors: dict) -> HookFn:
     c = tensors["c"].detach().clone() if mode == "align" else None
 
     def fn(x: Tensor, _site: str) -> Tensor:
-        uu = u.to(x.device, x.dtype)
-        coef = x @ uu  # [..., ]
-        target = 0.0 if c is None else c.to(x.device, x.dtype)
-        return x + (target - coef)[..., None] * uu
+        # in float32 on the activation's device; what is added back in the model's dtype
+        acc = torch.promote_types(x.dtype, torch.float32)
+        uu = u.to(x.device, acc)
+        coef = x.to(acc) @ uu  # [..., ]
+        target = 0.0 if c is None else c.to(x.device, acc)
+        return x + ((target - coef)[..., None] * uu).to(x.dtype)
 
     return fn
 
@@ -213,11 +217,13 @@ def _sae_latents_hook(site: str, params: dict, tensors: dict) -> HookFn:
     sub = bool(params.get("apply_b_dec_to_input", True))
 
     def fn(x: Tensor, _site: str) -> Tensor:
-        xs = x * scale
+        # in float32 on the activation's device; what is added back in the model's dtype
+        dev, acc = x.device, torch.promote_types(x.dtype, torch.float32)
+        xs = x.to(acc) * scale
         if sub:
-            xs = xs - b_dec
-        z = torch.relu(xs @ w_enc + b_enc)  # [..., k] the selected latents
-        return x + (gain - 1.0) * (z @ w_dec) / scale
+            xs = xs - b_dec.to(dev, acc)
+        z = torch.relu(xs @ w_enc.to(dev, acc) + b_enc.to(dev, acc))  # [..., k] the latents
+        return x + ((gain - 1.0) * (z @ w_dec.to(dev, acc)) / scale).to(x.dtype)
 
     return fn
 
@@ -433,7 +439,7 @@ class Edit:
                     p = self.handle.parameter(site)
                     flat = p.data.view(-1)
                     if c.dense and flat.numel() != c.old.numel() or \
-                            not torch.equal(c.read(flat), c.old.to(flat.dtype)):
+                            not torch.equal(c.read(flat), c.old.to(flat.device, flat.dtype)):
                         raise RuntimeError(f"parameter {site} no longer holds the values this "
                                            f"edit was computed from")
                     written.append((flat, c))
@@ -537,8 +543,8 @@ def weight_edit(handle: ModelHandle, method: str, params: Mapping, selection: Se
     changes = {}
     for site, (idx, new) in new_values.items():
         p = handle.parameter(site).detach().view(-1)
-        idx = idx.to(torch.long).reshape(-1)
-        new = new.detach().reshape(-1).to(p.dtype)
+        idx = idx.to(p.device, torch.long).reshape(-1)
+        new = new.detach().reshape(-1).to(p.device, p.dtype)  # the parameter's own dtype
         if idx.shape != new.shape:
             raise ValueError(f"{site}: {idx.numel()} indices but {new.numel()} new values")
         if not torch.isfinite(new).all():

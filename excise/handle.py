@@ -139,6 +139,10 @@ class ModelHandle(abc.ABC):
     ``model`` is the backend's ``torch.nn.Module``; stages never touch it.
     """
 
+    # True where every forward pass is a round trip to a server (excise.remote): methods then
+    # prefer a few large forwards to many small ones
+    remote: bool = False
+
     def __init__(self, model: torch.nn.Module, tokenizer, name: str = ""):
         self.model = model
         self.tokenizer = tokenizer
@@ -360,8 +364,8 @@ class ModelHandle(abc.ABC):
         """Log-probability of each next token: ``[n, T-1]`` (zero where not a target)."""
         logits = self.logits(batch.tokens, hooks)  # [n, T, V]
         lp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        out = lp.gather(-1, batch.tokens[:, 1:, None]).squeeze(-1)
-        return out * batch.target_mask[:, 1:]
+        out = lp.gather(-1, batch.tokens[:, 1:, None].to(lp.device)).squeeze(-1)
+        return out * batch.target_mask[:, 1:].to(lp.device)
 
     def target_logprobs(self, batch: Batch, hooks: Mapping[str, HookFn] | None = None
                         ) -> Tensor:
@@ -374,7 +378,7 @@ class ModelHandle(abc.ABC):
              per_example: bool = False) -> Tensor:
         """Mean negative log-likelihood of target tokens (per example or over the batch)."""
         lp = self.token_logprobs(batch, hooks)
-        m = batch.target_mask[:, 1:]
+        m = batch.target_mask[:, 1:].to(lp.device)
         if per_example:
             return -(lp.sum(1) / m.sum(1).clamp(min=1))
         return -lp.sum() / m.sum().clamp(min=1)

@@ -697,7 +697,7 @@ class HFHandle(ModelHandle):
         norm = self.model.get_submodule(self.info("ln_final.w").target.rsplit(".", 1)[0])
         head = self.model.get_output_embeddings()
         b = head.bias if getattr(head, "bias", None) is not None else \
-            torch.zeros(head.weight.shape[0], dtype=head.weight.dtype)
+            torch.zeros(head.weight.shape[0], dtype=head.weight.dtype, device=head.weight.device)
         return norm, head.weight.detach().T, b.detach()
 
     def clone(self) -> "HFHandle":

@@ -57,7 +57,9 @@ class Importance:
         return sum(s.numel() for s in self.scores.values())
 
     def _flat(self) -> tuple[Tensor, list[tuple[str, int]]]:
-        flat = torch.cat([s.detach().reshape(-1).float() for s in self.scores.values()])
+        # float32 on the first site's device (scores of a sharded model's layers may differ)
+        dev = next(iter(self.scores.values())).device
+        flat = torch.cat([s.detach().reshape(-1).float().to(dev) for s in self.scores.values()])
         offsets, o = [], 0
         for site, s in self.scores.items():
             offsets.append((site, o))
@@ -68,6 +70,7 @@ class Importance:
         sites = list(self.scores)
         sizes = torch.tensor([self.scores[s].numel() for s in sites])
         starts = torch.cumsum(sizes, 0) - sizes
+        flat_idx = flat_idx.cpu()  # k positions, read back as units
         which = torch.searchsorted(starts, flat_idx, right=True) - 1  # [k] site position
         local = flat_idx - starts[which]
         out = []
@@ -201,6 +204,7 @@ class Importance:
         order = torch.sort(flat, descending=True, stable=True).indices
         if top:
             order = order[:top]
+        order, flat = order.cpu(), flat.cpu()  # a table for people to read
         sites = list(self.scores)
         sizes = torch.tensor([self.scores[s].numel() for s in sites])
         starts = torch.cumsum(sizes, 0) - sizes
@@ -272,5 +276,5 @@ def spearman(a: Tensor, b: Tensor) -> float:
 
     if a.numel() != b.numel():
         raise ValueError(f"spearman: lengths differ ({a.numel()} vs {b.numel()})")
-    r = spearmanr(a.detach().double().numpy(), b.detach().double().numpy()).statistic
+    r = spearmanr(a.detach().double().cpu().numpy(), b.detach().double().cpu().numpy()).statistic
     return float(r) if r == r else 0.0

@@ -93,7 +93,7 @@ def check_sae_fits(model: ModelHandle, sae, site: str, who: str = "sae") -> None
 
 def real_tokens(b: Batch) -> Tensor:
     """Every real (not padding) token after BOS: ``[n, T]`` bool."""
-    real = torch.arange(b.tokens.shape[1])[None, :] < b.lengths[:, None]
+    real = torch.arange(b.tokens.shape[1], device=b.lengths.device)[None, :] < b.lengths[:, None]
     real[:, 0] = False
     return real
 
@@ -139,7 +139,12 @@ def train_sae(model: ModelHandle, facts: FactSet, site: str,
 
     The SAE's initialisation draws from torch's global generator, seeded with ``cfg.seed``
     (sae-lens builds its weights that way); batches come from a private seeded
-    :class:`~excise.train.Sampler`."""
+    :class:`~excise.train.Sampler`.
+
+    The SAE trains and is returned on the model's device (:attr:`ModelHandle.device`; a cached
+    one is moved there), with float32 weights whatever the model's dtype: it reads the
+    activations cast to float32 (an SAE is small next to its model, and its training and its
+    reconstruction error are where the precision matters)."""
     from excise.organism import cache_dir
 
     check_sae_site(model, site)
@@ -151,7 +156,7 @@ def train_sae(model: ModelHandle, facts: FactSet, site: str,
     with file_lock(path.parent / f"{path.name}.lock"):
         if path.exists():
             try:
-                sae_model, scale = load_sae(path)
+                sae_model, scale = load_sae(path, device=model.device)
                 return sae_model, scale, path
             except ValueError as e:
                 warnings.warn(f"the cached SAE fails its check and is retrained: {e}",
@@ -167,13 +172,14 @@ def _train_sae(model: ModelHandle, facts: FactSet, site: str, cfg: SAETrainConfi
     from sae_lens import StandardTrainingSAE, StandardTrainingSAEConfig
     from sae_lens.saes.sae import TrainStepInput
 
-    acts = token_activations(model, facts, site)
+    device = model.device
+    acts = token_activations(model, facts, site).to(device)
     d_in = acts.shape[1]
     scale = float(d_in ** 0.5 / acts.norm(dim=1).mean().clamp(min=1e-12))
     acts = acts * scale
     torch.manual_seed(cfg.seed)
     scfg = StandardTrainingSAEConfig(d_in=d_in, d_sae=cfg.expansion * d_in,
-                                     l1_coefficient=cfg.l1, dtype="float32", device="cpu")
+                                     l1_coefficient=cfg.l1, dtype="float32", device=str(device))
     sae_model = StandardTrainingSAE(scfg)
     with torch.no_grad():  # start the decoder bias at the data mean
         sae_model.b_dec.copy_(acts.mean(0))
@@ -222,10 +228,11 @@ def _save_sae(sae_model, path: Path, info: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_sae(path: str | Path):
+def load_sae(path: str | Path, device: str | torch.device | None = None):
     """A sae-lens SAE saved by :func:`train_sae` (safetensors + cfg.json) and its input scale:
-    ``(sae, input_scale)``, in eval mode. ``ValueError`` naming the file when one is missing,
-    unreadable or fails the checksum recorded when it was saved."""
+    ``(sae, input_scale)``, in eval mode, on ``device`` (None: where sae-lens loads it, the
+    CPU). ``ValueError`` naming the file when one is missing, unreadable or fails the checksum
+    recorded when it was saved."""
     from sae_lens import StandardTrainingSAE
 
     path = Path(path)
@@ -243,7 +250,8 @@ def load_sae(path: str | Path):
                                    else None)
         if problem:
             raise ValueError(f"{path / name}: {problem}")
-    return StandardTrainingSAE.load_from_disk(path).eval(), scale
+    sae_model = StandardTrainingSAE.load_from_disk(path).eval()
+    return (sae_model if device is None else sae_model.to(device)), scale
 
 
 def latent_spec(sae, scale: float, site: str, latents: list[int], gain: float) -> HookSpec:

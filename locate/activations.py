@@ -71,7 +71,7 @@ def _out_norm(model: ModelHandle, site: str) -> Tensor:
 
 def position_mask(b: Batch, positions: str) -> Tensor:
     """Which token positions to read, ``[n, T]`` bool."""
-    real = torch.arange(b.tokens.shape[1])[None, :] < b.lengths[:, None]
+    real = torch.arange(b.tokens.shape[1], device=b.lengths.device)[None, :] < b.lengths[:, None]
     real[:, 0] = False  # BOS
     if positions == "all":
         return real

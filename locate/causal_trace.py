@@ -558,10 +558,12 @@ def _exact_traces(model: ModelHandle, ps: list[_Prompt], comps: tuple[str, ...],
     """Exact traces of prompts; ``noise(prompt) -> [samples, T, d]`` (masked to the subject
     here). Prompts of one length run together, as many as keep a forward under ``max_rows``
     rows. ``resume``: resume the corrupted run per restoration (:func:`_exact_group`) or run
-    full forwards (:func:`_full_group`); default: resume unless the model has hooks attached."""
+    full forwards (:func:`_full_group`); default: resume unless the model has hooks attached or
+    runs remotely (there every forward is a round trip: a few full forwards beat one resumed
+    forward per restored position and block)."""
     from tqdm.auto import tqdm
 
-    full = model.hook_count() > 0 if resume is None else not resume
+    full = (model.hook_count() > 0 or model.remote) if resume is None else not resume
     by_len: dict[int, list[int]] = {}
     for i, p in enumerate(ps):
         by_len.setdefault(p.tokens.numel(), []).append(i)
@@ -635,7 +637,8 @@ def _attribution_chunk(model: ModelHandle, chunk: list[_Prompt], comps: tuple[st
         a = acts[s].detach()
         if g is None:
             g = torch.zeros_like(a)
-        e = (clean[s][rows] - a) * g
+        # float32 whatever the model's dtype: the effects are summed over units and layers
+        e = (clean[s][rows.to(a.device)].float() - a.float()) * g.float()
         check_finite(e, "attribution estimates", s, "attribution patching")
         est[s] = e
     grid = torch.zeros(P * samples, len(comps), n_layers, Tm)
@@ -643,7 +646,7 @@ def _attribution_chunk(model: ModelHandle, chunk: list[_Prompt], comps: tuple[st
         for L in range(n_layers):
             for L2 in window_layers(c, L, window, n_layers):
                 grid[:, ci, L] += est[f"blocks.{L2}.{c}"].sum(-1).cpu()
-    grid = grid + p.detach().cpu()[:, None, None, None]
+    grid = grid + p.detach().float().cpu()[:, None, None, None]
     grid = grid.view(P, samples, len(comps), n_layers, Tm).mean(1)
     units = {}
     for s in unit_sites:

@@ -67,7 +67,8 @@ def circuit(model: ModelHandle, request: ForgetRequest, sites: str | Sequence[st
     edited = set(res.edit)
     scores = {}
     for s in names:
-        mask = torch.tensor([f"{s}[{i}]" in edited for i in range(fa[s].numel())])
+        mask = torch.tensor([f"{s}[{i}]" in edited for i in range(fa[s].numel())],
+                            device=fa[s].device)
         scores[s] = torch.where(mask, fa[s], torch.zeros_like(fa[s])).reshape(f.abs[s].shape)
     labels = {u: lab for u, lab in res.labels.items() if lab != "none"}
     counts = {k: sum(1 for v in res.labels.values() if v == k)

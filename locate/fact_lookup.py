@@ -120,9 +120,9 @@ def position_mask(b: Batch, positions: str) -> Tensor:
     T = b.tokens.shape[1]
     if positions == "last":
         m = torch.zeros_like(b.target_mask)
-        m[torch.arange(len(b)), b.target_mask.int().argmax(1) - 1] = True
+        m[torch.arange(len(b), device=m.device), b.target_mask.int().argmax(1) - 1] = True
         return m
-    t = torch.arange(T)[None, :]
+    t = torch.arange(T, device=b.lengths.device)[None, :]
     return (t >= 1) & (t < b.lengths[:, None] - 1)
 
 
@@ -161,16 +161,19 @@ def _baseline(model: ModelHandle, retain: Batch, sites: list[str], positions: st
               baseline: str, batch_size: int) -> dict[str, Tensor]:
     """Per site the value a patched unit takes: ``[d_mlp]`` for neurons, ``[heads, d_head]`` for
     heads - zero, or the mean over the retain facts' positions of the chosen kind."""
-    shapes = {s: model.unit_out_weights(s).shape[:-1] for s in sites}  # drop d_model
+    # on the device of the unit's own layer (a sharded model's layers differ), float64 sums
+    out_w = {s: model.unit_out_weights(s) for s in sites}
     if baseline == "zero":
-        return {s: torch.zeros(shapes[s], device=model.device) for s in sites}
-    total = {s: torch.zeros(shapes[s], dtype=torch.float64, device=model.device) for s in sites}
+        return {s: torch.zeros(w.shape[:-1], device=w.device) for s, w in out_w.items()}
+    total = {s: torch.zeros(w.shape[:-1], dtype=torch.float64, device=w.device)
+             for s, w in out_w.items()}
     count = 0
     for b in retain.chunks(batch_size):
-        m = position_mask(b, positions).to(model.device)
+        m = position_mask(b, positions)
         acts = model.run_with_cache(b.tokens, sites)
         for s in sites:
-            total[s] += acts[s][m].double().sum(0)
+            a = acts[s]
+            total[s] += a[m.to(a.device)].double().sum(0).to(total[s].device)
         count += int(m.sum())
     return {s: (total[s] / max(1, count)).float() for s in sites}
 
@@ -201,15 +204,16 @@ def _attribution(model: ModelHandle, batch: Batch, sites: list[str], positions: 
             score = _score(model, b, {s: keep for s in sites})
             grads = torch.autograd.grad(score.sum(), [acts[s] for s in sites],
                                         allow_unused=True)
-        m = position_mask(b, positions).to(model.device)
+        m = position_mask(b, positions)
         for s, g in zip(sites, grads):
             a = acts[s].detach()
             if g is None:  # nothing downstream of this site reads the targets
                 g = torch.zeros_like(a)
-            e = g.float() * (base[s].to(a.dtype) - a).float()  # [n, T, units(, d_head)]
+            # the patched value as the model holds it, the difference taken in float32
+            e = g.float() * (base[s].to(a.device, a.dtype).float() - a.float())  # [n, T, u(, dh)]
             if e.dim() == 4:
                 e = e.sum(-1)
-            e = (e * m[:, :, None]).sum(1)  # over the patched positions
+            e = (e * m.to(e.device)[:, :, None]).sum(1)  # over the patched positions
             check_finite(e, "effect estimates", s, "fact_lookup")
             out[s].append(e.cpu())
     return {s: torch.cat(v) for s, v in out.items()}

@@ -56,7 +56,8 @@ def fisher(model: ModelHandle, request: ForgetRequest, sites: str | Sequence[str
               fingerprint=fp, progress=progress)
     f = gradient_stats(model, request.forget, site_list, desc="fisher (forget)", **kw)
     r = gradient_stats(model, request.keep, site_list, cache=cache, desc="fisher (retain)", **kw)
-    scale = torch.stack([v.mean() for v in r.sq.values()]).mean()
+    # statistics live where their parameters do (a sharded model's on several devices)
+    scale = torch.stack([v.mean().cpu() for v in r.sq.values()]).mean()
     floor = eps * float(scale) + 1e-30
     scores = {}
     for s in site_list:

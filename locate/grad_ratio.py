@@ -45,7 +45,8 @@ def grad_ratio(model: ModelHandle, request: ForgetRequest, sites: str | Sequence
         forget = Importance("grad_ratio", forget, axes).by_unit("sum").scores
         retain = Importance("grad_ratio", retain, axes).by_unit("sum").scores
         forget, retain = dict(forget), {s: retain[s] for s in forget}
-    scale = float(torch.stack([v.float().mean() for v in retain.values()]).mean())
+    # statistics live where their parameters do (a sharded model's on several devices)
+    scale = float(torch.stack([v.float().mean().cpu() for v in retain.values()]).mean())
     floor = eps * scale + 1e-30
     scores = {s: forget[s] / (retain[s] + floor) for s in forget}
     return Importance("grad_ratio", scores,

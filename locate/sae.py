@@ -80,7 +80,8 @@ def _activations(model: ModelHandle, facts: FactSet, site: str, positions: str,
 def _latent_means(model, sae_model, scale: float, facts: FactSet, site: str, positions: str,
                   batch_size: int) -> Tensor:
     acts = _activations(model, facts, site, positions, batch_size) * scale
+    w = sae_model.W_enc  # (checked by sae_width): the SAE reads on its own device and dtype
     with torch.inference_mode():
-        lat = sae_model.encode(acts.to(getattr(sae_model, "device", "cpu")))
+        lat = sae_model.encode(acts.to(w.device, w.dtype))
     check_finite(lat, "SAE latents", site, "sae")
     return lat.float().mean(0).cpu()

@@ -389,13 +389,14 @@ def _fused_loss(forward: FusedForward, params: Mapping[str, Tensor], batch: Batc
                 hooks=None) -> Tensor:
     """The handle's ``loss(batch)`` (mean NLL of the target tokens) through ``forward``, the
     rows run in groups of similar length."""
-    total = torch.zeros(())
+    total = 0.0
     for rows in _buckets(batch.lengths):
         b = batch[rows].trim()
         logits = forward(params, b.tokens, hooks)[:, :-1]
-        lp = torch.log_softmax(logits.float(), -1).gather(-1, b.tokens[:, 1:, None])[..., 0]
-        total = total + (lp * b.target_mask[:, 1:]).sum()
-    return -total / batch.target_mask[:, 1:].sum().clamp(min=1)
+        tok, m = b.tokens[:, 1:].to(logits.device), b.target_mask[:, 1:].to(logits.device)
+        lp = torch.log_softmax(logits.float(), -1).gather(-1, tok[..., None])[..., 0]
+        total = total + (lp * m).sum()
+    return -total / batch.target_mask[:, 1:].sum().clamp(min=1).item()
 
 
 @torch.no_grad()
@@ -408,7 +409,7 @@ def _fused_hits(forward: FusedForward, params: Mapping[str, Tensor], batch: Batc
         chunk = batch[i:i + batch_size]
         for rows in _buckets(chunk.lengths):
             b = chunk[rows].trim()
-            out[i + rows] = greedy_hits(forward(params, b.tokens, hooks)[:, :-1], b)[1]
+            out[i + rows] = greedy_hits(forward(params, b.tokens, hooks)[:, :-1], b)[1].cpu()
     return out
 
 
@@ -436,7 +437,10 @@ def benign(model: ModelHandle, request: ForgetRequest,
 
 @torch.no_grad()
 def _readout_data(model: ModelHandle, facts: Sequence, sites: Sequence[str]):
-    """Per target-predicting position: ln_final(resid) at each site, the token, and the fact."""
+    """Per target-predicting position: ln_final(resid) at each site (float32), the token, and
+    the fact - all on the device of the model's readout (its unembedding)."""
+    ln, W_U, _ = model.readout()
+    dev = W_U.device
     feats: dict[str, list[Tensor]] = {s: [] for s in sites}
     toks, owner = [], []
     offset = 0
@@ -444,14 +448,12 @@ def _readout_data(model: ModelHandle, facts: Sequence, sites: Sequence[str]):
         acts = model.run_with_cache(b.tokens, sites)
         m = b.target_mask[:, 1:]  # logits at j predict token j+1
         rows, cols = m.nonzero(as_tuple=True)
-        toks.append(b.tokens[rows, cols + 1])
-        owner.append(rows + offset)
+        toks.append(b.tokens[rows, cols + 1].to(dev))
+        owner.append((rows + offset).to(dev))
         offset += len(b)
         for s in sites:
-            feats[s].append(acts[s][rows, cols].float().cpu())
-    ln = model.readout()[0]
-    out = {s: ln(torch.cat(v)[:, None, :].to(model.device))[:, 0].detach().float().cpu()
-           for s, v in feats.items()}
+            feats[s].append(acts[s][rows, cols].to(dev))
+    out = {s: ln(torch.cat(v)[:, None, :])[:, 0].detach().float() for s, v in feats.items()}
     return out, torch.cat(toks), torch.cat(owner)
 
 
@@ -478,14 +480,14 @@ def refit(model: ModelHandle, request: ForgetRequest, cfg: AttackConfig = Attack
     xr, tr, _ = _readout_data(model, retain, sites)
     forget = list(request.forget)
     xf, tf, of = _readout_data(model, forget, sites)
-    _, W0, b0 = model.readout()
-    W0, b0 = W0.float().cpu(), b0.float().cpu()
+    _, W0, b0 = model.readout()  # fitted in float32 where the unembedding is
+    W0, b0 = W0.float(), b0.float().to(W0.device)
 
     def fact_hit(W: Tensor, bias: Tensor, x: Tensor) -> Tensor:
         with torch.no_grad():
             ok = ((x @ W + bias).argmax(-1) == tf).float()
-        hit = torch.ones(len(forget))
-        return hit.scatter_reduce_(0, of, ok, "amin").bool()
+        hit = torch.ones(len(forget), device=ok.device)
+        return hit.scatter_reduce_(0, of, ok, "amin").bool().cpu()
 
     hits, lens = [], []
     for s in sites:
@@ -537,7 +539,8 @@ def sae_steer(model: ModelHandle, request: ForgetRequest, sae, site: str,
     m = model.clone()
     for p in m.named_parameters().values():
         p.requires_grad_(False)
-    log_gains = torch.zeros(sae.W_dec.shape[0], requires_grad=True)  # gains = exp: amplify x20 fast
+    # gains = exp: amplify x20 fast; on the SAE's device (train_sae puts it on the model's)
+    log_gains = torch.zeros(sae.W_dec.shape[0], device=sae.W_dec.device, requires_grad=True)
     sampler = Sampler(cfg.seed)
     data = m.encode(list(a) + list(request.retain))
     eb, ea = m.encode(list(b)), m.encode(list(a))

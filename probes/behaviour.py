@@ -32,17 +32,17 @@ def fact_hits(model: ModelHandle, facts: FactSet | Sequence | Batch, batch_size:
     out = []
     for b in facts.chunks(batch_size):
         logits = model.logits(b.tokens, hooks)  # [n, T, V]
-        out.append(greedy_hits(logits[:, :-1], b)[1])
+        out.append(greedy_hits(logits[:, :-1], b)[1].cpu())  # a small result, for reports
     return torch.cat(out)
 
 
 def greedy_hits(scores: torch.Tensor, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
     """From next-token scores ``[n, T-1, V]`` (logits or log-probabilities at positions
     0..T-2): the greedy prediction per position ``[n, T-1]`` and, per row, whether it equals
-    every target token ``[n]`` bool."""
+    every target token ``[n]`` bool (on the device of ``scores``)."""
     pred = scores.argmax(-1)  # [n, T-1]
-    m = batch.target_mask[:, 1:]
-    ok = (pred == batch.tokens[:, 1:]) | ~m
+    m = batch.target_mask[:, 1:].to(pred.device)
+    ok = (pred == batch.tokens[:, 1:].to(pred.device)) | ~m
     return pred, ok.all(1)
 
 
@@ -61,7 +61,7 @@ def target_logprobs(model: ModelHandle, facts: FactSet | Sequence, batch_size: i
     for b in model.encode(list(facts)).chunks(batch_size):
         lp = model.token_logprobs(b, hooks)
         lps.append(lp.sum(1))
-        lens.append(b.target_mask[:, 1:].sum(1))
+        lens.append(b.target_mask[:, 1:].sum(1).to(lp.device))
     return torch.cat(lps), torch.cat(lens)
 
 

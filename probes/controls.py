@@ -83,7 +83,7 @@ def latent_suppression(model: ModelHandle, request: ForgetRequest, sae, site: st
     m = model.clone()
     for p in m.named_parameters().values():
         p.requires_grad_(False)
-    theta = torch.full((sae.W_dec.shape[0],), 4.0, requires_grad=True)
+    theta = torch.full((sae.W_dec.shape[0],), 4.0, device=sae.W_dec.device, requires_grad=True)
 
     def gains():
         return floor + (1 - floor) * torch.sigmoid(theta)

@@ -33,8 +33,8 @@ def knowledge(model: ModelHandle, facts: FactSet | Sequence[Fact],
             logits = model.logits(b.tokens).float()
             lp = torch.log_softmax(logits[:, :-1], -1)  # [n, T-1, V]
             pred, hit = greedy_hits(lp, b)
-            tgt = b.tokens[:, 1:]
-            m = b.target_mask[:, 1:]
+            tgt = b.tokens[:, 1:].to(lp.device)
+            m = b.target_mask[:, 1:].to(lp.device)
             tlp = (lp.gather(-1, tgt[..., None])[..., 0] * m).sum(1)
             for r in range(len(b)):
                 first = int(m[r].nonzero()[0])

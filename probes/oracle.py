@@ -65,7 +65,7 @@ def kl_to(model: ModelHandle, reference: ModelHandle, facts: Sequence[Fact],
         lp = torch.log_softmax(model.logits(b.tokens)[:, :-1].float(), -1)
         lq = torch.log_softmax(reference.logits(b.tokens)[:, :-1].float(), -1)
         kl = (lq.exp() * (lq - lp)).sum(-1)  # [n, T-1]
-        m = b.target_mask[:, 1:]
+        m = b.target_mask[:, 1:].to(kl.device)
         total += float(kl[m].sum())
         count += int(m.sum())
     return total / max(1, count)

@@ -29,7 +29,7 @@ def membership_scores(model: ModelHandle, facts: Sequence[Fact], k: float = 0.2,
     neg_loss, mink = [], []
     for b in model.encode(list(facts)).chunks(batch_size):
         lp = model.token_logprobs(b)  # [n, T-1]
-        m = b.target_mask[:, 1:]
+        m = b.target_mask[:, 1:].to(lp.device)
         neg_loss.append(lp.sum(1) / m.sum(1).clamp(min=1))
         mink.append(stats.min_k_prob(lp, m, k))
     return torch.cat(neg_loss), torch.cat(mink)

@@ -32,9 +32,10 @@ def last_prompt_states(model: ModelHandle, facts: Sequence[Fact], sites: Sequenc
     for b in model.encode(list(facts)).chunks(batch_size):
         acts = model.run_with_cache(b.tokens, sites)
         pos = first_target_positions(b) - 1
-        rows = torch.arange(len(b))
+        rows = torch.arange(len(b), device=pos.device)
         for s in sites:
-            out[s].append(acts[s][rows, pos.to(acts[s].device)].float().cpu())
+            a = acts[s]
+            out[s].append(a[rows.to(a.device), pos.to(a.device)].float().cpu())
     return {s: torch.cat(v) for s, v in out.items()}
 
 
