@@ -110,7 +110,7 @@ def pareto_plot(res, path, split: str = "forget05"):
             ax.scatter(r["retain"] / base["retain_recall"], r["forget"], s=12, color="0.75",
                        zorder=1)
     ax.scatter([], [], s=12, color="0.75", label="screen (validation people, every setting)")
-    rows = [r for r in res.get("rows", []) if r["split"] == split]
+    rows = [r for r in res.get("rows", []) if r["split"] == split and "error" not in r]
     for i, n in enumerate(dict.fromkeys(_name(r) for r in rows)):
         rs = [r for r in rows if _name(r) == n]
         x = [COLUMNS[2][1](r) for r in rs]
@@ -161,7 +161,9 @@ def attack_plot(res, path):
 def write_report(res, out: Path, cfg: S.SweepConfig):
     from excise.organism import PRESETS
 
-    rows = res["rows"]
+    # a report cell that failed after its retries is a row with its error: listed, not scored
+    failed = [r for r in res["rows"] if "error" in r]
+    rows = [r for r in res["rows"] if "error" not in r]
     bar = cfg.bar_split
     pareto_plot(res, out / "results" / "pareto.png", bar)
     attack_plot(res, out / "results" / "attacks.png")
@@ -192,6 +194,9 @@ def write_report(res, out: Path, cfg: S.SweepConfig):
         lines += [f"## {split}: {n} people ({100 * n // PRESETS[res['preset']].n_people}%), "
                   f"seeds {res['seeds']}", ""]
         lines += table(rows, split) + [""]
+    if failed:
+        lines += ["## Cells that failed (after their retries)", ""] + [
+            f"- {r['split']} seed {r['seed']} {_name(r)}: {r['error']}" for r in failed] + [""]
     lines += ["## The bar (5% split): what binds", ""] + binding(rows, bar) + [""]
     best, r = recommend(rows, bar)
     lines += [f"**Recommended recipe (configs/default.yaml):** {best} `{json.dumps(r['hp'])}`. "

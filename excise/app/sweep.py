@@ -6,6 +6,13 @@ config's ``out`` folder; ``python bench/sweep.py`` runs it and writes docs/resul
 figures. The grid, the splits, the seeds and the number of finalists come from the config
 (:class:`SweepConfig`); locate and edit methods are called through the pipeline's registries.
 
+The report stage's cells (finalist x split x seed) are independent: after the oracles are
+trained (or loaded) once, here, they run on the config's ``executor`` (:mod:`excise.app.dispatch`:
+``serial``, ``local`` - a process pool, the default - or ``ray``), each cell loading the organism
+and its oracle from the cache, at the torch threads in effect; the records are the same as a
+serial run's, assembled in the serial order. A cell that still fails after ``retries`` more tries
+is recorded with its ``error`` (and ``excise sweep`` exits 1).
+
 Protocol (the rules are printed into docs/results.md):
 
 1. **Screen on validation people** (150..159, never reported): every locate method x every edit
@@ -90,8 +97,16 @@ class SweepConfig:
     stride: int = 50  # seed s forgets people stride * s .. stride * s + n - 1
     suite: Any = "all"  # probes.verify suites for the finalists
     grid: str = "full"  # the attacks' grid of learning rates x seeds (probes.attacks.GRIDS)
-    seed: int = 0  # torch's global seed before the organism is built
+    seed: int = 0  # torch's global seed before the organism is built and before each cell
     out: str = "docs/results"
+    # where the report stage's cells (finalist x split x seed) run (excise.app.dispatch):
+    # serial (this process) | local (a process pool, the default) | ray (plain Ray tasks)
+    executor: str = "local"
+    # cells at a time. local: None = cores // threads (at least 1), so workers x threads never
+    # exceeds the cores (threads: the torch threads in effect, --threads); ray: the CPUs of a
+    # local Ray instance started for the sweep are workers x threads (None: every core)
+    workers: int | None = None
+    retries: int = 1  # a failed cell is tried again this many times, then recorded with its error
 
     def people(self, split: str, seed: int) -> range:
         return range(self.stride * seed, self.stride * seed + self.splits[split])
@@ -106,7 +121,8 @@ class SweepConfig:
 
 
 _TOP = ("organism", "validation", "locate", "recipes", "baselines", "finalists", "splits",
-        "bar_split", "seeds", "stride", "suite", "grid", "seed", "out")
+        "bar_split", "seeds", "stride", "suite", "grid", "seed", "out", "executor", "workers",
+        "retries")
 _RECIPE = ("apply", "grid", "latents", "needs")
 _STEP = ("edit", "hp", "units")
 
@@ -209,6 +225,7 @@ def build_config(raw: dict, registries: dict | None = None) -> SweepConfig:
         kw["grid"] = raw["grid"]
     if "out" in raw:
         kw["out"] = str(raw["out"])
+    kw.update(_dispatch_keys(raw))
     cfg = SweepConfig(**kw)
     _check_people(cfg)
     return cfg
@@ -293,6 +310,34 @@ def _check_people(cfg: SweepConfig) -> None:
     if both:
         raise ConfigError(f"validation people {both[:5]} are also reported (splits x seeds, "
                           f"stride {cfg.stride}); validation people must never be reported")
+
+
+def _dispatch_keys(raw: dict) -> dict:
+    """``executor`` / ``workers`` / ``retries``, checked (Ray installed where it is chosen)."""
+    from excise.app.dispatch import EXECUTORS, require_ray
+
+    kw = {}
+    if "executor" in raw:
+        if raw["executor"] not in EXECUTORS:
+            raise ConfigError(f"executor={raw['executor']!r}: choose one of "
+                              f"{', '.join(EXECUTORS)} (where the report stage's cells run)")
+        if raw["executor"] == "ray":
+            try:
+                require_ray()
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
+        kw["executor"] = raw["executor"]
+    if raw.get("workers") is not None:
+        if not _is_int(raw["workers"]) or raw["workers"] < 1:
+            raise ConfigError(f"workers={raw['workers']!r}: must be a positive integer, or null "
+                              f"(local: cores // threads)")
+        kw["workers"] = raw["workers"]
+    if "retries" in raw:
+        if not _is_int(raw["retries"]) or raw["retries"] < 0:
+            raise ConfigError(f"retries={raw['retries']!r}: must be a non-negative integer (the "
+                              f"extra tries a failing cell gets)")
+        kw["retries"] = raw["retries"]
+    return kw
 
 
 def _is_int(v) -> bool:
@@ -456,63 +501,165 @@ def screen(model, req, cfg: SweepConfig, log, regs, only=None) -> dict:
     return {"base": base, "rows": rows, "skipped": skipped, "locate_seconds": secs}
 
 
-def report_stage(org, cfg: SweepConfig, finalists, log, regs):
+def report_stage(org, cfg: SweepConfig, finalists, log, executor=None):
     """Stage 3: the finalists on every split x seed, each request with its retrain oracle and
-    ``probes.verify`` (``cfg.suite``); returns the rows and, for the bar split's first seed,
-    the attack curves per recipe."""
-    import probes
-    from locate import StatsCache
+    ``probes.verify`` (``cfg.suite``); returns the rows (in the order split, seed, finalist) and,
+    for the bar split's first seed, the attack curves per recipe.
 
-    rows, curves = [], {}
-    stats_cache = StatsCache()
-    original = org.model.clone()  # before any edit: verify's "before" column and SAE source
+    The oracles are trained (or loaded) here, once each, before anything is dispatched; then
+    the cells run on ``executor`` (default: ``cfg.executor`` at the torch threads in effect;
+    :mod:`excise.app.dispatch`): per request one cell measures what every finalist shares (the
+    importance of each locate method, the oracle's and the original's results), then one cell
+    per finalist edits and verifies. Workers load the organism and the oracles from the cache.
+    A cell that still fails after ``cfg.retries`` more tries is a row with its ``error``."""
+    from excise.app.dispatch import Cell, dispatch
+
+    if executor is None:
+        executor = sweep_executor(cfg)
+    if not finalists:
+        return [], {}
+    names = [name(f) for f in finalists]  # a cell's name; with the setting where names repeat
+    names = [n if names.count(n) == 1 else f"{n} {json.dumps(f['hp'])}"
+             for n, f in zip(names, finalists)]
+    cells: list[Cell] = []
     for split in cfg.splits:
         for seed in cfg.seeds:
             people = cfg.people(split, seed)
-            req = org.request(forget_people=people)
             t = time.time()
-            oracle = org.oracle(req)
+            org.oracle(org.request(forget_people=people))  # trained once, shared by the cells
             log(f"{split} seed {seed}: people {people.start}..{people.stop - 1} "
                 f"(oracle {time.time() - t:.0f} s)")
             need = sorted({f["locate"] for f in finalists if f["locate"]})
-            imps, _ = locate_all(org.model, req, cfg, need, stats_cache, log, regs)
-            vcache: dict = {}
-            for f in finalists:
-                t = time.time()
-                edits = apply_recipe(org.model, req, imps.get(f["locate"]),
-                                     cfg.recipes[f["edit"]], f["hp"], regs)
-                try:
-                    frac = changed_fraction(org.model, edits)
-                    rep = probes.verify(org.model, req, oracle=oracle, suite=cfg.suite,
-                                        label="after", original=original, seed=seed,
-                                        grid=cfg.grid, cache=vcache)
-                finally:
-                    for e in reversed(edits):
-                        e.revert()
-                metrics = dict(rep.metrics)
-                if "before" not in metrics:  # behaviour only: measure the original here
-                    metrics["before"] = probes.verify(original, req, label="before",
-                                                      cache=vcache).metrics["before"]
-                row = {"split": split, "seed": seed, "locate": f["locate"], "edit": f["edit"],
-                       "hp": f["hp"], "params": frac, "verdict": rep.verdict,
-                       "metrics": metrics, "seconds": round(time.time() - t, 1)}
-                row["loo_gap"] = {k: loo_gap(rep, k) for k in metrics}
-                row["relearn_gap"] = relearn_gap(rep)
-                row["bar"] = bar_checks(row) if has_bar_inputs(row, rep) else None
-                if "verdict" in rep.extra:  # issue 8's bar as the verdict reports it
-                    row["verdict_bar"] = {k: c["ok"] for k, c in
-                                          rep.extra["verdict"]["bar"].items()}
-                rows.append(row)
-                attacks = rep.extra.get("attacks")
-                if split == cfg.bar_split and seed == cfg.seeds[0] and attacks is not None:
-                    curves[name(f)] = attacks
-                a, o = metrics["after"], metrics.get("oracle", {})
-                log(f"  {name(f):32s} forget {a['forget_recall']:.3f} (oracle "
-                    f"{_fmt(o.get('forget_recall'))}) retain {a['retain_recall']:.3f} ppl "
-                    f"{a['perplexity']:.2f} mia {_fmt(a.get('mia_auc_loss'), 2)} relearn "
-                    f"{_fmt(a.get('attack_relearn'), 2)}/{_fmt(o.get('attack_relearn'), 2)} "
-                    f"{rep.verdict} [{row['seconds']} s]")
+            shared = Cell(f"{split} seed {seed}", measure_shared, (cfg, split, seed, need))
+            cells.append(shared)
+            cells += [Cell(f"{split} seed {seed}: {n}", report_cell, (cfg, split, seed, f),
+                           needs=(shared.key,)) for n, f in zip(names, finalists)]
+    log(f"{len(cells)} cells on {executor.name} ({executor.workers or 'Ray-scheduled'} "
+        f"worker(s) x {executor.threads} thread(s))")
+    done = [0]
+
+    def progress(o) -> None:
+        done[0] += 1
+        for line in (o.value or {}).get("log", []) if o.ok else [f"{o.key}: FAILED: {o.error}"]:
+            log(f"  [{done[0]}/{len(cells)}] {line}")
+
+    outcomes = dispatch(cells, executor, retries=cfg.retries, log=log, on_done=progress)
+    rows, curves = [], {}
+    for cell, o in zip(cells, outcomes):
+        if cell.fn is measure_shared:
+            continue
+        split, seed, f = cell.args[1:]
+        if not o.ok:
+            rows.append({"split": split, "seed": seed, "locate": f["locate"], "edit": f["edit"],
+                         "hp": f["hp"], "error": o.error, "attempts": o.attempts})
+            continue
+        row = o.value["row"]
+        if o.attempts > 1:
+            row = row | {"attempts": o.attempts}
+        rows.append(row)
+        if split == cfg.bar_split and seed == cfg.seeds[0] and o.value["attacks"] is not None:
+            curves[name(f)] = o.value["attacks"]
     return rows, curves
+
+
+# what a report cell imports: local workers import it as they start, side by side
+# (transformer_lens, imported when the first model is built, is most of a worker's start)
+CELL_MODULES = ("excise.app.sweep", "excise.app.pipeline", "locate", "edit", "probes",
+                "transformer_lens")
+
+
+def sweep_executor(cfg: SweepConfig, threads: int | None = None):
+    """The executor ``cfg`` names, checked (workers x threads against the cores), not started;
+    ``threads``: torch threads per cell (None: the count in effect)."""
+    from excise.app.dispatch import make_executor
+
+    try:
+        return make_executor(cfg.executor, cfg.workers, threads, preload=CELL_MODULES)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _organism(cfg: SweepConfig):
+    """The sweep's organism, built the pipeline's way (in a worker: loaded from the cache)."""
+    from excise.app.pipeline import Setup
+
+    return Setup.check(_run_config(cfg)).build(progress=False, log=lambda m: None).organism
+
+
+def _run_config(cfg: SweepConfig) -> RunConfig:
+    return RunConfig(organism=cfg.organism,
+                     request=RequestConfig(forget_people=list(cfg.validation)))
+
+
+def measure_shared(cfg: SweepConfig, split: str, seed: int, need: list[str]) -> dict:
+    """A cell: what every finalist on one request shares - each locate method's importance
+    (``need``) and ``probes.verify``'s per-model cache holding the oracle's and the original's
+    results (the original measured as the model under test: the same cache entries a first
+    finalist would fill)."""
+    import probes
+    import torch
+    from excise.app.pipeline import registries
+    from locate import StatsCache
+
+    org = _organism(cfg)
+    torch.manual_seed(cfg.seed)
+    req = org.request(forget_people=cfg.people(split, seed))
+    oracle = org.oracle(req)
+    lines: list[str] = []
+    imps, _ = locate_all(org.model, req, cfg, need, StatsCache(),
+                         lambda m: lines.append(f"{split} seed {seed}:{m}"), registries())
+    vcache: dict = {}
+    t = time.time()
+    probes.verify(org.model, req, oracle=oracle, suite=cfg.suite, label="after",
+                  original=org.model.clone(), seed=seed, grid=cfg.grid, cache=vcache)
+    lines.append(f"{split} seed {seed}: oracle and original measured "
+                 f"({time.time() - t:.1f} s)")
+    return {"importances": imps, "cache": vcache, "log": lines}
+
+
+def report_cell(cfg: SweepConfig, split: str, seed: int, f: dict, shared: dict) -> dict:
+    """A cell: finalist ``f`` on one split x seed - edit (with the shared importance), verify
+    against the oracle (reusing the shared results), revert; returns the row, the attack curves
+    and the log line."""
+    import probes
+    import torch
+    from excise.app.pipeline import registries
+
+    org = _organism(cfg)
+    torch.manual_seed(cfg.seed)
+    req = org.request(forget_people=cfg.people(split, seed))
+    oracle = org.oracle(req)
+    original = org.model.clone()  # before any edit: verify's "before" column and SAE source
+    vcache = dict(shared["cache"])  # this cell's entries stay its own
+    t = time.time()
+    edits = apply_recipe(org.model, req, shared["importances"].get(f["locate"]),
+                         cfg.recipes[f["edit"]], f["hp"], registries())
+    try:
+        frac = changed_fraction(org.model, edits)
+        rep = probes.verify(org.model, req, oracle=oracle, suite=cfg.suite, label="after",
+                            original=original, seed=seed, grid=cfg.grid, cache=vcache)
+    finally:
+        for e in reversed(edits):
+            e.revert()
+    metrics = dict(rep.metrics)
+    if "before" not in metrics:  # behaviour only: measure the original here
+        metrics["before"] = probes.verify(original, req, label="before",
+                                          cache=vcache).metrics["before"]
+    row = {"split": split, "seed": seed, "locate": f["locate"], "edit": f["edit"],
+           "hp": f["hp"], "params": frac, "verdict": rep.verdict,
+           "metrics": metrics, "seconds": round(time.time() - t, 1)}
+    row["loo_gap"] = {k: loo_gap(rep, k) for k in metrics}
+    row["relearn_gap"] = relearn_gap(rep)
+    row["bar"] = bar_checks(row) if has_bar_inputs(row, rep) else None
+    if "verdict" in rep.extra:  # issue 8's bar as the verdict reports it
+        row["verdict_bar"] = {k: c["ok"] for k, c in rep.extra["verdict"]["bar"].items()}
+    a, o = metrics["after"], metrics.get("oracle", {})
+    line = (f"{split} seed {seed}: {name(f):32s} forget {a['forget_recall']:.3f} (oracle "
+            f"{_fmt(o.get('forget_recall'))}) retain {a['retain_recall']:.3f} ppl "
+            f"{a['perplexity']:.2f} mia {_fmt(a.get('mia_auc_loss'), 2)} relearn "
+            f"{_fmt(a.get('attack_relearn'), 2)}/{_fmt(o.get('attack_relearn'), 2)} "
+            f"{rep.verdict} [{row['seconds']} s]")
+    return {"row": row, "attacks": rep.extra.get("attacks"), "log": [line]}
 
 
 def _fmt(v, digits: int = 3) -> str:
@@ -559,11 +706,12 @@ class SweepResult:
 
 def run(cfg: SweepConfig, out: str | Path | None = None, *, stage: str = "all",
         screen_from: str | Path | None = None, only: list[str] | None = None,
-        log: Callable[[str], None] = print) -> SweepResult:
+        log: Callable[[str], None] = print, executor=None) -> SweepResult:
     """The whole protocol: build the organism and the validation request (the pipeline's build
     step), screen (or reuse ``screen_from``, an earlier ``screen.json``), choose the finalists,
-    then (``stage="all"``) report them on every split x seed. Writes ``screen.json`` and
-    ``sweep.json`` to ``out`` (default: the config's ``out``)."""
+    then (``stage="all"``) report them on every split x seed, the cells on ``executor``
+    (default: the config's ``executor`` / ``workers`` at the torch threads in effect). Writes
+    ``screen.json`` and ``sweep.json`` to ``out`` (default: the config's ``out``)."""
     import torch
 
     from excise.app.pipeline import Setup, registries
@@ -574,15 +722,15 @@ def run(cfg: SweepConfig, out: str | Path | None = None, *, stage: str = "all",
     if unknown:
         raise ConfigError(f"only: {unknown[0]!r} is not a locate method of this sweep; choose "
                           f"from {list(cfg.locate)}")
+    if executor is None and stage == "all":  # checked before any model is built
+        executor = sweep_executor(cfg)
     out = Path(out if out is not None else cfg.out)
     regs = registries()
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     files = []
     torch.manual_seed(cfg.seed)
-    run_cfg = RunConfig(organism=cfg.organism,
-                        request=RequestConfig(forget_people=list(cfg.validation)))
-    subject = Setup.check(run_cfg).build(progress=False, log=lambda m: None)
+    subject = Setup.check(_run_config(cfg)).build(progress=False, log=lambda m: None)
     org = subject.organism
     log(f"organism {cfg.organism.preset}: {org.model.n_parameters():,} parameters")
     log(f"stage 1: screen on validation people "
@@ -599,7 +747,10 @@ def run(cfg: SweepConfig, out: str | Path | None = None, *, stage: str = "all",
            "finalists": finalists, "seeds": list(cfg.seeds), "splits": list(cfg.splits)}
     if stage == "all":
         log("stage 2: report on held-out forget splits")
-        res["rows"], res["curves"] = report_stage(org, cfg, finalists, log, regs)
+        res["rows"], res["curves"] = report_stage(org, cfg, finalists, log, executor)
+        res["dispatch"] = {"executor": executor.name, "workers": executor.workers,
+                           "threads": executor.threads, "retries": cfg.retries,
+                           "failed": sum("error" in r for r in res["rows"])}
     res["seconds"] = round(time.time() - t0, 1)
     log(f"done in {res['seconds']:.0f} s")
     files.append(write_records(out / "sweep.json", res))
@@ -657,4 +808,5 @@ def write_records(path: str | Path, obj, digits: int = 7) -> Path:
 __all__ = ["EditStep", "PROTOCOL", "Recipe", "SweepConfig", "SweepResult", "applicable",
            "apply_recipe", "bar_checks", "bar_penalty", "build_config", "choose",
            "dumps_records", "jsonable", "load_config", "loo_gap", "name", "relearn_gap", "run",
-           "screen", "report_stage", "write_records"]
+           "screen", "report_stage", "report_cell", "measure_shared", "sweep_executor",
+           "write_records"]
