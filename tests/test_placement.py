@@ -157,3 +157,15 @@ def test_offloaded_modules_are_refused(gpt2_folder, tmp_path):
         _load(gpt2_folder, device_map=shards)
     with pytest.raises(ValueError, match="both place the model"):
         _load(gpt2_folder, device_map=GPT2_SHARDS, device="cpu")
+
+
+def test_sweep_config_places_its_organism(no_gpu):
+    from excise.app import sweep
+
+    tiny = Path(__file__).parent.parent / "configs" / "sweep-tiny.yaml"
+    cfg = sweep.load_config(tiny, ["model.dtype=bf16"])
+    assert cfg.model.dtype == "bf16" and sweep._run_config(cfg).model.dtype == "bf16"
+    with pytest.raises(C.ConfigError, match=r"unknown key 'name' \(valid: device, dtype\)"):
+        sweep.load_config(tiny, ["model.name=gpt2"])
+    with pytest.raises(C.ConfigError, match="no CUDA GPU"):
+        pipeline.Setup.check(sweep._run_config(sweep.load_config(tiny, ["model.device=cuda"])))

@@ -43,8 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from excise.config import (ConfigError, OrganismConfig, RequestConfig, RunConfig, check_params,
-                           read_yaml, set_path, unknown_key)
+from excise.config import (ConfigError, ModelConfig, OrganismConfig, RequestConfig, RunConfig,
+                           check_params, read_yaml, set_path, unknown_key)
 from excise.io import atomic_write_text
 
 PROTOCOL = __doc__.split("Protocol (the rules are printed into docs/results.md):")[1].strip()
@@ -86,6 +86,8 @@ class Recipe:
 @dataclass(frozen=True)
 class SweepConfig:
     organism: OrganismConfig = OrganismConfig()
+    # where the organism and its oracles run: {device: auto | cpu | cuda..., dtype: ...}
+    model: ModelConfig = ModelConfig()
     validation: tuple[int, ...] = tuple(range(150, 160))  # screened, never reported
     locate: dict = field(default_factory=dict)  # method -> its parameters
     recipes: dict = field(default_factory=dict)  # name -> Recipe (baselines included)
@@ -120,7 +122,7 @@ class SweepConfig:
         return [r for r in self.recipes.values() if r.baseline]
 
 
-_TOP = ("organism", "validation", "locate", "recipes", "baselines", "finalists", "splits",
+_TOP = ("organism", "model", "validation", "locate", "recipes", "baselines", "finalists", "splits",
         "bar_split", "seeds", "stride", "suite", "grid", "seed", "out", "executor", "workers",
         "retries")
 _RECIPE = ("apply", "grid", "latents", "needs")
@@ -155,6 +157,12 @@ def build_config(raw: dict, registries: dict | None = None) -> SweepConfig:
         bad = [k for k in org if k not in fields] if isinstance(org, dict) else [str(org)]
         raise ConfigError(unknown_key("sweep config organism", bad[0], fields))
     kw: dict[str, Any] = {"organism": OrganismConfig(**org)}
+    placed = raw.get("model") or {}
+    if not isinstance(placed, dict) or any(k not in ("device", "dtype") for k in placed):
+        bad = [k for k in placed if k not in ("device", "dtype")] if isinstance(placed, dict) \
+            else [str(placed)]
+        raise ConfigError(unknown_key("sweep config model", bad[0], ["device", "dtype"]))
+    kw["model"] = ModelConfig(**placed)
 
     val = raw.get("validation", {"first": 150, "people": 10})
     if not (isinstance(val, dict) and set(val) == {"first", "people"}
@@ -587,7 +595,7 @@ def _organism(cfg: SweepConfig):
 
 
 def _run_config(cfg: SweepConfig) -> RunConfig:
-    return RunConfig(organism=cfg.organism,
+    return RunConfig(organism=cfg.organism, model=cfg.model,
                      request=RequestConfig(forget_people=list(cfg.validation)))
 
 
