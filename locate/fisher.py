@@ -7,6 +7,13 @@ is the forget-to-retain ratio ``F_forget / (F_retain + eps)``: high where a para
 the forget set and little for everything else. ``reduction`` says how a batch's loss averages
 its target tokens: per fact (default) or over all tokens, as SSD's code does on a causal LM.
 The raw ``forget`` and ``retain`` Fisher are kept in ``Importance.parts`` for SSD.
+
+Memory (``W``: the weights' bytes; ``P``: the fraction of the parameters scored, 1 by default):
+the Importance holds three float32 tensors per scored parameter - score, forget and retain
+Fisher - ``3 P x`` an fp32 model's bytes (``6 P x`` a bfloat16 model's). The passes keep only
+the two sums (2x fp32, 4x bf16; no |g| accumulators) and stream each gradient into them as
+backward finishes it (:mod:`locate._grads`), so the result itself is the peak, except where tied
+weights make backward hold more (Gemma's embedding; ``bench/memory.py`` measures it).
 """
 
 from __future__ import annotations
