@@ -139,7 +139,8 @@ def importance_digest(importance: Importance | None) -> str:
     h = hashlib.sha256(importance.method.encode())
     for site, s in importance.scores.items():
         h.update(site.encode())
-        h.update(s.detach().float().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # the bytes hashed where they lie (no copy of the tensor)
+        h.update(s.detach().float().cpu().contiguous().view(torch.uint8).numpy())
     return h.hexdigest()[:16]
 
 

@@ -129,8 +129,7 @@ class HookSpec:
     def digest(self) -> str:
         h = hashlib.sha256(json.dumps(self.to_json(), sort_keys=True).encode())
         for name in sorted(self.tensors):
-            h.update(self.tensors[name].detach().cpu().contiguous().view(torch.uint8)
-                     .numpy().tobytes())
+            h.update(self.tensors[name].detach().cpu().contiguous().view(torch.uint8).numpy())
         return h.hexdigest()[:16]
 
 

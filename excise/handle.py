@@ -414,7 +414,8 @@ class ModelHandle(abc.ABC):
         h = hashlib.sha256()
         for name, p in sorted(self.named_parameters().items()):
             h.update(name.encode())
-            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            # the bytes hashed where they lie (no copy of the tensor)
+            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy())
         return h.hexdigest()[:16]
 
     def check_finite(self, stage: str = "") -> None:

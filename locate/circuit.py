@@ -15,6 +15,11 @@ labels (``forget_only`` / ``retain_only`` / ``shared``; unlabelled units are ``n
 set and solver statistics. :func:`circuit_selection` turns it into a labelled ``Selection``.
 If the hard constraints conflict, :class:`locate.sat.Conflict` is raised; its ``core`` names the
 clashing constraints by unit (``must_edit:blocks.1.mlp.post[5]``, ``protect:...``).
+
+Memory: the statistics are per unit (neurons, heads), float32 - negligible next to the weights,
+whatever their dtype; no parameter gradient is computed. The peak is one batch's forward
+activations and their gradients at the scored sites (batch x tokens x width), plus the MaxSAT
+instance (a few clauses per unit); ``bench/memory.py`` measures it.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from excise.importance import Importance
 from excise.request import ForgetRequest
 from excise.sites import Selection, Unit
 from locate._common import UNIT_SITES, base_meta, check_inputs, resolve_sites, unit_names
-from locate._grads import StatsCache, gradient_stats
+from locate._grads import STATS, StatsCache, gradient_stats
 from locate.sat import Conflict, resolve
 
 
@@ -48,9 +53,11 @@ def circuit(model: ModelHandle, request: ForgetRequest, sites: str | Sequence[st
     names = resolve_sites(model, sites, list(UNIT_SITES), "circuit",
                           why="node attribution needs activation sites (neurons, heads, "
                               "residual dimensions)")
-    f = gradient_stats(model, request.forget, names, estimator="example",
+    # only |g| is read; a shared retain cache also gets g^2 from the same pass
+    f = gradient_stats(model, request.forget, names, estimator="example", stats=("abs",),
                        batch_size=batch_size, progress=progress, desc="circuit (forget)")
     r = gradient_stats(model, request.keep, names, estimator="example",
+                       stats=STATS if cache is not None else ("abs",),
                        batch_size=batch_size, cache=cache, progress=progress,
                        desc="circuit (retain)")
     fa = {s: f.abs[s].reshape(-1) for s in names}

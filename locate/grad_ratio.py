@@ -8,6 +8,13 @@ per parameter element, or - with ``unit=True`` - per neuron / head after summing
 parameters (:meth:`excise.importance.Importance.by_unit`). The raw forget and retain magnitudes
 are kept in ``Importance.parts`` (under ``forget`` / ``retain``). Retain-side gradients come from
 the same shared pass as ``fisher`` and are reused through ``cache``.
+
+Memory (``W``: the weights' bytes; ``P``: the fraction of the parameters scored, 1 by default):
+with ``unit=False`` the Importance holds score, forget and retain magnitude per scored
+parameter in float32 - ``3 P x`` an fp32 model's bytes (``6 P x`` a bfloat16 model's); with
+``unit=True`` one value per unit (negligible). The passes accumulate gradient statistics in
+float32, streamed per parameter (:mod:`locate._grads`), and keep them until the scores are
+computed; ``bench/memory.py`` measures the peak.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ from excise.handle import ModelHandle
 from excise.importance import Importance
 from excise.request import ForgetRequest
 from locate._common import base_meta, check_inputs, resolve_sites
-from locate._grads import StatsCache, gradient_stats
+from locate._grads import STATS, StatsCache, gradient_stats
 
 
 def grad_ratio(model: ModelHandle, request: ForgetRequest, sites: str | Sequence[str] | None = None,
@@ -35,10 +42,12 @@ def grad_ratio(model: ModelHandle, request: ForgetRequest, sites: str | Sequence
     check_inputs("grad_ratio", model, batch_size=batch_size)
     names = resolve_sites(model, sites, model.sites(kind="param"), "grad_ratio",
                           kinds=("param", "activation"))
+    # only |g| is read; a shared retain cache also gets g^2 from the same pass (fisher reuses it)
     f = gradient_stats(model, request.forget, names, batch_size=batch_size, progress=progress,
-                       desc="grad_ratio (forget)")
+                       stats=("abs",), desc="grad_ratio (forget)")
     r = gradient_stats(model, request.keep, names, batch_size=batch_size, cache=cache,
-                       progress=progress, desc="grad_ratio (retain)")
+                       stats=STATS if cache is not None else ("abs",), progress=progress,
+                       desc="grad_ratio (retain)")
     forget, retain = dict(f.abs), dict(r.abs)
     axes = {"unit_axes": model.unit_axes(names)}
     if unit:
