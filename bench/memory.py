@@ -328,8 +328,32 @@ def section(record: dict) -> str:
                       "backward holding the tied unembedding's gradient until the embedding's "
                       "arrives (three embedding-sized tensors at once); fisher and grad_ratio "
                       "peak at their result (score, forget and retain statistics in float32)."]
+    lines += ["", "![memory per method](results/memory.png)"]
     lines.append(END)
     return "\n".join(lines)
+
+
+def figure(record: dict, path: Path) -> Path:
+    """``results/memory.png``: peak memory per method as a multiple of the weights' bytes, one
+    bar per run (model / device / dtype), methods in the order of ``LOCATE`` then ``EDITS``."""
+    from excise import plots as P
+
+    runs = list(record)
+    methods = [m for m in LOCATE + EDITS
+               if any(r["method"] == m and "error" not in r for k in runs
+                      for r in record[k]["rows"])]
+    ax = P._axes(None, (7.5, 0.32 * len(methods) * max(1, len(runs)) ** 0.5 + 1.5))
+    h = 0.8 / len(runs)
+    for i, k in enumerate(runs):
+        got = {r["method"]: r["peak_bytes"] / r["weights_bytes"] for r in record[k]["rows"]
+               if "error" not in r}
+        y = [j + i * h for j, m in enumerate(methods) if m in got]
+        ax.barh(y, [got[m] for m in methods if m in got], height=h, label=k)
+    ax.set_yticks([j + 0.4 - h / 2 for j in range(len(methods))], methods)
+    ax.invert_yaxis()
+    ax.set_xlabel("peak memory during the call / the weights' bytes")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.06), ncol=len(runs))
+    return Path(P.save(ax, path))
 
 
 def merge(old: dict | None, new: dict) -> dict:
@@ -376,6 +400,7 @@ def main() -> None:
         path = Path(a.out) / "results" / "memory.json"
         record = {k: merge(None, v) for k, v in json.loads(path.read_text()).items()}
         write_marked_section(Path(a.out) / "results.md", section(record), START, END)
+        figure(record, Path(a.out) / "results" / "memory.png")
         return
     methods = LOCATE if a.methods is None else a.methods
     edits = [] if a.edits is None else (EDITS if a.edits == ["all"] else a.edits)
@@ -407,7 +432,8 @@ def main() -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(record, indent=2) + "\n")
     write_marked_section(out / "results.md", section(record), START, END)
-    log(f"wrote {path} and the memory section of {out / 'results.md'}")
+    figure(record, out / "results" / "memory.png")
+    log(f"wrote {path}, results/memory.png and the memory section of {out / 'results.md'}")
 
 
 if __name__ == "__main__":
