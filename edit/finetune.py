@@ -25,6 +25,16 @@ the selected elements that changed - everything else is bit-identical by constru
 ``revert()`` is exact. ``units="all"`` trains every parameter: the usual global baseline.
 Batches are drawn from a seeded generator: same seed, same edit.
 
+Speed on Hugging Face models (``_train(fast=True)``, the default; TransformerLens models take
+the plain path bit for bit): a neuron's ``W_gate`` / ``W_in`` rows and ``W_out`` column (a
+head's rows / columns) train as small deltas added by forward hooks (:class:`SliceCopy`: no
+dense gradient of the whole matrix), the three batches of a step run as one forward with one
+unembedding of all their target positions (``ModelHandle.target_hidden`` / ``unembed``: on
+Gemma each pass over the 262k x 640 unembedding costs about as much as the whole body), and
+the text KL's reference is computed once (``ModelHandle.kl_reference``: per text position a
+``d_model`` vector and a scalar, exact) instead of a forward of the unedited model at every
+step. Same objective and draws; equal to the plain path up to float rounding.
+
 ``cir_rank > 0``: common-direction projection (CIR, "Collapsing Irrelevant Representations",
 2025). Before training, the top ``cir_rank`` directions of the retain activations are computed
 once at the input of every trained weight that reads the residual stream (:func:`cir_bases`:
@@ -129,27 +139,92 @@ def _seq_logprob(model: ModelHandle, batch: Batch) -> torch.Tensor:
 
 def _train(model: ModelHandle, slices: dict[str, torch.Tensor], req: ForgetRequest,
            settings: FinetuneSettings, *, progress: bool,
-           bases: dict[str, tuple[int, torch.Tensor]] | None = None) -> MaskedCopy:
+           bases: dict[str, tuple[int, torch.Tensor]] | None = None,
+           fast: bool = True) -> MaskedCopy:
     """Train a private copy (only the elements in ``slices`` move: gradients elsewhere are
-    masked to zero) and return it; ``bases``: the CIR projections (:func:`cir_bases`)."""
+    masked to zero) and return it; ``bases``: the CIR projections (:func:`cir_bases`).
+    ``fast`` (default), where the backend offers it (Hugging Face models; TransformerLens
+    models train exactly as with ``fast=False``): selected whole rows / columns of
+    ``nn.Linear`` weights train as small deltas (:class:`SliceCopy`); the forget, retain and
+    text batches of a step run as one forward whose target positions go through the
+    unembedding together (``target_hidden`` / ``unembed``); the text KL's reference is
+    computed once up front (``ModelHandle.kl_reference``, exact) instead of a forward of the
+    unedited model at every step. Same objective, equal up to float rounding (tests/
+    test_fast_loss.py); ``fast=False`` is the old path (bench/gemma_edit_step.py times both)."""
     st = settings
-    copy = MaskedCopy(model, slices)
+    copy = (MaskedCopy(model, slices) if bases or not fast else SliceCopy(model, slices))
     work = copy.work
     forget = work.encode(list(req.forget))
     retain = work.encode(list(req.retain))
     text = (work.encode_texts(list(req.retain_text)) if st.text_weight and req.retain_text
             else None)
     sampler = Sampler(st.seed)
+    # KL to the unedited model from its statistics, computed once (exact; see
+    # ModelHandle.kl_reference), where the model's readout allows it and the unembedding stays
+    kl_ref = None
+    if (fast and not bases and text is not None and st.text_loss == "kl"
+            and model.affine_readout and not _trains_unembedding(work, slices)):
+        kl_ref = model.kl_reference(text)
     ref = None
     if st.method == "npo":
         with torch.no_grad():
             ref = torch.cat([_seq_logprob(work, b) for b in forget.chunks(256)])
 
     use_retain = st.method == "gd" or (st.method == "npo" and st.retain_weight > 0)
+    # one forward for the three batches and one unembedding of every target position they
+    # have: on a large vocabulary each pass over the unembedding costs about as much as the
+    # whole body (Gemma: 262k x 640 floats read per pass, whatever the number of positions)
+    fused = (fast and not bases and work.affine_readout
+             and (text is None or st.text_loss == "nll" or kl_ref is not None))
+    frozen_head = fused and not _trains_unembedding(work, slices)
+
+    def fused_loss(fi: torch.Tensor, ri: torch.Tensor | None, ti: torch.Tensor | None
+                   ) -> torch.Tensor:
+        parts = [forget[fi]] + ([retain[ri]] if ri is not None else []) + \
+            ([text[ti]] if ti is not None else [])
+        batch = _concat(parts, work.tokenizer.pad_id)
+        hidden = work.target_hidden(batch)  # [K, d_model], row-major over the rows
+        mask = batch.target_mask[:, 1:].to(hidden.device)
+        tok = batch.tokens[:, 1:].to(hidden.device)[mask]
+        if frozen_head:  # one pass over the unembedding for the forward and the backward
+            lse = work.readout_lse(hidden)
+            logit = work.readout_logit(hidden, tok)
+        else:
+            z = work.unembed(hidden)
+            lse = torch.logsumexp(z, -1)
+            logit = z.gather(-1, tok[:, None].to(z.device))[:, 0]
+        lp = logit.to(lse.device) - lse  # each target token's log-probability
+        row = torch.repeat_interleave(torch.arange(len(batch), device=lp.device),
+                                      mask.sum(1).to(lp.device))
+        n_f = len(fi)
+        is_f = row < n_f
+        if st.method == "npo":
+            seq = torch.zeros(n_f, dtype=lp.dtype, device=lp.device).index_add(
+                0, row[is_f], lp[is_f])
+            loss = -(2.0 / st.beta) * F.logsigmoid(-st.beta * (seq - ref[fi])).mean()
+        else:
+            loss = lp[is_f].sum() / is_f.sum().clamp(min=1)  # -NLL(forget)
+        end = n_f
+        if ri is not None:
+            sel = (row >= end) & (row < end + len(ri))
+            loss = loss + st.retain_weight * (-lp[sel].sum() / sel.sum().clamp(min=1))
+            end += len(ri)
+        if ti is not None:
+            sel = row >= end
+            if st.text_loss == "kl":
+                keep = kl_ref.take(ti).kl(hidden[sel], lse[sel]).mean().to(lp.dtype)
+            else:
+                keep = -lp[sel].sum() / sel.sum().clamp(min=1)
+            loss = loss + st.text_weight * keep
+        return loss
 
     def loss_fn(_step: int) -> torch.Tensor:
         # one batch per split, drawn in this order: forget, retain, text
         fi = sampler.rows(len(forget), st.batch_size)
+        if fused:
+            ri = sampler.rows(len(retain), st.batch_size) if use_retain else None
+            ti = sampler.rows(len(text), st.batch_size) if text is not None else None
+            return fused_loss(fi, ri, ti)
         fb = forget[fi].trim()
         if st.method == "npo":
             lp = _seq_logprob(work, fb)
@@ -174,7 +249,110 @@ def _train(model: ModelHandle, slices: dict[str, torch.Tensor], req: ForgetReque
     finally:
         if project is not None:
             project.remove()
+        if isinstance(copy, SliceCopy):
+            copy.remove()
     return copy
+
+
+def _concat(batches: list[Batch], pad_id: int) -> Batch:
+    """The rows of ``batches`` in one batch, right padded to the longest row."""
+    T = max(int(b.lengths.max()) for b in batches)
+
+    def pad(t: torch.Tensor, value) -> torch.Tensor:
+        return F.pad(t[:, :T], (0, T - min(T, t.shape[1])), value=value)
+
+    return Batch(torch.cat([pad(b.tokens, pad_id) for b in batches]),
+                 torch.cat([pad(b.target_mask, False) for b in batches]),
+                 torch.cat([pad(b.subject_mask, False) for b in batches]),
+                 torch.cat([b.lengths for b in batches]))
+
+
+def _trains_unembedding(work: ModelHandle, slices: dict[str, torch.Tensor]) -> bool:
+    """Whether one of the trained parameters is the unembedding (or shares its storage: a tied
+    embedding)."""
+    head = work.readout()[1].untyped_storage().data_ptr()
+    named = work.named_parameters()
+    return any(named[s].untyped_storage().data_ptr() == head for s in slices)
+
+
+def _whole_lines(idx: torch.Tensor, shape: tuple[int, int]
+                 ) -> tuple[int, torch.Tensor] | None:
+    """``(0, rows)`` when the flat indices ``idx`` of a ``[out, in]`` matrix are exactly some
+    whole rows, ``(1, columns)`` when exactly some whole columns; None otherwise."""
+    out, inn = shape
+    flat = torch.sort(idx.reshape(-1).cpu()).values
+    rows = torch.unique(flat // inn)
+    if flat.numel() == rows.numel() * inn and torch.equal(
+            flat, (rows[:, None] * inn + torch.arange(inn)).reshape(-1)):
+        return 0, rows
+    cols = torch.unique(flat % inn)
+    if flat.numel() == out * cols.numel() and torch.equal(
+            flat, (torch.arange(out)[:, None] * inn + cols).reshape(-1)):
+        return 1, cols
+    return None
+
+
+class SliceCopy(MaskedCopy):
+    """A :class:`MaskedCopy` in which every ``nn.Linear`` weight (``ModelHandle.
+    linear_module``) whose slice is whole rows or whole columns - at most half of them: a
+    neuron's ``W_gate`` / ``W_in`` rows and ``W_out`` column, a head's rows of ``W_Q/K/V`` and
+    columns of ``W_O`` - trains as a small delta ``D`` (``[rows, in]`` or ``[out, columns]``,
+    starting at zero) added by a forward hook on the module: ``y = x W^T + scatter(x D^T)``.
+    The weight itself stays frozen, so no dense gradient of the whole matrix is computed,
+    masked and stepped; the gradient of ``D`` is the masked path's gradient at those elements
+    and Adam acts elementwise, so the edit is the same up to float rounding (``W + D``
+    instead of ``W`` updated in place). Other slices train masked as in :class:`MaskedCopy`.
+    ``params`` holds ``D`` under ``site + ":delta"``; :meth:`remove` takes the hooks off."""
+
+    def __init__(self, model: ModelHandle, slices: dict[str, torch.Tensor]):
+        super().__init__(model, slices)
+        self.deltas: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}
+        self.handles = []
+        for s, idx in slices.items():
+            mod = self.work.linear_module(s)
+            w = self.params[s]
+            hit = _whole_lines(idx, tuple(w.shape)) if mod is not None and w.dim() == 2 else None
+            if hit is None or 2 * hit[1].numel() > w.shape[hit[0]]:
+                continue
+            axis, lines = hit
+            lines = lines.to(w.device)
+            shape = (lines.numel(), w.shape[1]) if axis == 0 else (w.shape[0], lines.numel())
+            delta = torch.zeros(shape, dtype=w.dtype, device=w.device, requires_grad=True)
+            w.requires_grad_(False)
+            del self.params[s], self.masks[s]
+            self.params[f"{s}:delta"] = delta
+            self.deltas[s] = (axis, lines, delta)
+            self.handles.append(mod.register_forward_hook(
+                self._hook(axis, lines, delta), prepend=True))
+
+    @staticmethod
+    def _hook(axis: int, lines: torch.Tensor, delta: torch.Tensor):
+        def hook(_module, args, output):
+            x = args[0].to(delta.device)  # (a sharded model's device hooks move it later)
+            if axis == 0:  # rows: the selected outputs get x D^T added
+                return output.index_add(-1, lines, torch.nn.functional.linear(x, delta))
+            return output + torch.nn.functional.linear(x.index_select(-1, lines), delta)
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def new_values(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        named = self.work.named_parameters()
+        out = {}
+        for s, idx in self.slices.items():
+            w = named[s].detach()
+            if s in self.deltas:
+                axis, lines, delta = self.deltas[s]
+                w = w.clone()
+                if axis == 0:
+                    w[lines] += delta.detach()
+                else:
+                    w[:, lines] += delta.detach()
+            out[s] = (idx, w.reshape(-1)[idx.to(w.device)])
+        return out
 
 
 # -- CIR: common-direction projection ----------------------------------------------------------

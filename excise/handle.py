@@ -123,6 +123,89 @@ class Past:
                     tuple(v.narrow(self.pos_dim, 0, t) for v in self.values), self.pos_dim)
 
 
+def _head_sample(head: Tensor, n: int = 4096) -> Tensor:
+    """About ``n`` evenly strided elements of an unembedding (all of a small one): a cheap
+    identity check."""
+    flat = head.detach().reshape(-1)
+    return flat[::max(1, flat.numel() // n)].cpu().clone()
+
+
+class _ReadoutLSE(torch.autograd.Function):
+    """``logsumexp(h W^T + b)`` over the rows of ``W`` (``[V, d]``) and its gradient in ``h``
+    (``softmax @ W``) from one chunked pass over ``W`` (:meth:`ModelHandle.readout_lse`)."""
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, head: Tensor, bias: Tensor | None, chunk: int) -> Tensor:
+        wide = torch.promote_types(head.dtype, torch.float32)
+        h = hidden.detach().to(head.device, head.dtype)
+        k = h.shape[0]
+        m = torch.full((k,), -float("inf"), dtype=wide, device=head.device)
+        total = torch.zeros(k, dtype=wide, device=head.device)
+        acc = torch.zeros(h.shape, dtype=wide, device=head.device)
+        for i in range(0, head.shape[0], chunk):
+            w = head[i:i + chunk]
+            z = (h @ w.T).to(wide)
+            if bias is not None:
+                z = z + bias[i:i + chunk].to(wide)
+            m_new = torch.maximum(m, z.max(-1).values)
+            scale = torch.exp(m - m_new)
+            e = torch.exp(z - m_new[:, None])
+            total = total * scale + e.sum(-1)
+            acc = acc * scale[:, None] + e @ w.to(wide)
+            m = m_new
+        ctx.save_for_backward(acc / total[:, None])
+        ctx.hidden_meta = (hidden.device, hidden.dtype)
+        return (m + total.log()).to(hidden.device)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (jac,) = ctx.saved_tensors
+        device, dtype = ctx.hidden_meta
+        return (grad.to(jac.device)[:, None] * jac).to(device, dtype), None, None, None
+
+
+@dataclass(frozen=True)
+class KLReference:
+    """A reference model's statistics for ``KL(p_ref || p)`` at the target positions of a
+    batch (:meth:`ModelHandle.kl_reference`): per position ``u = W_U p_ref`` and ``c = sum_v
+    p_ref log p_ref - b . p_ref``; ``offsets[i]:offsets[i+1]`` are row ``i``'s positions."""
+
+    u: Tensor  # [K, d_model] float64
+    c: Tensor  # [K] float64
+    offsets: Tensor  # [n + 1] long (CPU)
+    head_sample: Tensor  # a strided sample of the unembedding it was taken through
+
+    def __len__(self) -> int:
+        return self.offsets.numel() - 1
+
+    def take(self, rows) -> "KLReference":
+        """The statistics of rows ``rows`` (in that order), as for ``batch[rows].trim()``."""
+        rows = torch.as_tensor(rows).reshape(-1).tolist()
+        idx = [torch.arange(int(self.offsets[r]), int(self.offsets[r + 1])) for r in rows]
+        ix = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
+        counts = torch.tensor([int(self.offsets[r + 1] - self.offsets[r]) for r in rows],
+                              dtype=torch.long)
+        offsets = torch.zeros(len(rows) + 1, dtype=torch.long)
+        offsets[1:] = counts.cumsum(0)
+        return KLReference(self.u[ix.to(self.u.device)], self.c[ix.to(self.c.device)], offsets,
+                           self.head_sample)
+
+    def nbytes(self) -> int:
+        return self.u.numel() * self.u.element_size() + self.c.numel() * self.c.element_size()
+
+    def kl(self, hidden: Tensor, lse: Tensor) -> Tensor:
+        """``KL(p_ref || p)`` at each position (``[K]``, float64) of a model whose final hidden
+        states there are ``hidden`` ``[K, d_model]`` and whose ``logsumexp`` of the logits is
+        ``lse`` ``[K]`` (same unembedding as the reference): ``c - h . u + lse``."""
+        if hidden.shape[0] != self.u.shape[0] or lse.shape != hidden.shape[:1]:
+            raise ValueError(f"KLReference.kl: {hidden.shape[0]} hidden states and "
+                             f"{tuple(lse.shape)} logsumexp values for {self.u.shape[0]} "
+                             f"reference positions; take the reference's rows of this batch "
+                             f"(KLReference.take(rows))")
+        hu = (hidden.double() * self.u.to(hidden.device, torch.float64)).sum(-1)
+        return self.c.to(hidden.device) - hu + lse.double()
+
+
 class ModelHandle(abc.ABC):
     """One interface over a model, whichever library runs it: everything ``locate``, ``edit``
     and ``probes`` may ask of a model is declared here.
@@ -373,6 +456,129 @@ class ModelHandle(abc.ABC):
         token: ``[k, V]``, ``k`` = number of targets, rows in row-major order of the mask."""
         logits = self.logits(batch.tokens, hooks)[:, :-1]
         return torch.log_softmax(logits[batch.target_mask[:, 1:].to(logits.device)].float(), -1)
+
+    # -- the readout at target positions only (losses on facts, the KL on text) --------------
+    # True where the backend offers target_hidden / unembed with logits affine in the final
+    # hidden state (no soft-capping): then kl_reference / kl_to_reference give the exact KL to a
+    # reference model from statistics computed once (no reference forward per step)
+    affine_readout: bool = False
+
+    def target_hidden(self, batch: Batch, hooks: Mapping[str, HookFn] | None = None) -> Tensor:
+        """The final hidden state (after the final norm: what the unembedding reads) at each
+        position that predicts a target token: ``[k, d_model]``, rows in row-major order of the
+        mask, as :meth:`target_logprobs`. ``log_softmax(unembed(target_hidden(b)))`` is
+        ``target_logprobs(b)``. ``ValueError`` where the backend has no such path."""
+        raise ValueError(f"target_hidden: the {type(self).__name__} backend has no readout at "
+                         f"target positions only; use target_logprobs")
+
+    def unembed(self, hidden: Tensor) -> Tensor:
+        """Logits (float32 or wider) of final hidden states ``[..., d_model]`` from
+        :meth:`target_hidden`: the unembedding, its bias and any logit soft-capping, exactly as
+        the model's own forward applies them. ``ValueError`` where the backend has none."""
+        raise ValueError(f"unembed: the {type(self).__name__} backend has no readout at target "
+                         f"positions only; use target_logprobs")
+
+    @torch.no_grad()
+    def kl_reference(self, batch: Batch, chunk: int = 16, positions: int = 64
+                     ) -> "KLReference":
+        """What ``KL(p_self || p_other)`` at the target positions of ``batch`` needs of this
+        model, computed once (``chunk`` rows per forward, ``positions`` per unembedding): per
+        position, with ``p`` this
+        model's next-token distribution and logits ``z = h W_U + b``, the vector ``u = W_U p``
+        (``[d_model]``) and the scalar ``c = sum_v p log p - b . p``. Then for any model with
+        the same unembedding (:meth:`kl_to_reference`) ``KL = c - h . u + logsumexp(h W_U +
+        b)``: exact, with a ``d_model`` vector per position instead of a vocabulary-sized
+        distribution, and no forward of this model at each training step. Needs
+        :attr:`affine_readout` (no logit soft-capping), and the model the KL is later taken of
+        must have this unembedding (a sample of its elements is compared)."""
+        self._need_affine("kl_reference")
+        head = self._unembedding_matrix()  # [V, d_model]
+        bias = self._unembedding_bias()
+        hidden = torch.cat([self.target_hidden(b) for b in batch.chunks(chunk)])
+        us, cs = [], []
+        for h in hidden.split(positions):  # a few passes over the unembedding, not one per row
+            # in float64: p must sum to 1 to well below float32's rounding of the logsumexp
+            # (KL = c - h.u + lse would carry the shift times the logits' size, ~1e-3)
+            lp = torch.log_softmax(self.unembed(h).double(), -1)  # [k, V]
+            p = lp.exp()
+            # u in float64: KL = c - h.u + lse cancels terms as large as the logits (Gemma's
+            # final hidden states are large), so h.u needs more than float32's digits
+            u = torch.zeros(h.shape[0], head.shape[1], dtype=torch.float64, device=p.device)
+            for i in range(0, head.shape[0], 16384):
+                u += p[:, i:i + 16384].double() @ head[i:i + 16384].to(p.device).double()
+            us.append(u)
+            c = (p * lp).sum(-1)
+            if bias is not None:
+                c = c - p @ bias.double()
+            cs.append(c)
+        offsets = torch.zeros(len(batch) + 1, dtype=torch.long)
+        offsets[1:] = batch.target_mask[:, 1:].sum(1).cumsum(0).cpu()
+        return KLReference(torch.cat(us), torch.cat(cs), offsets, _head_sample(head))
+
+    def kl_to_reference(self, batch: Batch, ref: "KLReference",
+                        hooks: Mapping[str, HookFn] | None = None) -> Tensor:
+        """``KL(p_reference || p_self)`` of the next-token distributions at the target
+        positions of ``batch``, averaged over those positions (``F.kl_div(..., log_target=True,
+        reduction="batchmean")`` of the two models' :meth:`target_logprobs`, computed as
+        :meth:`kl_reference` says). ``ref``: the reference's statistics for exactly these rows
+        (``KLReference.take``); differentiable in this model's weights."""
+        self._need_affine("kl_to_reference")
+        if not torch.equal(_head_sample(self._unembedding_matrix()), ref.head_sample):
+            raise ValueError(f"kl_to_reference: the model {self.name!r} has another unembedding "
+                             f"than the reference the statistics were taken of; they hold only "
+                             f"for the same unembedding (compare target_logprobs instead)")
+        h = self.target_hidden(batch, hooks)
+        if h.shape[0] != ref.u.shape[0]:
+            raise ValueError(f"kl_to_reference: the batch has {h.shape[0]} target positions, "
+                             f"the reference statistics {ref.u.shape[0]}; take the reference's "
+                             f"rows of this batch (KLReference.take(rows))")
+        lse = torch.logsumexp(self.unembed(h), -1)
+        return ref.kl(h, lse).mean().to(lse.dtype)
+
+    def readout_lse(self, hidden: Tensor, chunk: int = 8192) -> Tensor:
+        """``logsumexp`` over the vocabulary of ``unembed(hidden)`` (``[K]``, float32 or
+        wider) in one pass over the unembedding: per chunk of ``chunk`` tokens the logits, a
+        running maximum and sum, and the softmax-weighted sum of the unembedding's rows - which
+        is the gradient with respect to ``hidden`` - at once, so the backward reads nothing
+        again and no ``[K, vocabulary]`` tensor is kept. Differentiable in ``hidden`` only: the
+        unembedding is taken as constant (not for training it). Needs :attr:`affine_readout`;
+        equal to ``torch.logsumexp(unembed(hidden), -1)`` up to float rounding."""
+        self._need_affine("readout_lse")
+        return _ReadoutLSE.apply(hidden, self._unembedding_matrix(), self._unembedding_bias(),
+                                 chunk)
+
+    def readout_logit(self, hidden: Tensor, tokens: Tensor) -> Tensor:
+        """``unembed(hidden)[k, tokens[k]]`` for each row ``k`` (``[K]``) without the other
+        logits; differentiable in ``hidden``. Needs :attr:`affine_readout`."""
+        self._need_affine("readout_logit")
+        head = self._unembedding_matrix()
+        tokens = tokens.to(head.device)
+        out = (hidden.to(head.device, head.dtype) * head[tokens]).sum(-1)
+        bias = self._unembedding_bias()
+        if bias is not None:
+            out = out + bias[tokens]
+        return out.to(torch.promote_types(out.dtype, torch.float32))
+
+    def _need_affine(self, what: str) -> None:
+        if not self.affine_readout:
+            raise ValueError(f"{what}: needs logits affine in the final hidden state "
+                             f"(affine_readout); the {type(self).__name__} model {self.name!r} "
+                             f"has none (no target-position readout, or logit soft-capping): "
+                             f"compare target_logprobs of the two models instead")
+
+    def linear_module(self, site: str) -> torch.nn.Linear | None:
+        """The ``torch.nn.Linear`` whose ``weight`` is parameter ``site`` (``y = x W^T + b``,
+        ``W`` ``[out, in]``), when the backend runs it as one; None otherwise (the base class,
+        TransformerLens' einsum layouts). What lets a trainer add a small trainable delta to
+        some rows or columns of it instead of training the whole matrix."""
+        return None
+
+    def _unembedding_matrix(self) -> Tensor:
+        """``[V, d_model]``: the unembedding as :meth:`unembed` applies it (detached)."""
+        return self.readout()[1].T
+
+    def _unembedding_bias(self) -> Tensor | None:
+        return self.readout()[2]
 
     def loss(self, batch: Batch, hooks: Mapping[str, HookFn] | None = None,
              per_example: bool = False) -> Tensor:

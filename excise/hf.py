@@ -562,6 +562,49 @@ class HFHandle(ModelHandle):
                                 logits_to_keep=keep.to(self.device)).logits
         return torch.log_softmax(logits.float().reshape(-1, logits.shape[-1]), dim=-1)
 
+    @property
+    def affine_readout(self) -> bool:
+        """Logits are ``lm_head(final hidden)``, affine (no final-logit soft-capping), and the
+        weights are here (not a remote model)."""
+        return not self.remote and getattr(self.model.config, "final_logit_softcapping",
+                                           None) is None
+
+    def target_hidden(self, batch: Batch, hooks: Mapping[str, HookFn] | None = None) -> Tensor:
+        """The base model's last hidden state (after its final norm: what ``lm_head`` reads in
+        the model's own forward) at the positions that predict a target token, ``[k,
+        d_model]``; see ``ModelHandle.target_hidden``."""
+        keep = torch.zeros_like(batch.target_mask)
+        keep[:, :-1] = batch.target_mask[:, 1:]
+        with self.hooks(hooks or {}):
+            h = self.model.base_model(input_ids=batch.tokens.to(self.device),
+                                      use_cache=False).last_hidden_state
+        return h[keep.to(h.device)]
+
+    def unembed(self, hidden: Tensor) -> Tensor:
+        """``lm_head`` and the final-logit soft-capping when the config has one (Gemma 2), as
+        the ``ForCausalLM`` forward applies them; float32 (or wider)."""
+        logits = self.model.get_output_embeddings()(hidden)
+        cap = getattr(self.model.config, "final_logit_softcapping", None)
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+    def linear_module(self, site: str) -> torch.nn.Linear | None:
+        """The HF module whose ``weight`` parameter ``site`` is, when it is a plain
+        ``nn.Linear`` (Llama / Gemma / NeoX projections; not GPT-2's ``Conv1D``, embeddings or
+        norms)."""
+        target = self.info(site).target
+        path, _, leaf = target.rpartition(".")
+        mod = self.model.get_submodule(path) if path else None
+        return mod if leaf == "weight" and type(mod) is torch.nn.Linear else None
+
+    def _unembedding_matrix(self) -> Tensor:
+        return self.model.get_output_embeddings().weight.detach()
+
+    def _unembedding_bias(self) -> Tensor | None:
+        b = getattr(self.model.get_output_embeddings(), "bias", None)
+        return None if b is None else b.detach()
+
     def token_logprobs(self, batch: Batch, hooks: Mapping[str, HookFn] | None = None) -> Tensor:
         """As ``ModelHandle.token_logprobs``, computed from ``target_logprobs`` (target
         positions only)."""
