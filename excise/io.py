@@ -151,6 +151,34 @@ def checksum_problem(path: Path | str, want: str | None) -> str | None:
     return None
 
 
+def read_cache_entry(weights: Path | str, meta: Path | str
+                     ) -> tuple[dict[str, torch.Tensor] | None, str | None]:
+    """A cache entry written as ``weights`` (safetensors) beside ``meta`` (JSON with the
+    weights' ``sha256``): ``(state, None)`` when it passes its checks, ``(None, why)`` when it
+    fails one (missing meta, bad JSON, checksum, not safetensors), ``(None, None)`` when there is
+    no entry at all."""
+    weights, meta = Path(weights), Path(meta)
+    if not (weights.exists() or meta.exists()):
+        return None, None
+    why = None
+    try:
+        recorded = json.loads(meta.read_text()) if meta.exists() else None
+        if not isinstance(recorded, dict):
+            why = f"{meta} is missing" if recorded is None else f"{meta} is not a JSON object"
+        else:
+            problem = checksum_problem(weights, recorded.get("sha256"))
+            if problem:
+                why = f"{weights}: {problem}"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        why = f"{meta} is unreadable ({e})"
+    if why is not None:
+        return None, why
+    try:
+        return load_safetensors(weights), None
+    except (NotSafetensorsError, OSError) as e:
+        return None, str(e)
+
+
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over every tensor's name, dtype, shape and bytes, in name order: equal digests
     mean identical tensors, however the file holding them was laid out."""

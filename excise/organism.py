@@ -25,7 +25,6 @@ initialisation and batch order, the same world).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import os
@@ -40,13 +39,14 @@ from typing import Callable, Iterable, Mapping, Sequence
 import torch
 
 from excise.handle import Batch, TLHandle
-from excise.io import (CacheWarning, NotSafetensorsError, atomic_write_text, checksum_problem,
-                       file_lock, file_sha256, load_safetensors, save_safetensors)
+from excise.io import (CacheWarning, atomic_write_text, read_cache_entry,
+                       file_lock, file_sha256, save_safetensors)
 from excise.placement import resolve_device, resolve_dtype
+from excise.options import dataclass_option
 from excise.request import FactSet, ForgetRequest
 from excise.sites import Selection, Unit, layer_of
 from excise.train import Optim, Sampler, reproducible, train
-from excise.world import World, Tokenizer, check_attributes, make_world
+from excise.world import Canaries, World, Tokenizer, check_attributes, make_world
 
 
 @dataclass(frozen=True)
@@ -190,23 +190,7 @@ class Planting:
     def of(cls, value) -> "Planting | None":
         """``None`` / ``False`` -> None, ``True`` -> the defaults, a Planting as is, a mapping
         of its fields -> a Planting (unknown keys refused, naming the valid ones)."""
-        fields = [f.name for f in dataclasses.fields(cls)]
-        if value is None or value is False:
-            return None
-        if value is True:
-            return cls()
-        if isinstance(value, cls):
-            return value
-        if isinstance(value, Mapping):
-            bad = [k for k in value if k not in fields]
-            if bad:
-                close = difflib.get_close_matches(str(bad[0]), fields, n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ValueError(f"Planting: unknown key {bad[0]!r}{hint} (valid: "
-                                 f"{', '.join(fields)})")
-            return cls(**value)
-        raise ValueError(f"planted={value!r}: give None, True (the preset's defaults), a "
-                         f"Planting or a mapping of its fields ({', '.join(fields)})")
+        return dataclass_option(cls, value, "planted", "the preset's defaults")
 
     def resolve(self, preset: Preset, world: World) -> "Planting":
         """The groups filled in from :data:`PLANTED_GROUPS` and checked against the world; the
@@ -373,10 +357,46 @@ def build_model(preset: Preset, vocab_size: int, n_ctx: int):
     return model
 
 
+def training_texts(preset: Preset, world: World, exclude_people: frozenset[int] = frozenset(),
+                   *, planted: Planted | None = None) -> list[str]:
+    """The rows the organism's sampler walks through in shuffled epochs, in order (what
+    :func:`train_model` encodes): the world's training texts without ``exclude_people``, the
+    shared facts repeated to ``preset.shared_repeat`` copies, a planted organism's designated
+    facts repeated to ``repeat`` copies. Canaries are not among them: :func:`canary_stream`
+    inserts them into the batches."""
+    texts = world.training_texts(exclude_people)
+    shared = [f.text for f in world.shared_facts()] * (preset.shared_repeat - 1)
+    texts = texts + shared
+    if planted is not None:
+        designated = {f.text for i in planted.people if i not in exclude_people
+                      for f in world.facts(i, trained=True)}
+        texts = texts + [t for t in texts if t in designated] * (planted.planting.repeat - 1)
+    return texts
+
+
+def canary_stream(canaries: Canaries, world: World, steps: int,
+                  seed: int) -> tuple[list[str], list[list[int]]]:
+    """Where the canaries enter training: ``(texts, per_step)`` - every trained canary's text
+    once, and for each of the ``steps`` training steps the indices (into ``texts``) of the
+    canaries added to that step's batch. A canary of count ``c`` is in exactly ``c`` of the
+    batches' rows over the whole run (an exposure count, not a number of copies in data that
+    is walked through for many epochs): all occurrences, shuffled (seeded by ``seed`` and
+    ``canaries.seed``, a generator of their own - the other rows' batches are the plain
+    organism's), are spread evenly over the steps."""
+    groups = [(c, f.text) for c, group in canaries.facts(world).items() if c for f in group]
+    texts = [t for _, t in groups]
+    occurrences = [i for i, (c, _) in enumerate(groups) for _ in range(c)]
+    random.Random(f"canary-stream-{seed}-{canaries.seed}").shuffle(occurrences)
+    per_step: list[list[int]] = [[] for _ in range(steps)]
+    for k, i in enumerate(occurrences):
+        per_step[k * steps // len(occurrences)].append(i)
+    return texts, per_step
+
+
 def train_model(preset: Preset, world: World, tokenizer: Tokenizer,
                 exclude_people: frozenset[int] = frozenset(), progress: bool = True,
                 desc: str = "train", *, planted: Planted | None = None,
-                train_seed: int | None = None):
+                train_seed: int | None = None, canaries: Canaries | None = None):
     """Train a fresh model on the world (minus ``exclude_people``). Bit-reproducible given the
     preset's seed and the torch version: it trains at :data:`TRAIN_THREADS` threads with
     deterministic algorithms, whatever the caller's setting (restored afterwards).
@@ -385,25 +405,32 @@ def train_model(preset: Preset, world: World, tokenizer: Tokenizer,
     the first 5% of the steps then linear decay to 5% of the lr, gradient norm clipped at 1,
     batches walking through shuffled epochs of the training texts. ``train_seed`` (default: the
     preset's seed) seeds the initialisation and the batch order; the world stays the preset's.
-    ``planted``: the same recipe with gradient routing (:class:`Planting`, :func:`routed_loss`)."""
+    ``planted``: the same recipe with gradient routing (:class:`Planting`, :func:`routed_loss`).
+    ``canaries``: the same recipe and batches with canary sequences added to them
+    (:func:`canary_stream`: each trained canary in exactly ``count`` batch rows)."""
     seed = preset.seed if train_seed is None else train_seed
-    texts = world.training_texts(exclude_people)
-    shared = [f.text for f in world.shared_facts()] * (preset.shared_repeat - 1)
-    texts = texts + shared
+    texts = training_texts(preset, world, exclude_people, planted=planted)
     steps = preset.steps
     if planted is not None:
         designated = {f.text for i in planted.people if i not in exclude_people
                       for f in world.facts(i, trained=True)}
-        texts = texts + [t for t in texts if t in designated] * (planted.planting.repeat - 1)
         routed = torch.tensor([t in designated for t in texts])
         steps = round(steps * planted.planting.steps)
     with reproducible(TRAIN_THREADS):
         model = build_model(dataclasses.replace(preset, seed=seed), len(tokenizer), n_ctx=32)
         handle = TLHandle(model, tokenizer, name=f"organism-{preset.name}")
-        data = handle.encode_texts(texts)
-        batches = Sampler(seed).epochs(len(data), preset.batch_size)
+        extra, per_step = [], []
+        if canaries is not None:  # rows after the texts, drawn per step, never by the sampler
+            extra, per_step = canary_stream(canaries, world, steps, seed)
+        data = handle.encode_texts(texts + extra)
+        batches = Sampler(seed).epochs(len(texts), preset.batch_size)
         warmup = max(1, steps // 20)
-        if planted is None:
+        if canaries is not None:
+            def loss_fn(step: int) -> torch.Tensor:
+                rows = torch.cat([next(batches),
+                                  len(texts) + torch.tensor(per_step[step], dtype=torch.long)])
+                return handle.loss(data[rows].trim())
+        elif planted is None:
             loss_fn = lambda _: handle.loss(data[next(batches)].trim())  # noqa: E731
         else:
             loss = routed_loss(handle, planted)
@@ -505,17 +532,21 @@ def routed_loss(model: TLHandle, planted: Planted
 
 class Organism:
     """A trained organism: ``model`` (a handle), ``world``, ``tokenizer``, splits, and oracles;
-    ``planted`` (a :class:`Planted`, or None) where it was trained with gradient routing."""
+    ``planted`` (a :class:`Planted`, or None) where it was trained with gradient routing;
+    ``canaries`` (a :class:`~excise.world.Canaries`, or None) where canary sequences were added
+    to its training batches."""
 
     def __init__(self, preset: Preset, world: World, tokenizer: Tokenizer, model: TLHandle,
                  progress: bool = True, planted: Planted | None = None,
-                 device: torch.device | None = None, dtype: torch.dtype | None = None):
+                 device: torch.device | None = None, dtype: torch.dtype | None = None,
+                 canaries: Canaries | None = None):
         self.preset = preset
         self.world = world
         self.tokenizer = tokenizer
         self.model = model
         self.progress = progress
         self.planted = planted
+        self.canaries = canaries
         # where the model and every oracle are placed once loaded (trained on the CPU in float32)
         self.device = device
         self.dtype = dtype
@@ -523,6 +554,8 @@ class Organism:
     def __repr__(self) -> str:
         planted = "" if self.planted is None else \
             f", planted={len(self.planted.units)} units ({self.planted.n_params:.2%} of params)"
+        if self.canaries is not None:
+            planted += f", canaries={self.canaries.per_count} x {list(self.canaries.counts)}"
         return (f"Organism(preset={self.preset.name!r}, people={self.world.n_trained} trained + "
                 f"{len(self.world.holdout_people)} holdout, params={self.model.n_parameters():,}"
                 f"{planted})")
@@ -553,8 +586,25 @@ class Organism:
             raise ValueError(f"train_seed={train_seed!r}: must be an integer (or None for the "
                              f"organism's seed, {self.preset.seed})")
         return _load_or_train(self.preset, self.world, self.tokenizer, frozenset(people),
-                              self.progress, planted=self.planted,
-                              train_seed=train_seed).to(self.device, self.dtype)
+                              self.progress, planted=self.planted, train_seed=train_seed,
+                              canaries=self.canaries).to(self.device, self.dtype)
+
+    def canary_facts(self) -> dict[int, list]:
+        """``{count: [Fact]}``: the canaries trained ``count`` times, the never-seen ones under
+        0 (:meth:`excise.world.Canaries.facts`). Refused for an organism without canaries."""
+        if self.canaries is None:
+            raise ValueError("this organism was trained without canaries; build it with "
+                             "excise.organism(preset, canaries=True)")
+        return self.canaries.facts(self.world)
+
+    def without_canaries(self) -> TLHandle:
+        """The canary control's oracle: the same recipe, seed and world without the canaries -
+        the plain organism's model (the same cache entry)."""
+        if self.canaries is None:
+            raise ValueError("this organism was trained without canaries; its model is the "
+                             "oracle of the canary control already")
+        return _load_or_train(self.preset, self.world, self.tokenizer, frozenset(),
+                              self.progress, planted=self.planted).to(self.device, self.dtype)
 
 
 def organism_request(world: World, forget_people: Iterable[int],
@@ -604,7 +654,8 @@ def organism_request(world: World, forget_people: Iterable[int],
 
 
 def _key(preset: Preset, world: World, exclude: frozenset[int],
-         planted: Planted | None = None, train_seed: int | None = None) -> str:
+         planted: Planted | None = None, train_seed: int | None = None,
+         canaries: Canaries | None = None) -> str:
     blob = {"preset": preset.to_dict(), "world": world.digest(), "exclude": sorted(exclude),
             "torch": torch.__version__, "threads": TRAIN_THREADS, "version": CACHE_VERSION}
     # only where they differ from the plain recipe: the keys of plain models stay as they were
@@ -613,17 +664,21 @@ def _key(preset: Preset, world: World, exclude: frozenset[int],
                            "units": planted.units.digest()}
     if train_seed is not None and train_seed != preset.seed:
         blob["train_seed"] = train_seed
+    if canaries is not None:
+        blob["canaries"] = canaries.to_dict()
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def cache_files(preset: Preset, world: World, exclude: frozenset[int] = frozenset(),
-                planted: Planted | None = None, train_seed: int | None = None
-                ) -> tuple[Path, Path]:
+                planted: Planted | None = None, train_seed: int | None = None,
+                canaries: Canaries | None = None) -> tuple[Path, Path]:
     """``(weights, meta)``: where the model (``exclude`` empty) or the oracle without
     ``exclude`` is cached: ``<cache>/organism-<preset>/<kind>-<key>.safetensors|json``, kind
-    ``model`` / ``oracle``, ``planted-model`` / ``planted-oracle`` for a planted organism."""
-    key = _key(preset, world, exclude, planted, train_seed)
-    kind = ("planted-" if planted is not None else "") + ("oracle" if exclude else "model")
+    ``model`` / ``oracle``, ``planted-model`` / ``planted-oracle`` for a planted organism,
+    ``canaries-model`` / ``canaries-oracle`` for one trained with canaries."""
+    key = _key(preset, world, exclude, planted, train_seed, canaries)
+    kind = (("planted-" if planted is not None else "")
+            + ("canaries-" if canaries is not None else "") + ("oracle" if exclude else "model"))
     folder = cache_dir() / f"organism-{preset.name}"
     return folder / f"{kind}-{key}.safetensors", folder / f"{kind}-{key}.json"
 
@@ -632,25 +687,9 @@ def _load_cached(preset: Preset, tokenizer: Tokenizer, weights: Path, meta: Path
                  name: str) -> TLHandle | None:
     """The cached model, or ``None`` when there is none or it fails its checks (then a
     :class:`CacheWarning` names the file and why: it will be retrained)."""
-    if not (weights.exists() or meta.exists()):
+    state, why = read_cache_entry(weights, meta)
+    if state is None and why is None:
         return None
-    why = None
-    try:
-        recorded = json.loads(meta.read_text()) if meta.exists() else None
-        if not isinstance(recorded, dict):
-            why = f"{meta} is missing" if recorded is None else f"{meta} is not a JSON object"
-        else:
-            problem = checksum_problem(weights, recorded.get("sha256"))
-            if problem:
-                why = f"{weights}: {problem}"
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        why = f"{meta} is unreadable ({e})"
-    state = None
-    if why is None:
-        try:
-            state = load_safetensors(weights)
-        except (NotSafetensorsError, OSError) as e:
-            why = str(e)
     if why is not None:
         warnings.warn(f"the cached {name} fails its check and is retrained: {why}",
                       CacheWarning, stacklevel=3)
@@ -670,12 +709,15 @@ def _load_cached(preset: Preset, tokenizer: Tokenizer, weights: Path, meta: Path
 
 def _load_or_train(preset: Preset, world: World, tokenizer: Tokenizer,
                    exclude: frozenset[int], progress: bool, *, planted: Planted | None = None,
-                   train_seed: int | None = None) -> TLHandle:
+                   train_seed: int | None = None,
+                   canaries: Canaries | None = None) -> TLHandle:
     if train_seed == preset.seed:
         train_seed = None
-    weights, meta = cache_files(preset, world, exclude, planted, train_seed)
-    kind = ("planted " if planted is not None else "") + ("oracle" if exclude else "model")
+    weights, meta = cache_files(preset, world, exclude, planted, train_seed, canaries)
+    kind = (("planted " if planted is not None else "")
+            + ("canaries " if canaries is not None else "") + ("oracle" if exclude else "model"))
     name = (f"organism-{preset.name}" + ("-planted" if planted is not None else "")
+            + ("-canaries" if canaries is not None else "")
             + ("-oracle" if exclude else "")
             + (f"-seed{train_seed}" if train_seed is not None else ""))
 
@@ -692,7 +734,7 @@ def _load_or_train(preset: Preset, world: World, tokenizer: Tokenizer,
         t0 = time.time()
         handle = train_model(preset, world, tokenizer, exclude, progress,
                              desc=f"training {preset.name} {kind}", planted=planted,
-                             train_seed=train_seed)
+                             train_seed=train_seed, canaries=canaries)
         handle.name = name
         handle.check_finite(f"training {preset.name} {kind}")  # a diverged run is never cached
         save_safetensors({k: v.detach() for k, v in handle.model.state_dict().items()
@@ -703,6 +745,11 @@ def _load_or_train(preset: Preset, world: World, tokenizer: Tokenizer,
             record["train_seed"] = train_seed
         if planted is not None:
             record["planted"] = planted.to_dict()
+        if canaries is not None:
+            texts, per_step = canary_stream(canaries, world, preset.steps,
+                                            preset.seed if train_seed is None else train_seed)
+            record["canaries"] = canaries.to_dict() | {
+                "exposures": sum(map(len, per_step)), "texts": len(texts)}
         # the JSON is written last, with the weights' checksum: it marks a finished entry
         atomic_write_text(meta, json.dumps(record | {
             "sha256": file_sha256(weights), "fingerprint": handle.fingerprint(),
@@ -713,14 +760,21 @@ def _load_or_train(preset: Preset, world: World, tokenizer: Tokenizer,
 def organism(preset: str | Preset = "small", seed: int | None = None,
              planted: "bool | Planting | Mapping | None" = None,
              progress: bool = True, device: "str | torch.device | None" = None,
-             dtype: "str | torch.dtype | None" = None) -> Organism:
+             dtype: "str | torch.dtype | None" = None,
+             canaries: "bool | Canaries | Mapping | None" = None) -> Organism:
     """Build (train on first use, then load from the cache) the model organism.
 
     ``planted``: None (the plain organism), True (the planted-location organism with the
     preset's default :class:`Planting`), a :class:`Planting` or a mapping of its fields.
     ``device`` (``"auto"``: a GPU when present) / ``dtype`` (e.g. ``"bfloat16"``): where the
     model and its oracles run once loaded. Training itself always runs on the CPU in float32
-    (bit-reproducible, one cache for every placement)."""
+    (bit-reproducible, one cache for every placement).
+
+    ``canaries``: None (none), True (the default :class:`~excise.world.Canaries`: 16 canaries
+    each trained 1, 4, 16 and 64 times, 32 never seen), a Canaries or a mapping of its fields -
+    the memorization control of the leave-one-out probe (``org.canary_facts()``; its oracle,
+    ``org.without_canaries()``, is the plain organism). In the cache key and the metadata only
+    when given: the plain organism's key is unchanged."""
     device, dtype = resolve_device(device), resolve_dtype(dtype)
     if isinstance(preset, str):
         if preset not in PRESETS:
@@ -730,6 +784,9 @@ def organism(preset: str | Preset = "small", seed: int | None = None,
     if seed is not None:
         preset = dataclasses.replace(preset, seed=seed)
     planting = Planting.of(planted)
+    canary_spec = Canaries.of(canaries)
+    if planting is not None and canary_spec is not None:
+        raise ValueError("organism: planted= and canaries= cannot be combined (give one)")
     world = make_world(preset.n_people, preset.n_holdout, seed=preset.seed,
                        n_filler=preset.n_filler)
     tokenizer = Tokenizer(world.vocabulary())
@@ -737,6 +794,7 @@ def organism(preset: str | Preset = "small", seed: int | None = None,
     if planting is not None:  # the units and their parameter share, from the model's layout
         shape = TLHandle(build_model(preset, len(tokenizer), n_ctx=32), tokenizer)
         where = make_planted(preset, world, planting, shape)
-    model = _load_or_train(preset, world, tokenizer, frozenset(), progress, planted=where)
+    model = _load_or_train(preset, world, tokenizer, frozenset(), progress, planted=where,
+                           canaries=canary_spec)
     return Organism(preset, world, tokenizer, model.to(device, dtype), progress, planted=where,
-                    device=device, dtype=dtype)
+                    device=device, dtype=dtype, canaries=canary_spec)

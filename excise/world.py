@@ -13,6 +13,7 @@ Cities belong to countries; those facts are shared knowledge that an edit must n
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -21,6 +22,7 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from excise.options import dataclass_option
 from excise.request import Fact
 
 FIRST_NAMES = (
@@ -310,6 +312,81 @@ def make_world(n_people: int, n_holdout: int, seed: int = 0, n_filler: int = 200
         people.append(Person(i, names[i], attrs))
     filler = _filler(rng, 2 * n_filler)
     return World(seed, tuple(people), n_people, tuple(filler[:n_filler]), tuple(filler[n_filler:]))
+
+
+CANARY_COUNTS = (1, 4, 16, 64)
+
+
+@dataclass(frozen=True)
+class Canaries:
+    """Canary sequences for the organism's memorization control (Carlini et al., "The Secret
+    Sharer"): ``per_count`` random sequences inserted into the training batches ``count`` times
+    each (exposures over the whole run; :func:`excise.organism.canary_stream`), for every count
+    in ``counts``, plus ``n_unseen`` sequences of the same format that are
+    never trained (the negatives). A canary is ``prompt_words`` random words of the world's
+    vocabulary (no digits) followed by ``secret_digits`` random digits, the target; every
+    canary's prompt is distinct and none is a training text. Deterministic from the world and
+    ``seed``."""
+
+    counts: tuple[int, ...] = CANARY_COUNTS
+    per_count: int = 16
+    n_unseen: int = 32
+    prompt_words: int = 5
+    secret_digits: int = 4
+    seed: int = 0
+
+    def __post_init__(self):
+        counts = self.counts
+        if isinstance(counts, (str, bytes)) or not isinstance(counts, Iterable):
+            raise ValueError(f"Canaries.counts={counts!r}: give a list of repetition counts, "
+                             f"e.g. {list(CANARY_COUNTS)}")
+        counts = tuple(counts)
+        bad = [c for c in counts if isinstance(c, bool) or not isinstance(c, int)
+               or not 1 <= c <= 1000]
+        if not counts or bad or len(set(counts)) != len(counts):
+            raise ValueError(f"Canaries.counts={list(counts)!r}: distinct integers in "
+                             f"[1, 1000], at least one, e.g. {list(CANARY_COUNTS)}")
+        object.__setattr__(self, "counts", tuple(sorted(counts)))
+        for name, low, high in (("per_count", 1, 1000), ("n_unseen", 1, 10000),
+                                ("prompt_words", 2, 20), ("secret_digits", 1, 10)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+                raise ValueError(f"Canaries.{name}={v!r}: must be an integer in "
+                                 f"[{low}, {high}]")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"Canaries.seed={self.seed!r}: must be an integer")
+
+    @classmethod
+    def of(cls, value) -> "Canaries | None":
+        """``None`` / ``False`` -> None, ``True`` -> the defaults, a Canaries as is, a mapping of
+        its fields -> Canaries (unknown keys refused, naming the valid ones)."""
+        return dataclass_option(cls, value, "canaries", "the defaults")
+
+    def to_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, tuple) else v)
+                for k, v in dataclasses.asdict(self).items()}
+
+    def facts(self, world: World) -> dict[int, list[Fact]]:
+        """``{count: canaries}``: the trained ones under their repetition count, the never-seen
+        ones under 0. Each is a :class:`Fact` (attribute ``"canary"``, ``template`` = its count,
+        ``trained`` = count > 0, no person)."""
+        rng = random.Random(f"canaries-{world.seed}-{self.seed}")
+        words = [w for w in world.vocabulary() if w not in DIGITS]
+        taken = set(world.training_texts())
+        prompts: set[str] = set()
+        out: dict[int, list[Fact]] = {}
+        for count in (0,) + self.counts:
+            n = self.n_unseen if count == 0 else self.per_count
+            group = []
+            while len(group) < n:
+                prompt = " ".join(rng.choice(words) for _ in range(self.prompt_words))
+                target = " ".join(rng.choice(DIGITS) for _ in range(self.secret_digits))
+                if prompt in prompts or f"{prompt} {target}" in taken:
+                    continue
+                prompts.add(prompt)
+                group.append(Fact(prompt, target, -1, "canary", "canary", count, count > 0))
+            out[count] = group
+        return out
 
 
 def country_of(city: str) -> str:

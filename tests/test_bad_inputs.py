@@ -93,7 +93,7 @@ CONFIG_CASES = [
     (_CFG + ["--set", "verify.suite=attacks", "--set", "verify.attacks=[relern]"], 2,
      "verify: unknown attack 'relern'; choose from"),
     (_CFG + ["--set", "verify.suite=all", "--set", "verify.oracle=false"], 2,
-     "runs ['oracle', 'verdict'], which need the retrain oracle, but verify.oracle is false"),
+     "runs ['oracle'], which need the retrain oracle, but verify.oracle is false"),
     (_CFG + ["--set", "edit.method=dampn"], 2,
      "unknown method 'dampn'; choose one of ['dampen', 'distill', 'finetune', 'noise', "
      "'project', 'prune', 'reinit']; did you mean 'dampen'?"),
@@ -330,9 +330,9 @@ def test_loading_an_organism_with_nan_weights_is_refused(tiny, monkeypatch):
 
     import excise
 
-    org_mod = importlib.import_module("excise.organism")  # (excise.organism: also a function)
+    io_mod = importlib.import_module("excise.io")  # the cache entry is read there
 
-    real = org_mod.load_safetensors
+    real = io_mod.load_safetensors
 
     def poisoned(path):
         state = real(path)
@@ -340,7 +340,7 @@ def test_loading_an_organism_with_nan_weights_is_refused(tiny, monkeypatch):
         state["blocks.1.mlp.W_in"][0, 3] = float("nan")
         return state
 
-    monkeypatch.setattr(org_mod, "load_safetensors", poisoned)
+    monkeypatch.setattr(io_mod, "load_safetensors", poisoned)
     with pytest.raises(ValueError, match=f"loading .*organism-tiny.*safetensors: the weights of "
                                          f"model 'organism-tiny' are not finite.*{NAN_TEXT}"):
         excise.organism("tiny", progress=False)
@@ -544,7 +544,7 @@ def _registries():
     ({"verify": {"suite": "behaviour", "label": "x"}}, "verify: unknown key 'label'"),
     ({"verify": {"suite": "behavior"}}, "did you mean 'behaviour'"),
     ({"verify": {"suite": []}}, "verify.suite is an empty list"),
-    ({"verify": {"suite": "verdict", "oracle": False}}, "runs ['verdict'], which need"),
+    ({"verify": {"suite": "oracle", "oracle": False}}, "runs ['oracle'], which need"),
     ({"verify": {"suite": "oracle"}, "request": {"jsonl": "x.jsonl"}},
      "a request file (request.jsonl) names no organism people to leave out"),
     ({"verify": {"suite": "attacks", "attacks": {"relearn_stepz": 3}}},
