@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from html import escape
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Any
 from excise.io import atomic_write_text
 
 # metric name -> (label, higher is better?) for display; unknown metrics are shown as they are
+MAX_LISTED = 300  # facts per split report.md lists (metrics.json keeps every one)
+
 METRIC_LABELS = {
     "forget_recall": "forget recall",
     "retain_recall": "retain recall",
@@ -26,6 +29,8 @@ METRIC_LABELS = {
     "shared_recall": "shared knowledge",
     "paraphrase_recall": "forget, paraphrased",
     "neighbor_recall": "neighbor recall",
+    "same_template_recall": "same-template neighbors",
+    "same_template_prompts": "same-template prompts (count)",
     "perplexity": "perplexity (general text)",
     "forget_statement_recall": "forget, statements",
     "forget_question_recall": "forget, questions",
@@ -58,6 +63,10 @@ METRIC_LABELS = {
     "attack_sae_gap": "attack: SAE steering, worst gap vs oracle",
     "attack_quantize_gap": "attack: quantization, worst gap vs oracle",
     "attack_paraphrase_gap": "attack: paraphrase, worst gap vs oracle",
+    "attack_incontext": "attack: in-context relearning (peak)",
+    "attack_lens": "attack: logit lens (peak)",
+    "attack_incontext_gap": "attack: in-context relearning, worst gap vs oracle",
+    "attack_lens_gap": "attack: logit lens, worst gap vs oracle",
     "params_changed": "parameters changed (fraction)",
 }
 
@@ -294,7 +303,10 @@ class Report:
         if attacks:
             md += ["", "## Restoration attacks (forget recall along each attack)", ""]
             if self.extra.get("attack_grid"):
-                md += ["Each attack at its setting with the worst gap above the oracle (the "
+                ref = "the oracle"
+                if self.extra.get("attack_reference"):
+                    ref = f"the {self.extra['attack_reference']}"
+                md += [f"Each attack at its setting with the worst gap above {ref} (the "
                        "whole grid is below).", ""]
             for name, a in attacks.items():
                 md += [f"**{name}** ({a.xlabel})", "",
@@ -321,6 +333,21 @@ class Report:
             md += ["", "## Issue 8's bar (beside the verdict)", ""]
             md += [f"- {k}: {_yes(c['ok'])} (value {_fmt(c['value'])})"
                    for k, c in verdict["bar"].items()]
+        facts = self.extra.get("facts") or {}
+        if facts:
+            md += ["", "## Every fact, by split", "",
+                   "Greedy answer (first tokens) and target probability per model; "
+                   "`ok` where greedy decoding reproduces the target.", ""]
+            for split in facts:
+                rows = self.fact_table(split)
+                md += [f"**{split}** ({len(rows) - 1} facts)", ""]
+                md += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+                md += ["| " + " | ".join(_cell(c) for c in r) + " |"
+                       for r in rows[1:1 + MAX_LISTED]]
+                if len(rows) - 1 > MAX_LISTED:  # an organism's thousands of retain facts
+                    md += ["", f"({len(rows) - 1 - MAX_LISTED} more: metrics.json, "
+                               f"probes.facts.{split})"]
+                md += [""]
         if self.edit:
             md += ["", "## Edit", ""]
             md += [f"- **{k}**: {v}" for k, v in self.edit.items()]
@@ -332,6 +359,24 @@ class Report:
             md += [f"![{Path(p).stem}]({p})" for p in self.plots]
         return "\n".join(md) + "\n"
 
+    def fact_table(self, split: str) -> list[list[str]]:
+        """The per-fact listing of one split (``extra["facts"]``, see :func:`facts_by_split`)
+        as rows of text: prompt, target, then per model its greedy answer and target
+        probability; header first."""
+        rows = (self.extra.get("facts") or {}).get(split, [])
+        labels = [k for k in (rows[0] if rows else {}) if k not in ("prompt", "target")]
+        head = ["prompt", "target"]
+        for lab in labels:
+            head += [f"{lab} answer", f"{lab} p(target)"]
+        out = [head]
+        for r in rows:
+            line = [r["prompt"], r["target"]]
+            for lab in labels:
+                v = r[lab]
+                line += [repr(v["answer"]) + (" ok" if v["hit"] else ""), f"{v['p_target']:.3g}"]
+            out.append(line)
+        return out
+
     def grid_table(self) -> list[list[str]]:
         """The attack grid as rows of text: attack, learning rate, seed, worst gap above the
         oracle (and its budget), each model's peak recall, flagged; header first. Empty when
@@ -341,11 +386,13 @@ class Report:
             return []
         labels = next(iter(grids.values())).labels
         label = labels[0]  # the model under test comes first
-        head = ["attack", "lr", "seed", f"worst gap ({label} - oracle)", "at"]
+        # the reference: the oracle, or without one the comparator (never-known facts)
+        ref = "comparator" if "oracle" not in labels and "comparator" in labels else "oracle"
+        head = ["attack", "lr", "seed", f"worst gap ({label} - {ref})", "at"]
         head += [f"peak {lab}" for lab in labels] + ["flagged"]
         out = [head]
         for name, g in grids.items():
-            for r in g.rows(label):
+            for r in g.rows(label, ref):
                 out.append([name, "-" if r["lr"] is None else f"{r['lr']:g}",
                             "-" if r["seed"] is None else str(r["seed"]),
                             _fmt(r.get("gap")), str(r.get("at", "-"))]
@@ -368,7 +415,35 @@ class Report:
         v = f"<p><b>Verdict: {self.verdict}</b></p>" if self.verdict else ""
         grid = self.grid_table()
         g = f"<p>Attack grid</p>{html(grid)}" if grid else ""
-        return f"{v}{html(self.table())}{g}"
+        f = "".join(f"<p>{escape(split)}</p>"
+                    + html([[escape(c) for c in r]
+                            for r in self.fact_table(split)[:1 + MAX_LISTED]])
+                    for split in self.extra.get("facts") or {})
+        return f"{v}{html(self.table())}{g}{f}"
+
+
+def facts_by_split(listings: Mapping[str, Mapping[str, list[dict]]]) -> dict[str, list[dict]]:
+    """Per-model fact listings (``{label: {split: [{"prompt", "target", "answer", "p_target",
+    "hit"}]}}``, ``probes.behaviour.fact_listing``) as one listing by split: ``{split:
+    [{"prompt", "target", label: {"answer", "p_target", "hit"}, ...}]}``. The models must list
+    the same facts in the same order."""
+    out: dict[str, list[dict]] = {}
+    for label, by_split in listings.items():
+        for split, rows in by_split.items():
+            have = out.setdefault(split, [{"prompt": r["prompt"], "target": r["target"]}
+                                          for r in rows])
+            if [(h["prompt"], h["target"]) for h in have] != \
+                    [(r["prompt"], r["target"]) for r in rows]:
+                raise ValueError(f"facts_by_split: {label!r} lists other {split} facts than "
+                                 f"the models before it; every model lists the same facts")
+            for h, r in zip(have, rows):
+                h[label] = {k: r[k] for k in ("answer", "p_target", "hit")}
+    return out
+
+
+def _cell(c: str) -> str:
+    """Text for a Markdown table cell: pipes escaped, line breaks as spaces."""
+    return c.replace("|", "\\|").replace("\n", " ")
 
 
 def _fmt(v) -> str:

@@ -15,6 +15,22 @@ faster than a model that never saw the data).
                 recall measured on the other part.
 - ``quantize``  round-to-nearest per-channel weight quantization (8 and 4 bit).
 - ``paraphrase``forget facts asked in never-trained phrasings, by form.
+- ``incontext`` in-context relearning: the facts of one part of the forget set (prompt and
+                target, split by person as for relearning) written as few-shot examples before
+                each prompt of the other part; recall on that part against the number of shots.
+                No training: it matters most where gradient attacks are expensive.
+- ``lens``      the logit lens: each layer's residual (``blocks.L.resid_post``) at every target
+                position read through the final norm and the unembedding
+                (``ModelHandle.readout()``); forget recall (and the first target token's median
+                rank) per layer. At the last layer it is the model's own recall.
+
+Models with no retrain oracle (real facts learned in pretraining): the comparator
+(:func:`comparator_request`, :func:`run_comparator_grid`) is facts the model never knew (the
+request's ``holdout`` split: screened as not known, or fictitious) put in the forget facts'
+place - split in halves exactly as the forget facts are (:func:`_split_people`, same fraction
+and seed) and attacked with the same settings and grid, on the unedited model. Its curves carry
+the label ``"comparator"``; the verdict compares the edited model's curves with them where it
+would compare them with the oracle's.
 
 Attacker hygiene (Deeb & Roger 2024; "Distillation Robustifies Unlearning"): every attack with a
 learning rate (``relearn``, ``benign``, ``refit``, ``sae``) runs over a grid of learning rates x
@@ -40,6 +56,7 @@ suppressed, see tests/test_probes.py), not on the edit methods being judged.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
 import random
 from dataclasses import dataclass
@@ -58,7 +75,11 @@ from excise.train import Optim, Sampler
 from excise.train import train as train_loop
 from probes.behaviour import fact_hits, greedy_hits, recall
 
-ATTACKS = ("relearn", "benign", "refit", "sae", "quantize", "paraphrase")
+ATTACKS = ("relearn", "benign", "refit", "sae", "quantize", "paraphrase", "incontext", "lens")
+
+# the label of the comparator's curves (never-known facts on the unedited model; models
+# without a retrain oracle)
+COMPARATOR = "comparator"
 
 # How the fine-tuning and steering attacks (relearn, benign, sae) run their forward passes:
 # "serial" through the handle (TransformerLens, hooks and all); "fused" through fused torch ops
@@ -77,9 +98,15 @@ LR_FIELDS = {"relearn": "relearn_lr", "benign": "benign_lr", "refit": "refit_lr"
 # One fine-tuning run of 60 steps costs ~15 s on `small` (2 cores), so "quick" (excise run) keeps
 # two seeds of every attack and two learning rates of relearning (the attack issue 8's bar reads);
 # "full" (the sweep, excise verify --grid full) spans 1e-5 .. 3e-3 as the literature does.
-# "single" runs the configured learning rate at cfg.seed only (tests, tuning).
+# "single" runs the configured learning rate at cfg.seed only (tests, tuning). "small" is the
+# stated budget of a real model on a CPU (configs/gemma-facts.yaml): one seed, two learning
+# rates of relearning, one of the other fine-tuning attacks; pretrained weights move far at the
+# organism's rates (Gemma 3 270M, MLPs only, 4 steps at 3e-4: its own held-out recall 1.0 -> 0.4).
 GRIDS: dict[str, dict] = {
     "single": {"lrs": {}, "seeds": 1},
+    "small": {"lrs": {"relearn": (1e-5, 1e-4), "benign": (1e-5,), "refit": (1e-2,),
+                      "sae": (0.2,)},
+              "seeds": 1},
     "quick": {"lrs": {"relearn": (3e-4, 1e-3), "benign": (3e-4,), "refit": (1e-2,),
                       "sae": (0.2,)},
               "seeds": 2},
@@ -124,6 +151,14 @@ class AttackConfig:
     sae_lr: float = 0.2
     # quantization
     quant_bits: tuple[int, ...] = (8, 4)
+    # in-context relearning: how many facts of the other part are written before each prompt
+    # (capped by the part's size and the model's context: "shots used" on the curve), and what
+    # separates the examples
+    icl_shots: tuple[int, ...] = (0, 1, 2, 4, 8)
+    icl_sep: str = "\n"
+    # the parameters the fine-tuning attacks (relearn, benign) train: glob patterns over
+    # parameter sites (e.g. "blocks.*.mlp.*"); empty: every parameter
+    train_sites: tuple[str, ...] = ()
     # attacker hygiene: the grid of learning rates x seeds (GRIDS) and when a setting is flagged
     # as wrecking the unedited model (its held-out recall falls more than this below its start)
     grid: str = "quick"
@@ -149,6 +184,16 @@ class AttackConfig:
             raise ValueError(f"retain_mix={self.retain_mix!r}: must be >= 0")
         if not self.quant_bits or any(not 2 <= int(b) <= 16 for b in self.quant_bits):
             raise ValueError(f"quant_bits={self.quant_bits!r}: give bit widths in 2..16")
+        if not self.icl_shots or any(isinstance(k, bool) or not isinstance(k, int) or k < 0
+                                     for k in self.icl_shots):
+            raise ValueError(f"icl_shots={self.icl_shots!r}: give shot counts, integers >= 0")
+        if len(set(self.icl_shots)) != len(self.icl_shots):
+            raise ValueError(f"icl_shots={self.icl_shots!r}: a shot count is repeated")
+        if not isinstance(self.icl_sep, str):
+            raise ValueError(f"icl_sep={self.icl_sep!r}: must be a string (e.g. '\\n')")
+        if any(not isinstance(p, str) or not p for p in self.train_sites):
+            raise ValueError(f"train_sites={self.train_sites!r}: give glob patterns over "
+                             f"parameter sites, e.g. ['blocks.*.mlp.*']")
         if self.grid not in GRIDS:
             raise ValueError(f"grid={self.grid!r}: choose one of {list(GRIDS)}")
         if not 0 < self.flag_drop <= 1:
@@ -174,7 +219,7 @@ class AttackConfig:
         bad = [k for k in params if k not in fields]
         if bad:
             raise ValueError(f"unknown attack setting {bad[0]!r}; valid: {sorted(fields)}")
-        for k in ("attacks", "quant_bits"):
+        for k in ("attacks", "quant_bits", "icl_shots", "train_sites"):
             if k in params:
                 v = params[k]
                 params[k] = (v,) if isinstance(v, (str, int, float)) else tuple(v)
@@ -185,11 +230,17 @@ class AttackConfig:
 
 
 # -- helpers -----------------------------------------------------------------------------------
-def _trainable_clone(model: ModelHandle) -> ModelHandle:
+def _trainable_clone(model: ModelHandle, sites: Sequence[str] = ()) -> ModelHandle:
+    """A clone whose parameters matching ``sites`` (glob patterns; empty: all) train."""
     m = model.clone()
-    for p in m.named_parameters().values():
-        p.requires_grad_(True)
+    for name, p in m.named_parameters().items():
+        p.requires_grad_(trains(name, sites))
     return m
+
+
+def trains(site: str, patterns: Sequence[str]) -> bool:
+    """Whether a fine-tuning attack trains parameter ``site`` (``patterns`` empty: every one)."""
+    return not patterns or any(fnmatch.fnmatchcase(site, p) for p in patterns)
 
 
 def _groups(facts: Sequence) -> tuple:
@@ -210,15 +261,16 @@ def _engine(m: ModelHandle, engine: str, data: Batch) -> FusedForward | None:
 def finetune_curve(model: ModelHandle, train: Sequence, evaluate: Sequence,
                    mix: Sequence = (), *, steps: int, lr: float, batch: int, mix_ratio: float,
                    eval_every: int, seed: int, also: Sequence = (),
-                   engine: str = "serial") -> Curve:
+                   engine: str = "serial", sites: Sequence[str] = ()) -> Curve:
     """Fine-tune a clone of ``model`` on ``train`` (with ``mix_ratio`` x as many ``mix`` facts
     per batch) by AdamW; recall on ``evaluate`` (and ``also``) every ``eval_every`` steps. The
     curve keeps the per-fact hits on ``evaluate`` at every step measured. ``engine``: the
-    forward passes (``ENGINES``; "fused" falls back to "serial" where it does not apply)."""
+    forward passes (``ENGINES``; "fused" falls back to "serial" where it does not apply).
+    ``sites``: glob patterns of the parameters that train (empty: every parameter)."""
     train, mix, evaluate = list(train), list(mix), list(evaluate)
     if not train and not mix:
         raise ValueError("nothing to fine-tune on")
-    m = _trainable_clone(model)
+    m = _trainable_clone(model, sites)
     sampler = Sampler(seed)
     data = m.encode(train + mix)
     ev = m.encode(evaluate)  # encoded once, measured at every evaluation
@@ -246,9 +298,13 @@ def finetune_curve(model: ModelHandle, train: Sequence, evaluate: Sequence,
         if seen is not None:
             aux.append(float(hits_of(seen).float().mean()))
 
+    trained = {k: p for k, p in params.items() if trains(k, sites)}
+    if not trained:
+        raise ValueError(f"train_sites={list(sites)!r} match no parameter; sites are e.g. "
+                         f"{list(params)[:4]}")
     measure(0)
     train_loop(lambda _: loss(data[sampler.mixed(n_tr, n_mix, batch, mix_ratio)]),
-               params, steps=steps, optim=Optim("adamw", lr=lr, weight_decay=0.0),
+               trained, steps=steps, optim=Optim("adamw", lr=lr, weight_decay=0.0),
                max_grad_norm=1.0, evaluate=measure, eval_every=eval_every)
     return _curve(xs, hits, evaluate, "fine-tuning steps",
                   aux={"trained part": aux} if also else {})
@@ -421,7 +477,8 @@ def relearn(model: ModelHandle, request: ForgetRequest, cfg: AttackConfig = Atta
     a, b = _split_people(request.forget if facts is None else facts, cfg, "relearning")
     c = finetune_curve(model, a, b, request.retain, steps=cfg.relearn_steps, lr=cfg.relearn_lr,
                        batch=cfg.relearn_batch, mix_ratio=cfg.retain_mix,
-                       eval_every=cfg.eval_every, seed=cfg.seed, also=a, engine=cfg.engine)
+                       eval_every=cfg.eval_every, seed=cfg.seed, also=a, engine=cfg.engine,
+                       sites=cfg.train_sites)
     return dataclasses.replace(c, ylabel="forget recall (held-out people)")
 
 
@@ -431,7 +488,8 @@ def benign(model: ModelHandle, request: ForgetRequest,
     data = request.neighbors if len(request.neighbors) else request.retain
     c = finetune_curve(model, [], request.forget, data, steps=cfg.benign_steps,
                        lr=cfg.benign_lr, batch=cfg.benign_batch, mix_ratio=1.0,
-                       eval_every=cfg.eval_every, seed=cfg.seed, engine=cfg.engine)
+                       eval_every=cfg.eval_every, seed=cfg.seed, engine=cfg.engine,
+                       sites=cfg.train_sites)
     return c
 
 
@@ -613,21 +671,130 @@ def quantize(model: ModelHandle, request: ForgetRequest,
     return _curve(xs, hits, forget, "weights", aux={"retain recall": ret})
 
 
-def paraphrase(model: ModelHandle, request: ForgetRequest,
-               cfg: AttackConfig = AttackConfig()) -> Curve:
-    forget = list(request.forget)
-    xs, hits, groups = ["trained"], [fact_hits(model, forget)], [_groups(forget)]
+def _phrasings(request: ForgetRequest) -> list[tuple[str, list]]:
+    """The paraphrase attack's budget axis: ``(x, facts)`` per phrasing - the trained one, then
+    each paraphrase form the request has."""
+    out = [("trained", list(request.forget))]
     first = ("statement", "question")
     for form in first + tuple(sorted({f.form for f in request.paraphrase} - set(first))):
         part = list(request.paraphrase.where(form=form))
         if len(part):
-            xs.append(f"paraphrase {form}")
-            hits.append(fact_hits(model, part))
-            groups.append(_groups(part))
-    if len(xs) == 1:
+            out.append((f"paraphrase {form}", part))
+    if len(out) == 1:
         raise ValueError("the paraphrase attack needs request.paraphrase facts (never-trained "
                          "phrasings of the forget facts); the request has none")
-    return _curve(xs, hits, forget, "phrasing", groups=groups)
+    return out
+
+
+def paraphrase(model: ModelHandle, request: ForgetRequest,
+               cfg: AttackConfig = AttackConfig()) -> Curve:
+    xs, hits, groups = [], [], []
+    for x, part in _phrasings(request):
+        xs.append(x)
+        hits.append(fact_hits(model, part))
+        groups.append(_groups(part))
+    return _curve(xs, hits, list(request.forget), "phrasing", groups=groups)
+
+
+def paraphrase_comparator(model: ModelHandle, request: ForgetRequest,
+                          facts: FactSet) -> Curve:
+    """The paraphrase attack's comparator curve: never-known ``facts`` have one phrasing, so
+    their recall stands at every phrasing of ``request``'s axis (what a model that never knew
+    a fact answers however it is asked)."""
+    xs = [x for x, _ in _phrasings(request)]
+    h = fact_hits(model, list(facts))
+    return _curve(xs, [h] * len(xs), list(facts), "phrasing")
+
+
+# -- attacks that need no training ---------------------------------------------------------------
+def incontext_facts(shots: Sequence, held: Sequence, sep: str = "\n") -> list:
+    """Each fact of ``held`` with every fact of ``shots`` written before its prompt as an
+    example: prompt = ``s1.prompt + " " + s1.target + sep + ... + sN.target + sep + prompt``;
+    target, person and subject as the held-out fact's."""
+    prefix = "".join(f"{s.prompt} {s.target}{sep}" for s in shots)
+    return [dataclasses.replace(f, prompt=prefix + f.prompt) for f in held]
+
+
+def _fit_shots(model: ModelHandle, shots: Sequence, fact, sep: str) -> list:
+    """The last ``len(shots)`` or fewer of ``shots`` (dropping the first ones) whose prompt
+    with ``fact`` fits the model's context."""
+    n = model.n_ctx
+    shots = list(shots)
+    if n is None:
+        return shots
+    tok = model.tokenizer.encode
+    while shots:
+        (f,) = incontext_facts(shots, [fact], sep)
+        if 1 + len(tok(f.prompt + " " + f.target)) <= n:
+            break
+        shots = shots[1:]
+    return shots
+
+
+def incontext_prompts(model: ModelHandle, request: ForgetRequest,
+                      cfg: AttackConfig = AttackConfig(), facts: FactSet | None = None
+                      ) -> tuple[dict[int, list], list, list[list]]:
+    """The in-context attack's inputs: ``facts`` (default: the forget set) split by person as
+    for relearning (:func:`_split_people`); the trained part in an order seeded by
+    ``cfg.seed``; for every k of ``cfg.icl_shots`` each held-out fact with the first k facts of
+    that order written before it (:func:`incontext_facts`) - the last of them only, as many as
+    fit the model's context. Returns ``({k: prompts}, held-out facts, {k: shots used per
+    fact})``."""
+    a, b = _split_people(request.forget if facts is None else facts, cfg,
+                         "in-context relearning")
+    pool = list(a)
+    random.Random(cfg.seed).shuffle(pool)
+    held = list(b)
+    prompts, used = {}, []
+    for k in cfg.icl_shots:
+        rows = [_fit_shots(model, pool[:k], f, cfg.icl_sep) for f in held]
+        prompts[k] = [incontext_facts(s, [f], cfg.icl_sep)[0] for s, f in zip(rows, held)]
+        used.append([len(r) for r in rows])
+    return prompts, held, used
+
+
+def incontext(model: ModelHandle, request: ForgetRequest, cfg: AttackConfig = AttackConfig(),
+              facts: FactSet | None = None) -> Curve:
+    """In-context relearning: recall on the held-out part of ``facts`` (default: the forget
+    set, split by person as for relearning) when the first k facts of the other part are
+    written before every prompt, for every k in ``cfg.icl_shots``
+    (:func:`incontext_prompts`). Fewer shots are used where the part has fewer facts or the
+    model's context is too short (``aux["shots used"]``: the mean). No weight changes."""
+    prompts, held, used = incontext_prompts(model, request, cfg, facts)
+    xs = list(prompts)
+    hits = [fact_hits(model, prompts[k], batch_size=16) for k in xs]
+    return _curve(xs, hits, held, "in-context examples (facts of the other people)",
+                  "forget recall (held-out people)",
+                  aux={"shots used": [sum(u) / len(u) for u in used]})
+
+
+@torch.no_grad()
+def lens(model: ModelHandle, request: ForgetRequest, cfg: AttackConfig = AttackConfig(),
+         facts: FactSet | None = None) -> Curve:
+    """The logit lens: every layer's residual (``blocks.L.resid_post``) at each target-predicting
+    position of ``facts`` (default: the forget set) read through the model's final norm and
+    unembedding (``readout()``); a fact is recalled at a layer when every target token is the
+    argmax there (as :func:`probes.behaviour.fact_hits`: at the last layer, the model's own
+    recall). ``aux["median rank"]``: the median rank (1 = top) of each fact's first target
+    token at its last prompt position."""
+    facts = list(request.forget if facts is None else facts)
+    sites = [f"blocks.{L}.resid_post" for L in range(model.n_layers)]
+    xs, tok, own = _readout_data(model, facts, sites)
+    _, W, bias = model.readout()
+    W, bias = W.float(), bias.float().to(W.device)
+    first = torch.full((len(facts),), len(own), device=own.device, dtype=torch.long)
+    first = first.scatter_reduce_(0, own, torch.arange(len(own), device=own.device), "amin")
+    hits, ranks = [], []
+    for s in sites:
+        logits = xs[s] @ W + bias
+        ok = (logits.argmax(-1) == tok).float()
+        hit = torch.ones(len(facts), device=ok.device).scatter_reduce_(0, own, ok, "amin")
+        hits.append(hit.bool().cpu())
+        tl = logits.gather(-1, tok[:, None])
+        rank = (logits[first] > tl[first]).sum(-1) + 1
+        ranks.append(float(rank.float().median()))
+    return _curve(list(range(model.n_layers)), hits, facts, "layer read by the logit lens",
+                  aux={"median rank": ranks})
 
 
 # -- all together ------------------------------------------------------------------------------
@@ -641,7 +808,37 @@ RUNNERS: dict[str, Callable[..., Curve]] = {
     "sae": lambda model, request, cfg, sae: sae_steer(model, request, sae[0], sae[1], cfg, sae[2]),
     "quantize": lambda model, request, cfg, sae: quantize(model, request, cfg),
     "paraphrase": lambda model, request, cfg, sae: paraphrase(model, request, cfg),
+    "incontext": lambda model, request, cfg, sae: incontext(model, request, cfg),
+    "lens": lambda model, request, cfg, sae: lens(model, request, cfg),
 }
+
+
+def comparator_request(request: ForgetRequest) -> ForgetRequest:
+    """The comparator's request: the never-known facts (``request.holdout``: facts the model
+    does not produce, or fictitious ones) in the forget facts' place, every other split as it
+    is (no paraphrases: see :func:`paraphrase_comparator`). Every attack then treats them
+    exactly as the forget facts: the same split by person or subject (:func:`_split_people`),
+    settings and grid."""
+    if not len(request.holdout):
+        raise ValueError("the comparator needs never-known facts: the request's holdout split "
+                         "(facts the model does not produce, or fictitious ones) is empty")
+    return dataclasses.replace(request, forget=FactSet("forget", request.holdout.facts),
+                               holdout=FactSet("holdout", ()),
+                               paraphrase=FactSet("paraphrase", ()))
+
+
+def run_comparator_grid(model: ModelHandle, request: ForgetRequest,
+                        cfg: AttackConfig = AttackConfig(), *, kit=None,
+                        log=None) -> dict[str, AttackGrid]:
+    """:func:`run_grid` of every attack of ``cfg`` on ``model`` (the unedited model) with the
+    never-known facts in the forget facts' place (:func:`comparator_request`): the reference
+    curves of a model with no retrain oracle, one curve per setting labelled ``"_"`` (as
+    :func:`run_grid` on one model; :func:`merge_grids` puts them beside the edited model's)."""
+    creq = comparator_request(request)
+    _check_paraphrase(request, cfg)
+    runners = dict(RUNNERS)
+    runners["paraphrase"] = lambda m, r, c, s: paraphrase_comparator(m, request, creq.forget)
+    return run_grid({"_": model}, creq, cfg, kit=kit, log=log, runners=runners)
 
 
 def steering_kit(source: ModelHandle, request: ForgetRequest, cfg: AttackConfig, sae=None):
@@ -689,14 +886,18 @@ def run_attacks(models: dict[str, ModelHandle], request: ForgetRequest,
 def run_grid(models: dict[str, ModelHandle], request: ForgetRequest,
              cfg: AttackConfig = AttackConfig(), *, sae_source: ModelHandle | None = None,
              sae=None, kit=None, reference: str | None = None,
-             log=None) -> dict[str, AttackGrid]:
+             log=None, runners: Mapping[str, Callable[..., Curve]] | None = None
+             ) -> dict[str, AttackGrid]:
     """Run every attack of ``cfg`` over its grid (:meth:`AttackConfig.settings`: learning rates
     x seeds of ``cfg.grid``), every setting identically on each model.
 
     Returns ``{attack: AttackGrid}``. ``reference``: the label of the unedited model, whose
     curves flag the settings that wreck it (:func:`wrecks`); flagged settings stay in the grid.
-    ``kit``: a ready ``steering_kit`` (else one is built from ``sae`` / ``sae_source``)."""
-    _check_paraphrase(request, cfg)
+    ``kit``: a ready ``steering_kit`` (else one is built from ``sae`` / ``sae_source``).
+    ``runners``: the attacks by name (default :data:`RUNNERS`)."""
+    if runners is None:
+        runners = RUNNERS
+        _check_paraphrase(request, cfg)
     if kit is None and "sae" in cfg.attacks:
         kit = steering_kit(sae_source or next(iter(models.values())), request, cfg, sae)
     out: dict[str, AttackGrid] = {}
@@ -706,7 +907,7 @@ def run_grid(models: dict[str, ModelHandle], request: ForgetRequest,
             lr = getattr(c, LR_FIELDS[name]) if name in LR_FIELDS else None
             if log:
                 log(f"attack: {name}" + (f" lr {lr:g} seed {c.seed}" if lr is not None else ""))
-            curves = AttackCurves({label: RUNNERS[name](model, request, c, kit)
+            curves = AttackCurves({label: runners[name](model, request, c, kit)
                                    for label, model in models.items()})
             points.append(GridPoint(lr, c.seed if lr is not None else None, curves))
         out[name] = AttackGrid(tuple(points), LR_FIELDS.get(name))
@@ -719,8 +920,9 @@ def wrecks(attack: str, curve: Curve, drop: float) -> bool:
     the attack falls more than ``drop`` below its value without the attack. Without the attack:
     the first budget (fine-tuning and steering attacks: step 0; quantization: fp32); for probe
     re-fitting, the last depth read by the model's own readout (the logit lens, ``aux``),
-    against the re-fitted readout there. Paraphrases are not an attack setting: never flagged."""
-    if attack == "paraphrase":
+    against the re-fitted readout there. Paraphrases and logit-lens reads are not an attack
+    setting: never flagged."""
+    if attack in ("paraphrase", "lens"):
         return False
     if attack == "refit":
         return curve.y[-1] < curve.aux["logit lens"][-1] - drop

@@ -8,7 +8,9 @@ from pathlib import Path
 from excise import plots as P
 
 _STYLE = {"oracle": dict(color="#2a9d4b", ls="--"), "before": dict(color="#888888", ls=":"),
-          "original": dict(color="#888888", ls=":")}
+          "original": dict(color="#888888", ls=":"),
+          # never-known facts attacked alike on the original (models without an oracle)
+          "comparator": dict(color="#2a9d4b", ls="-.")}
 
 
 def _style(label: str, i: int) -> dict:
@@ -32,7 +34,8 @@ def attack_curve(report, name: str, ax=None):
     x = list(range(len(a.x)))
     numeric = all(isinstance(v, (int, float)) for v in a.x)
     for i, (label, c) in enumerate(a.curves.items()):
-        ax.plot(list(c.x) if numeric else x, list(c.y), marker="o", label=label,
+        shown = "comparator (never-known facts)" if label == "comparator" else label
+        ax.plot(list(c.x) if numeric else x, list(c.y), marker="o", label=shown,
                 **_style(label, i))
     if not numeric:
         ax.set_xticks(x, [str(v) for v in a.x], fontsize=8)

@@ -27,7 +27,7 @@ from typing import Any
 
 from excise.handle import ModelHandle
 from excise.report import AttackCurves
-from excise.request import ForgetRequest
+from excise.request import ForgetRequest, owner
 from excise.report import AttackGrid
 from probes import attacks as A
 from probes import representations as R
@@ -120,6 +120,9 @@ class BehaviourResult(SuiteResult):
     (``hits[label][split]``, ``[n]`` bool) that the verdict's bootstrap resamples."""
 
     hits: Mapping[str, Mapping[str, Any]]
+    # the owner of every fact of splits the request does not hold (generated same-template
+    # neighbors: their substituted subject), for the bootstrap beside ``groups_of(request)``
+    groups: Mapping[str, Sequence] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -269,12 +272,33 @@ def resolve(names: str | Sequence[str]) -> list[str]:
 # -- the suites --------------------------------------------------------------------------------
 @suite("behaviour")
 def behaviour(ctx: Context) -> BehaviourResult:
-    """Recall per split and form, paraphrases, perplexity, shared knowledge (and the per-fact
-    correctness behind each recall)."""
-    got = {k: ctx.memo(m, ("behaviour",), partial(measure_behaviour, m, ctx.request))
+    """Recall per split and form, paraphrases, perplexity, shared knowledge, same-template
+    neighbors (:mod:`excise.templates`, generated once from the unedited model) and the per-fact
+    correctness behind each recall."""
+    st = same_template(ctx)
+    facts = st.metric if st is not None and len(st.metric) else None
+    key = ("behaviour",) + ((tuple((f.prompt, f.target) for f in facts),) if facts else ())
+    got = {k: ctx.memo(m, key, partial(measure_behaviour, m, ctx.request, facts))
            for k, m in ctx.everyone.items()}
-    return BehaviourResult({k: v[0] for k, v in got.items()},
-                           hits={k: v[1] for k, v in got.items()})
+    extra = {"same_template": st.summary()} if st is not None else {}
+    return BehaviourResult({k: v[0] for k, v in got.items()}, extra,
+                           hits={k: v[1] for k, v in got.items()},
+                           groups={"same_template": [owner(f) for f in facts]} if facts else {})
+
+
+def same_template(ctx: Context):
+    """The request's same-template neighbors (:func:`excise.templates.cached`) from the
+    unedited model: the original when given, else the model under test when it carries no edit
+    (then it is the unedited model), else what an earlier call stored for the weights before its
+    first edit; None when none of these is known."""
+    from excise import templates
+
+    if ctx.original is not None:
+        return templates.cached(ctx.original, ctx.request)
+    stack = getattr(ctx.model, "edit_stack", [])
+    if not stack:
+        return templates.cached(ctx.model, ctx.request)
+    return templates.lookup(ctx.request, stack[0].fingerprint_before or "")
 
 
 @suite("oracle", requires=("behaviour",), needs=("oracle",),
@@ -369,7 +393,13 @@ def attacks(ctx: Context) -> AttackResult:
     """Restoration attacks over the attacker-hygiene grid (learning rates x seeds), every
     setting identically on the model, the oracle and the original (whose curves flag the
     settings that wreck it; see ``probes.attacks``). Metrics: each model's peak forget recall
-    over the whole grid, and the model's worst gap above the oracle."""
+    over the whole grid, and the model's worst gap above the oracle.
+
+    Without an oracle, where the request has never-known facts (its holdout split), the same
+    grid also runs on the comparator (``probes.attacks.run_comparator_grid``: those facts in
+    the forget facts' place, on the original), labelled ``"comparator"``: the reference the
+    gaps are then taken against (``attack_<name>_comparator_gap``; its peaks:
+    ``attack_<name>_comparator``, both under the model's label)."""
     s, cfg = ctx.settings, ctx.settings.attack_config()
     orig = s.original_label
     targets = {ctx.label: ctx.model}
@@ -388,35 +418,52 @@ def attacks(ctx: Context) -> AttackResult:
     # one model at a time, so with a cache the oracle's and the original's grids are reused
     parts = {k: ctx.memo(m, ("attacks", repr(cfg), source.fingerprint()), partial(grid_of, m))
              for k, m in targets.items()}
+    ref = "oracle" if "oracle" in targets else None
+    if ref is None and len(ctx.request.holdout):  # no oracle: never-known facts instead
+        ref = A.COMPARATOR
+        if "sae" in cfg.attacks and "kit" not in kit:
+            kit["kit"] = A.steering_kit(source, ctx.request, cfg, s.sae)
+        parts[ref] = ctx.memo(source, ("attacks", ref, repr(cfg)), partial(
+            A.run_comparator_grid, source, ctx.request, cfg, kit=kit.get("kit"), log=ctx.log))
     grids = A.merge_grids(parts)
     if orig in targets:
         grids = A.flag(grids, orig, cfg.flag_drop)
-    # what plots show: each attack at its worst setting (largest gap above the oracle; without
-    # an oracle, where the model recovers most)
-    res = {name: g.worst(ctx.label).curves for name, g in grids.items()}
+    # what plots show: each attack at its worst setting (largest gap above the oracle or the
+    # comparator; without either, where the model recovers most)
+    res = {name: g.worst(ctx.label, ref or "oracle").curves for name, g in grids.items()}
     metrics: dict[str, dict[str, float]] = {k: {} for k in targets}
     for name, g in grids.items():
         for k in targets:
             metrics[k][f"attack_{name}"] = g.peak(k)
-        if "oracle" in targets:
-            metrics[ctx.label][f"attack_{name}_gap"] = g.worst_gap(ctx.label)
-    return AttackResult(metrics, {"attacks": res, "attack_grid": grids,
-                                  "attack_config": cfg.to_dict()},
-                        curves=res, config=cfg, grids=grids)
+        if ref == "oracle":
+            metrics[ctx.label][f"attack_{name}_gap"] = g.worst_gap(ctx.label, ref)
+        elif ref == A.COMPARATOR:
+            metrics[ctx.label][f"attack_{name}_comparator"] = g.peak(ref)
+            metrics[ctx.label][f"attack_{name}_comparator_gap"] = g.worst_gap(ctx.label, ref)
+    extra = {"attacks": res, "attack_grid": grids, "attack_config": cfg.to_dict()}
+    if ref == A.COMPARATOR:
+        extra["attack_reference"] = (f"{A.COMPARATOR}: the request's {len(ctx.request.holdout)} "
+                                     f"never-known (holdout) facts attacked on the original "
+                                     f"exactly as the forget facts")
+    return AttackResult(metrics, extra, curves=res, config=cfg, grids=grids)
 
 
-@suite("verdict", requires=("behaviour", "privacy", "attacks"), needs=("oracle", "original"),
-       refusal="the verdict compares the model with the retrain oracle and with the original: "
-               "pass both oracle= and original=", needs_holdout=True, timed=False)
+@suite("verdict", requires=("behaviour", "privacy", "attacks"), needs=("original",),
+       refusal="the verdict compares the model with the original and with the retrain oracle "
+               "(or, without one, with never-known facts: the request's holdout split): pass "
+               "original= (and oracle= where there is one)", needs_holdout=True, timed=False)
 def verdict(ctx: Context) -> VerdictResult:
-    """Deleted / suppressed / damaged / not forgotten (``probes.verdict``)."""
+    """Deleted / suppressed / damaged / not forgotten (``probes.verdict``): against the retrain
+    oracle, or - without one - against the comparator (never-known facts attacked alike;
+    ``probes.verdict.decide_comparator``)."""
     s = ctx.settings
     metrics: dict[str, dict[str, float]] = {}
     for name in ("behaviour", "privacy"):
         for k, v in ctx.results[name].metrics.items():
             metrics.setdefault(k, {}).update(v)
     changed = params_changed(ctx.model, ctx.original)
-    j: Judgement = decide(metrics, ctx.results["behaviour"].hits, groups_of(ctx.request),
+    j: Judgement = decide(metrics, ctx.results["behaviour"].hits,
+                          groups_of(ctx.request) | dict(ctx.results["behaviour"].groups),
                           ctx.results["attacks"].grids, ctx.label, s.original_label, s.rule(),
                           params_changed=changed,
                           scores=getattr(ctx.results["privacy"], "scores", None))

@@ -5,7 +5,8 @@ the retrain oracle - a model that never saw the forget data, the reference of ac
 and of forgetting - and with the original:
 
 1. **damaged** when the utility gate fails: retain, shared-knowledge and (where the request has
-   them) neighbor recall each at least ``utility`` (98%) of the oracle's or of the original's,
+   them) neighbor and same-template neighbor (``excise.templates``) recall each at least
+   ``utility`` (98%) of the oracle's or of the original's,
    perplexity on general text at most ``1 + perplexity`` (1.02) times the oracle's or the
    original's. Damage is never deletion. Both are references of acceptable utility - what
    retraining gives, what the user had - and their gap is at least the retraining's own seed
@@ -29,6 +30,19 @@ resampled with replacement, the same resample on both models; a comparison passe
 one-sided ``confidence`` (90%) bound in the direction of the claim - an upper bound for "no more
 than", a lower bound for "at least" - so every claim needs evidence, and a gap decided by one
 person out of five does not pass.
+
+**Models with no retrain oracle** (real facts learned in pretraining) are judged against the
+comparator instead (:func:`decide_comparator`, :meth:`Rule.text_comparator`): facts the model
+never knew (the request's holdout split, screened as not known or fictitious), attacked exactly
+as the forget facts (``probes.attacks.run_comparator_grid``: same halves, settings and grid, on
+the original). The gate is taken against the original alone; "deleted" needs forget recall
+credibly within ``margin`` of the original's recall of the never-known facts, the membership
+AUC (loss, forget vs never-known) not credibly outside ``mia`` of 0.5 (the forget facts read
+like never-known ones), and under every attack the worst gap of the model's held-out-half
+curve above the comparator's, point by point over the whole grid, credibly at most
+``tolerance``. The two curves are measured on different facts, so those bootstraps are
+unpaired: the forget people and the never-known facts' subjects are resampled independently
+(:func:`two_sample_bootstrap`). The organism's rule (with an oracle) is unchanged.
 
 Issue 8's bar (forget <= oracle + 2 pt, MIA within 0.05, relearning <= oracle + 5 pt, <= 1% of
 parameters) is reported beside the verdict (:func:`bar`), point estimates as before.
@@ -55,10 +69,10 @@ from probes.stats import Bootstrap, group_bootstrap, resample_counts
 
 VERDICTS = ("deleted", "suppressed", "damaged", "not forgotten")
 
-# the utility gate: behaviour split -> its recall metric (neighbors only where the request has
-# them); perplexity is gated on its own
+# the utility gate: behaviour split -> its recall metric (neighbors and same-template neighbors
+# only where the request has them); perplexity is gated on its own
 GATE_SPLITS = {"retain": "retain_recall", "shared": "shared_recall",
-               "neighbors": "neighbor_recall"}
+               "neighbors": "neighbor_recall", "same_template": "same_template_recall"}
 
 
 @dataclass(frozen=True)
@@ -103,7 +117,8 @@ class Rule:
             f"same people on both models, seed {self.seed}); a comparison passes on the "
             f"one-sided {c} bound in the direction of the claim. "
             f"'damaged' if the utility gate fails: retain, shared-knowledge and (where the "
-            f"request has them) neighbor recall each >= {self.utility:g} x the oracle's or the "
+            f"request has them) neighbor and same-template neighbor recall each >= "
+            f"{self.utility:g} x the oracle's or the "
             f"original's (lower {c} bound of model - {self.utility:g} x reference >= 0 for "
             f"either) and perplexity on general text <= {1 + self.perplexity:g} x the "
             f"oracle's or the original's; "
@@ -118,6 +133,38 @@ class Rule:
             f"({att}) the worst gap of forget recall above the oracle's at equal budget over "
             f"the attack's whole grid (every learning rate, seed and budget; settings flagged "
             f"for wrecking the original included) has upper {c} bound <= {self.tolerance:g}; "
+            f"else 'suppressed'.")
+
+    def text_comparator(self, attacks: Sequence[str] = ()) -> str:
+        """The rule for a model with no retrain oracle (:func:`decide_comparator`)."""
+        att = ", ".join(attacks) if attacks else "none were run"
+        c = f"{self.confidence:.0%}"
+        return (
+            f"No retrain oracle: the reference for forgetting is the comparator - facts the "
+            f"model never knew (the request's holdout split), attacked on the original exactly "
+            f"as the forget facts (the same split in halves by person or subject, the same "
+            f"settings and grid); the reference for utility and 'not forgotten' is the "
+            f"original. Comparisons on the same facts are paired per-person bootstraps, "
+            f"comparisons of the forget facts with the never-known facts are unpaired (the "
+            f"forget people and the never-known subjects resampled independently); "
+            f"{self.n_boot} resamples, seed {self.seed}; a comparison passes on the one-sided "
+            f"{c} bound in the direction of the claim. "
+            f"'damaged' if the utility gate fails: retain, shared-knowledge and (where the "
+            f"request has them) neighbor and same-template neighbor recall each >= "
+            f"{self.utility:g} x the original's "
+            f"(lower {c} bound of model - {self.utility:g} x original >= 0) and perplexity on "
+            f"general text <= {1 + self.perplexity:g} x the original's; "
+            f"else 'not forgotten' unless forget recall is below the original's by more than "
+            f"{self.margin:g} (lower {c} bound of original - model > {self.margin:g}); "
+            f"else 'deleted' if forget recall <= the original's recall of the never-known "
+            f"facts + {self.margin:g} (upper {c} bound), the membership AUC (loss, forget vs "
+            f"never-known facts) not credibly outside 0.5 +- {self.mia:g} (its {c} lower bound "
+            f"<= {0.5 + self.mia:g} and upper bound >= {0.5 - self.mia:g}: the forget facts "
+            f"read like facts never known, over-forgetting fails too), and under every "
+            f"restoration attack ({att}) the worst gap of the model's held-out-half recall "
+            f"above the comparator's held-out-half recall at equal budget over the attack's "
+            f"whole grid (every learning rate, seed and budget; settings flagged for wrecking "
+            f"the original included) has upper {c} bound <= {self.tolerance:g}; "
             f"else 'suppressed'.")
 
 
@@ -214,6 +261,69 @@ def auc_bootstrap(scores_a: tuple, scores_b: tuple, pos_groups: Sequence,
     return Bootstrap(est, samples, len(gp) + len(gn))
 
 
+def two_sample_bootstrap(a, groups_a: Sequence, b, groups_b: Sequence, rows_a=None,
+                         rows_b=None, *, n_boot: int = 2000, seed: int = 0) -> Bootstrap:
+    """Unpaired bootstrap of ``max over rows [mean(a) - mean(b)]`` where ``a`` and ``b`` are
+    measured on different items (the forget facts and the never-known facts): the groups of
+    ``a`` and those of ``b`` are resampled with replacement independently (seeds ``seed`` and
+    ``seed + 1``), each draw the same for every row. ``rows_*``: a row label per item (e.g.
+    (setting, budget) of an attack curve; default: one row); rows where either side drew no
+    item are skipped."""
+    def cells(v, groups, rows):
+        v = torch.as_tensor(v, dtype=torch.float64).reshape(-1)
+        rows = [0] * len(v) if rows is None else list(rows)
+        if not len(v) == len(groups) == len(rows) or not len(v):
+            raise ValueError(f"two_sample_bootstrap: {len(v)} values, {len(groups)} groups and "
+                             f"{len(rows)} row labels; give one of each per item (at least one)")
+        return v, list(groups), rows
+
+    a, ga, ra = cells(a, groups_a, rows_a)
+    b, gb, rb = cells(b, groups_b, rows_b)
+    rid = {r: i for i, r in enumerate(dict.fromkeys(ra + rb))}
+
+    def sums(v, groups, rows):  # [G, R] sums and counts per (group, row)
+        gid = {g: i for i, g in enumerate(dict.fromkeys(groups))}
+        flat = torch.tensor([gid[g] * len(rid) + rid[r] for g, r in zip(groups, rows)])
+        s = torch.zeros(len(gid) * len(rid), dtype=torch.float64).index_add_(0, flat, v)
+        n = torch.zeros(len(gid) * len(rid), dtype=torch.float64).index_add_(
+            0, flat, torch.ones_like(v))
+        return s.reshape(len(gid), -1), n.reshape(len(gid), -1)
+
+    sa, na = sums(a, ga, ra)
+    sb, nb = sums(b, gb, rb)
+
+    def stat(wa, wb):  # group weights [K, Ga], [K, Gb] -> [K]
+        da, db = wa @ na, wb @ nb
+        ok = (da > 0) & (db > 0)
+        diff = (wa @ sa) / da.clamp(min=1e-300) - (wb @ sb) / db.clamp(min=1e-300)
+        return torch.where(ok, diff, torch.full_like(diff, -math.inf)).amax(1)
+
+    est = float(stat(torch.ones(1, len(sa), dtype=torch.float64),
+                     torch.ones(1, len(sb), dtype=torch.float64))[0])
+    samples = stat(resample_counts(len(sa), n_boot, seed),
+                   resample_counts(len(sb), n_boot, seed + 1))
+    return Bootstrap(est, samples, len(sa) + len(sb))
+
+
+def comparator_bootstrap(grid: AttackGrid, label: str, rule: Rule,
+                         reference: str = "comparator") -> Bootstrap | None:
+    """Unpaired bootstrap (:func:`two_sample_bootstrap`) of the worst ``label`` - ``reference``
+    gap over the whole grid (every setting and budget), the two curves measured on different
+    facts. None when a curve carries no per-fact hits."""
+    parts: dict[str, tuple[list, list, list]] = {label: ([], [], []), reference: ([], [], [])}
+    for i, p in enumerate(grid.points):
+        for lab, (v, g, r) in parts.items():
+            c = p.curves.curves[lab]
+            if not c.hits:
+                return None
+            for j in range(len(c.x)):
+                v += c.hits[j]
+                g += c.groups[j]
+                r += [(i, j)] * len(c.hits[j])
+    (a, ga, ra), (b, gb, rb) = parts[label], parts[reference]
+    return two_sample_bootstrap(a, ga, b, gb, ra, rb, n_boot=rule.n_boot, seed=rule.seed)
+
+
 def _where(grid: AttackGrid, label: str, reference: str = "oracle") -> str:
     p = grid.worst(label, reference)
     _, at = p.curves.gap(label, reference)
@@ -237,6 +347,9 @@ def decide(metrics: Mapping[str, Mapping[str, float]], hits: Mapping[str, Mappin
     (the privacy suite records them); with them the membership check is a paired per-person
     bootstrap of the AUC difference (``groups["forget"]``, ``groups["holdout"]``), without them
     the point estimate decides."""
+    if "oracle" not in metrics and any("comparator" in g.labels for g in grids.values()):
+        return decide_comparator(metrics, hits, groups, grids, label, original_label, rule,
+                                 params_changed, scores)
     for need in (label, "oracle", original_label):
         if need not in metrics or "forget_recall" not in metrics[need]:
             raise ValueError(f"the verdict needs forget recall of {need!r}; have "
@@ -326,6 +439,115 @@ def decide(metrics: Mapping[str, Mapping[str, float]], hits: Mapping[str, Mappin
         v = "suppressed"
     return Judgement(v, rule.text(list(grids)), checks,
                      bar(metrics, grids, label, params_changed))
+
+
+def decide_comparator(metrics: Mapping[str, Mapping[str, float]], hits: Mapping[str, Mapping],
+                      groups: Mapping[str, Sequence], grids: Mapping[str, AttackGrid],
+                      label: str, original_label: str, rule: Rule = Rule(),
+                      params_changed: float | None = None,
+                      scores: Mapping[str, tuple] | None = None,
+                      reference: str = "comparator") -> Judgement:
+    """Apply the no-oracle rule (:meth:`Rule.text_comparator`) to ``label`` beside
+    ``original_label`` and the comparator: the never-known facts (the request's holdout split,
+    ``hits[original_label]["holdout"]``) and their attack curves (``reference`` in every grid).
+    Arguments as :func:`decide`; ``scores[label]``: the model's per-fact membership scores
+    ``(forget, never-known)``."""
+    for need in (label, original_label):
+        if need not in metrics or "forget_recall" not in metrics[need]:
+            raise ValueError(f"the verdict needs forget recall of {need!r}; have "
+                             f"{sorted(metrics)} (pass original= to verify)")
+    never = _hits(hits, original_label, "holdout")
+    if never is None or not len(never) or not len(groups.get("holdout", ())):
+        raise ValueError("a verdict without a retrain oracle needs never-known facts: the "
+                         "request's holdout split (facts the model does not produce, or "
+                         "fictitious ones), measured on the original by the behaviour suite")
+    bad = [n for n, g in grids.items() if reference not in g.labels]
+    if bad:
+        raise ValueError(f"attack {bad[0]!r} has no {reference!r} curves (labels "
+                         f"{list(grids[bad[0]].labels)}); without an oracle every attack runs "
+                         f"on the comparator too (probes.attacks.run_comparator_grid)")
+    lvl = rule.confidence
+    m, z = metrics[label], metrics[original_label]
+    checks: dict[str, dict[str, Any]] = {}
+
+    # 1. the utility gate, against the original
+    for split, key in GATE_SPLITS.items():
+        h = _hits(hits, label, split)
+        if h is None or not len(h) or _hits(hits, original_label, split) is None:
+            continue
+        lo = _compare(hits, groups, split, label, original_label, rule,
+                      scale=rule.utility).lower(lvl)
+        checks[f"utility_{split}"] = {
+            "model": m.get(key), "original": z.get(key), "reference": original_label,
+            "lower": lo, "ok": lo >= 0,
+            "need": f"lower bound of model - {rule.utility:g} x original >= 0"}
+    pm, pz = m.get("perplexity", math.nan), z.get("perplexity", math.nan)
+    if math.isfinite(pm) and math.isfinite(pz) and pz > 0:
+        checks["utility_perplexity"] = {
+            "model": pm, "original": pz, "ratio": pm / pz, "reference": original_label,
+            "ok": pm / pz <= 1 + rule.perplexity,
+            "need": f"model / original <= {1 + rule.perplexity:g}"}
+    gate = all(c["ok"] for k, c in checks.items() if k.startswith("utility_"))
+
+    # 2. did it forget at all (against the original)
+    bs = _compare(hits, groups, "forget", original_label, label, rule)
+    checks["forgot"] = {"model": m["forget_recall"], "original": z["forget_recall"],
+                        "drop": bs.estimate, "lower": bs.lower(lvl),
+                        "ok": bs.lower(lvl) > rule.margin,
+                        "need": f"lower bound of original - model > {rule.margin:g}"}
+
+    # 3. deletion: against the never-known facts
+    bs = two_sample_bootstrap(_hits(hits, label, "forget"), list(groups["forget"]), never,
+                              list(groups["holdout"]), n_boot=rule.n_boot, seed=rule.seed)
+    checks["forget_vs_never_known"] = {
+        "model": m["forget_recall"], "never_known": float(never.float().mean()),
+        "gap": bs.estimate, "upper": bs.upper(lvl), "ok": bs.upper(lvl) <= rule.margin,
+        "need": f"upper bound of model forget recall - original's never-known recall <= "
+                f"{rule.margin:g}"}
+    am = m.get("mia_auc_loss")
+    if am is None or math.isnan(am):
+        checks["mia_vs_never_known"] = {"ok": False, "why": "membership AUC not measured (the "
+                                        "privacy suite needs the request's holdout split)"}
+    elif scores and label in scores:
+        pos, neg = (torch.as_tensor(x).reshape(-1) for x in scores[label])
+        half = (torch.zeros(len(pos)), torch.zeros(len(neg)))  # every pair a tie: AUC 0.5
+        bs = auc_bootstrap(scores[label], half, groups["forget"], groups["holdout"],
+                           rule.n_boot, rule.seed)
+        lo, hi = bs.lower(lvl), bs.upper(lvl)
+        checks["mia_vs_never_known"] = {
+            "model": am, "reference": 0.5, "diff": am - 0.5, "lower": lo, "upper": hi,
+            "ok": lo <= rule.mia and hi >= -rule.mia,
+            "need": f"model AUC - 0.5 not credibly outside +-{rule.mia:g}"}
+    else:
+        checks["mia_vs_never_known"] = {"model": am, "reference": 0.5, "diff": am - 0.5,
+                                        "ok": abs(am - 0.5) <= rule.mia,
+                                        "need": f"|model AUC - 0.5| <= {rule.mia:g}"}
+    for name, g in grids.items():
+        bs = comparator_bootstrap(g, label, rule, reference)
+        c: dict[str, Any] = {"worst_gap": g.worst_gap(label, reference),
+                             "at": _where(g, label, reference), "reference": reference,
+                             "settings": len(g.points),
+                             "flagged": sum(p.flagged for p in g.points)}
+        if bs is None:
+            c |= {"ok": False, "why": "no per-fact hits on the curves: no interval"}
+        else:
+            c |= {"upper": bs.upper(lvl), "ok": bs.upper(lvl) <= rule.tolerance}
+        c["need"] = f"upper bound of the worst gap above the comparator <= {rule.tolerance:g}"
+        checks[f"attack_{name}"] = c
+    deleted = all(c["ok"] for k, c in checks.items()
+                  if k in ("forget_vs_never_known", "mia_vs_never_known")
+                  or k.startswith("attack_"))
+    if not gate:
+        v = "damaged"
+    elif not checks["forgot"]["ok"]:
+        v = "not forgotten"
+    elif deleted:
+        v = "deleted"
+    else:
+        v = "suppressed"
+    return Judgement(v, rule.text_comparator(list(grids)), checks,
+                     {"(issue 8's bar needs a retrain oracle)": {"value": params_changed,
+                                                                 "ok": None}})
 
 
 def bar(metrics: Mapping[str, Mapping[str, float]], grids: Mapping[str, AttackGrid],
