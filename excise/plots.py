@@ -96,6 +96,21 @@ def top_units_bar(imp: "Importance", ax=None, k: int = 20):
     return ax
 
 
+# the recall metrics of recall.png, in the order they are drawn
+RECALL_KEYS = ("forget_recall", "paraphrase_recall", "retain_recall", "neighbor_recall",
+               "same_template_recall", "holdout_recall", "shared_recall")
+
+
+def recall_keys(metrics: dict[str, dict[str, float]]) -> list[str]:
+    """The recall metrics (:data:`RECALL_KEYS`) some model measured with a finite value: a
+    split the request does not have (an empty holdout or shared set) is left out."""
+    import math
+
+    return [k for k in RECALL_KEYS
+            if any(isinstance(m.get(k), (int, float)) and math.isfinite(m[k])
+                   for m in metrics.values())]
+
+
 def metrics_bars(metrics: dict[str, dict[str, float]], keys: Sequence[str], ax=None):
     """Grouped bars of recall-type metrics for several models (before / after / oracle)."""
     import numpy as np
