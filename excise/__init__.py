@@ -6,14 +6,16 @@ organism, result types. The core never imports a stage; only the application lay
 ``excise.app`` (pipeline, CLI, sweep) wires the stages together.
 """
 
+from excise.finetuned import Finetuned, FinetuneWorld, finetuned
 from excise.handle import Batch, ModelHandle, TLHandle
 from excise.organism import Organism, PRESETS, organism
 from excise.request import Fact, FactSet, ForgetRequest
 from excise.sites import Selection, Unit
 
-__all__ = ["Batch", "Fact", "FactSet", "ForgetRequest", "ModelHandle", "Organism", "PRESETS",
+__all__ = ["Batch", "Fact", "FactSet", "FinetuneWorld", "Finetuned", "ForgetRequest",
+           "ModelHandle", "Organism", "PRESETS",
            "RemoteError", "RemoteHFHandle", "Selection", "TLHandle", "Unit", "load_remote",
-           "organism"]
+           "finetuned", "organism"]
 __version__ = "0.1.0"
 
 # models run on NDIF (excise.remote): imported when first asked for (it imports nnsight)

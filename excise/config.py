@@ -66,6 +66,11 @@ class ModelConfig:
     # NDIF serves, path may hold its config and tokenizer. Forward passes only: a config that
     # edits is refused (every run / verify / sweep config does - see excise.remote)
     remote: bool = False
+    # a TOFU-style fine-tune of the real model (excise.finetuned.FinetuneWorld's fields, e.g.
+    # {people: 12, steps: 240}; {} for the defaults): the model is fine-tuned on a fictitious
+    # world, request.forget_people names its people, and the retrain oracle is the same
+    # fine-tune without them. null: the model as it is (needs request.jsonl)
+    finetune_world: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,9 @@ class RequestConfig:
     split_seed: int = 0  # which people a fraction picks
     attributes: list[str] | None = None  # attribute names (excise.world.ATTRIBUTES); null: all
     jsonl: str | None = None  # a request file instead of the organism's people
+    # add generated same-template facts (excise.templates, retain-side subjects) to the retain
+    # facts locate and edit keep; the same-template metric uses other subjects
+    same_template_retain: bool = False
 
 
 @dataclass(frozen=True)
@@ -479,7 +487,22 @@ def _check_planted(v):
     return out
 
 
+def _check_finetune_world(v):
+    """model.finetune_world: None, or FinetuneWorld's fields (unknown keys, bad values
+    refused, naming the valid ones)."""
+    if v is None:
+        return None
+    from excise.finetuned import FinetuneWorld
+
+    try:
+        return FinetuneWorld.of(v).to_dict()
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"model.{e}" if str(e).startswith("finetune_world") else
+                          f"model.finetune_world: {e}") from None
+
+
 _FIELD_CHECKS = {("model", "on_split"): _check_on_split,
+                 ("model", "finetune_world"): _check_finetune_world,
                  ("organism", "planted"): _check_planted,
                  ("request", "attributes"): _check_attributes,
                  ("select", "top"): _check_top,
@@ -662,7 +685,8 @@ def _check_verify(cfg: VerifyConfig, request: RequestConfig, model: ModelConfig,
         if s in suites and s not in run:
             run.append(s)
             todo.extend(getattr(suites[s], "requires", ()))
-    has_oracle = cfg.oracle and not request.jsonl and not (model.name or model.path)
+    has_oracle = cfg.oracle and not request.jsonl and (
+        not (model.name or model.path) or model.finetune_world is not None)
     if not has_oracle:
         why = ("verify.oracle is false" if not cfg.oracle else
                "a request file (request.jsonl) names no organism people to leave out")

@@ -26,8 +26,8 @@ import yaml
 from excise.app.folders import check_out, staged
 from excise.config import ConfigError, RunConfig
 from excise.io import atomic_write_text, write_json
-from excise.report import Report
-from excise.request import ForgetRequest
+from excise.report import Report, facts_by_split
+from excise.request import FactSet, ForgetRequest
 
 
 def registries() -> dict[str, dict[str, Callable]]:
@@ -95,6 +95,18 @@ class Setup:
         import excise
 
         cfg = self.cfg
+        if cfg.model.finetune_world is not None:  # a real model fine-tuned on a world (TOFU)
+            from excise.finetuned import finetuned
+
+            base = cfg.model.name or cfg.model.path
+            log(f"model: {base}, fine-tuned on a fictitious world {cfg.model.finetune_world}")
+            try:
+                ft = finetuned(base, cfg.model.finetune_world, progress=progress,
+                               device=cfg.model.device, dtype=cfg.model.dtype)
+                req = ft.request(forget_people=self.people, attributes=cfg.request.attributes)
+            except (ValueError, ModuleNotFoundError) as e:
+                raise ConfigError(f"model: {e}") from None
+            return Subject(ft.model, req, ft)
         if self.real_model:  # a real model (excise.hf) instead of the organism
             from excise.hf import load_model
             from probes import screen_known
@@ -114,6 +126,9 @@ class Setup:
             except (ValueError, ModuleNotFoundError) as e:
                 raise ConfigError(f"model: {e}") from None
             req, not_known = screen_known(model, self.parsed, log=log)
+            req, known = screen_never_known(model, req, log=log)
+            if known:
+                not_known = dict(not_known or {}) | {"holdout_known": known}
             return Subject(model, req, None, not_known)
         planted = cfg.organism.planted
         log(f"organism: {cfg.organism.preset} (seed {cfg.organism.seed})"
@@ -133,6 +148,29 @@ class Setup:
         return Subject(org.model, req, org)
 
 
+def screen_never_known(model, request: ForgetRequest,
+                       log: Callable[[str], None] = print) -> tuple[ForgetRequest, list[dict]]:
+    """A real model's holdout split keeps only facts the model does not produce before editing:
+    they are the never-known facts - the membership baseline of the privacy and probe suites
+    and, with no retrain oracle, the attacks' comparator (``probes.attacks``). Returns the
+    request and the facts dropped because the model knew them (with their target
+    log-probability)."""
+    import dataclasses
+
+    from probes import knowledge
+
+    if not len(request.holdout):
+        return request, []
+    rows = knowledge(model, request.holdout)
+    dropped = [{"prompt": r["prompt"], "target": r["target"],
+                "target_logprob": round(r["target_logprob"], 3)} for r in rows if r["known"]]
+    for r in dropped:
+        log(f"known before editing (holdout): {r['prompt']!r} -> {r['target']!r}; a holdout "
+            f"fact must be one the model never knew, left out")
+    keep = tuple(f for f, r in zip(request.holdout, rows) if not r["known"])
+    return dataclasses.replace(request, holdout=FactSet("holdout", keep)), dropped
+
+
 def build(cfg: RunConfig, *, progress: bool = True,
           log: Callable[[str], None] = print) -> Subject:
     """``Setup.check(cfg).build(...)``: the model and the request a config describes."""
@@ -144,15 +182,34 @@ def forget_people(cfg: RunConfig) -> list[int] | None:
     from excise.organism import PRESETS
 
     rc = cfg.request
-    if (cfg.model.name or cfg.model.path) and not rc.jsonl:
+    tofu = cfg.model.finetune_world is not None
+    if tofu and not (cfg.model.name or cfg.model.path):
+        raise ConfigError("model.finetune_world fine-tunes a real model: give model.name (e.g. "
+                          "gemma3-270m) or model.path")
+    if tofu and rc.jsonl:
+        raise ConfigError(f"model.finetune_world: the request is built from the fine-tuned "
+                          f"world's people (request.forget_people); drop request.jsonl="
+                          f"{rc.jsonl!r}")
+    if tofu and (cfg.model.remote or cfg.model.device_map is not None):
+        raise ConfigError("model.finetune_world: the fine-tune trains the model locally on one "
+                          "device; drop model.remote / model.device_map")
+    if (cfg.model.name or cfg.model.path) and not rc.jsonl and not tofu:
         raise ConfigError("model: a real model has no organism people; give the facts to forget "
-                          "and keep as request.jsonl")
+                          "and keep as request.jsonl (or fine-tune it on a fictitious world: "
+                          "model.finetune_world)")
     if rc.jsonl:
         return None
-    if cfg.organism.preset not in PRESETS:
-        raise ConfigError(f"organism.preset: unknown preset {cfg.organism.preset!r}; choose one "
-                          f"of {sorted(PRESETS)}")
-    n = PRESETS[cfg.organism.preset].n_people
+    if tofu:
+        from excise.finetuned import FinetuneWorld
+
+        n = FinetuneWorld.of(cfg.model.finetune_world).people
+        who = f"the fine-tuned world of {cfg.model.name or cfg.model.path}"
+    else:
+        if cfg.organism.preset not in PRESETS:
+            raise ConfigError(f"organism.preset: unknown preset {cfg.organism.preset!r}; "
+                              f"choose one of {sorted(PRESETS)}")
+        n = PRESETS[cfg.organism.preset].n_people
+        who = f"the {cfg.organism.preset} organism"
     if rc.forget_fraction is not None:
         f = rc.forget_fraction
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0 < f < 1:
@@ -165,7 +222,7 @@ def forget_people(cfg: RunConfig) -> list[int] | None:
     if isinstance(fp, int):
         if not 1 <= fp < n:
             raise ConfigError(f"request.forget_people={fp}: must be between 1 and {n - 1} "
-                              f"(the {cfg.organism.preset} organism has {n} trained people)")
+                              f"({who} has {n} trained people)")
         return list(range(fp))
     if isinstance(fp, list):
         if not fp:
@@ -173,8 +230,8 @@ def forget_people(cfg: RunConfig) -> list[int] | None:
         bad = [i for i in fp if isinstance(i, bool) or not isinstance(i, int)
                or not 0 <= i < n]
         if bad:
-            raise ConfigError(f"request.forget_people: unknown people {bad[:5]}; the "
-                              f"{cfg.organism.preset} organism's trained people are 0..{n - 1}")
+            raise ConfigError(f"request.forget_people: unknown people {bad[:5]}; {who}'s "
+                              f"trained people are 0..{n - 1}")
         return sorted(set(fp))
     raise ConfigError(f"request.forget_people={fp!r}: give a count or a list of people")
 
@@ -310,8 +367,9 @@ def _run(cfg: RunConfig, out: Path, *, overwrite: bool, progress: bool,
         subject = setup.build(progress=progress, log=log)
         model, req = subject.model, subject.request
         log(f"request: {req.summary()}")
+        train_req = training_request(cfg, model, req, log=log)  # what locate and edit keep
         log(f"locate: {cfg.locate.method}")
-        imp = locate_with(locate_fn, model, req, cfg.locate.sites, cfg.locate.params,
+        imp = locate_with(locate_fn, model, train_req, cfg.locate.sites, cfg.locate.params,
                           progress=progress)
         imp.save(tmp / "importance.safetensors")
         plot_paths = [plots.save(imp.plot("heatmap"), tmp / "importance.png"),
@@ -325,7 +383,7 @@ def _run(cfg: RunConfig, out: Path, *, overwrite: bool, progress: bool,
             write_json(tmp / "selection.json", {"source": units.source,
                                                 "units": units.to_list()})
         original = model.clone()
-        edits = apply_edits(cfg, model, imp, units, req, progress=progress, log=log)
+        edits = apply_edits(cfg, model, imp, units, train_req, progress=progress, log=log)
         try:
             for name, e in zip(diff_names(cfg), edits):
                 e.diff.save(tmp / name)
@@ -340,6 +398,7 @@ def _run(cfg: RunConfig, out: Path, *, overwrite: bool, progress: bool,
             after = probes.verify(model, req, oracle=oracle, label="after",
                                   suite=cfg.verify.suite, original=original,
                                   **cfg.verify.params)
+            listing = {"after": fact_listing(model, req, original)}
         finally:
             for e in reversed(edits):
                 e.revert()
@@ -350,6 +409,9 @@ def _run(cfg: RunConfig, out: Path, *, overwrite: bool, progress: bool,
         report = Report(metrics={"before": before},
                         request=req.summary() | {"forget_people": req.forget_people()})
         report.merge(after)
+        # every fact, before and after, by split (the edit is reverted: model is the original)
+        report.extra["facts"] = facts_by_split({"before": fact_listing(model, req, original)}
+                                               | listing)
         planted = getattr(subject.organism, "planted", None)
         if planted is not None:  # the planted organism: where its designated facts live
             report.extra["planted"] = planted.to_dict()
@@ -377,8 +439,8 @@ def _run(cfg: RunConfig, out: Path, *, overwrite: bool, progress: bool,
                                       "params_changed": e.manifest["params_changed"]}
                                      for e in edits],
                            "locate": cfg.locate.method}
-        keys = [k for k in ("forget_recall", "paraphrase_recall", "retain_recall",
-                            "holdout_recall", "shared_recall") if k in report.metrics["before"]]
+        keys = plots.recall_keys({k: report.metrics[k] for k in ("before", "after", "oracle")
+                                  if k in report.metrics})
         plot_paths.append(plots.save(plots.metrics_bars(report.metrics, keys),
                                      tmp / "recall.png"))
         report.plots = [Path(p).name for p in plot_paths]
@@ -386,6 +448,33 @@ def _run(cfg: RunConfig, out: Path, *, overwrite: bool, progress: bool,
         report.extra["threads"] = torch.get_num_threads()
         report.save(tmp)
     return RunResult(out, report, time.time() - t0)
+
+
+def training_request(cfg: RunConfig, model, request: ForgetRequest, *,
+                     log: Callable[[str], None] = print) -> ForgetRequest:
+    """The request locate and edit work on: ``request`` itself, or with
+    ``request.same_template_retain`` the request with generated same-template facts (retain-side
+    subjects, :mod:`excise.templates`; computed once from the unedited ``model`` and kept in the
+    request's meta) added to its retain facts. Verification measures ``request``: its retain
+    split stays the user's, and the same-template metric uses the other subjects."""
+    from excise import templates
+
+    if not cfg.request.same_template_retain:
+        return request
+    st = templates.cached(model, request)
+    log(f"same-template facts: {st.summary()} (retain side added to the retain facts locate "
+        f"and edit keep; the metric side held out)")
+    return templates.with_retain(request, st)
+
+
+def fact_listing(model, request: ForgetRequest, original) -> dict[str, list[dict]]:
+    """Every fact of ``request`` and its same-template neighbors (generated from the unedited
+    ``original``, once per run: :func:`excise.templates.cached`) on ``model``
+    (``probes.behaviour.fact_listing``)."""
+    from excise import templates
+    from probes.behaviour import fact_listing as listing
+
+    return listing(model, request, templates.cached(original, request).metric)
 
 
 def _units_changed(e) -> int:
