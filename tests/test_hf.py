@@ -404,10 +404,10 @@ def _gemma_or_skip():
 def test_gemma_forgets_facts(tmp_path):
     """configs/gemma-facts.yaml end to end through the pipeline (Fisher on the MLP weights; NPO
     on the top 2% of MLP neurons with a retain-fact term and a KL term on retain text). The run
-    completes; the two planted facts the model never knew are reported as not known (not
-    "forgotten"); every known forget fact's greedy answer changes and the target probability
-    falls >= 10x (median); the held-out neighbors keep >= 80% of their recall, retain facts
-    >= 80%, and perplexity on held-out general text stays within 25% either way."""
+    completes; every forget fact was screened as known (none reported "not known"); every
+    forget fact's greedy answer changes and the target probability falls >= 10x (median); the
+    held-out neighbors keep >= 80% of their recall, retain facts >= 80%, and perplexity
+    on held-out general text stays within 25% either way."""
     _gemma_or_skip()
     from edit import Diff
     from excise import config
@@ -420,7 +420,7 @@ def test_gemma_forgets_facts(tmp_path):
     res = pipeline.run(cfg, tmp_path / "run", progress=False, log=lambda s: None)
     m = res.report.metrics
     unknown = {r["target"] for r in res.report.extra["not_known"]["forget"]}
-    assert unknown == {"Ouagadougou", "Ulaanbaatar"}
+    assert unknown == set()  # every forget fact of the request was screened as known
     assert m["before"]["forget_recall"] == 1.0  # only facts the model knows are counted
     assert m["after"]["forget_recall"] <= 0.25
     h = load_model("gemma3-270m", log=lambda s: None)
