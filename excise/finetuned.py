@@ -93,9 +93,10 @@ class FinetuneWorld:
     statistics computed once, :meth:`~excise.handle.ModelHandle.kl_reference`: exact, no
     forward of the base per step; needs a readout without logit soft-capping, as Gemma 3's),
     which holds the model to the base's predictions on text rather than to the few retain
-    sentences themselves; ``"nll"``: the language-model loss on the retain text (measured on
-    Gemma 3 270M, 8 people, 80 steps at 1e-4, 4 rows per step: general-text perplexity 2.4x
-    the base's)."""
+    sentences themselves; ``"nll"``: the language-model loss on the retain text. Measured on
+    Gemma 3 270M (8 people, 80 steps of 8 facts at 1e-4; general-text perplexity against the
+    base's, recall of the forget / retain facts): nll, 4 rows, weight 1: 2.4x, 1.00 / 1.00;
+    kl, 8 rows, weight 5: 1.12x, 1.00 / 1.00; kl, 8 rows, weight 20: 1.18x, 0.93 / 0.97."""
 
     people: int = 12
     holdout: int = 4
