@@ -46,8 +46,8 @@ from typing import Iterable, Mapping, Sequence
 
 import torch
 
-from excise.io import (CacheWarning, NotSafetensorsError, atomic_write_text, checksum_problem,
-                       file_lock, file_sha256, load_safetensors, save_safetensors)
+from excise.io import (CacheWarning, atomic_write_text, file_lock, file_sha256, read_cache_entry,
+                       save_safetensors)
 from excise.organism import cache_dir, organism_request
 from excise.request import FactSet, ForgetRequest
 from excise.train import Optim, Sampler, reproducible, train
@@ -483,24 +483,9 @@ def cache_files(base, key: str, exclude: frozenset[int]) -> tuple[Path, Path]:
 
 def _cached_state(weights: Path, meta: Path, sites: list[str], name: str
                   ) -> dict[str, torch.Tensor] | None:
-    if not (weights.exists() or meta.exists()):
+    state, why = read_cache_entry(weights, meta)
+    if state is None and why is None:
         return None
-    why = None
-    try:
-        recorded = json.loads(meta.read_text()) if meta.exists() else None
-        if not isinstance(recorded, dict):
-            why = f"{meta} is missing" if recorded is None else f"{meta} is not a JSON object"
-        else:
-            why = checksum_problem(weights, recorded.get("sha256"))
-            why = why and f"{weights}: {why}"
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        why = f"{meta} is unreadable ({e})"
-    state = None
-    if why is None:
-        try:
-            state = load_safetensors(weights)
-        except (NotSafetensorsError, OSError) as e:
-            why = str(e)
     if why is None and sorted(state) != sorted(sites):
         why = f"{weights} holds {sorted(state)[:3]}..., not the trained parameters"
     if why is not None:
