@@ -426,19 +426,21 @@ def decide(metrics: Mapping[str, Mapping[str, float]], hits: Mapping[str, Mappin
             c |= {"upper": bs.upper(lvl), "ok": bs.upper(lvl) <= rule.tolerance}
         c["need"] = f"upper bound of the worst gap <= {rule.tolerance:g}"
         checks[f"attack_{name}"] = c
-    deleted = all(c["ok"] for k, c in checks.items()
-                  if k in ("forget_vs_oracle", "mia_vs_oracle") or k.startswith("attack_"))
-
-    if not gate:
-        v = "damaged"
-    elif not checks["forgot"]["ok"]:
-        v = "not forgotten"
-    elif deleted:
-        v = "deleted"
-    else:
-        v = "suppressed"
+    v = _verdict(gate, checks, ("forget_vs_oracle", "mia_vs_oracle"))
     return Judgement(v, rule.text(list(grids)), checks,
                      bar(metrics, grids, label, params_changed))
+
+
+def _verdict(gate: bool, checks: Mapping[str, Mapping], deletion: Sequence[str]) -> str:
+    """The rule's order: damaged (gate), not forgotten, deleted (every check named in
+    ``deletion`` and every attack passes), else suppressed."""
+    if not gate:
+        return "damaged"
+    if not checks["forgot"]["ok"]:
+        return "not forgotten"
+    if all(c["ok"] for k, c in checks.items() if k in deletion or k.startswith("attack_")):
+        return "deleted"
+    return "suppressed"
 
 
 def decide_comparator(metrics: Mapping[str, Mapping[str, float]], hits: Mapping[str, Mapping],
@@ -534,17 +536,7 @@ def decide_comparator(metrics: Mapping[str, Mapping[str, float]], hits: Mapping[
             c |= {"upper": bs.upper(lvl), "ok": bs.upper(lvl) <= rule.tolerance}
         c["need"] = f"upper bound of the worst gap above the comparator <= {rule.tolerance:g}"
         checks[f"attack_{name}"] = c
-    deleted = all(c["ok"] for k, c in checks.items()
-                  if k in ("forget_vs_never_known", "mia_vs_never_known")
-                  or k.startswith("attack_"))
-    if not gate:
-        v = "damaged"
-    elif not checks["forgot"]["ok"]:
-        v = "not forgotten"
-    elif deleted:
-        v = "deleted"
-    else:
-        v = "suppressed"
+    v = _verdict(gate, checks, ("forget_vs_never_known", "mia_vs_never_known"))
     return Judgement(v, rule.text_comparator(list(grids)), checks,
                      {"(issue 8's bar needs a retrain oracle)": {"value": params_changed,
                                                                  "ok": None}})
