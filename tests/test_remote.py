@@ -372,5 +372,9 @@ def test_the_pipeline_builds_a_remote_subject(env, folder, monkeypatch, no_netwo
     subject = pipeline.Setup(cfg, None, req).build(log=lambda m: None)
     assert isinstance(subject.model, R.RemoteHFHandle) and subject.model.traces > 0
     kept, dropped = screen_known(local, req, log=lambda m: None)
-    assert subject.request == kept and subject.not_known == dropped
+    # the holdout keeps only facts the model never knew (the comparator), screened alike
+    kept, known = pipeline.screen_never_known(local, kept, log=lambda m: None)
+    assert known  # the request's holdout has facts the model knows: the screen is exercised
+    expected = dict(dropped or {}) | {"holdout_known": known}
+    assert subject.request == kept and subject.not_known == expected
     assert len(kept.forget) == 2  # the two forget facts whose target is the greedy word
