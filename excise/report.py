@@ -326,8 +326,9 @@ class Report:
         if verdict.get("checks"):
             md += [""] if md[-1] else []
             md += ["## Verdict checks", ""]
-            md += [f"- {k}: {'pass' if c['ok'] else 'FAIL'} "
-                   + ", ".join(f"{kk}={_fmt(vv)}" for kk, vv in c.items() if kk != "ok")
+            md += [f"- {k}: {_check_word(c)} "
+                   + ", ".join(f"{kk}={_fmt(vv)}" for kk, vv in c.items()
+                               if kk not in ("ok", "used"))
                    for k, c in verdict["checks"].items()]
         if verdict.get("bar"):
             md += ["", "## Issue 8's bar (beside the verdict)", ""]
@@ -454,6 +455,12 @@ def _fmt(v) -> str:
             return "nan"
         return f"{v:.3f}" if abs(v) < 100 else f"{v:.1f}"
     return str(v)
+
+
+def _check_word(c: dict) -> str:
+    """A verdict check's outcome: "not used" (a check whose precondition failed, e.g. the probe
+    where its control fails - the verdict ignores it), "pass" or "FAIL"."""
+    return "not used" if c.get("used") is False else "pass" if c.get("ok") else "FAIL"
 
 
 def _yes(ok) -> str:

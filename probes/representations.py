@@ -105,6 +105,89 @@ def probe_data(request: ForgetRequest, max_per_class: int = 150,
     return pos + neg, y
 
 
+@dataclass(frozen=True)
+class LooProbe:
+    """What :func:`loo_probe_result` measured. ``curves`` (per depth, what :func:`loo_probe`
+    returns): ``balanced`` and, with a null, ``null`` / ``null_hi``, ``ridge``, ``logistic``.
+    ``null_samples`` (``[depths, n_null]``, None without a null): the balanced probe's accuracy
+    under each label permutation - permutation ``k`` is the same relabelling at every depth.
+    ``best``: the largest balanced accuracy over depths, at ``best_depth``; ``best_null`` /
+    ``best_null_hi``: the mean and 95th percentile of each permutation's largest accuracy over
+    depths (:func:`best_depth_null`), so choosing the depth after seeing the data is inside the
+    null (None without a null)."""
+
+    curves: dict[str, list[float]]
+    null_samples: Tensor | None
+    best: float
+    best_depth: int
+    best_null: float | None
+    best_null_hi: float | None
+
+
+def best_depth_null(null_samples: Tensor) -> tuple[float, float]:
+    """The permutation null of the best depth from per-depth permutation accuracies
+    (``[depths, n_perm]``, permutation ``k`` the same relabelling at every depth): per
+    permutation the maximum over depths; its mean and 95th percentile."""
+    if null_samples.ndim != 2 or not null_samples.numel():
+        raise ValueError(f"best_depth_null needs [depths, n_perm] accuracies, got shape "
+                         f"{tuple(null_samples.shape)}")
+    best = null_samples.double().amax(0)
+    return float(best.mean()), float(torch.quantile(best, 0.95))
+
+
+def _person_groups(facts: Sequence[Fact]) -> Tensor:
+    """One group per person; facts without a person each their own group."""
+    return torch.tensor([f.person if f.person >= 0 else 10**6 + i for i, f in enumerate(facts)])
+
+
+def loo_probe_states(states: Sequence[Tensor], y: Tensor, groups: Tensor, lam: float = 10.0,
+                     logistic: bool = True, by: str = "person", n_null: int = 20,
+                     seed: int = 0) -> LooProbe:
+    """:func:`loo_probe_result` on activations already read: ``states[depth]`` ``[n, d]``,
+    labels ``y`` and the person ``groups`` of the rows."""
+    if by not in ("person", "sequence"):
+        raise ValueError(f"by={by!r}: choose 'person' or 'sequence'")
+    if not len(states):
+        raise ValueError("loo_probe needs the activations of at least one depth")
+    out: dict[str, list[float]] = {"balanced": [], "null": [], "null_hi": [], "ridge": [],
+                                   "logistic": []}
+    g = groups if by == "person" else torch.arange(len(y))
+    nulls = []
+    for a in states:
+        x = _standardise(a)
+        out["balanced"].append(stats.balanced_group_loo_accuracy(x, y, g, lam))
+        if n_null:
+            # the same seed at every depth: permutation k relabels the groups alike everywhere
+            null = stats.group_permutation_null(x, y, g, lam, n_null, seed)
+            nulls.append(null)
+            out["null"].append(float(null.mean()))
+            out["null_hi"].append(float(torch.quantile(null, 0.95)))
+        for kind in ("ridge", "logistic") if logistic else ("ridge",):
+            if by == "person":
+                out[kind].append(stats.group_loo_accuracy(x, y, groups, kind, lam))
+            else:
+                out[kind].append(stats.loo_probe_accuracy(x, y, kind, lam))
+    acc = out["balanced"]
+    depth = max(range(len(acc)), key=lambda d: acc[d])
+    samples = torch.stack(nulls) if nulls else None
+    best_null, best_hi = best_depth_null(samples) if samples is not None else (None, None)
+    return LooProbe({k: v for k, v in out.items() if v}, samples, acc[depth], depth,
+                    best_null, best_hi)
+
+
+def loo_probe_result(model: ModelHandle, facts: Sequence[Fact], y: Tensor, lam: float = 10.0,
+                     logistic: bool = True, by: str = "person", n_null: int = 20,
+                     seed: int = 0, feature: str = "last") -> LooProbe:
+    """The probe of :func:`loo_probe` with its best depth read against the null of the best
+    depth (:class:`LooProbe`): the per-depth permutations are computed once and reused."""
+    if by not in ("person", "sequence"):
+        raise ValueError(f"by={by!r}: choose 'person' or 'sequence'")
+    sites = depth_sites(model)
+    acts = sequence_states(model, facts, sites, feature)
+    return loo_probe_states([acts[s] for s in sites], y, _person_groups(facts), lam, logistic,
+                            by, n_null, seed)
+
+
 def loo_probe(model: ModelHandle, facts: Sequence[Fact], y: Tensor, lam: float = 10.0,
               logistic: bool = True, by: str = "person", n_null: int = 20,
               seed: int = 0, feature: str = "last") -> dict[str, list[float]]:
@@ -124,29 +207,9 @@ def loo_probe(model: ModelHandle, facts: Sequence[Fact], y: Tensor, lam: float =
     depth only where ``balanced`` exceeds ``null_hi``.
 
     ``feature`` (:data:`FEATURES`): which vector of each fact the probe reads (default the last
-    prompt token; :func:`sequence_states`)."""
-    if by not in ("person", "sequence"):
-        raise ValueError(f"by={by!r}: choose 'person' or 'sequence'")
-    groups = torch.tensor([f.person if f.person >= 0 else 10**6 + i
-                           for i, f in enumerate(facts)])
-    sites = depth_sites(model)
-    acts = sequence_states(model, facts, sites, feature)
-    out: dict[str, list[float]] = {"balanced": [], "null": [], "null_hi": [], "ridge": [],
-                                   "logistic": []}
-    g = groups if by == "person" else torch.arange(len(y))
-    for s in sites:
-        x = _standardise(acts[s])
-        out["balanced"].append(stats.balanced_group_loo_accuracy(x, y, g, lam))
-        if n_null:
-            null = stats.group_permutation_null(x, y, g, lam, n_null, seed)
-            out["null"].append(float(null.mean()))
-            out["null_hi"].append(float(torch.quantile(null, 0.95)))
-        for kind in ("ridge", "logistic") if logistic else ("ridge",):
-            if by == "person":
-                out[kind].append(stats.group_loo_accuracy(x, y, groups, kind, lam))
-            else:
-                out[kind].append(stats.loo_probe_accuracy(x, y, kind, lam))
-    return {k: v for k, v in out.items() if v}
+    prompt token; :func:`sequence_states`). The best depth against its own null:
+    :func:`loo_probe_result`."""
+    return loo_probe_result(model, facts, y, lam, logistic, by, n_null, seed, feature).curves
 
 
 def loo_accuracies(x: Tensor, labels: Tensor, lam: float = 10.0, chunk: int = 32) -> Tensor:
@@ -262,12 +325,11 @@ def probe_control(model: ModelHandle, members: Sequence[Fact], nonmembers: Seque
         acc.append(float(res[0]))
         nulls.append(res[1:])
     null = torch.stack(nulls)  # [depths, n_null]
-    best_null = null.amax(0)
     depth = max(range(len(acc)), key=lambda d: acc[d])
     return ProbeControl(acc, [float(v) for v in null.mean(1)],
                         [float(torch.quantile(v, 0.95)) for v in null], acc[depth], depth,
-                        float(best_null.mean()), float(torch.quantile(best_null, 0.95)),
-                        (len(members), len(nonmembers)), feature, lam, n_null)
+                        *best_depth_null(null), (len(members), len(nonmembers)), feature, lam,
+                        n_null)
 
 
 def drift_facts(request: ForgetRequest, max_n: int = 150, seed: int = 0) -> dict[str, list[Fact]]:

@@ -332,17 +332,21 @@ def _privacy(model: ModelHandle, request: ForgetRequest, n_candidates: int, seed
 @suite("loo_probe", needs_holdout=True)
 def loo_probe(ctx: Context) -> SuiteResult:
     """Leave-one-out "memorized vs not" probes per depth (ridge + logistic) with a permutation
-    null."""
+    null; per model also the best depth against the null of the best depth (``loo_best``,
+    ``loo_best_depth``, ``loo_best_null``, ``loo_best_null_hi``: each permutation's largest
+    accuracy over depths, the same permutations as the per-depth null), what the verdict reads
+    where this suite ran (``probes.verdict``, its ``probe`` check)."""
     s = ctx.settings
     facts, y = R.probe_data(ctx.request, s.max_probe, s.seed)
     chance = float(max(y.mean(), 1 - y.mean()))
     metrics: dict[str, dict[str, float]] = {}
     curves = {}
     for k, m in ctx.everyone.items():
-        res = ctx.memo(m, ("loo", s.max_probe, s.loo_lam, s.loo_logistic, s.loo_by, s.loo_null),
-                       partial(R.loo_probe, m, facts, y, s.loo_lam, s.loo_logistic, s.loo_by,
-                               s.loo_null, s.seed))
-        curves[k] = res
+        got: R.LooProbe = ctx.memo(
+            m, ("loo_probe", s.max_probe, s.loo_lam, s.loo_logistic, s.loo_by, s.loo_null),
+            partial(R.loo_probe_result, m, facts, y, s.loo_lam, s.loo_logistic, s.loo_by,
+                    s.loo_null, s.seed))
+        res = curves[k] = got.curves
         mk = metrics[k] = {}
         for kind, accs in res.items():
             for L, acc in enumerate(accs):
@@ -350,11 +354,16 @@ def loo_probe(ctx: Context) -> SuiteResult:
         mk["loo_chance"] = chance
         if "null" in res:  # signature above the protocol's own chance, worst depth
             mk["loo_gap_max"] = max(a - n for a, n in zip(res["balanced"], res["null"]))
+        mk["loo_best"], mk["loo_best_depth"] = got.best, got.best_depth
+        if got.best_null is not None:
+            mk["loo_best_null"], mk["loo_best_null_hi"] = got.best_null, got.best_null_hi
     extra = {"depths": list(range(ctx.model.n_layers)), "chance": chance, "n": len(y),
              "lam": s.loo_lam, "left_out": s.loo_by, "curves": curves,
              "labels": "forget (memorized) vs holdout (never trained)",
              "null": "balanced probe with labels permuted across people "
-                     f"({s.loo_null} permutations)"}
+                     f"({s.loo_null} permutations)",
+             "best_null": "per permutation the largest balanced accuracy over depths (the "
+                          "same permutation at every depth): choosing the depth is inside it"}
     return SuiteResult(metrics, {"loo_probe": extra})
 
 
@@ -455,17 +464,28 @@ def attacks(ctx: Context) -> AttackResult:
 def verdict(ctx: Context) -> VerdictResult:
     """Deleted / suppressed / damaged / not forgotten (``probes.verdict``): against the retrain
     oracle, or - without one - against the comparator (never-known facts attacked alike;
-    ``probes.verdict.decide_comparator``)."""
+    ``probes.verdict.decide_comparator``). Where the ``loo_probe`` suite ran too (it is not
+    required), its best-depth numbers go to the rule as ``probe=`` (:func:`probe_inputs`)."""
     s = ctx.settings
     metrics: dict[str, dict[str, float]] = {}
     for name in ("behaviour", "privacy"):
         for k, v in ctx.results[name].metrics.items():
             metrics.setdefault(k, {}).update(v)
     changed = params_changed(ctx.model, ctx.original)
+    probe = probe_inputs(ctx.results["loo_probe"]) if "loo_probe" in ctx.results else None
     j: Judgement = decide(metrics, ctx.results["behaviour"].hits,
                           groups_of(ctx.request) | dict(ctx.results["behaviour"].groups),
                           ctx.results["attacks"].grids, ctx.label, s.original_label, s.rule(),
                           params_changed=changed,
-                          scores=getattr(ctx.results["privacy"], "scores", None))
+                          scores=getattr(ctx.results["privacy"], "scores", None), probe=probe)
     return VerdictResult({ctx.label: {"params_changed": changed}}, {"verdict": j.to_dict()},
                          verdict=j.verdict, rule=j.rule, checks=j.checks, bar=j.bar)
+
+
+def probe_inputs(result: SuiteResult) -> dict[str, dict[str, float | None]]:
+    """The ``loo_probe`` suite's best-depth numbers per model label, as
+    :func:`probes.verdict.decide` reads them: ``best``, ``depth``, ``null`` and ``null_hi``
+    (None where the suite ran without a permutation null, ``loo_null=0``)."""
+    return {k: {"best": m["loo_best"], "depth": m["loo_best_depth"],
+                "null": m.get("loo_best_null"), "null_hi": m.get("loo_best_null_hi")}
+            for k, m in result.metrics.items() if "loo_best" in m}
