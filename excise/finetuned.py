@@ -96,7 +96,16 @@ class FinetuneWorld:
     sentences themselves; ``"nll"``: the language-model loss on the retain text. Measured on
     Gemma 3 270M (8 people, 80 steps of 8 facts at 1e-4; general-text perplexity against the
     base's, recall of the forget / retain facts): nll, 4 rows, weight 1: 2.4x, 1.00 / 1.00;
-    kl, 8 rows, weight 5: 1.12x, 1.00 / 1.00; kl, 8 rows, weight 20: 1.18x, 0.93 / 0.97."""
+    kl, 8 rows, weight 5: 1.12x, 1.00 / 1.00; kl, 8 rows, weight 20: 1.18x, 0.93 / 0.97.
+    ``anchor_samples``: that many texts sampled from the base itself (:func:`base_samples`,
+    ``anchor_len`` tokens each, seeded by ``seed``, drawn once before training) join the retain
+    text. The KL term held the 60 retain sentences at the base's perplexity (1.006x) while
+    held-out general text still rose 1.12x, line by line between 0.81x and 1.45x: the model
+    fitted the anchor rather than staying the base; the base's own samples (web text, code,
+    other languages) spread the anchor over what the base actually predicts. Measured with
+    128 samples of 24 tokens (kl, 8 rows, weight 5): 1.07x, trained facts recalled 0.98 (all
+    eight people); the fine-tune took 725 s of CPU at one thread against 409 s without the
+    samples (drawing them, their statistics, and longer text rows at every step)."""
 
     people: int = 12
     holdout: int = 4
@@ -112,6 +121,8 @@ class FinetuneWorld:
     text_weight: float = 1.0
     text_loss: str = "kl"
     rank: int = 0
+    anchor_samples: int = 0
+    anchor_len: int = 32
 
     def __post_init__(self):
         _int("people", self.people, 2, 800)
@@ -121,6 +132,13 @@ class FinetuneWorld:
         _int("threads", self.threads, 1, 256)
         _int("text_batch", self.text_batch, 0)
         _int("rank", self.rank, 0, 4096)
+        _int("anchor_samples", self.anchor_samples, 0, 100_000)
+        _int("anchor_len", self.anchor_len, 4, 512)
+        if self.anchor_samples and not (self.text_batch and self.text_weight):
+            raise ValueError(f"finetune_world.anchor_samples={self.anchor_samples}: the base's "
+                             f"samples join the retain text, which is not trained on "
+                             f"(text_batch={self.text_batch}, text_weight={self.text_weight}); "
+                             f"set text_batch and text_weight above 0, or anchor_samples: 0")
         tw = self.text_weight
         if isinstance(tw, bool) or not isinstance(tw, (int, float)) or not 0 <= tw <= 100:
             raise ValueError(f"finetune_world.text_weight={tw!r}: must be a number in [0, 100]")
@@ -178,6 +196,8 @@ class FinetuneWorld:
         if not (self.text_batch and self.text_weight):  # text not trained on: not in the key
             for k in ("text", "text_batch", "text_weight", "text_loss"):
                 d.pop(k)
+        if not self.anchor_samples:
+            d.pop("anchor_samples"), d.pop("anchor_len")
         return d
 
     def to_dict(self) -> dict:
@@ -258,9 +278,13 @@ def finetune(model, world: World, spec: FinetuneWorld, exclude: Iterable[int] = 
     seed = spec.seed if train_seed is None else train_seed
     facts = training_facts(world, spec, exclude)
     texts = spec.texts(world)[1] if spec.text_batch and spec.text_weight else ()
-    if spec.text_batch and spec.text_weight and not texts:
+    if spec.text_batch and spec.text_weight and not texts and not spec.anchor_samples:
         raise ValueError(f"finetune_world.text_batch={spec.text_batch}: the retain text of "
                          f"{spec.text!r} is empty; add retain_text rows or set text_batch: 0")
+    if spec.anchor_samples:  # the base's own text, drawn before any step (spec.seed: the data's)
+        with reproducible(spec.threads):
+            texts = tuple(texts) + base_samples(model, spec.anchor_samples, spec.anchor_len,
+                                                spec.seed)
     sites = trained_sites(model, spec.layers)
     named = model.named_parameters()
     params = {s: named[s] for s in sites}
@@ -320,6 +344,37 @@ def finetune(model, world: World, spec: FinetuneWorld, exclude: Iterable[int] = 
                 params[s].add_(b @ a)
     model.model.eval()
     return result
+
+
+def base_samples(model, n: int, length: int, seed: int, chunk: int = 32) -> tuple[str, ...]:
+    """``n`` texts sampled from ``model`` (an HFHandle) from its BOS token, ``length`` tokens
+    each (cut at the first EOS; empty ones dropped), at temperature 1 with no top-k / top-p
+    truncation (the model's own distribution, not its generation defaults), with a generator
+    seeded ``seed``: the same texts for the same weights, seed, torch version and threads.
+    Decoded without special tokens (they are re-encoded with the retain text)."""
+    hf_tok = model.tokenizer.hf
+    bos, eos = model.tokenizer.bos_id, model.tokenizer.eos_id
+    from transformers import DynamicCache
+
+    gen = torch.Generator().manual_seed(seed)
+    out: list[str] = []
+    with torch.inference_mode():
+        for start in range(0, n, chunk):
+            x = torch.full((min(chunk, n - start), 1), bos, dtype=torch.long)
+            cache, drawn = DynamicCache(config=model.model.config), []
+            for _ in range(length):  # (the cache fills in place)
+                o = model.model(input_ids=x.to(model.device), use_cache=True, logits_to_keep=1,
+                                **{model._cache_kwarg(): cache})
+                x = torch.multinomial(o.logits[:, -1].float().softmax(-1).cpu(), 1,
+                                      generator=gen)
+                drawn.append(x)
+            for row in torch.cat(drawn, 1).tolist():
+                if eos in row:
+                    row = row[:row.index(eos)]
+                text = hf_tok.decode(row, skip_special_tokens=True).strip()
+                if text:
+                    out.append(text)
+    return tuple(out)
 
 
 def _adapters(model, sites: list[str], rank: int, seed: int

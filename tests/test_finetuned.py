@@ -230,6 +230,44 @@ def test_text_kl_term_is_the_full_kl_to_the_base(base, tmp_path):
     assert other.fingerprint() != model.fingerprint()
 
 
+def test_anchor_samples_are_the_base_own_seeded_samples(base, tmp_path):
+    """anchor_samples: texts sampled from the base at temperature 1 (the KV-cached loop equals a
+    plain loop that reruns the whole sequence each token, with the same generator), seeded,
+    in the cache key; refused where the text is not trained on."""
+    from excise.finetuned import base_samples
+    from excise.train import reproducible
+
+    model = load_base(base)
+    with reproducible(1):
+        got = base_samples(model, 5, 6, seed=3, chunk=2)
+        again = base_samples(model, 5, 6, seed=3, chunk=2)
+        other = base_samples(model, 5, 6, seed=4, chunk=2)
+    assert got == again and got != other
+    # the reference: no cache, the full sequence every token, the same draws in the same order
+    tok = model.tokenizer
+    gen = torch.Generator().manual_seed(3)
+    want = []
+    with torch.no_grad():
+        for start in range(0, 5, 2):
+            x = torch.full((min(2, 5 - start), 1), tok.bos_id, dtype=torch.long)
+            for _ in range(6):
+                p = model.model(input_ids=x).logits[:, -1].float().softmax(-1)
+                x = torch.cat([x, torch.multinomial(p, 1, generator=gen)], 1)
+            for row in x[:, 1:].tolist():
+                row = row[:row.index(tok.eos_id)] if tok.eos_id in row else row
+                text = tok.hf.decode(row, skip_special_tokens=True).strip()
+                if text:
+                    want.append(text)
+    assert list(got) == want
+    assert all(len(t.split()) <= 6 for t in got)
+    spec = FinetuneWorld(**(SPEC | {"text_batch": 2, "anchor_samples": 4}))
+    assert spec.trained() != FinetuneWorld(**(SPEC | {"text_batch": 2})).trained()
+    assert "anchor_samples" not in FinetuneWorld(**(SPEC | {"text_batch": 2})).trained()
+    with pytest.raises(ValueError, match="anchor_samples=4: the base's samples join the retain "
+                                         "text, which is not trained on"):
+        FinetuneWorld(**(SPEC | {"anchor_samples": 4}))
+
+
 @pytest.mark.slow
 def test_gemma_tofu():
     """Gemma 3 270M: the configured fine-tune recalls its facts, perplexity stays near the
