@@ -80,9 +80,12 @@ class RequestConfig:
     split_seed: int = 0  # which people a fraction picks
     attributes: list[str] | None = None  # attribute names (excise.world.ATTRIBUTES); null: all
     jsonl: str | None = None  # a request file instead of the organism's people
-    # add generated same-template facts (excise.templates, retain-side subjects) to the retain
-    # facts locate and edit keep; the same-template metric uses other subjects
-    same_template_retain: bool = False
+    # add generated same-template facts (excise.templates: the forget prompts with retain-side
+    # subjects - the request's retain subjects and built-in well-known ones - answered by the
+    # unedited model) to the retain facts locate and edit keep, so the edit forgets the facts,
+    # not their template; the same-template metric uses other subjects. Only requests from a
+    # file with subjects have any (on the organism its retain facts already are)
+    same_template_retain: bool = True
 
 
 @dataclass(frozen=True)

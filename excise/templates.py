@@ -29,9 +29,12 @@ Two disjoint pools of substitute subjects (:func:`subject_pools`), so measuremen
 never share a subject: the **metric** side uses the request's neighbor subjects (held out of
 locating and editing, like the hand-written neighbors) plus ``metric_subjects``; the **retain**
 side (``request.same_template_retain``: added to the retain facts locate and edit keep) uses the
-retain subjects that are not neighbor subjects plus ``retain_subjects``. Forget subjects are in
-neither. A request without neighbor subjects splits its retain subjects alternately (sorted).
-Generated retain-side facts never equal a neighbor, paraphrase, holdout or metric-side fact.
+retain subjects that are not neighbor subjects plus ``retain_subjects``, and for every forget
+fact 24 of the built-in :data:`COMMON_SUBJECTS` (well-known things of many kinds: a request whose
+retain facts are all about places still gets same-template retain facts for its forget fact
+about an animal or a company). Forget subjects are in neither. A request without neighbor
+subjects splits its retain subjects alternately (sorted). Generated retain-side facts never
+equal a neighbor, paraphrase, holdout or metric-side fact.
 
 On the organism (facts of world people, ``person >= 0``) the world's templates with other
 people's names already are the retain facts: the metric is the retain facts whose (attribute,
@@ -46,6 +49,7 @@ run, so the generation runs once per run).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -69,6 +73,45 @@ named city country capital river language currency first main largest longest bi
 most only best official national local same""".split())
 
 _WORD = re.compile(r"[^\s.,;:!?\"'()\[\]{}<>]+")
+
+# Substitute subjects for the retain side beside the request's own (``generate``'s
+# ``common_subjects``): well-known things of many kinds, so that a forget fact about an animal,
+# a company or a writer finds same-template retain facts of its kind even when the request's
+# retain facts are all about places. Written for excise without reference to any request file;
+# a substitution that makes no sense ("Saturn was born in the town of") gives an unsure answer
+# and is dropped like any other.
+COMMON_SUBJECTS = (
+    # countries and regions
+    "Canada", "Brazil", "Egypt", "India", "Japan", "Norway", "Peru", "Vietnam", "Morocco",
+    "Sweden", "Chile", "Greece", "Poland", "Turkey", "Ireland", "Nigeria", "Scotland",
+    "Texas", "Bavaria", "Siberia",
+    # cities
+    "Tokyo", "Cairo", "Moscow", "Sydney", "Chicago", "Vienna", "Mumbai", "Berlin", "Toronto",
+    "Seoul", "Madrid", "Athens", "Boston", "Venice", "Shanghai", "Lagos",
+    # buildings and landmarks
+    "Big Ben", "Colosseum", "Taj Mahal", "Statue of Liberty", "Golden Gate Bridge",
+    "Sydney Opera House", "Kremlin", "Parthenon", "Great Wall", "Machu Picchu",
+    "Brandenburg Gate", "Empire State Building", "Forbidden City", "Leaning Tower of Pisa",
+    # rivers, lakes, seas, mountains
+    "Amazon", "Danube", "Thames", "Ganges", "Rhine", "Yangtze", "Volga", "Lake Victoria",
+    "Mount Kilimanjaro", "Matterhorn", "Mont Blanc", "Sahara", "Andes", "Alps",
+    # animals
+    "Koalas", "Pandas", "Polar bears", "Camels", "Lions", "Elephants", "Tigers",
+    "Gorillas", "Llamas", "Flamingos", "Bison", "Zebras", "Wolves", "Sharks", "Eagles",
+    # people
+    "Mozart", "Beethoven", "Picasso", "Einstein", "Newton", "Napoleon", "Gandhi", "Dickens",
+    "Tolstoy", "Galileo", "Darwin", "Cleopatra", "Van Gogh", "Marie Curie", "Leonardo da Vinci",
+    "Abraham Lincoln", "Goethe", "Chopin",
+    # companies and institutions
+    "Microsoft", "Toyota", "Nike", "Samsung", "Nestle", "IKEA", "Ferrari", "Sony",
+    "Harvard University", "Oxford University", "United Nations", "Volkswagen", "Coca-Cola",
+    # foods, drinks, things
+    "Sushi", "Pizza", "Tacos", "Croissants", "Paella", "Kimchi", "Champagne", "Tea", "Coffee",
+    "Chocolate", "Cheese", "Rice",
+    # languages, sports, instruments, works
+    "Spanish", "German", "Arabic", "Mandarin", "Cricket", "Baseball", "Football", "Tennis",
+    "Violins", "Pianos", "Hamlet", "Mona Lisa", "Don Quixote", "Odyssey",
+)
 
 
 @dataclass(frozen=True)
@@ -232,13 +275,44 @@ def organism_same_template(request: ForgetRequest) -> FactSet:
                                if (f.attribute, f.form, f.template) in slots))
 
 
+def _spellable(model: ModelHandle, text: str) -> bool:
+    """Whether the model's tokenizer can encode ``text`` (a word-level vocabulary, as the
+    organism's, refuses words it lacks)."""
+    try:
+        model.tokenizer.encode(text)
+    except ValueError:
+        return False
+    return True
+
+
+def common_for(f: Fact, pool: Sequence[str], n: int) -> list[str]:
+    """``n`` subjects of ``pool`` for the forget fact ``f``: the first ``n`` in an order fixed
+    by a hash of the prompt and the subject (different facts draw different subjects; the same
+    request always draws the same)."""
+    def rank(s: str) -> str:
+        return hashlib.sha256(f"{normalize(f.prompt)}\0{s}".encode()).hexdigest()
+    return sorted(pool, key=rank)[:n]
+
+
 def generate(model: ModelHandle, request: ForgetRequest, *, metric_subjects: Sequence[str] = (),
-             retain_subjects: Sequence[str] = (), max_new_tokens: int = 4,
+             retain_subjects: Sequence[str] = (), common_subjects: Sequence[str] = COMMON_SUBJECTS,
+             common_per_fact: int = 24, max_new_tokens: int = 4,
              min_prob: float = 0.2, batch_size: int = 64) -> SameTemplate:
-    """Same-template facts of ``request`` on the unedited ``model`` (module docstring)."""
+    """Same-template facts of ``request`` on the unedited ``model`` (module docstring). The
+    retain side also tries ``common_per_fact`` subjects of ``common_subjects`` per forget fact
+    (:func:`common_for`; never a forget or metric-side subject, and only subjects the model's
+    tokenizer can encode)."""
     if _organism(request):
         return SameTemplate(organism_same_template(request), FactSet("retain", ()))
+    if isinstance(common_per_fact, bool) or not isinstance(common_per_fact, int) \
+            or common_per_fact < 0:
+        raise ValueError(f"common_per_fact={common_per_fact!r}: must be an integer >= 0")
     metric_pool, retain_pool = subject_pools(request, metric_subjects, retain_subjects)
+    banned = {normalize(x).lower() for x in metric_pool} | {
+        normalize(f.subject).lower() for f in request.forget if f.subject}
+    own = {normalize(x).lower() for x in retain_pool}
+    common = [normalize(x) for x in dict.fromkeys(common_subjects)
+              if normalize(x).lower() not in banned | own and _spellable(model, normalize(x))]
     forget_targets = {normalize(f.target).lower() for f in request.forget}
     rel_known: dict[tuple, list[str]] = {}  # (subject, relation) -> known targets
     for f in list(request.retain) + list(request.neighbors):
@@ -252,7 +326,8 @@ def generate(model: ModelHandle, request: ForgetRequest, *, metric_subjects: Seq
     for f in request.forget:
         if not has_subject(f):
             continue
-        for side, pool in (("metric", metric_pool), ("retain", retain_pool)):
+        extra = common_for(f, common, common_per_fact)
+        for side, pool in (("metric", metric_pool), ("retain", retain_pool + extra)):
             for s in pool:
                 p = substitute(f.prompt, f.subject, s)
                 if normalize(p) in taken or normalize(p) in seen:

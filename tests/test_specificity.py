@@ -88,6 +88,28 @@ def test_metric_and_retain_subjects_are_disjoint(planted):
     assert m == ["s5", "s6", "s4", "s7"] and r == ["s8", "s9", "s10", "s2"]
 
 
+def test_common_subjects_join_the_retain_side_only(planted):
+    """The built-in pool's subjects (here a supplied one) are tried on the retain side only:
+    never a metric-side or forget subject, never a word the tokenizer lacks, ``common_per_fact``
+    per forget fact in :func:`templates.common_for`'s order."""
+    model, req = planted.handle, planted_request()
+    base = templates.generate(model, req, common_subjects=())
+    pool = ["s2", "s4", "s5", "s0", "Tolstoy", "s3"]  # s5 metric, s0 forget, Tolstoy unknown
+    st = templates.generate(model, req, common_subjects=pool, common_per_fact=1)
+    allowed = ["s2", "s4", "s3"]
+    picks = {f.prompt: templates.common_for(f, allowed, 1) for f in req.forget}
+    assert all(len(p) == 1 and p[0] in allowed for p in picks.values())
+    assert st.tried == base.tried + 2  # one more substituted prompt per forget fact
+    assert st.metric.keys() == base.metric.keys()  # the metric side does not change
+    new = {x.subject for x in st.retain} - {x.subject for x in base.retain}
+    assert new <= {p[0] for p in picks.values()}
+    # the order is fixed by the prompt and the subject, not by the pool's order
+    f = req.forget[0]
+    assert templates.common_for(f, allowed, 3) == templates.common_for(f, allowed[::-1], 3)
+    with pytest.raises(ValueError, match="common_per_fact"):
+        templates.generate(model, req, common_per_fact=-1)
+
+
 def test_accept_rules():
     kw = dict(new_subject="Colosseum", known=(), forget_targets={"paris"}, min_prob=0.2)
     assert templates.accept("Rome", 0.9, **kw) is None
