@@ -9,8 +9,11 @@ answer is known?
    rows of training, 32 never seen. Per count: the probe on that count's canaries vs the
    never-seen ones (best depth, against the null of the best depth: mean and 95th percentile),
    loss-based membership AUC, greedy recall of the digits; Spearman between probe accuracy and
-   AUC across the counts. The same on the oracle (``org.without_canaries()``: the plain
-   organism, which never saw a canary): the probe must read at its null there.
+   AUC across the counts (the issue's statistic). Where the AUC saturates at 1.0 for several
+   counts that Spearman is decided by ties, so Spearman with the count itself and with the
+   recall are printed beside it (undefined, ``nan``, where one side is constant). The same on
+   the oracle (``org.without_canaries()``: the plain organism, which never saw a canary): the
+   probe must read at its null there.
 2. Verbatim passages on Gemma 3 270M (``data/verbatim.jsonl``; skipped when the Gemma extra is
    missing): passages the model completes exactly vs novel passages of the same style written
    for excise (pairs whose novel twin it completes too are left out). The probe must read at
@@ -40,8 +43,12 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def spearman(a, b) -> float:
+    """Spearman's rank correlation (ties: average ranks); ``nan`` where either side is
+    constant (no ranking to correlate)."""
     from scipy.stats import spearmanr
 
+    if len(set(a)) < 2 or len(set(b)) < 2:
+        return float("nan")
     return float(spearmanr(a, b).correlation)
 
 
@@ -53,7 +60,10 @@ def canaries(preset: str, n_null: int, feature: str) -> dict:
     for label, model in (("canaries", org.model), ("oracle", org.without_canaries())):
         rows = canary_control(model, facts, n_null=n_null, feature=feature)
         accs, aucs = [r["acc"] for r in rows], [r["mia_auc"] for r in rows]
-        out[label] = {"rows": rows, "spearman": spearman(accs, aucs)}
+        out[label] = {"rows": rows, "spearman": spearman(accs, aucs),
+                      "spearman_count": spearman(accs, [r["count"] for r in rows]),
+                      "spearman_recall": spearman(accs, [r["recall"] for r in rows]),
+                      "spearman_auc_count": spearman(aucs, [r["count"] for r in rows])}
         print(f"\n{preset} organism, model: {label} ({len(facts[0])} never-seen canaries, "
               f"{len(facts[rows[0]['count']])} per count, feature {feature!r})")
         print(f"{'count':>5} | {'probe acc':>9} {'depth':>5} | {'null mean':>9} {'null p95':>8} | "
@@ -61,12 +71,14 @@ def canaries(preset: str, n_null: int, feature: str) -> dict:
         for r in rows:
             print(f"{r['count']:>5} | {r['acc']:9.3f} {r['depth']:>5} | {r['null']:9.3f} "
                   f"{r['null_hi']:8.3f} | {r['mia_auc']:7.3f} | {r['recall']:6.2f}")
-        print(f"Spearman(probe acc, MIA AUC) across counts: {out[label]['spearman']:.2f}; "
-              f"Spearman(probe acc, count): {spearman(accs, [r['count'] for r in rows]):.2f}")
+        sp = out[label]
+        print(f"Spearman across counts: probe acc vs MIA AUC {sp['spearman']:.2f} (the bar); "
+              f"probe acc vs count {sp['spearman_count']:.2f}, vs recall "
+              f"{sp['spearman_recall']:.2f}; MIA AUC vs count {sp['spearman_auc_count']:.2f}")
     rows, orows = out["canaries"]["rows"], out["oracle"]["rows"]
     out["bar"] = {
         "spearman_ge_0.8": out["canaries"]["spearman"] >= 0.8,
-        "rises_with_count": spearman([r["acc"] for r in rows], [r["count"] for r in rows]) >= 0.8,
+        "rises_with_count": out["canaries"]["spearman_count"] >= 0.8,
         "oracle_at_null": all(r["acc"] <= r["null_hi"] for r in orows)}
     out["seconds"] = {"wall": round(time.time() - t0, 1), "cpu": round(time.process_time() - c0, 1)}
     print(f"bar: {out['bar']}  ({out['seconds']['wall']} s wall, {out['seconds']['cpu']} s CPU)")
