@@ -406,8 +406,8 @@ def test_gemma_forgets_facts(tmp_path):
     on the top 2% of MLP neurons with a retain-fact term and a KL term on retain text). The run
     completes; every forget fact was screened as known (none reported "not known"); every
     forget fact's greedy answer changes and the target probability falls >= 10x (median); the
-    held-out neighbors keep >= 80% of their recall, retain facts >= 80%, and perplexity
-    on held-out general text stays within 25% either way."""
+    held-out neighbors keep >= 80% of their recall, retain facts >= 80%, same-template
+    neighbors >= 90%, and perplexity on held-out general text stays within 25% either way."""
     _gemma_or_skip()
     from edit import Diff
     from excise import config
@@ -437,3 +437,6 @@ def test_gemma_forgets_facts(tmp_path):
     assert a["neighbor_recall"] >= 0.8 * b["neighbor_recall"], (b, a)
     assert a["retain_recall"] >= 0.8 * b["retain_recall"], (b, a)
     assert 1 / 1.25 <= a["perplexity"] / b["perplexity"] <= 1.25, (b, a)
+    # same-template neighbors (generated; the retain side's subjects are other ones):
+    # measured 0.94 of 78 with same_template_retain on (the config's default)
+    assert b["same_template_prompts"] >= 20 and a["same_template_recall"] >= 0.9, (b, a)
