@@ -445,16 +445,9 @@ def decide(metrics: Mapping[str, Mapping[str, float]], hits: Mapping[str, Mappin
     if pc is not None:
         checks["probe"] = pc
     for name, g in grids.items():
-        bs = grid_bootstrap(g, label, rule)
-        flagged = sum(p.flagged for p in g.points)
-        c: dict[str, Any] = {"worst_gap": g.worst_gap(label), "at": _where(g, label),
-                             "settings": len(g.points), "flagged": flagged}
-        if bs is None:
-            c |= {"ok": False, "why": "no per-fact hits on the curves: no interval"}
-        else:
-            c |= {"upper": bs.upper(lvl), "ok": bs.upper(lvl) <= rule.tolerance}
-        c["need"] = f"upper bound of the worst gap <= {rule.tolerance:g}"
-        checks[f"attack_{name}"] = c
+        checks[f"attack_{name}"] = _attack_check(
+            g, label, grid_bootstrap(g, label, rule), rule, "oracle",
+            f"upper bound of the worst gap <= {rule.tolerance:g}")
     v = _verdict(gate, checks, ("forget_vs_oracle", "mia_vs_oracle", "probe"))
     return Judgement(v, rule.text(list(grids)), checks,
                      bar(metrics, grids, label, params_changed))
@@ -515,6 +508,22 @@ def probe_check(probe: Mapping[str, Mapping[str, Any]] | None, label: str,
             limit, ref = o + rule.tolerance, f"oracle + {rule.tolerance:g}"
     return c | {"limit": limit, "reference": ref, "used": True, "ok": m["best"] <= limit,
                 "need": need}
+
+
+def _attack_check(g: AttackGrid, label: str, bs, rule: Rule, reference: str,
+                  need: str) -> dict[str, Any]:
+    """One attack's deletion check: the worst gap of ``label`` above ``reference`` over the
+    grid, and the bootstrap's upper bound ``bs`` (None: no per-fact hits, no interval)."""
+    c: dict[str, Any] = {"worst_gap": g.worst_gap(label, reference),
+                         "at": _where(g, label, reference)}
+    if reference != "oracle":
+        c["reference"] = reference
+    c |= {"settings": len(g.points), "flagged": sum(p.flagged for p in g.points)}
+    if bs is None:
+        c |= {"ok": False, "why": "no per-fact hits on the curves: no interval"}
+    else:
+        c |= {"upper": bs.upper(rule.confidence), "ok": bs.upper(rule.confidence) <= rule.tolerance}
+    return c | {"need": need}
 
 
 def _verdict(gate: bool, checks: Mapping[str, Mapping], deletion: Sequence[str]) -> str:
@@ -618,17 +627,9 @@ def decide_comparator(metrics: Mapping[str, Mapping[str, float]], hits: Mapping[
     if pc is not None:
         checks["probe"] = pc
     for name, g in grids.items():
-        bs = comparator_bootstrap(g, label, rule, reference)
-        c: dict[str, Any] = {"worst_gap": g.worst_gap(label, reference),
-                             "at": _where(g, label, reference), "reference": reference,
-                             "settings": len(g.points),
-                             "flagged": sum(p.flagged for p in g.points)}
-        if bs is None:
-            c |= {"ok": False, "why": "no per-fact hits on the curves: no interval"}
-        else:
-            c |= {"upper": bs.upper(lvl), "ok": bs.upper(lvl) <= rule.tolerance}
-        c["need"] = f"upper bound of the worst gap above the comparator <= {rule.tolerance:g}"
-        checks[f"attack_{name}"] = c
+        checks[f"attack_{name}"] = _attack_check(
+            g, label, comparator_bootstrap(g, label, rule, reference), rule, reference,
+            f"upper bound of the worst gap above the comparator <= {rule.tolerance:g}")
     v = _verdict(gate, checks, ("forget_vs_never_known", "mia_vs_never_known", "probe"))
     return Judgement(v, rule.text_comparator(list(grids)), checks,
                      {"(issue 8's bar needs a retrain oracle)": {"value": params_changed,
