@@ -252,13 +252,13 @@ def loo_accuracies(x: Tensor, labels: Tensor, lam: float = 10.0, chunk: int = 32
         for k, ak, bk in ((True, 0.5 / (big1 - 1), 0.5 / big0),
                           (False, 0.5 / big1, 0.5 / (big0 - 1))):
             bmat = ak[:, None, None] * g1 + bk[:, None, None] * g0 + lam / (n - 1) * eye
-            zk = torch.einsum("pde,pief->pidf", torch.linalg.inv(bmat), vecs)
+            zk = torch.einsum("pde,pief->pidf", stats.inverse(bmat), vecs)
             z = torch.where((cls == k)[..., None, None], zk, z)
         bu, br = z[..., :2], z[..., 2]  # B^-1 U, B^-1 r
         u = vecs[..., :2]
         small = torch.diag_embed(torch.stack([1 / own, torch.ones_like(own)], -1)) \
             - u.transpose(-1, -2) @ bu  # D^-1 - U' B^-1 U: [P, i, 2, 2]
-        w = br + (bu @ torch.linalg.solve(small, (u.transpose(-1, -2) @ br[..., None])))[..., 0]
+        w = br + (bu @ stats.solve(small, (u.transpose(-1, -2) @ br[..., None])))[..., 0]
         pred = ((x[None] - m) * w).sum(-1) > 0  # [P, i]
         out.append((pred.double() == tt).double().mean(-1))
     return torch.cat(out)

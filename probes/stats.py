@@ -41,7 +41,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from excise.train import using_threads
+
 __all__ = [
+    "solve",
+    "inverse",
     "auc",
     "min_k_prob",
     "truth_ratio",
@@ -64,6 +68,26 @@ __all__ = [
 ]
 
 _F64 = torch.float64
+
+
+def solve(a: Tensor, b: Tensor) -> Tensor:
+    """``torch.linalg.solve(a, b)``, safe for batches on the CPU. A batched LU on the CPU at
+    more than one torch thread factors the batch's matrices in parallel, each inside MKL's own
+    threads, and MKL then fails ("Parameter 6 was incorrect on entry to DLASWP") or never
+    returns (pytorch/pytorch#141358, #142815; torch 2.13: two 151 x 151 identities at two
+    threads). Every probe's solve goes through here; batched CPU solves run at one thread."""
+    if a.ndim > 2 and a.device.type == "cpu" and torch.get_num_threads() > 1:
+        with using_threads(1):
+            return torch.linalg.solve(a, b)
+    return torch.linalg.solve(a, b)
+
+
+def inverse(a: Tensor) -> Tensor:
+    """``torch.linalg.inv(a)`` with :func:`solve`'s guard for batches on the CPU."""
+    if a.ndim > 2 and a.device.type == "cpu" and torch.get_num_threads() > 1:
+        with using_threads(1):
+            return torch.linalg.inv(a)
+    return torch.linalg.inv(a)
 
 
 def _f64(x) -> Tensor:
@@ -286,12 +310,12 @@ def ridge_fit(x: Tensor, y: Tensor, lam: float) -> tuple[Tensor, Tensor]:
     yc = y - ym  # [n]
     if d <= n:
         g = xc.T @ xc + lam * torch.eye(d, dtype=_F64, device=x.device)  # [d, d]
-        w = torch.linalg.solve(g, xc.T @ yc)  # [d]
+        w = solve(g, xc.T @ yc)  # [d]
     else:
         if lam <= 0:
             raise ValueError("ridge_fit: lam must be > 0 when d > n")
         k = xc @ xc.T + lam * torch.eye(n, dtype=_F64, device=x.device)  # [n, n]
-        alpha = torch.linalg.solve(k, yc)  # [n]
+        alpha = solve(k, yc)  # [n]
         w = xc.T @ alpha  # [d]
     b = ym - xm @ w
     return w, b
@@ -317,7 +341,7 @@ def ridge_loo(x: Tensor, y: Tensor, lam: float) -> Tensor:
     yc = y - ym  # [n]
     if d <= n:
         g = xc.T @ xc + lam * torch.eye(d, dtype=_F64, device=x.device)  # [d, d]
-        sol = torch.linalg.solve(g, xc.T)  # [d, n] = G^-1 xc^T
+        sol = solve(g, xc.T)  # [d, n] = G^-1 xc^T
         h_lin = (xc * sol.T).sum(1)  # [n] diag(xc G^-1 xc^T)
         yhat = ym + xc @ (sol @ yc)  # [n]
     else:
@@ -325,7 +349,7 @@ def ridge_loo(x: Tensor, y: Tensor, lam: float) -> Tensor:
             raise ValueError("ridge_loo: lam must be > 0 when d > n")
         k = xc @ xc.T  # [n, n]
         eye = torch.eye(n, dtype=_F64, device=x.device)
-        s = torch.linalg.solve(k + lam * eye, k)  # [n, n] symmetric
+        s = solve(k + lam * eye, k)  # [n, n] symmetric
         h_lin = torch.diagonal(s)  # [n]
         yhat = ym + s @ yc  # [n]
     h = h_lin + 1.0 / n  # [n]
@@ -391,7 +415,7 @@ def _logistic_newton(
         grad = (sw * (prob - t)) @ a + lam * pen * theta  # [B, p]
         wts = sw * prob * (1.0 - prob)  # [B, n]
         hess = (a.T[None] * wts[:, None, :]) @ a + lam_diag  # [B, p, p]
-        step = torch.linalg.solve(hess, grad[..., None])[..., 0]  # [B, p]
+        step = solve(hess, grad[..., None])[..., 0]  # [B, p]
         dec = (grad * step).sum(1)  # [B] Newton decrement^2 (>= 0)
         if float(dec.max()) <= tol:
             theta = theta - step
@@ -472,7 +496,7 @@ def logistic_loo(
         pen = torch.ones(p, dtype=_F64, device=x.device)
         pen[-1] = 0.0
         hess = (a.T * wts) @ a + torch.diag(lam * pen)  # [p, p]
-        sol = torch.linalg.solve(hess, a.T)  # [p, n]
+        sol = solve(hess, a.T)  # [p, n]
         h = (a * sol.T).sum(1)  # [n]
         z_loo = z + (prob - t) * h / (1.0 - wts * h)
         return torch.sigmoid(z_loo)
@@ -528,19 +552,19 @@ def ridge_group_loo(x: Tensor, y: Tensor, lam: float, groups) -> Tensor:
     xc = x - x.mean(0)
     if d <= n:
         g = xc.T @ xc + lam * torch.eye(d, dtype=_F64, device=x.device)
-        h = xc @ torch.linalg.solve(g, xc.T)  # [n, n]
+        h = xc @ solve(g, xc.T)  # [n, n]
     else:
         if lam <= 0:
             raise ValueError("ridge_group_loo: lam must be > 0 when d > n")
         k = xc @ xc.T
-        h = torch.linalg.solve(k + lam * torch.eye(n, dtype=_F64, device=x.device), k)
+        h = solve(k + lam * torch.eye(n, dtype=_F64, device=x.device), k)
     h = h + 1.0 / n
     e = y - h @ y
     out = torch.empty(n, dtype=_F64, device=x.device)
     for idx in _group_index(groups):
         hgg = h[idx][:, idx]
         eye = torch.eye(len(idx), dtype=_F64, device=x.device)
-        out[idx] = y[idx] - torch.linalg.solve(eye - hgg, e[idx])
+        out[idx] = y[idx] - solve(eye - hgg, e[idx])
     return out
 
 
@@ -597,7 +621,7 @@ def balanced_ridge_fit(x: Tensor, y: Tensor, lam: float) -> tuple[Tensor, Tensor
     xc = x - xm
     g = (xc * c[:, None]).T @ xc + lam / t.numel() * torch.eye(x.shape[1], dtype=_F64,
                                                                 device=x.device)
-    w = torch.linalg.solve(g, (xc * c[:, None]).T @ (t - tm))
+    w = solve(g, (xc * c[:, None]).T @ (t - tm))
     return w, tm - xm @ w
 
 

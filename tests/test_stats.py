@@ -295,3 +295,33 @@ def test_group_permutation_null_finds_the_clustered_chance_level():
     assert balanced_group_loo_accuracy(x_sig, y, groups, 1.0) > float(torch.quantile(null, 0.95))
     with pytest.raises(ValueError, match="one class"):
         group_permutation_null(x, y, torch.zeros_like(groups), 1.0, n_perm=2)
+
+
+def test_batched_solves_survive_threads():
+    """A batched LU on the CPU at two threads makes MKL fail or hang (two 151 x 151 identities
+    are enough on torch 2.13); stats.solve / stats.inverse run such batches at one thread.
+    Run in a subprocess with a timeout, so a hang fails the test instead of stalling it."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import torch
+        from probes import stats
+        torch.set_num_threads(2)
+        g = torch.Generator().manual_seed(0)
+        for n in (151, 257):
+            a = torch.eye(n, dtype=torch.float64).repeat(3, 1, 1)
+            a = a + 0.01 * torch.randn(a.shape, generator=g, dtype=torch.float64)
+            b = torch.randn(3, n, 2, generator=g, dtype=torch.float64)
+            x = stats.solve(a, b)
+            assert torch.allclose(a @ x, b, atol=1e-10), n
+            assert torch.allclose(stats.inverse(a) @ a, torch.eye(n, dtype=torch.float64),
+                                  atol=1e-10), n
+            assert torch.get_num_threads() == 2
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+    assert "DLASWP" not in out.stderr
