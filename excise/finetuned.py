@@ -49,7 +49,7 @@ import torch
 from excise.io import (CacheWarning, atomic_write_text, file_lock, file_sha256, read_cache_entry,
                        save_safetensors)
 from excise.organism import cache_dir, organism_request
-from excise.request import FactSet, ForgetRequest
+from excise.request import FactSet, ForgetRequest, read_jsonl
 from excise.train import Optim, Sampler, reproducible, train
 from excise.world import World, make_world
 
@@ -489,30 +489,17 @@ class Finetuned:
 
 def read_text(path) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """``(general, retain_text)``: the ``{"split": "general" | "retain_text", "text": ...}``
-    rows of a JSONL file (other rows, e.g. a request's facts, are skipped); refuses a file
-    without general text, naming it."""
+    rows of a JSONL request file (:func:`excise.request.read_jsonl`: every row is checked as a
+    request's); refuses a file without general text, naming it."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"finetune_world.text={str(path)!r}: no such file; give a JSONL file "
                          f"with general / retain_text rows (e.g. data/gemma_facts.jsonl)")
-    texts: dict[str, list[str]] = {"general": [], "retain_text": []}
-    for n, line in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if isinstance(row, dict) and row.get("split") in texts:
-            text = row.get("text", row.get("prompt"))
-            if not isinstance(text, str) or not text.strip():
-                raise ValueError(f"{path}:{n}: a {row['split']!r} row needs a non-empty 'text' "
-                                 f"string, got {text!r}")
-            texts[row["split"]].append(text)
+    _, texts = read_jsonl(path)
     if not texts["general"]:
         raise ValueError(f"finetune_world.text={str(path)!r} has no 'general' rows: the "
                          f"request's general text (perplexity) would be empty")
-    return tuple(texts["general"]), tuple(texts["retain_text"])
+    return texts["general"], texts["retain_text"]
 
 
 def _key(base_fp: str, tok_digest: str, spec: FinetuneWorld, world: World,

@@ -204,56 +204,67 @@ class ForgetRequest:
         "paraphrase"|"shared", "prompt": ..., "target": ..., "subject": optional}``, or
         ``{"split": "general"|"retain_text", "text": ...}`` for general text. The file is UTF-8;
         a line that is not (or not JSON, or not an object, or misses a field) is refused naming
-        the file and line."""
-        splits: dict[str, list[Fact]] = {k: [] for k in ("forget", "retain", "holdout",
-                                                        "neighbors", "paraphrase", "shared")}
-        texts: dict[str, list[str]] = {"general": [], "retain_text": []}
-        path = Path(path)
-        if path.is_dir():
-            raise ValueError(f"{path} is a folder; expected a JSONL request file (one JSON "
-                             f"object per line)")
-        data = path.read_bytes()
-        if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
-            data = data[3:]
-        for n, raw in enumerate(data.split(b"\n"), 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at "
-                                 f"column {e.start + 1}); save the request file as UTF-8"
-                                 ) from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{n}: expected a JSON object such as {{\"split\": "
-                                 f"\"forget\", \"prompt\": ..., \"target\": ...}}, got a "
-                                 f"{_JSON_TYPES.get(type(row), type(row).__name__)}")
-            split = row.get("split")
-            if split in texts:
-                text = row.get("text", row.get("prompt"))
-                if not isinstance(text, str) or not text.strip():
-                    raise ValueError(f"{path}:{n}: a {split!r} row needs a non-empty 'text' "
-                                     f"string, got {text!r}")
-                texts[split].append(text)
-                continue
-            if split not in splits:
-                raise ValueError(f"{path}:{n}: split {split!r} is not one of "
-                                 f"{sorted(splits) + sorted(texts)}")
-            for k in ("prompt", "target"):
-                if not isinstance(row.get(k), str) or not row[k].strip():
-                    raise ValueError(f"{path}:{n}: missing or empty {k!r}")
-            subject = row.get("subject", "")
-            if not isinstance(subject, str):
-                raise ValueError(f"{path}:{n}: 'subject' must be a string, got {subject!r}")
-            splits[split].append(Fact(row["prompt"], row["target"], form="custom",
-                                      subject=subject))
+        the file and line (:func:`read_jsonl`)."""
+        splits, texts = read_jsonl(path)
         return cls(**{k: FactSet(k, tuple(v)) for k, v in splits.items()},
-                   general=tuple(texts["general"]), retain_text=tuple(texts["retain_text"]),
+                   general=texts["general"], retain_text=texts["retain_text"],
                    meta={"source": str(path)})
+
+
+def read_jsonl(path: str | Path
+               ) -> tuple[dict[str, tuple[Fact, ...]], dict[str, tuple[str, ...]]]:
+    """The rows of a JSONL request file (the format of :meth:`ForgetRequest.from_jsonl`), each
+    checked, by split: ``(facts, texts)`` - ``facts[split]`` for forget / retain / holdout /
+    neighbors / paraphrase / shared, ``texts["general"]`` and ``texts["retain_text"]``. Nothing
+    is required to be present (a file of general text alone is read as such)."""
+    splits: dict[str, list[Fact]] = {k: [] for k in ("forget", "retain", "holdout",
+                                                    "neighbors", "paraphrase", "shared")}
+    texts: dict[str, list[str]] = {"general": [], "retain_text": []}
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder; expected a JSONL request file (one JSON "
+                         f"object per line)")
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark
+        data = data[3:]
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at "
+                             f"column {e.start + 1}); save the request file as UTF-8"
+                             ) from None
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}:{n}: expected a JSON object such as {{\"split\": "
+                             f"\"forget\", \"prompt\": ..., \"target\": ...}}, got a "
+                             f"{_JSON_TYPES.get(type(row), type(row).__name__)}")
+        split = row.get("split")
+        if split in texts:
+            text = row.get("text", row.get("prompt"))
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{path}:{n}: a {split!r} row needs a non-empty 'text' "
+                                 f"string, got {text!r}")
+            texts[split].append(text)
+            continue
+        if split not in splits:
+            raise ValueError(f"{path}:{n}: split {split!r} is not one of "
+                             f"{sorted(splits) + sorted(texts)}")
+        for k in ("prompt", "target"):
+            if not isinstance(row.get(k), str) or not row[k].strip():
+                raise ValueError(f"{path}:{n}: missing or empty {k!r}")
+        subject = row.get("subject", "")
+        if not isinstance(subject, str):
+            raise ValueError(f"{path}:{n}: 'subject' must be a string, got {subject!r}")
+        splits[split].append(Fact(row["prompt"], row["target"], form="custom",
+                                  subject=subject))
+    return ({k: tuple(v) for k, v in splits.items()},
+            {k: tuple(v) for k, v in texts.items()})
 
 
 _JSON_TYPES = {list: "list", str: "string", int: "number", float: "number", bool: "boolean",
