@@ -33,7 +33,6 @@ Either way the result is plain weights: every stage sees an ordinary model.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import hashlib
 import json
 import re
@@ -48,6 +47,7 @@ import torch
 
 from excise.io import (CacheWarning, atomic_write_text, file_lock, file_sha256, read_cache_entry,
                        save_safetensors)
+from excise.options import check_fields
 from excise.organism import cache_dir, organism_request
 from excise.request import FactSet, ForgetRequest, read_jsonl
 from excise.train import Optim, Sampler, reproducible, train
@@ -181,12 +181,7 @@ class FinetuneWorld:
             raise ValueError(f"finetune_world={value!r}: give a mapping of its fields "
                              f"({', '.join(fields)}) or null for the defaults")
         merged = dict(value) | overrides
-        bad = [k for k in merged if k not in fields]
-        if bad:
-            close = difflib.get_close_matches(str(bad[0]), fields, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"finetune_world: unknown key {bad[0]!r}{hint} (valid: "
-                             f"{', '.join(fields)})")
+        check_fields(cls, merged, "finetune_world")
         return cls(**merged)
 
     def trained(self) -> dict:
