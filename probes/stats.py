@@ -76,7 +76,7 @@ def solve(a: Tensor, b: Tensor) -> Tensor:
     threads, and MKL then fails ("Parameter 6 was incorrect on entry to DLASWP") or never
     returns (pytorch/pytorch#141358, #142815; torch 2.13: two 151 x 151 identities at two
     threads). Every probe's solve goes through here; batched CPU solves run at one thread."""
-    if a.ndim > 2 and a.device.type == "cpu" and torch.get_num_threads() > 1:
+    if a.ndim > 2 and a.is_cpu and torch.get_num_threads() > 1:
         with using_threads(1):
             return torch.linalg.solve(a, b)
     return torch.linalg.solve(a, b)
@@ -84,7 +84,7 @@ def solve(a: Tensor, b: Tensor) -> Tensor:
 
 def inverse(a: Tensor) -> Tensor:
     """``torch.linalg.inv(a)`` with :func:`solve`'s guard for batches on the CPU."""
-    if a.ndim > 2 and a.device.type == "cpu" and torch.get_num_threads() > 1:
+    if a.ndim > 2 and a.is_cpu and torch.get_num_threads() > 1:
         with using_threads(1):
             return torch.linalg.inv(a)
     return torch.linalg.inv(a)
