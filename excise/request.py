@@ -206,7 +206,7 @@ class ForgetRequest:
         a line that is not (or not JSON, or not an object, or misses a field) is refused naming
         the file and line (:func:`read_jsonl`)."""
         splits, texts = read_jsonl(path)
-        return cls(**{k: FactSet(k, tuple(v)) for k, v in splits.items()},
+        return cls(**{k: FactSet(k, v) for k, v in splits.items()},
                    general=texts["general"], retain_text=texts["retain_text"],
                    meta={"source": str(path)})
 

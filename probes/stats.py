@@ -70,24 +70,25 @@ __all__ = [
 _F64 = torch.float64
 
 
+def _lapack_threads(a: Tensor) -> int | None:
+    """One thread for a batched solve on the CPU (see :func:`solve`), else None (as set)."""
+    return 1 if a.ndim > 2 and a.is_cpu and torch.get_num_threads() > 1 else None
+
+
 def solve(a: Tensor, b: Tensor) -> Tensor:
     """``torch.linalg.solve(a, b)``, safe for batches on the CPU. A batched LU on the CPU at
     more than one torch thread factors the batch's matrices in parallel, each inside MKL's own
     threads, and MKL then fails ("Parameter 6 was incorrect on entry to DLASWP") or never
     returns (pytorch/pytorch#141358, #142815; torch 2.13: two 151 x 151 identities at two
     threads). Every probe's solve goes through here; batched CPU solves run at one thread."""
-    if a.ndim > 2 and a.is_cpu and torch.get_num_threads() > 1:
-        with using_threads(1):
-            return torch.linalg.solve(a, b)
-    return torch.linalg.solve(a, b)
+    with using_threads(_lapack_threads(a)):
+        return torch.linalg.solve(a, b)
 
 
 def inverse(a: Tensor) -> Tensor:
     """``torch.linalg.inv(a)`` with :func:`solve`'s guard for batches on the CPU."""
-    if a.ndim > 2 and a.is_cpu and torch.get_num_threads() > 1:
-        with using_threads(1):
-            return torch.linalg.inv(a)
-    return torch.linalg.inv(a)
+    with using_threads(_lapack_threads(a)):
+        return torch.linalg.inv(a)
 
 
 def _f64(x) -> Tensor:
