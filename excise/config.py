@@ -117,6 +117,9 @@ class EditConfig:
 class VerifyConfig:
     suite: str | list[str] = "behaviour"
     oracle: bool = True
+    # how many retrain oracles (training seeds: the model's, then + 1, + 2, ...) the verdict
+    # judges against (probes.verify.against_oracles: the most favourable verdict); 1 = one oracle
+    oracles: int = 1
     # the verify settings (probes.VerifySettings fields, checked at load), e.g. grid: quick|full
     # (the attacks' grid of learning rates x seeds) or the verdict's tolerance
     params: dict = field(default_factory=dict)
@@ -690,6 +693,14 @@ def _check_verify(cfg: VerifyConfig, request: RequestConfig, model: ModelConfig,
             todo.extend(getattr(suites[s], "requires", ()))
     has_oracle = cfg.oracle and not request.jsonl and (
         not (model.name or model.path) or model.finetune_world is not None)
+    n = cfg.oracles
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ConfigError(f"verify.oracles={n!r}: must be an integer >= 1 (how many retrain "
+                          f"oracles, at different training seeds, the verdict judges against)")
+    if n > 1 and not (has_oracle and "verdict" in run):
+        raise ConfigError(f"verify.oracles={n}: several retrain oracles serve the verdict only; "
+                          f"it needs verify.oracle=true, an organism or fine-tuned-world request "
+                          f"and the 'verdict' suite (verify.suite={cfg.suite!r})")
     if not has_oracle:
         why = ("verify.oracle is false" if not cfg.oracle else
                "a request file (request.jsonl) names no organism people to leave out")

@@ -330,6 +330,13 @@ class Report:
                    + ", ".join(f"{kk}={_fmt(vv)}" for kk, vv in c.items()
                                if kk not in ("ok", "used"))
                    for k, c in verdict["checks"].items()]
+        oracles = self.extra.get("oracles") or []
+        if oracles:
+            md += ["", "## Against each retrain oracle (training seeds)", ""]
+            md += [f"- oracle {o['index'] + 1}: {o['verdict']}"
+                   + (" (this report)" if o.get("chosen") else "")
+                   + (f"; failed: {', '.join(o['failed'])}" if o.get("failed") else "")
+                   for o in oracles]
         if verdict.get("bar"):
             md += ["", "## Issue 8's bar (beside the verdict)", ""]
             md += [f"- {k}: {_yes(c['ok'])} (value {_fmt(c['value'])})"

@@ -30,7 +30,8 @@ from excise.request import ForgetRequest
 from probes.suites import SUITES, Context, SuiteResult, VerdictResult, VerifySettings, resolve
 
 
-def verify(model: ModelHandle, request: ForgetRequest, oracle: ModelHandle | None = None,
+def verify(model: ModelHandle, request: ForgetRequest,
+           oracle: ModelHandle | Sequence[ModelHandle] | None = None,
            suite: str | Sequence[str] = "behaviour", label: str = "model",
            original: ModelHandle | None = None, *, attacks=None, seed: int = 0,
            margin: float = 0.05, tolerance: float = 0.1, n_false: int = 5,
@@ -53,15 +54,72 @@ def verify(model: ModelHandle, request: ForgetRequest, oracle: ModelHandle | Non
     ``cache``: a dict kept by the caller across calls (sweeps): per-model results (behaviour,
     privacy, probes, attack curves) of models without hooks are reused when the weights'
     fingerprint, the request and the settings match - the oracle and the original are then
-    measured once per request instead of once per edit."""
+    measured once per request instead of once per edit.
+
+    ``oracle`` may be a list of retrain oracles (the same recipe at different training seeds):
+    the verdict is then taken against each, with the same rule, and the report is the one
+    against the oracle that gives the most favourable verdict (:func:`against_oracles`)."""
     settings = VerifySettings(
         suite=suite, label=label, attacks=attacks, seed=seed, margin=margin,
         tolerance=tolerance, n_false=n_false, n_candidates=n_candidates, loo_lam=loo_lam,
         loo_logistic=loo_logistic, max_probe=max_probe, loo_by=loo_by, loo_null=loo_null, sae=sae,
         grid=grid, utility=utility, ppl_tolerance=ppl_tolerance, mia_tolerance=mia_tolerance,
         confidence=confidence, n_boot=n_boot)
+    if isinstance(oracle, (list, tuple)):
+        return against_oracles(model, request, settings, list(oracle), original=original,
+                               log=log, cache=cache)
     return run_suites(model, request, settings, oracle=oracle, original=original, log=log,
                       cache=cache)
+
+
+# the order in which a verdict is more favourable to the model (against_oracles)
+FAVOURABLE = ("deleted", "suppressed", "not forgotten", "damaged")
+
+
+def against_oracles(model: ModelHandle, request: ForgetRequest, settings: VerifySettings,
+                    oracles: Sequence[ModelHandle], *, original: ModelHandle | None = None,
+                    log: Callable[[str], None] | None = None,
+                    cache: dict | None = None) -> Report:
+    """Judge ``model`` against several retrain oracles (one recipe, different training seeds).
+
+    Retraining is a distribution, not one model: two retrain oracles of the ``tiny`` organism
+    that differ only in their training seed differ by more than the rule's tolerances
+    (perplexity by up to 18%, membership AUC by 0.1-0.14, forget recall by 0.05 -
+    ``bench/calibrate.py``), so one oracle's seed decides a verdict as much as the model does
+    (Hayes et al. 2024, "Inexact Unlearning Needs More Careful Evaluations", judge against many
+    retrained models for this reason). Each oracle judges the model with the same rule; the
+    report is the one whose verdict is the most favourable (:data:`FAVOURABLE`: deleted,
+    suppressed, not forgotten, damaged) - a model that reads like some retraining on every
+    check at once is as deleted as retraining makes it. Every check stays against one oracle:
+    the checks are not mixed across oracles. ``extra["oracles"]`` lists each oracle's verdict
+    and failed checks; the model's and the original's measurements are made once (a shared
+    ``cache``)."""
+    if not oracles:
+        raise ValueError("oracle=[]: give at least one retrain oracle (or None)")
+    if "verdict" not in resolve(settings.suite):
+        raise ValueError(f"several oracles ({len(oracles)}) serve the verdict only; suite "
+                         f"{settings.suite!r} has no verdict: pass one oracle, or add the "
+                         f"'verdict' suite")
+    cache = {} if cache is None else cache
+    reports = []
+    for i, o in enumerate(oracles):
+        if log:
+            log(f"verify: against oracle {i + 1} of {len(oracles)}")
+        reports.append(run_suites(model, request, settings, oracle=o, original=original,
+                                  log=log, cache=cache))
+    best = min(range(len(reports)), key=lambda i: FAVOURABLE.index(reports[i].verdict))
+    rep = reports[best]
+    rep.extra["oracles"] = [
+        {"index": i, "verdict": r.verdict, "chosen": i == best,
+         "failed": [k for k, c in r.extra["verdict"]["checks"].items() if c["ok"] is False],
+         "metrics": r.metrics.get("oracle", {})}
+        for i, r in enumerate(reports)]
+    order = ", ".join(FAVOURABLE)
+    rep.verdict_rule = (f"Judged against {len(oracles)} retrain oracles (training seeds): the "
+                        f"same rule against each, the most favourable verdict ({order} in that "
+                        f"order) is the model's; this report is the one against oracle "
+                        f"{best + 1}. " + rep.verdict_rule)
+    return rep
 
 
 def run_suites(model: ModelHandle, request: ForgetRequest, settings: VerifySettings, *,

@@ -550,6 +550,11 @@ def _registries():
     ({"verify": {"suite": "attacks", "attacks": {"relearn_stepz": 3}}},
      "verify: unknown attack setting 'relearn_stepz'"),
     ({"verify": {"oracle": "no"}}, "verify.oracle='no' is not true or false"),
+    ({"verify": {"suite": "verdict", "oracles": 0}}, "verify.oracles=0: must be an integer >= 1"),
+    ({"verify": {"suite": "behaviour", "oracles": 2}}, "verify.oracles=2: several retrain "
+                                                        "oracles serve the verdict only"),
+    ({"verify": {"suite": "verdict", "oracles": 2, "oracle": False}},
+     "verify.oracles=2: several retrain oracles serve the verdict only"),
     ({"select": {"top": 1.5}}, "select.top=1.5: a fraction must be in (0, 1]"),
     ({"select": {"top": "lots"}}, "select.top='lots' is not an integer or a number or null"),
     ({"organism": {"seed": "zero"}}, "organism.seed='zero' is not an integer"),

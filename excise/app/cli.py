@@ -196,7 +196,7 @@ def verify(target: Path = typer.Argument(..., help="A run folder (with config.ya
                             log=log) as tmp, using_threads(cfg.threads) as n_threads:
             subject = setup.build(progress=not quiet, log=log)
             req = subject.request
-            oracle = subject.oracle(cfg.verify.oracle)
+            oracle = subject.oracle(cfg.verify.oracle, cfg.verify.oracles)
             original = subject.model.clone()
             edited = subject.model  # built for this command alone: edit it in place
             for diff in diffs:  # in order: each checks its fingerprints before and after

@@ -53,12 +53,18 @@ class Subject:
     organism: Any = None
     not_known: dict | None = None
 
-    def oracle(self, wanted: bool = True):
+    def oracle(self, wanted: bool = True, n: int = 1):
         """The retrain oracle when ``wanted`` and the request names organism people (a real
-        model or a request file has none): trained once per forget split, then cached."""
+        model or a request file has none): trained once per forget split, then cached. ``n >
+        1``: a list of ``n`` oracles at training seeds seed, seed + 1, ... (``verify.oracles``)."""
         if not wanted or self.organism is None or not self.request.forget_people():
             return None
-        return self.organism.oracle(self.request)
+        if n == 1:
+            return self.organism.oracle(self.request)
+        org = self.organism
+        seed = org.spec.seed if hasattr(org, "spec") else org.preset.seed  # fine-tune, organism
+        return [self.organism.oracle(self.request, train_seed=None if j == 0 else seed + j)
+                for j in range(n)]
 
 
 @dataclass(frozen=True)
@@ -393,7 +399,7 @@ def _run(cfg: RunConfig, out: Path, *, overwrite: bool, progress: bool,
             oracle = None
             if cfg.verify.oracle and req.forget_people():
                 log("retrain oracle (trained once per forget split, then cached)")
-                oracle = subject.oracle()
+                oracle = subject.oracle(n=cfg.verify.oracles)
             log(f"verify: {cfg.verify.suite}")
             after = probes.verify(model, req, oracle=oracle, label="after",
                                   suite=cfg.verify.suite, original=original,
