@@ -422,7 +422,8 @@ def decide(metrics: Mapping[str, Mapping[str, float]], hits: Mapping[str, Mappin
     bs = _compare(hits, groups, "forget", label, "oracle", rule)
     hi = bs.upper(lvl)
     checks["forget_vs_oracle"] = {"model": m["forget_recall"], "oracle": o["forget_recall"],
-                                  "gap": bs.estimate, "upper": hi, "ok": hi <= rule.margin,
+                                  "gap": bs.estimate, "lower": bs.lower(lvl), "upper": hi,
+                                  "ok": hi <= rule.margin,
                                   "need": f"upper bound of model - oracle <= {rule.margin:g}"}
     am, ao = m.get("mia_auc_loss"), o.get("mia_auc_loss")
     if am is None or ao is None or math.isnan(am) or math.isnan(ao):
@@ -522,7 +523,8 @@ def _attack_check(g: AttackGrid, label: str, bs, rule: Rule, reference: str,
     if bs is None:
         c |= {"ok": False, "why": "no per-fact hits on the curves: no interval"}
     else:
-        c |= {"upper": bs.upper(rule.confidence), "ok": bs.upper(rule.confidence) <= rule.tolerance}
+        c |= {"lower": bs.lower(rule.confidence), "upper": bs.upper(rule.confidence),
+              "ok": bs.upper(rule.confidence) <= rule.tolerance}
     return c | {"need": need}
 
 

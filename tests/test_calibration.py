@@ -84,6 +84,7 @@ def test_calibration_end_to_end_on_the_cheap_cells(tiny, tiny_request, tiny_orac
     seen = []
     cal = C.calibrate("tiny", seeds=(0,), grid="single", people=(0, 1, 2),
                       cases=("original", "ascent_until_damaged"), on_row=seen.append,
+                      knobs=C.Knobs(oracles=1),
                       attacks={"attacks": ["relearn", "quantize"], "relearn_steps": 10,
                                "eval_every": 5})
     assert [r.case for r in cal.rows] == ["original", "ascent_until_damaged"] == \
@@ -93,6 +94,62 @@ def test_calibration_end_to_end_on_the_cheap_cells(tiny, tiny_request, tiny_orac
     assert damaged.metrics["retain"] < 0.9 and "utility_retain" in damaged.failed
     assert damaged.people == (0, 1, 2) and damaged.metrics["relearn_gap"] is not None
     assert cal.confusion()["damaged"]["damaged"] == 1
+
+
+def test_controls_keeping_utility_hide_the_facts_and_keep_retain(tiny, tiny_request):
+    """The calibration's known-suppressed models must pass the utility gate: ascent with the
+    descent on retain data weighted up (``keep``) and the shared facts and retain text kept
+    (``keep_text``) hides the forget facts as the plain control does, with retain recall and
+    shared knowledge intact, where the plain control loses retain facts."""
+    from probes import controls
+    from probes.behaviour import behaviour_metrics
+
+    before = tiny.model.fingerprint()
+    plain = behaviour_metrics(controls.gradient_ascent(tiny.model, tiny_request, steps=100),
+                              tiny_request)
+    kept = behaviour_metrics(controls.gradient_ascent(tiny.model, tiny_request, steps=100,
+                                                      keep=10, keep_text=True), tiny_request)
+    assert tiny.model.fingerprint() == before
+    assert kept["forget_recall"] <= 0.05 and plain["forget_recall"] <= 0.05
+    assert kept["retain_recall"] >= 0.98 and kept["shared_recall"] >= 0.98
+    assert kept["retain_recall"] > plain["retain_recall"]
+    with pytest.raises(ValueError, match="keep=0"):
+        controls.gradient_ascent(tiny.model, tiny_request, keep=0)
+
+
+def test_reference_seeds_never_include_the_retrain_case():
+    assert C.reference_seeds(0, 1) == [0]
+    assert C.reference_seeds(3, 3) == [3, 5, 6]  # 4 = 3 + 1 trains the retrain case
+    assert 1 not in C.reference_seeds(0, 4)
+
+
+def test_verify_against_several_oracles_takes_the_most_favourable(tiny, tiny_request,
+                                                                   tiny_oracle):
+    """Judged against two references - the original posing as an oracle, and the real retrain
+    oracle - the retrain oracle itself is deleted against itself and not against the
+    original; the report is the favourable one and lists both verdicts. The model's own
+    measurements are reused across the two (one cache)."""
+    import probes
+
+    kw = dict(suite="verdict", label="model", grid="single", seed=0,
+              attacks={"attacks": ["relearn", "quantize"], "relearn_steps": 10,
+                       "eval_every": 5})
+    model = tiny_oracle.clone()  # the retrain oracle under test (verify refuses the object
+    rep = probes.verify(model, tiny_request, oracle=[tiny.model, tiny_oracle],  # itself)
+                        original=tiny.model, **kw)
+    per = rep.extra["oracles"]
+    assert [o["index"] for o in per] == [0, 1] and len(per) == 2
+    assert per[0]["verdict"] != "deleted" and "mia_vs_oracle" in per[0]["failed"]
+    assert per[1]["verdict"] == "deleted" and rep.verdict == "deleted"
+    assert [o["chosen"] for o in per] == [False, True]
+    assert rep.verdict_rule.startswith("Judged against 2 retrain oracles")
+    md = rep.to_markdown()
+    assert "- oracle 2: deleted (this report)" in md and "- oracle 1: " in md
+    with pytest.raises(ValueError, match=r"oracle=\[\]"):
+        probes.verify(model, tiny_request, oracle=[], original=tiny.model, **kw)
+    with pytest.raises(ValueError, match="serve the verdict only"):
+        probes.verify(model, tiny_request, oracle=[tiny_oracle, tiny_oracle],
+                      suite="behaviour")
 
 
 @pytest.mark.slow

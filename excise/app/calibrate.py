@@ -6,8 +6,8 @@ and the seed of every edit and attack below), a request that forgets a fixed gro
 (``people``; default :data:`PEOPLE` of the preset, chosen outside the planted organism's groups)
 and the known-answer models built for it:
 
-- **deleted** (``retrain``): a second retrain oracle - the same recipe, training seed ``s + 1``
-  - judged against the first;
+- **deleted** (``retrain``): another retrain oracle - the same recipe, training seed ``s + 1``
+  - judged against the reference oracles;
 - **deleted** (``distill``): a fresh-initialised model distilled from the original on retain
   data only (``edit.distill``, ``units="all"``, ``alpha=1``: every weight re-drawn; its data the
   retain facts, the shared facts and the retain text - everything but the forget facts);
@@ -22,8 +22,10 @@ and the known-answer models built for it:
 - **not forgotten**: the original.
 
 Each is judged by ``probes.verify(suite="verdict")`` - behaviour, privacy (membership), every
-restoration attack over the attack grid (``grid``), the rule - against the oracle and the
-original, with one cache per request so the oracle's and the original's attack grids run once.
+restoration attack over the attack grid (``grid``), the rule - against the reference retrain
+oracles (``Knobs.oracles``: training seeds ``s``, ``s + 2``, ``s + 3``, ...; never ``s + 1``, the
+``retrain`` case; ``probes.verify.against_oracles``) and the original, with one cache per request
+so every oracle's and the original's attack grids run once.
 :meth:`Calibration.confusion` is the expected x got table; every cell off the diagonal is a bug in
 a probe or in the rule.
 """
@@ -51,7 +53,10 @@ from probes.verdict import VERDICTS
 
 # the forget people of the calibration request per preset: outside the planted organism's
 # designated groups (tiny: reported 0..3, validation 16..19; small: 0..9, 150..159)
-PEOPLE: dict[str, tuple[int, ...]] = {"tiny": (4, 5, 6, 7), "small": tuple(range(10, 20)),
+# tiny: 8 people, so that the relearning attacks' held-out half holds 4 people (with 4 forget
+# people, 2 held out, a per-person bootstrap bound is the worse person's gap)
+PEOPLE: dict[str, tuple[int, ...]] = {"tiny": tuple(range(4, 12)),
+                                      "small": tuple(range(10, 20)),
                                       "medium": tuple(range(10, 20))}
 
 # case -> the verdict it must get
@@ -184,7 +189,11 @@ class Knobs:
 
     ``distill_*``: the from-scratch distillation (every weight re-drawn, ``alpha = 1``).
     ``reinit_*``: retraining of the re-initialised planted units. ``damage_*``: the global
-    ascent of :func:`damage`."""
+    ascent of :func:`damage`. ``control_*``: the controls' step budget and how they keep
+    utility (``keep``, ``keep_text`` of :mod:`probes.controls`: a known-suppressed model must
+    pass the utility gate, or the gate decides and the rest of the rule is never tested).
+    ``oracles``: how many reference retrain oracles judge every case
+    (training seeds ``s``, then ``s + 2``, ``s + 3``, ...: :func:`reference_seeds`)."""
 
     distill_steps: int = 1500
     distill_lr: float = 3e-3
@@ -194,25 +203,48 @@ class Knobs:
     reinit_batch: int = 64
     damage_below: float = 0.9
     damage_lr: float = 1e-4
+    oracles: int = 2
+    control_steps: int = 100
+    control_keep: float = 10.0
+    control_keep_text: bool = True
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
-def plain_cases(org, request: ForgetRequest, oracle: ModelHandle, seed: int, knobs: Knobs,
+def reference_seeds(seed: int, n: int) -> list[int]:
+    """Training seeds of the ``n`` reference oracles of organism seed ``seed``: ``seed``, then
+    ``seed + 2``, ... (``seed + 1`` trains the ``retrain`` case, which they judge)."""
+    return [seed] + [seed + 1 + j for j in range(1, n)]
+
+
+def oracles_for(org, request: ForgetRequest, n: int,
+                log: Callable[[str], None]) -> list[ModelHandle]:
+    """The ``n`` reference retrain oracles of ``request`` on ``org`` (:func:`reference_seeds`)."""
+    seed = org.preset.seed
+    out = []
+    for ts in reference_seeds(seed, n):
+        log(f"seed {seed}: reference oracle, training seed {ts}")
+        out.append(org.oracle(request, train_seed=None if ts == seed else ts))
+    return out
+
+
+def plain_cases(org, request: ForgetRequest, seed: int, knobs: Knobs,
                 kit, cases: Sequence[str], log: Callable[[str], None]):
     """Yield ``(case, model, build seconds)`` of the cases on the plain organism."""
     original = org.model
+    keep = {"steps": knobs.control_steps, "keep": knobs.control_keep,
+            "keep_text": knobs.control_keep_text}
     builders: dict[str, Callable[[], ModelHandle]] = {
         "retrain": lambda: org.oracle(request, train_seed=org.preset.seed + 1),
         "distill": lambda: _with_edit(
             original, edit.distill, units="all", request=distill_request(request), alpha=1.0,
             steps=knobs.distill_steps, lr=knobs.distill_lr, batch_size=knobs.distill_batch,
             seed=seed),
-        "ascent_all": lambda: controls.gradient_ascent(original, request),
-        "ascent_unembed": lambda: controls.unembed_ascent(original, request),
+        "ascent_all": lambda: controls.gradient_ascent(original, request, **keep),
+        "ascent_unembed": lambda: controls.unembed_ascent(original, request, **keep),
         "latent_gains": lambda: controls.latent_suppression(original, request, kit[0], kit[1],
-                                                            kit[2]),
+                                                            kit[2], **keep),
         "ascent_until_damaged": lambda: damage(original, request, knobs.damage_below,
                                                lr=knobs.damage_lr, seed=seed)[0],
         "original": lambda: original,
@@ -249,7 +281,8 @@ def _key_metrics(rep, label: str, original_label: str) -> dict[str, Any]:
     }
 
 
-def judge(case: str, model: ModelHandle, request: ForgetRequest, oracle: ModelHandle,
+def judge(case: str, model: ModelHandle, request: ForgetRequest,
+          oracle: ModelHandle | Sequence[ModelHandle],
           original: ModelHandle, seed: int, people: Sequence[int], build_seconds: float, *,
           cache: dict, verify_kw: dict) -> Row:
     """One known-answer model through ``probes.verify(suite="verdict")``, as a :class:`Row`."""
@@ -261,7 +294,9 @@ def judge(case: str, model: ModelHandle, request: ForgetRequest, oracle: ModelHa
     detail = {k: {n: v for n, v in c.items() if n != "need"} for k, c in checks.items()}
     return Row(case, EXPECTED[case], rep.verdict, seed, tuple(int(i) for i in people),
                _key_metrics(rep, case, "original"), failed, round(build_seconds, 1),
-               round(time.time() - t, 1), {"checks": detail})
+               round(time.time() - t, 1),
+               {"checks": detail, "oracles": [{k: v for k, v in o.items() if k != "metrics"}
+                                              for o in rep.extra.get("oracles", [])]})
 
 
 def calibrate(preset: str = "tiny", seeds: Sequence[int] = (0, 1), *, grid: str = "full",
@@ -295,8 +330,8 @@ def calibrate(preset: str = "tiny", seeds: Sequence[int] = (0, 1), *, grid: str 
     for seed in seeds:
         org = excise.organism(preset, seed=seed, progress=False)
         req = org.request(list(people))
-        log(f"seed {seed}: oracle for people {list(people)}")
-        oracle = org.oracle(req)
+        log(f"seed {seed}: forget people {list(people)}")
+        oracles = oracles_for(org, req, knobs.oracles, log)
         cfg = probes.VerifySettings(suite="verdict", seed=seed, grid=grid,
                                     attacks=attacks).attack_config()
         kit = None
@@ -304,9 +339,9 @@ def calibrate(preset: str = "tiny", seeds: Sequence[int] = (0, 1), *, grid: str 
             kit = A.steering_kit(org.model, req, cfg)        # latent-gains control's
         kw = verify_kw | ({"sae": (kit[0], kit[2])} if kit is not None else {})
         cache: dict = {}
-        for case, model, secs in plain_cases(org, req, oracle, seed, knobs, kit, cases, log):
+        for case, model, secs in plain_cases(org, req, seed, knobs, kit, cases, log):
             log(f"seed {seed}: judging {case}")
-            rows.append(judge(case, model, req, oracle, org.model, seed, people, secs,
+            rows.append(judge(case, model, req, oracles, org.model, seed, people, secs,
                               cache=cache, verify_kw=kw))
             log(f"seed {seed}: {case} -> {rows[-1].got} (expected {rows[-1].expected})")
             if on_row:
@@ -329,8 +364,8 @@ def planted_row(preset: str, seed: int, planted_people: Sequence[int] | None, kn
     people = (org.planted.groups["reported"] if planted_people is None
               else tuple(planted_people))
     req = org.request(list(people))
-    log(f"seed {seed}: planted oracle for people {list(people)}")
-    oracle = org.oracle(req)
+    log(f"seed {seed}: planted organism, forget people {list(people)}")
+    oracles = oracles_for(org, req, knobs.oracles, log)
     log(f"seed {seed}: building planted_reinit")
     t = time.time()
     model = _with_edit(org.model, edit.reinit, units=org.planted.units, request=req,
@@ -338,7 +373,7 @@ def planted_row(preset: str, seed: int, planted_people: Sequence[int] | None, kn
                        batch_size=knobs.reinit_batch, seed=seed)
     secs = time.time() - t
     log(f"seed {seed}: judging planted_reinit")
-    row = judge("planted_reinit", model, req, oracle, org.model, seed, people, secs, cache={},
+    row = judge("planted_reinit", model, req, oracles, org.model, seed, people, secs, cache={},
                 verify_kw=verify_kw)
     log(f"seed {seed}: planted_reinit -> {row.got} (expected {row.expected})")
     return row
