@@ -124,6 +124,8 @@ def test_sweep_yaml_is_the_protocol_behind_the_published_results():
     ({"splits": {"forget05": 0}}, "number of people"),
     ({"seed": "x"}, "seed='x'"),
     ({"finalist": 2}, "did you mean 'finalists'"),
+    ({"oracles": 0}, "oracles=0: must be an integer >= 1"),
+    ({"oracles": 2, "suite": "behaviour"}, "several retrain oracles serve the verdict only"),
 ])
 def test_bad_sweep_config_is_refused_naming_the_valid_choices(change, message):
     raw = {"organism": {"preset": "tiny"}, "validation": {"first": 20, "people": 2},
@@ -265,3 +267,24 @@ def test_excise_sweep_on_the_tiny_organism_writes_its_records(tmp_path, tiny, ti
     assert base["forget_recall"] == 1.0
     text = (out / "sweep.json").read_text()
     assert not any(line.startswith(" ") for line in text.splitlines())
+
+
+def test_sweep_oracles_train_at_successive_seeds():
+    """``oracles: N`` judges the finalists against N retrain oracles: the organism's seed, then
+    + 1, ...; one oracle stays a single model (the verdict as before)."""
+    raw = {"organism": {"preset": "tiny"}, "validation": {"first": 20, "people": 2},
+           "locate": {"grad_ratio": {}}, "splits": {"forget05": 3}, "seeds": [0],
+           "stride": 3, "recipes": {"dampen": {"apply": [{"edit": "dampen"}],
+                                               "grid": [{"alpha": 5.0}]}}}
+    assert sweep.build_config(raw).oracles == 1
+    assert sweep.build_config(raw | {"oracles": 3}).oracles == 3
+
+    class Org:
+        preset = type("P", (), {"seed": 7})()
+
+        def oracle(self, req, train_seed=None):
+            return ("oracle", req, train_seed)
+
+    assert sweep.oracles_of(Org(), "r", 1) == ("oracle", "r", None)
+    assert sweep.oracles_of(Org(), "r", 3) == [("oracle", "r", None), ("oracle", "r", 8),
+                                                ("oracle", "r", 9)]

@@ -109,6 +109,10 @@ class SweepConfig:
     # local Ray instance started for the sweep are workers x threads (None: every core)
     workers: int | None = None
     retries: int = 1  # a failed cell is tried again this many times, then recorded with its error
+    # retrain oracles per request (training seeds: the organism's, + 1, ...) the finalists are
+    # judged against (probes.verify.against_oracles: the most favourable verdict); needs a suite
+    # with the verdict
+    oracles: int = 1
 
     def people(self, split: str, seed: int) -> range:
         return range(self.stride * seed, self.stride * seed + self.splits[split])
@@ -124,7 +128,7 @@ class SweepConfig:
 
 _TOP = ("organism", "model", "validation", "locate", "recipes", "baselines", "finalists", "splits",
         "bar_split", "seeds", "stride", "suite", "grid", "seed", "out", "executor", "workers",
-        "retries")
+        "retries", "oracles")
 _RECIPE = ("apply", "grid", "latents", "needs")
 _STEP = ("edit", "hp", "units")
 
@@ -233,6 +237,18 @@ def build_config(raw: dict, registries: dict | None = None) -> SweepConfig:
         kw["grid"] = raw["grid"]
     if "out" in raw:
         kw["out"] = str(raw["out"])
+    if "oracles" in raw:
+        from probes.suites import resolve
+
+        n = raw["oracles"]
+        if not _is_int(n) or n < 1:
+            raise ConfigError(f"oracles={n!r}: must be an integer >= 1 (retrain oracles per "
+                              f"request, at different training seeds)")
+        suite = kw.get("suite", SweepConfig().suite)
+        if n > 1 and "verdict" not in resolve(suite):
+            raise ConfigError(f"oracles={n}: several retrain oracles serve the verdict only; "
+                              f"suite={suite!r} has no verdict (use suite: all)")
+        kw["oracles"] = n
     kw.update(_dispatch_keys(raw))
     cfg = SweepConfig(**kw)
     _check_people(cfg)
@@ -534,7 +550,8 @@ def report_stage(org, cfg: SweepConfig, finalists, log, executor=None):
         for seed in cfg.seeds:
             people = cfg.people(split, seed)
             t = time.time()
-            org.oracle(org.request(forget_people=people))  # trained once, shared by the cells
+            oracles_of(org, org.request(forget_people=people), cfg.oracles)  # trained once,
+            # shared by the cells
             log(f"{split} seed {seed}: people {people.start}..{people.stop - 1} "
                 f"(oracle {time.time() - t:.0f} s)")
             need = sorted({f["locate"] for f in finalists if f["locate"]})
@@ -599,6 +616,15 @@ def _run_config(cfg: SweepConfig) -> RunConfig:
                      request=RequestConfig(forget_people=list(cfg.validation)))
 
 
+def oracles_of(org, req, n: int):
+    """The retrain oracle of ``req`` (``n == 1``), or a list of ``n`` at training seeds
+    ``org.preset.seed``, ``+ 1``, ... (each trained once, then cached)."""
+    if n == 1:
+        return org.oracle(req)
+    return [org.oracle(req, train_seed=None if j == 0 else org.preset.seed + j)
+            for j in range(n)]
+
+
 def measure_shared(cfg: SweepConfig, split: str, seed: int, need: list[str]) -> dict:
     """A cell: what every finalist on one request shares - each locate method's importance
     (``need``) and ``probes.verify``'s per-model cache holding the oracle's and the original's
@@ -612,7 +638,7 @@ def measure_shared(cfg: SweepConfig, split: str, seed: int, need: list[str]) -> 
     org = _organism(cfg)
     torch.manual_seed(cfg.seed)
     req = org.request(forget_people=cfg.people(split, seed))
-    oracle = org.oracle(req)
+    oracle = oracles_of(org, req, cfg.oracles)
     lines: list[str] = []
     imps, _ = locate_all(org.model, req, cfg, need, StatsCache(),
                          lambda m: lines.append(f"{split} seed {seed}:{m}"), registries())
@@ -636,7 +662,7 @@ def report_cell(cfg: SweepConfig, split: str, seed: int, f: dict, shared: dict) 
     org = _organism(cfg)
     torch.manual_seed(cfg.seed)
     req = org.request(forget_people=cfg.people(split, seed))
-    oracle = org.oracle(req)
+    oracle = oracles_of(org, req, cfg.oracles)
     original = org.model.clone()  # before any edit: verify's "before" column and SAE source
     vcache = dict(shared["cache"])  # this cell's entries stay its own
     t = time.time()
