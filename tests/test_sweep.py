@@ -288,3 +288,28 @@ def test_sweep_oracles_train_at_successive_seeds():
     assert sweep.oracles_of(Org(), "r", 1) == ("oracle", "r", None)
     assert sweep.oracles_of(Org(), "r", 3) == [("oracle", "r", None), ("oracle", "r", 8),
                                                 ("oracle", "r", 9)]
+
+
+def test_run_subject_oracles_follow_the_seed_of_what_they_retrain():
+    """``verify.oracles: N`` in ``excise run``: the organism's seed, then + 1, ...; a fine-tune
+    (``spec.seed``) the same way; one oracle stays a single model."""
+    from excise.app.pipeline import Subject
+
+    class Req:
+        def forget_people(self):
+            return [0]
+
+    class Org:
+        preset = type("P", (), {"seed": 4})()
+
+        def oracle(self, req, train_seed=None):
+            return train_seed
+
+    class FT:
+        spec = type("S", (), {"seed": 2})()
+        oracle = Org.oracle
+
+    assert Subject(None, Req(), Org()).oracle(n=1) is None  # the organism's own seed
+    assert Subject(None, Req(), Org()).oracle(n=3) == [None, 5, 6]
+    assert Subject(None, Req(), FT()).oracle(n=2) == [None, 3]
+    assert Subject(None, Req(), Org()).oracle(wanted=False, n=3) is None
