@@ -215,8 +215,12 @@ def test_bf16_recalls_within_002_of_float32(tiny, tiny16, tiny_request, tiny_ora
     for label, (m32, m16) in pairs.items():
         r32, r16 = measure_behaviour(m32, tiny_request)[0], measure_behaviour(m16, tiny_request)[0]
         for k in RECALLS:
-            assert abs(r16[k] - r32[k]) <= 0.02, f"{label} {k}: float32 {r32[k]:.3f}, " \
-                                                  f"bfloat16 {r16[k]:.3f}"
+            # 0.02, or one fact where a split has fewer than 50 (forget: 45): the oracle's
+            # forget recall is guessing (0.09), and bfloat16 rounding flipped one guess on one
+            # CPU and none on another
+            tol = max(0.02, 1 / len(getattr(tiny_request, k.removesuffix("_recall")))) + 1e-6
+            assert abs(r16[k] - r32[k]) <= tol, f"{label} {k}: float32 {r32[k]:.3f}, " \
+                                                 f"bfloat16 {r16[k]:.3f}"
         assert r16["perplexity"] == pytest.approx(r32["perplexity"], rel=0.05), label
     a, b = tiny.model.clone(), tiny16.model.clone()
     with edit.prune(a, units=sel), edit.prune(b, units=sel):
