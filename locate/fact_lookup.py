@@ -219,13 +219,14 @@ def _attribution(model: ModelHandle, batch: Batch, sites: list[str], positions: 
     return {s: torch.cat(v) for s, v in out.items()}
 
 
-def _patch(units: Tensor, pos: Tensor, value: Tensor):
-    """A hook for ``len(units) * n`` rows, unit-major (row ``j * n + i`` = fact ``i`` with unit
-    ``units[j]`` patched): sets that unit to ``value[unit]`` at the positions ``pos[i]``."""
+def _patch(units: Tensor, pos: Tensor, value: Tensor, skip: int = 0):
+    """A hook for ``skip + len(units) * n`` rows, the first ``skip`` left as they are, then
+    unit-major (row ``skip + j * n + i`` = fact ``i`` with unit ``units[j]`` patched): sets that
+    unit to ``value[unit]`` at the positions ``pos[i]``."""
     n = pos.shape[0]
 
     def hook(x, site):
-        rows = torch.arange(x.shape[0], device=x.device)
+        rows = torch.arange(skip, x.shape[0], device=x.device)
         u = units.to(x.device).repeat_interleave(n)
         p = pos.to(x.device).repeat(len(units), 1)  # [rows, T]
         cur = x[rows, :, u]  # [rows, T] (neurons) or [rows, T, d_head] (heads)
@@ -243,7 +244,8 @@ def _exact(model: ModelHandle, batch: Batch, sites: list[str], positions: str,
            base: dict[str, Tensor], batch_size: int, max_rows: int, progress: bool,
            name: str) -> dict[str, Tensor]:
     """Real patches: each batch of facts is repeated once per unit of a chunk of units, every
-    copy patching its own unit at its fact's positions; ``max_rows`` rows per forward."""
+    copy patching its own unit at its fact's positions, plus one unpatched copy the effects are
+    taken against; ``max_rows`` rows per forward."""
     from tqdm.auto import tqdm
 
     out: dict[str, list[Tensor]] = {s: [] for s in sites}
@@ -251,18 +253,20 @@ def _exact(model: ModelHandle, batch: Batch, sites: list[str], positions: str,
     for b in tqdm(chunks, desc=f"fact_lookup exact ({name})", disable=not progress,
                   leave=False):
         n = len(b)
-        clean = _score(model, b, None)  # [n]
         pos = position_mask(b, positions)
-        per = max(1, max_rows // n)  # units per forward
+        per = max(1, max_rows // n - 1)  # units per forward, besides the clean copy
         for s in sites:
             n_units = base[s].shape[0]
             cols = []
             for start in range(0, n_units, per):
                 units = torch.arange(start, min(n_units, start + per))
-                rep = Batch(b.tokens.repeat(len(units), 1), b.target_mask.repeat(len(units), 1),
-                            b.subject_mask.repeat(len(units), 1), b.lengths.repeat(len(units)))
-                patched = _score(model, rep, {s: _patch(units, pos, base[s])})
-                cols.append((patched.view(len(units), n) - clean[None]).T)  # [n, units]
+                k = len(units) + 1
+                rep = Batch(b.tokens.repeat(k, 1), b.target_mask.repeat(k, 1),
+                            b.subject_mask.repeat(k, 1), b.lengths.repeat(k))
+                # the first copy unpatched, in the same forward: a unit without effect reads an
+                # exact zero (the numerics of a matmul can change with the number of rows)
+                m = _score(model, rep, {s: _patch(units, pos, base[s], skip=n)}).view(k, n)
+                cols.append((m[1:] - m[:1]).T)  # [n, units]
             e = torch.cat(cols, 1).float()
             check_finite(e, "effects", s, "fact_lookup")
             out[s].append(e.cpu())

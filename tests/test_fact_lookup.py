@@ -246,7 +246,11 @@ def test_batch_size_does_not_change_the_result(tiny, small_req):
     site = "blocks.0.mlp.post"
     ex = locate.fact_lookup(h, req, site, mode="exact")
     ex2 = locate.fact_lookup(h, req, site, mode="exact", batch_size=4, max_rows=50)
-    torch.testing.assert_close(ex2.scores[site], ex.scores[site], atol=1e-5, rtol=1e-4)
+    # the effects agree to float32 rounding (matmuls over other numbers of rows); the ratio
+    # divides by retain effects near zero, which magnifies that rounding in the scores
+    for part in ("forget", "retain", "effect"):
+        torch.testing.assert_close(ex2.parts[part][site], ex.parts[part][site], atol=1e-6, rtol=0)
+    torch.testing.assert_close(ex2.scores[site], ex.scores[site], atol=1e-5, rtol=1e-2)
 
 
 # ------------------------------------------------------------- the Importance, edits, pipeline --
