@@ -103,25 +103,18 @@ def burden_verdict(r: dict) -> str | None:
     burden - fail only when *credibly* outside (lower bound above the margin / tolerance)
     instead of pass only when credibly inside - the gate, the 'forgot' check, the MIA and
     probe checks unchanged; from the recorded checks (None where a bound was not recorded)."""
-    from probes.verdict import Rule
+    from probes.verdict import ORACLE_CHECKS, Rule, verdict_of
 
     rule = Rule()
-    checks = r["detail"]["checks"]
-    gate = all(c["ok"] for k, c in checks.items() if k.startswith("utility_"))
-    if not gate:
-        return "damaged"
-    if not checks["forgot"]["ok"]:
-        return "not forgotten"
-    ok = []
+    checks = dict(r["detail"]["checks"])
     for k, c in checks.items():
         if k == "forget_vs_oracle" or k.startswith("attack_"):
             if c.get("lower") is None:
                 return None
-            ok.append(c["lower"] <= (rule.margin if k == "forget_vs_oracle"
-                                     else rule.tolerance))
-        elif k in ("mia_vs_oracle", "probe") and c.get("used", True):
-            ok.append(bool(c["ok"]))
-    return "deleted" if all(ok) else "suppressed"
+            checks[k] = c | {"ok": c["lower"] <= (rule.margin if k == "forget_vs_oracle"
+                                                  else rule.tolerance)}
+    gate = all(c["ok"] for k, c in checks.items() if k.startswith("utility_"))
+    return verdict_of(gate, checks, ORACLE_CHECKS)
 
 
 def burden_md(d: dict) -> list[str]:

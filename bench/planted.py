@@ -8,7 +8,8 @@
     (the same routed training without the reported people); everyone else's recall, shared
     facts and perplexity beside them.
 (b) Every unit-level method registered in ``locate.METHODS``, run with its defaults on the
-    request that forgets the reported group, scored against the planted neurons: precision and
+    request that forgets the reported group and retains everyone outside the designated groups
+    (:func:`locate_request`: the validation group shares the planted neurons), scored against the planted neurons: precision and
     recall at k = 0.5x / 1x / 2x / 5x the planted count, the planted neurons' median rank and
     the AUROC of planted vs. other neurons. Methods rank MLP neurons (parameter scores summed per
     neuron, ``Importance.by_unit``); an SAE at an MLP neuron site is scored through its decoder
@@ -156,12 +157,22 @@ def random_baseline(n: int, N: int) -> dict:
     return out
 
 
+def locate_request(org):
+    """Forget the reported group; retain every trained person outside the designated groups.
+    The validation people's facts live in the same planted neurons: kept in the retain set they
+    would make every contrastive localizer (forget against retain) avoid exactly those neurons,
+    and the planted neurons would no longer be the answer to the question asked."""
+    p = org.planted
+    others = [i for i in org.world.trained_people if i not in p.people]
+    return org.request(p.groups["reported"], retain_people=others)
+
+
 def score_methods(org, methods, log) -> tuple[dict, dict]:
     import locate
     from excise.app.pipeline import locate_with
 
     p = org.planted
-    req = org.request(p.groups["reported"])
+    req = locate_request(org)
     model = org.model
     d = model.info("blocks.0.mlp.post").unit_shape[0]
     planted = torch.zeros(model.n_layers * d, dtype=torch.bool)
@@ -240,8 +251,10 @@ def write_report(res: dict, out: Path) -> None:
     cols = list(next(iter(scored.values())))
     lines += [
         "",
-        f"**(b) Localizers against the planted neurons** (request: forget the reported people; "
-        f"every method at its defaults; {res['n_planted']} planted among {res['n_neurons']} "
+        f"**(b) Localizers against the planted neurons** (request: forget the reported people, "
+        f"retain every trained person outside the designated groups - the validation people "
+        f"share the planted neurons, and a retain set holding them would ask a contrastive "
+        f"localizer for other neurons; every method at its defaults; {res['n_planted']} planted among {res['n_neurons']} "
         f"MLP neurons; p@kx / r@kx: precision / recall among the top k = kx x "
         f"{res['n_planted']} neurons; median rank of the planted neurons, 1 = top; AUROC of "
         f"planted vs. other neurons):",

@@ -425,6 +425,11 @@ class Finetuned:
     def tokenizer(self):
         return self.model.tokenizer
 
+    @property
+    def seed(self) -> int:
+        """The fine-tune's seed (``spec.seed``), that of its first oracle."""
+        return self.spec.seed
+
     def __repr__(self) -> str:
         n = sum(self.model.named_parameters()[s].numel() for s in self.sites)
         return (f"Finetuned(base={base_name(self.base)!r}, people={self.world.n_trained} "

@@ -551,6 +551,11 @@ class Organism:
         self.device = device
         self.dtype = dtype
 
+    @property
+    def seed(self) -> int:
+        """The seed of the world, the training and the first oracle (``preset.seed``)."""
+        return self.preset.seed
+
     def __repr__(self) -> str:
         planted = "" if self.planted is None else \
             f", planted={len(self.planted.units)} units ({self.planted.n_params:.2%} of params)"
@@ -755,6 +760,25 @@ def _load_or_train(preset: Preset, world: World, tokenizer: Tokenizer,
             "sha256": file_sha256(weights), "fingerprint": handle.fingerprint(),
             "train_seconds": round(time.time() - t0, 1)}, indent=2))
         return handle
+
+
+def retrain_oracles(source, request: ForgetRequest, n: int, *, skip: Iterable[int] = (),
+                    log: Callable[[str], None] | None = None) -> list:
+    """``n`` retrain oracles of ``request`` on ``source`` (an :class:`Organism` or a
+    :class:`~excise.finetuned.Finetuned`): the same recipe at training seeds ``source.seed``,
+    ``+ 1``, ``+ 2``, ... leaving out the seeds in ``skip`` (e.g. one that trains a model the
+    oracles judge); each trained once, then cached."""
+    seeds, ts = [source.seed], source.seed
+    while len(seeds) < n:
+        ts += 1
+        if ts not in set(skip):
+            seeds.append(ts)
+    out = []
+    for ts in seeds[:n]:
+        if log is not None:
+            log(f"seed {source.seed}: retrain oracle, training seed {ts}")
+        out.append(source.oracle(request, train_seed=None if ts == source.seed else ts))
+    return out
 
 
 def organism(preset: str | Preset = "small", seed: int | None = None,

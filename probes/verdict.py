@@ -77,6 +77,10 @@ from excise.report import AttackGrid
 from probes.stats import Bootstrap, group_bootstrap, resample_counts
 
 VERDICTS = ("deleted", "suppressed", "damaged", "not forgotten")
+# the same verdicts, the most favourable to the model first (probes.verify.against_oracles)
+FAVOURABLE = ("deleted", "suppressed", "not forgotten", "damaged")
+# the checks besides the attacks that a deleted verdict needs, against a retrain oracle
+ORACLE_CHECKS = ("forget_vs_oracle", "mia_vs_oracle", "probe")
 
 # the utility gate: behaviour split -> its recall metric (neighbors and same-template neighbors
 # only where the request has them); perplexity is gated on its own
@@ -449,7 +453,7 @@ def decide(metrics: Mapping[str, Mapping[str, float]], hits: Mapping[str, Mappin
         checks[f"attack_{name}"] = _attack_check(
             g, label, grid_bootstrap(g, label, rule), rule, "oracle",
             f"upper bound of the worst gap <= {rule.tolerance:g}")
-    v = _verdict(gate, checks, ("forget_vs_oracle", "mia_vs_oracle", "probe"))
+    v = verdict_of(gate, checks, ORACLE_CHECKS)
     return Judgement(v, rule.text(list(grids)), checks,
                      bar(metrics, grids, label, params_changed))
 
@@ -528,7 +532,7 @@ def _attack_check(g: AttackGrid, label: str, bs, rule: Rule, reference: str,
     return c | {"need": need}
 
 
-def _verdict(gate: bool, checks: Mapping[str, Mapping], deletion: Sequence[str]) -> str:
+def verdict_of(gate: bool, checks: Mapping[str, Mapping], deletion: Sequence[str]) -> str:
     """The rule's order: damaged (gate), not forgotten, deleted (every check named in
     ``deletion`` and every attack passes; a check marked ``"used": False`` - the probe where
     its control fails - decides nothing), else suppressed."""
@@ -632,7 +636,7 @@ def decide_comparator(metrics: Mapping[str, Mapping[str, float]], hits: Mapping[
         checks[f"attack_{name}"] = _attack_check(
             g, label, comparator_bootstrap(g, label, rule, reference), rule, reference,
             f"upper bound of the worst gap above the comparator <= {rule.tolerance:g}")
-    v = _verdict(gate, checks, ("forget_vs_never_known", "mia_vs_never_known", "probe"))
+    v = verdict_of(gate, checks, ("forget_vs_never_known", "mia_vs_never_known", "probe"))
     return Judgement(v, rule.text_comparator(list(grids)), checks,
                      {"(issue 8's bar needs a retrain oracle)": {"value": params_changed,
                                                                  "ok": None}})

@@ -28,6 +28,7 @@ from excise.handle import ModelHandle
 from excise.report import Report
 from excise.request import ForgetRequest
 from probes.suites import SUITES, Context, SuiteResult, VerdictResult, VerifySettings, resolve
+from probes.verdict import FAVOURABLE
 
 
 def verify(model: ModelHandle, request: ForgetRequest,
@@ -72,10 +73,6 @@ def verify(model: ModelHandle, request: ForgetRequest,
                       cache=cache)
 
 
-# the order in which a verdict is more favourable to the model (against_oracles)
-FAVOURABLE = ("deleted", "suppressed", "not forgotten", "damaged")
-
-
 def against_oracles(model: ModelHandle, request: ForgetRequest, settings: VerifySettings,
                     oracles: Sequence[ModelHandle], *, original: ModelHandle | None = None,
                     log: Callable[[str], None] | None = None,
@@ -88,8 +85,8 @@ def against_oracles(model: ModelHandle, request: ForgetRequest, settings: Verify
     ``bench/calibrate.py``), so one oracle's seed decides a verdict as much as the model does
     (Hayes et al. 2024, "Inexact Unlearning Needs More Careful Evaluations", judge against many
     retrained models for this reason). Each oracle judges the model with the same rule; the
-    report is the one whose verdict is the most favourable (:data:`FAVOURABLE`: deleted,
-    suppressed, not forgotten, damaged) - a model that reads like some retraining on every
+    report is the one whose verdict is the most favourable (:data:`~probes.verdict.FAVOURABLE`:
+    deleted, suppressed, not forgotten, damaged) - a model that reads like some retraining on every
     check at once is as deleted as retraining makes it. Every check stays against one oracle:
     the checks are not mixed across oracles. ``extra["oracles"]`` lists each oracle's verdict
     and failed checks; the model's and the original's measurements are made once (a shared

@@ -117,10 +117,20 @@ def test_controls_keeping_utility_hide_the_facts_and_keep_retain(tiny, tiny_requ
         controls.gradient_ascent(tiny.model, tiny_request, keep=0)
 
 
-def test_reference_seeds_never_include_the_retrain_case():
-    assert C.reference_seeds(0, 1) == [0]
-    assert C.reference_seeds(3, 3) == [3, 5, 6]  # 4 = 3 + 1 trains the retrain case
-    assert 1 not in C.reference_seeds(0, 4)
+def test_reference_oracles_never_train_at_the_retrain_case_seed():
+    class Org:
+        def __init__(self, seed):
+            self.seed = seed
+
+        def oracle(self, req, train_seed=None):
+            return train_seed
+
+    said = []
+    assert C.oracles_for(Org(0), "r", 1, said.append) == [None]
+    # 4 = 3 + 1 trains the retrain case; None = the organism's own seed
+    assert C.oracles_for(Org(3), "r", 3, said.append) == [None, 5, 6]
+    assert 1 not in C.oracles_for(Org(0), "r", 4, said.append)
+    assert said[1:4] == [f"seed 3: retrain oracle, training seed {s}" for s in (3, 5, 6)]
 
 
 def test_verify_against_several_oracles_takes_the_most_favourable(tiny, tiny_request,

@@ -280,7 +280,7 @@ def test_sweep_oracles_train_at_successive_seeds():
     assert sweep.build_config(raw | {"oracles": 3}).oracles == 3
 
     class Org:
-        preset = type("P", (), {"seed": 7})()
+        seed = 7
 
         def oracle(self, req, train_seed=None):
             return ("oracle", req, train_seed)
@@ -294,6 +294,8 @@ def test_run_subject_oracles_follow_the_seed_of_what_they_retrain():
     """``verify.oracles: N`` in ``excise run``: the organism's seed, then + 1, ...; a fine-tune
     (``spec.seed``) the same way; one oracle stays a single model."""
     from excise.app.pipeline import Subject
+    from excise.finetuned import Finetuned
+    from excise.organism import Organism
 
     class Req:
         def forget_people(self):
@@ -301,12 +303,14 @@ def test_run_subject_oracles_follow_the_seed_of_what_they_retrain():
 
     class Org:
         preset = type("P", (), {"seed": 4})()
+        seed = Organism.seed
 
         def oracle(self, req, train_seed=None):
             return train_seed
 
     class FT:
         spec = type("S", (), {"seed": 2})()
+        seed = Finetuned.seed
         oracle = Org.oracle
 
     assert Subject(None, Req(), Org()).oracle(n=1) is None  # the organism's own seed

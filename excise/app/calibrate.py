@@ -193,7 +193,7 @@ class Knobs:
     utility (``keep``, ``keep_text`` of :mod:`probes.controls`: a known-suppressed model must
     pass the utility gate, or the gate decides and the rest of the rule is never tested).
     ``oracles``: how many reference retrain oracles judge every case
-    (training seeds ``s``, then ``s + 2``, ``s + 3``, ...: :func:`reference_seeds`)."""
+    (training seeds ``s``, then ``s + 2``, ``s + 3``, ...: :func:`oracles_for`)."""
 
     distill_steps: int = 1500
     distill_lr: float = 3e-3
@@ -212,21 +212,13 @@ class Knobs:
         return dataclasses.asdict(self)
 
 
-def reference_seeds(seed: int, n: int) -> list[int]:
-    """Training seeds of the ``n`` reference oracles of organism seed ``seed``: ``seed``, then
-    ``seed + 2``, ... (``seed + 1`` trains the ``retrain`` case, which they judge)."""
-    return [seed] + [seed + 1 + j for j in range(1, n)]
-
-
 def oracles_for(org, request: ForgetRequest, n: int,
                 log: Callable[[str], None]) -> list[ModelHandle]:
-    """The ``n`` reference retrain oracles of ``request`` on ``org`` (:func:`reference_seeds`)."""
-    seed = org.preset.seed
-    out = []
-    for ts in reference_seeds(seed, n):
-        log(f"seed {seed}: reference oracle, training seed {ts}")
-        out.append(org.oracle(request, train_seed=None if ts == seed else ts))
-    return out
+    """The ``n`` reference retrain oracles of ``request`` on ``org``: training seeds ``seed``,
+    then ``seed + 2``, ... (``seed + 1`` trains the ``retrain`` case, which they judge)."""
+    from excise.organism import retrain_oracles
+
+    return retrain_oracles(org, request, n, skip=[org.seed + 1], log=log)
 
 
 def plain_cases(org, request: ForgetRequest, seed: int, knobs: Knobs,

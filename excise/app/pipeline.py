@@ -61,10 +61,9 @@ class Subject:
             return None
         if n == 1:
             return self.organism.oracle(self.request)
-        org = self.organism
-        seed = org.spec.seed if hasattr(org, "spec") else org.preset.seed  # fine-tune, organism
-        return [self.organism.oracle(self.request, train_seed=None if j == 0 else seed + j)
-                for j in range(n)]
+        from excise.organism import retrain_oracles
+
+        return retrain_oracles(self.organism, self.request, n)
 
 
 @dataclass(frozen=True)

@@ -619,10 +619,9 @@ def _run_config(cfg: SweepConfig) -> RunConfig:
 def oracles_of(org, req, n: int):
     """The retrain oracle of ``req`` (``n == 1``), or a list of ``n`` at training seeds
     ``org.preset.seed``, ``+ 1``, ... (each trained once, then cached)."""
-    if n == 1:
-        return org.oracle(req)
-    return [org.oracle(req, train_seed=None if j == 0 else org.preset.seed + j)
-            for j in range(n)]
+    from excise.organism import retrain_oracles
+
+    return org.oracle(req) if n == 1 else retrain_oracles(org, req, n)
 
 
 def measure_shared(cfg: SweepConfig, split: str, seed: int, need: list[str]) -> dict:
