@@ -9,12 +9,13 @@
     facts and perplexity beside them.
 (b) Every unit-level method registered in ``locate.METHODS``, run with its defaults on the
     request that forgets the reported group and retains everyone outside the designated groups
-    (:func:`locate_request`: the validation group shares the planted neurons), scored against the planted neurons: precision and
-    recall at k = 0.5x / 1x / 2x / 5x the planted count, the planted neurons' median rank and
-    the AUROC of planted vs. other neurons. Methods rank MLP neurons (parameter scores summed per
-    neuron, ``Importance.by_unit``); an SAE at an MLP neuron site is scored through its decoder
-    weights onto the neurons, one at another site is left out with the reason, as is a method
-    that fails or scores no neuron. A random ranking's expected values are the baseline row.
+    (:func:`locate_request`: the validation group shares the planted neurons), scored against
+    the planted neurons: precision and recall at k = 0.5x / 1x / 2x / 5x the planted count,
+    the planted neurons' median rank and the AUROC of planted vs. other neurons. Methods rank
+    MLP neurons (parameter scores summed per neuron, ``Importance.by_unit``); an SAE at an MLP
+    neuron site is scored through its decoder weights onto the neurons, one at another site is
+    left out with the reason, as is a method that fails or scores no neuron. A random
+    ranking's expected values are the baseline row.
 
 Writes ``<out>/results/planted.md`` (tables), ``planted.png`` (the figure) and ``planted.json``
 (every number), and refreshes the "Planted organism" section of ``<out>/results.md`` (between
@@ -254,9 +255,10 @@ def write_report(res: dict, out: Path) -> None:
         f"**(b) Localizers against the planted neurons** (request: forget the reported people, "
         f"retain every trained person outside the designated groups - the validation people "
         f"share the planted neurons, and a retain set holding them would ask a contrastive "
-        f"localizer for other neurons; every method at its defaults; {res['n_planted']} planted among {res['n_neurons']} "
-        f"MLP neurons; p@kx / r@kx: precision / recall among the top k = kx x "
-        f"{res['n_planted']} neurons; median rank of the planted neurons, 1 = top; AUROC of "
+        f"localizer for other neurons; every method at its defaults; {res['n_planted']} "
+        f"planted among {res['n_neurons']} MLP neurons; p@kx / r@kx: precision / recall among "
+        f"the top k = kx x {res['n_planted']} neurons; median rank of the planted neurons, "
+        f"1 = top; AUROC of "
         f"planted vs. other neurons):",
         "",
         "| method | " + " | ".join(cols) + " |",

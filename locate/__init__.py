@@ -12,6 +12,7 @@ and returns an :class:`excise.importance.Importance`:
 ``sae``            sparse-autoencoder latents firing on forget, not retain (sae-lens)
 ``circuit``        forget / retain circuits resolved by weighted MaxSAT (CLUE)
 ``fact_lookup``    effect of patching each neuron at the subject's tokens (Guo et al. 2024)
+``subnetwork``     a learned mask that removes the forget facts, keeps retain (Bayazit et al.)
 =================  =========================================================================
 
 Notebook helpers: :func:`trace` / :class:`Trace` (causal-trace heatmaps), :func:`compare`
@@ -32,10 +33,11 @@ from locate.fact_lookup import fact_lookup
 from locate.fisher import fisher
 from locate.grad_ratio import grad_ratio
 from locate.sae import sae
+from locate.subnetwork import subnetwork
 
 METHODS = {"fisher": fisher, "grad_ratio": grad_ratio, "activations": activations,
            "causal_trace": causal_trace, "attribution": attribution, "sae": sae,
-           "circuit": circuit, "fact_lookup": fact_lookup}
+           "circuit": circuit, "fact_lookup": fact_lookup, "subnetwork": subnetwork}
 
 
 def compare(importances: Sequence[Importance] | Mapping[str, Importance],
@@ -95,4 +97,4 @@ def run_plots(imp: Importance, model, request, folder) -> list[str]:
 
 __all__ = ["METHODS", "StatsCache", "Trace", "activations", "attribution", "causal_trace",
            "circuit", "circuit_selection", "compare", "fact_lookup", "fisher", "grad_ratio",
-           "run_plots", "sae", "trace", "traces"]
+           "run_plots", "sae", "subnetwork", "trace", "traces"]

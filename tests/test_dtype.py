@@ -98,6 +98,7 @@ LOCATE = {
     "sae": {"sites": "blocks.1.resid_post", "steps": 40},
     "circuit": {},
     "fact_lookup": {"positions": "last"},
+    "subnetwork": {"steps": 5},
 }
 
 

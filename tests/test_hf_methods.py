@@ -62,6 +62,7 @@ LOCATE = {
     "sae": {"sites": "blocks.1.resid_post", "steps": 40},
     "circuit": {},
     "fact_lookup": {"positions": "last"},  # request() names no subjects (see test_fact_lookup)
+    "subnetwork": {"steps": 5},
 }
 
 

@@ -482,7 +482,8 @@ def test_methods_are_registered_with_pipeline_signature():
     import inspect
 
     assert set(locate.METHODS) == {"fisher", "grad_ratio", "activations", "causal_trace",
-                                   "attribution", "sae", "circuit", "fact_lookup"}
+                                   "attribution", "sae", "circuit", "fact_lookup",
+                                   "subnetwork"}
     for name, fn in locate.METHODS.items():
         params = list(inspect.signature(fn).parameters.values())
         assert [q.name for q in params[:3]] == ["model", "request", "sites"], name
