@@ -43,7 +43,7 @@ from probes.attacks import AttackConfig, peak_recovery, relearn
 from probes.behaviour import behaviour_metrics
 from probes.privacy import membership
 
-LOCALIZERS = ("fisher", "grad_ratio", "fact_lookup", "activations", "random")
+LOCALIZERS = ("fisher", "grad_ratio", "fact_lookup", "activations", "subnetwork", "random")
 FRACTIONS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.25)  # 1.0 is the global row (units="all")
 EDITS = ("reinit", "distill")
 REPORTED = frozenset(range(10))  # the reported people: never screened here

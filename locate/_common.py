@@ -49,6 +49,14 @@ def resolve_sites(model: ModelHandle, sites: str | Sequence[str] | None, default
     return names
 
 
+def neuron_or_head_sites(model: ModelHandle, sites: str | Sequence[str] | None, method: str,
+                         why: str) -> list[str]:
+    """:func:`resolve_sites` for a method that scores MLP neurons (``blocks.L.mlp.post``, the
+    default: every layer's) and / or heads (``blocks.L.attn.z``)."""
+    return resolve_sites(model, sites, "blocks.*.mlp.post", method,
+                         suffixes=("mlp.post", "attn.z"), why=why)
+
+
 def base_meta(model: ModelHandle, request: ForgetRequest, **config) -> dict:
     return {"model": model.fingerprint(), "request": request.digest(),
             "n_forget": len(request.forget), "n_retain": len(request.retain)} | config

@@ -36,7 +36,7 @@ from excise.checks import check_choice, check_facts, check_finite, check_number
 from excise.handle import Batch, ModelHandle
 from excise.importance import Importance
 from excise.request import Fact, FactSet, ForgetRequest
-from locate._common import base_meta, check_inputs, resolve_sites
+from locate._common import base_meta, check_inputs, neuron_or_head_sites
 
 MODES = ("attribution", "exact")
 POSITIONS = ("subject", "last", "all")
@@ -78,9 +78,7 @@ def fact_lookup(model: ModelHandle, request: ForgetRequest,
     check_number("fact_lookup", "eps", eps, low=0)
     check_number("fact_lookup", "max_rows", max_rows, low=1, integer=True)
     check_inputs("fact_lookup", model, batch_size=batch_size)
-    names = resolve_sites(model, sites, "blocks.*.mlp.post", "fact_lookup",
-                          suffixes=("mlp.post", "attn.z"),
-                          why="it patches neurons or heads")
+    names = neuron_or_head_sites(model, sites, "fact_lookup", why="it patches neurons or heads")
     check_facts(request.forget, "fact_lookup")
     check_facts(request.retain, "fact_lookup")
     forget = _encode(model, request.forget, positions, refuse=True)

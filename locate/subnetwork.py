@@ -28,7 +28,7 @@ from excise.checks import check_facts, check_number
 from excise.handle import Batch, ModelHandle
 from excise.importance import Importance
 from excise.request import ForgetRequest
-from locate._common import base_meta, check_inputs, resolve_sites
+from locate._common import base_meta, check_inputs, neuron_or_head_sites
 
 
 def subnetwork(model: ModelHandle, request: ForgetRequest,
@@ -52,9 +52,7 @@ def subnetwork(model: ModelHandle, request: ForgetRequest,
     check_number("subnetwork", "sparsity", sparsity, low=0)
     check_number("subnetwork", "init", init)
     check_inputs("subnetwork", model, batch_size=batch_size)
-    names = resolve_sites(model, sites, "blocks.*.mlp.post", "subnetwork",
-                          suffixes=("mlp.post", "attn.z"),
-                          why="it masks neurons or heads")
+    names = neuron_or_head_sites(model, sites, "subnetwork", why="it masks neurons or heads")
     check_facts(request.forget, "subnetwork")
     check_facts(request.keep, "subnetwork")
     forget, kept = model.encode(list(request.forget)), model.encode(list(request.keep))
