@@ -17,6 +17,11 @@
     left out with the reason, as is a method that fails or scores no neuron. A random
     ranking's expected values are the baseline row.
 
+(c) From location to deletion: the planted neurons, ``subnetwork``'s top neurons and as many
+    random neurons re-initialised and retrained on the user's retain data (``edit.reinit``),
+    measured beside the original and the oracle, with one relearning attack
+    (:func:`chain_check`).
+
 Writes ``<out>/results/planted.md`` (tables), ``planted.png`` (the figure) and ``planted.json``
 (every number), and refreshes the "Planted organism" section of ``<out>/results.md`` (between
 ``<!-- planted:start -->`` and ``<!-- planted:end -->``; the sweep keeps it), with the bar:
@@ -215,6 +220,72 @@ def weight_norms(model) -> torch.Tensor:
                       for L in range(model.n_layers)]).float()
 
 
+# -- (c) from location to deletion -------------------------------------------------------------
+def chain_check(org, oracle, log) -> dict:
+    """The planted neurons, ``subnetwork``'s top neurons (run on the user's request - retain
+    everyone else, validation people included - and on :func:`locate_request`) and as many
+    random neurons, each re-initialised and retrained on the user's retain data
+    (``edit.reinit``, the calibration's settings); recall of each group, perplexity and the
+    relearning attack's peak (its default setting) beside the original and the oracle."""
+    import edit
+    import locate
+    from excise.sites import Selection, Unit
+    from probes.attacks import AttackConfig, peak_recovery, relearn
+    from probes.behaviour import perplexity, recall
+
+    p, model = org.planted, org.model
+    req = org.request(p.groups["reported"])
+    val = org.request(p.groups["validation"])
+    others = org.request([i for i in org.world.trained_people if i not in p.people])
+    d = model.info("blocks.0.mlp.post").unit_shape[0]
+    n = len(p.neurons())
+    planted = {(u.site, u.index) for u in p.neurons()}
+
+    def neurons(idx) -> Selection:
+        return Selection(tuple(Unit(f"blocks.{i // d}.mlp.post", (i % d,)) for i in idx))
+
+    g = torch.Generator().manual_seed(org.seed)
+    picks = {"planted neurons": p.neurons(),
+             "random neurons": neurons(torch.randperm(model.n_layers * d, generator=g)[:n]
+                                       .tolist())}
+    for label, r in (("subnetwork (user's request)", req),
+                     ("subnetwork (retain outside the groups)", locate_request(org))):
+        s = neuron_scores(locate.subnetwork(model, r), model)
+        picks[label] = neurons(torch.argsort(-s)[:n].tolist())
+
+    def row(h, sel=None) -> dict:
+        out = {"planted in the pick": None if sel is None else
+               sum((u.site, u.index) in planted for u in sel.units) / n,
+               "reported": recall(h, req.forget), "validation": recall(h, val.forget),
+               "others": recall(h, others.forget), "perplexity": perplexity(h, req.general),
+               "relearn peak": float(peak_recovery(relearn(h, req, AttackConfig()).y))}
+        log(f"  {out}")
+        return out
+
+    rows = {"original": row(model), "oracle": row(oracle)}
+    for label, sel in picks.items():
+        h = model.clone()
+        edit.reinit(h, None, sel, request=req, mode="fresh", steps=400, lr=3e-3, batch_size=64,
+                    seed=org.seed)
+        rows[f"reinit: {label}"] = row(h, sel)
+    return rows
+
+
+def chain_lines(res: dict) -> list[str]:
+    """The table of :func:`chain_check` (nothing for a record without it)."""
+    chain = res.get("chain")
+    if not chain:
+        return []
+    cols = list(next(iter(chain.values())))
+    lines = ["", f"**(c) From location to deletion** (`edit.reinit` of {res['n_planted']} "
+             f"neurons, fresh, retrained 400 steps on the user's retain data - everyone but the "
+             f"reported people; the relearning attack at its default setting):", "",
+             "| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    for name, row in chain.items():
+        lines.append(f"| {name} | " + " | ".join(_f(row[c]) for c in cols) + " |")
+    return lines
+
+
 # -- the report --------------------------------------------------------------------------------
 def _f(v) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else (
@@ -269,7 +340,7 @@ def write_report(res: dict, out: Path) -> None:
     if res["skipped"]:
         lines += ["", "Left out:"]
         lines += [f"- `{n}`: {why}" for n, why in res["skipped"].items()]
-    lines += ["", bar_line(res)]
+    lines += chain_lines(res) + ["", bar_line(res)]
     if SHORTCUT in scored:
         lines += ["", shortcut_line(res)]
     lines += ["", "![localizers against the planted neurons](planted.png)", ""]
@@ -317,7 +388,7 @@ def section(res: dict) -> list[str]:
     if res["skipped"]:
         lines += ["", "Left out: " + "; ".join(f"`{n}` ({why})"
                                                for n, why in res["skipped"].items())]
-    lines += ["", bar_line(res)]
+    lines += chain_lines(res) + ["", bar_line(res)]
     if SHORTCUT in res["scored"]:
         lines += ["", shortcut_line(res)]
     return lines + [END]
@@ -403,8 +474,11 @@ def main() -> None:
     log("(b) localizers")
     methods = a.methods if a.methods else list(locate.METHODS)
     scored, skipped = score_methods(org, methods, log)
+    log("(c) from location to deletion")
+    chain = chain_check(org, oracle, log)
     d = org.model.info("blocks.0.mlp.post").unit_shape[0]
     res = {"preset": a.preset, "planted": p.to_dict(), "check": check, "scored": scored,
+           "chain": chain,
            "skipped": skipped, "n_planted": len(p.neurons()),
            "n_neurons": org.model.n_layers * d, "minutes": (time.time() - t0) / 60}
     (out / "results").mkdir(parents=True, exist_ok=True)
