@@ -768,13 +768,13 @@ def retrain_oracles(source, request: ForgetRequest, n: int, *, skip: Iterable[in
     :class:`~excise.finetuned.Finetuned`): the same recipe at training seeds ``source.seed``,
     ``+ 1``, ``+ 2``, ... leaving out the seeds in ``skip`` (e.g. one that trains a model the
     oracles judge); each trained once, then cached."""
-    seeds, ts = [source.seed], source.seed
+    seeds, ts, skip = [source.seed], source.seed, set(skip)
     while len(seeds) < n:
         ts += 1
-        if ts not in set(skip):
+        if ts not in skip:
             seeds.append(ts)
     out = []
-    for ts in seeds[:n]:
+    for ts in seeds:
         if log is not None:
             log(f"seed {source.seed}: retrain oracle, training seed {ts}")
         out.append(source.oracle(request, train_seed=None if ts == source.seed else ts))

@@ -28,6 +28,7 @@ from excise.checks import check_facts, check_number
 from excise.handle import Batch, ModelHandle
 from excise.importance import Importance
 from excise.request import ForgetRequest
+from excise.train import Sampler
 from locate._common import base_meta, check_inputs, neuron_or_head_sites
 
 
@@ -61,14 +62,14 @@ def subnetwork(model: ModelHandle, request: ForgetRequest,
               for s in names}
     hooks = {s: _masked(logits[s]) for s in names}
     opt = torch.optim.Adam(list(logits.values()), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
+    sampler = Sampler(seed)
     terms = {}
     for _ in trange(steps, desc="subnetwork", disable=not progress, leave=False):
-        fb, kb = _draw(forget, batch_size, gen), _draw(kept, batch_size, gen)
+        fb, kb = _draw(forget, batch_size, sampler), _draw(kept, batch_size, sampler)
         with torch.enable_grad():
             p = model.token_logprobs(fb, hooks).exp().clamp(max=1 - 1e-6)
             terms["forget"] = _mean(-torch.log1p(-p), fb)
-            terms["retain"] = _mean(-model.token_logprobs(kb, hooks), kb)
+            terms["retain"] = model.loss(kb, hooks)
             terms["removed"] = torch.cat([(1 - torch.sigmoid(v)).reshape(-1)
                                           for v in logits.values()]).mean()
             loss = terms["forget"] + keep * terms["retain"] + sparsity * terms["removed"]
@@ -94,11 +95,9 @@ def _masked(logit: Tensor):
     return hook
 
 
-def _draw(b: Batch, n: int, gen: torch.Generator) -> Batch:
-    """``n`` rows of ``b`` without replacement (all of them when ``b`` is smaller)."""
-    if len(b) <= n:
-        return b
-    return b[torch.randperm(len(b), generator=gen)[:n]]
+def _draw(b: Batch, n: int, sampler: Sampler) -> Batch:
+    """``n`` rows of ``b`` without replacement (all of them, in order, when ``b`` is smaller)."""
+    return b if len(b) <= n else b[sampler.rows(len(b), n)]
 
 
 def _mean(per_token: Tensor, b: Batch) -> Tensor:

@@ -10,16 +10,12 @@ import torch
 
 import locate
 from excise.sites import Unit
-from test_fact_lookup import LOOKUP, READOUT, lookup_model
+from test_fact_lookup import LOOKUP, READOUT, _unit, lookup_model
 
 
 @pytest.fixture(scope="module")
 def lookup():
     return lookup_model()
-
-
-def _unit(layer_neuron):
-    return Unit(f"blocks.{layer_neuron[0]}.mlp.post", (layer_neuron[1],))
 
 
 def test_the_planted_neurons_are_switched_off_first(lookup):

@@ -618,7 +618,7 @@ def _run_config(cfg: SweepConfig) -> RunConfig:
 
 def oracles_of(org, req, n: int):
     """The retrain oracle of ``req`` (``n == 1``), or a list of ``n`` at training seeds
-    ``org.preset.seed``, ``+ 1``, ... (each trained once, then cached)."""
+    ``org.seed``, ``+ 1``, ... (:func:`excise.organism.retrain_oracles`)."""
     from excise.organism import retrain_oracles
 
     return org.oracle(req) if n == 1 else retrain_oracles(org, req, n)
