@@ -13,14 +13,20 @@ One step, always in this order (the order fixes the float results)::
 
     loss = loss_fn(step)         # forward pass on the batch loss_fn draws
     optimizer.zero_grad()        # grads set to None
-    loss.backward()
+    grads = autograd.grad(loss, trained)   # onto the trained tensors only
     grad *= mask                 # per parameter, where a mask is given
     clip_grad_norm_(params, max_grad_norm)   # when given
     optimizer.step()
     schedule.step()              # when given
     evaluate(step + 1)           # every eval_every steps and after the last, under no_grad
 
-L-BFGS runs the same zero_grad / loss / backward / mask / clip sequence as its closure (it may
+Gradients reach the trained tensors and nothing else: :func:`train` asks autograd for the
+gradients of exactly the tensors it trains (``torch.autograd.grad``, not ``loss.backward()``),
+so a model's other weights keep ``.grad`` untouched and need no ``requires_grad_(False)`` - a
+localizer can train a mask over a user's model without cloning it or leaving gradients in it,
+and no backward work is spent on tensors that are not trained.
+
+L-BFGS runs the same zero_grad / loss / gradient / mask / clip sequence as its closure (it may
 call it several times per step, so its loss function should not draw a new batch).
 
 Half-precision parameters (bfloat16, float16: a model loaded with ``dtype=``) train through
@@ -147,10 +153,16 @@ def train(loss_fn: LossFn, params: Mapping[str, Tensor] | Sequence[Tensor], *, s
     masters = _Masters(named)
     mask_list = [(masters.of(p), m) for p, m in _masks(named, masks)]
     tensors = [masters.of(p) for p in named.values()]  # what the optimizer steps
+    leaves = list(named.values())  # what autograd differentiates (the parameters themselves)
     opt = optim.build(tensors)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule) if schedule is not None else None
 
-    def after_backward() -> None:
+    def backward(value: Tensor) -> None:
+        """Gradients of ``value`` onto the trained tensors only (``None`` where the loss does
+        not depend on one, as ``backward()`` would leave it)."""
+        grads = torch.autograd.grad(value, leaves, allow_unused=True)
+        for p, g in zip(leaves, grads):  # own memory in p's layout, as backward() stores it
+            p.grad = None if g is None else torch.empty_like(p).copy_(g)
         masters.take_grads()
         for p, m in mask_list:
             if p.grad is not None:
@@ -168,16 +180,14 @@ def train(loss_fn: LossFn, params: Mapping[str, Tensor] | Sequence[Tensor], *, s
                     masters.write_back()  # L-BFGS evaluates at points of its own
                     opt.zero_grad()
                     value = loss_fn(step)
-                    value.backward()
-                    after_backward()
+                    backward(value)
                     return value
 
                 loss = opt.step(closure)
             else:
                 loss = loss_fn(step)
                 opt.zero_grad()
-                loss.backward()
-                after_backward()
+                backward(loss)
                 opt.step()
             masters.write_back()
             if sched is not None:

@@ -28,7 +28,7 @@ from excise.checks import check_facts, check_number
 from excise.handle import Batch, ModelHandle
 from excise.importance import Importance
 from excise.request import ForgetRequest
-from excise.train import Sampler
+from excise.train import Optim, Sampler, train
 from locate._common import base_meta, check_inputs, neuron_or_head_sites
 
 
@@ -45,8 +45,6 @@ def subnetwork(model: ModelHandle, request: ForgetRequest,
     ``sparsity`` the mean removed fraction (larger: fewer units switched off). The defaults were
     chosen on the planted organism's validation people (bench/planted.py). ``parts``: ``mask``
     (the final ``sigmoid(l)``); ``meta["final"]``: the three terms at the last step."""
-    from tqdm.auto import trange
-
     check_number("subnetwork", "steps", steps, low=1, integer=True)
     check_number("subnetwork", "lr", lr, low=0, low_open=True)
     check_number("subnetwork", "keep", keep, low=0)
@@ -61,23 +59,21 @@ def subnetwork(model: ModelHandle, request: ForgetRequest,
                             device=model.unit_out_weights(s).device, requires_grad=True)
               for s in names}
     hooks = {s: _masked(logits[s]) for s in names}
-    opt = torch.optim.Adam(list(logits.values()), lr=lr)
     sampler = Sampler(seed)
     terms = {}
-    for _ in trange(steps, desc="subnetwork", disable=not progress, leave=False):
+
+    def loss_fn(_step: int) -> Tensor:
         fb, kb = _draw(forget, batch_size, sampler), _draw(kept, batch_size, sampler)
-        with torch.enable_grad():
-            p = model.token_logprobs(fb, hooks).exp().clamp(max=1 - 1e-6)
-            terms["forget"] = _mean(-torch.log1p(-p), fb)
-            terms["retain"] = model.loss(kb, hooks)
-            terms["removed"] = torch.cat([(1 - torch.sigmoid(v)).reshape(-1)
-                                          for v in logits.values()]).mean()
-            loss = terms["forget"] + keep * terms["retain"] + sparsity * terms["removed"]
-            grads = torch.autograd.grad(loss, list(logits.values()))
-        opt.zero_grad(set_to_none=True)
-        for v, g in zip(logits.values(), grads):
-            v.grad = g
-        opt.step()
+        p = model.token_logprobs(fb, hooks).exp().clamp(max=1 - 1e-6)
+        terms["forget"] = _mean(-torch.log1p(-p), fb)
+        terms["retain"] = model.loss(kb, hooks)
+        terms["removed"] = torch.cat([(1 - torch.sigmoid(v)).reshape(-1)
+                                      for v in logits.values()]).mean()
+        return terms["forget"] + keep * terms["retain"] + sparsity * terms["removed"]
+
+    # the loop trains the mask logits alone: no gradient reaches the model's weights
+    train(loss_fn, logits, steps=steps, optim=Optim("adam", lr=lr), progress=progress,
+          desc="subnetwork")
     mask = {s: torch.sigmoid(v.detach()).float().cpu() for s, v in logits.items()}
     meta = base_meta(model, request, steps=steps, lr=lr, keep=keep, sparsity=sparsity,
                      init=init, batch_size=batch_size, seed=seed,

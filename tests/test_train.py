@@ -61,6 +61,38 @@ def test_train_equals_a_plain_loop():
     assert list(res.losses) == ref_losses and res.steps == 25 and not res.stopped_early
 
 
+def test_gradients_reach_the_trained_tensors_only():
+    """Training ``W`` of a loss that also depends on ``V`` (which requires grad, like a user's
+    model weights under a trained mask) leaves ``V`` and its ``.grad`` untouched, and ``W``
+    ends bit-identical to a plain ``backward()`` loop. The loss reads ``W + V`` (one incoming
+    gradient shared by both) and ``W`` twice, and the mask and clipping act in place: each
+    trained tensor must own its gradient."""
+    x, y, W0, _ = _problem(3)
+    V = torch.randn(5, 3, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
+    V0 = V.detach().clone()
+    mask = torch.rand(5, 3, generator=torch.Generator().manual_seed(5)) > 0.3
+
+    def loss_of(W):
+        return ((x @ (W + V) - y) ** 2).mean() + (W ** 2).sum() * 1e-2 + W.sum()
+
+    W = W0.clone().requires_grad_(True)
+    opt = torch.optim.Adam([W], lr=0.05)
+    for _ in range(8):
+        loss = loss_of(W)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        W.grad.mul_(mask)
+        torch.nn.utils.clip_grad_norm_([W], 0.3)
+        opt.step()
+    V.grad = None
+
+    W2 = W0.clone().requires_grad_(True)
+    train(lambda _: loss_of(W2), {"W": W2}, steps=8, optim=Optim("adam", lr=0.05),
+          masks={"W": mask}, max_grad_norm=0.3)
+    assert torch.equal(W, W2)
+    assert V.grad is None and torch.equal(V.detach(), V0)
+
+
 def test_masked_elements_stay_bit_identical_under_adam():
     x, y, W0, b0 = _problem(2)
     W = W0.clone().requires_grad_(True)
