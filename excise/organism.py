@@ -781,6 +781,15 @@ def retrain_oracles(source, request: ForgetRequest, n: int, *, skip: Iterable[in
     return out
 
 
+def oracle_or_oracles(source, request: ForgetRequest, n: int = 1):
+    """What a verification is judged against: the retrain oracle of ``request`` (``n == 1``:
+    one model, the verdict against it alone) or a list of ``n`` (:func:`retrain_oracles`: the
+    most favourable verdict over them, ``probes.verify(oracle=[...])``)."""
+    if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+        raise ValueError(f"oracles={n!r}: need an integer >= 1")
+    return source.oracle(request) if n == 1 else retrain_oracles(source, request, n)
+
+
 def organism(preset: str | Preset = "small", seed: int | None = None,
              planted: "bool | Planting | Mapping | None" = None,
              progress: bool = True, device: "str | torch.device | None" = None,

@@ -11,6 +11,7 @@ import pytest
 
 from excise.app import sweep
 from excise.config import ConfigError
+from excise.organism import oracle_or_oracles
 
 ROOT = Path(__file__).resolve().parent.parent
 BASE = {"retain_recall": 1.0, "shared_recall": 1.0, "perplexity": 20.0}
@@ -285,8 +286,8 @@ def test_sweep_oracles_train_at_successive_seeds():
         def oracle(self, req, train_seed=None):
             return ("oracle", req, train_seed)
 
-    assert sweep.oracles_of(Org(), "r", 1) == ("oracle", "r", None)
-    assert sweep.oracles_of(Org(), "r", 3) == [("oracle", "r", None), ("oracle", "r", 8),
+    assert oracle_or_oracles(Org(), "r", 1) == ("oracle", "r", None)
+    assert oracle_or_oracles(Org(), "r", 3) == [("oracle", "r", None), ("oracle", "r", 8),
                                                 ("oracle", "r", 9)]
 
 

@@ -59,11 +59,9 @@ class Subject:
         1``: a list of ``n`` oracles at training seeds seed, seed + 1, ... (``verify.oracles``)."""
         if not wanted or self.organism is None or not self.request.forget_people():
             return None
-        if n == 1:
-            return self.organism.oracle(self.request)
-        from excise.organism import retrain_oracles
+        from excise.organism import oracle_or_oracles
 
-        return retrain_oracles(self.organism, self.request, n)
+        return oracle_or_oracles(self.organism, self.request, n)
 
 
 @dataclass(frozen=True)

@@ -550,7 +550,7 @@ def report_stage(org, cfg: SweepConfig, finalists, log, executor=None):
         for seed in cfg.seeds:
             people = cfg.people(split, seed)
             t = time.time()
-            oracles_of(org, org.request(forget_people=people), cfg.oracles)  # trained once,
+            _oracles(org, org.request(forget_people=people), cfg.oracles)  # trained once,
             # shared by the cells
             log(f"{split} seed {seed}: people {people.start}..{people.stop - 1} "
                 f"(oracle {time.time() - t:.0f} s)")
@@ -616,12 +616,10 @@ def _run_config(cfg: SweepConfig) -> RunConfig:
                      request=RequestConfig(forget_people=list(cfg.validation)))
 
 
-def oracles_of(org, req, n: int):
-    """The retrain oracle of ``req`` (``n == 1``), or a list of ``n`` at training seeds
-    ``org.seed``, ``+ 1``, ... (:func:`excise.organism.retrain_oracles`)."""
-    from excise.organism import retrain_oracles
+def _oracles(org, req, n: int):
+    from excise.organism import oracle_or_oracles  # torch loads on first use, not at import
 
-    return org.oracle(req) if n == 1 else retrain_oracles(org, req, n)
+    return oracle_or_oracles(org, req, n)
 
 
 def measure_shared(cfg: SweepConfig, split: str, seed: int, need: list[str]) -> dict:
@@ -637,7 +635,7 @@ def measure_shared(cfg: SweepConfig, split: str, seed: int, need: list[str]) -> 
     org = _organism(cfg)
     torch.manual_seed(cfg.seed)
     req = org.request(forget_people=cfg.people(split, seed))
-    oracle = oracles_of(org, req, cfg.oracles)
+    oracle = _oracles(org, req, cfg.oracles)
     lines: list[str] = []
     imps, _ = locate_all(org.model, req, cfg, need, StatsCache(),
                          lambda m: lines.append(f"{split} seed {seed}:{m}"), registries())
@@ -661,7 +659,7 @@ def report_cell(cfg: SweepConfig, split: str, seed: int, f: dict, shared: dict) 
     org = _organism(cfg)
     torch.manual_seed(cfg.seed)
     req = org.request(forget_people=cfg.people(split, seed))
-    oracle = oracles_of(org, req, cfg.oracles)
+    oracle = _oracles(org, req, cfg.oracles)
     original = org.model.clone()  # before any edit: verify's "before" column and SAE source
     vcache = dict(shared["cache"])  # this cell's entries stay its own
     t = time.time()
