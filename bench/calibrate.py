@@ -158,8 +158,10 @@ def write(d: dict, out: Path) -> None:
              f"- **planted_reinit** (deleted): on the planted organism, `edit.reinit` of "
              f"`org.planted.units` (fresh) retrained {k['reinit_steps']} steps on retain data; "
              f"request: forget the planted reported group; oracle: the planted oracle.",
-             "- **ascent_all / ascent_unembed / latent_gains** (suppressed): "
-             "`probes.controls.gradient_ascent`, `unembed_ascent`, `latent_suppression`"
+             "- **ascent_all / ascent_unembed / ascent_last / latent_gains** (suppressed): "
+             "`probes.controls.gradient_ascent`, `unembed_ascent`, `last_block_ascent` (the "
+             "last block only, lr 1e-3: chosen on validation people 12..19), "
+             "`latent_suppression`"
              + _keep_text(k),
              f"- **ascent_until_damaged** (damaged): global gradient ascent on the forget facts "
              f"(Adam, lr {k['damage_lr']:g}) until retain recall < {k['damage_below']:g}.",

@@ -16,6 +16,7 @@ the calibration has cells off the diagonal (see docs/results/calibration.md).
 from __future__ import annotations
 
 import pytest
+import torch
 
 from excise.app import calibrate as C
 from probes.behaviour import recall
@@ -115,6 +116,29 @@ def test_controls_keeping_utility_hide_the_facts_and_keep_retain(tiny, tiny_requ
     assert kept["retain_recall"] > plain["retain_recall"]
     with pytest.raises(ValueError, match="keep=0"):
         controls.gradient_ascent(tiny.model, tiny_request, keep=0)
+
+
+def test_last_block_ascent_hides_the_facts_in_the_last_block_alone(tiny, tiny_request):
+    """The last-block control (a known-suppressed case of the calibration): it hides the forget
+    facts with retain and shared recall kept, changes no parameter outside the last block (the
+    earlier block, embeddings and unembedding bit-identical), leaves the model passed in
+    unchanged, and refuses a block count the model does not have."""
+    from probes import controls
+    from probes.behaviour import behaviour_metrics
+
+    before = tiny.model.fingerprint()
+    m = controls.last_block_ascent(tiny.model, tiny_request, keep=10, keep_text=True)
+    assert tiny.model.fingerprint() == before
+    got = behaviour_metrics(m, tiny_request)
+    assert got["forget_recall"] <= 0.1
+    assert got["retain_recall"] >= 0.98 and got["shared_recall"] >= 0.98
+    last = f"blocks.{tiny.model.n_layers - 1}."
+    new, old = m.named_parameters(), tiny.model.named_parameters()
+    changed = {n for n in old if not torch.equal(new[n].detach(), old[n].detach())}
+    assert changed and all(n.startswith(last) for n in changed)
+    for bad in (0, tiny.model.n_layers + 1, True):
+        with pytest.raises(ValueError, match="blocks="):
+            controls.last_block_ascent(tiny.model, tiny_request, blocks=bad)
 
 
 def test_reference_oracles_never_train_at_the_retrain_case_seed():
