@@ -40,7 +40,9 @@ the parameters (CIR's projection does): elements it changed are read back into t
 float32 / float64 parameters train as they are (no copies).
 
 Same seed, same draws: a :class:`Sampler` owns one ``torch.Generator``, and every batch is drawn
-from it in the order the loss function asks.
+from it in the order the loss function asks. Same seed, same weights: every step runs with
+deterministic algorithms (:func:`deterministic`), so at a given torch version and thread count a
+training run is bit-reproducible.
 """
 
 from __future__ import annotations
@@ -173,7 +175,7 @@ def train(loss_fn: LossFn, params: Mapping[str, Tensor] | Sequence[Tensor], *, s
     losses: list[float] = []
     stopped = False
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
-    with torch.enable_grad():
+    with torch.enable_grad(), deterministic():
         for step in bar:
             if optim.name == "lbfgs":
                 def closure(step: int = step) -> Tensor:
@@ -225,6 +227,25 @@ def using_threads(threads: int | None) -> Iterator[int]:
         yield torch.get_num_threads()
     finally:
         torch.set_num_threads(prev)
+
+
+@contextmanager
+def deterministic() -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True)`` inside (warn-only: an op with no
+    deterministic kernel warns instead of failing), the caller's setting restored after.
+    Every :func:`train` runs in it: on the CPU with more than one thread the backward of an
+    indexed read (``W_E[tokens]``) otherwise adds with unordered atomics, and the same seed gave
+    different weights from run to run (``edit.distill`` on ``tiny`` at two threads: the
+    embedding 1.5e-8 apart after one step; the calibration's distilled model failed the SAE
+    attack check in one run and passed it in the next)."""
+    prev, prev_warn = (torch.are_deterministic_algorithms_enabled(),
+                       torch.is_deterministic_algorithms_warn_only_enabled())
+    if not prev:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
 
 
 @contextmanager
