@@ -16,6 +16,7 @@ from excise.checks import check_units, need_request
 from excise.handle import ModelHandle
 from excise.importance import Importance
 from excise.sites import PARAM_UNITS, Selection, layer_of
+from excise.train import TrainResult
 
 # activation sites whose units own parameter slices (mlp.pre neurons are the mlp.post neurons)
 UNIT_SITES = ("mlp.post", "mlp.pre", "attn.z")
@@ -225,7 +226,8 @@ class MaskedCopy:
     """A private copy of ``model`` whose parameters in ``slices`` train and nothing else:
     ``params`` (site -> the copy's parameter, requiring grad) and ``masks`` (site -> bool,
     True at the slice) for :func:`excise.train.train`. ``start`` (site -> values at the
-    slice's indices) is written into the copy first (a re-initialisation, a perturbation)."""
+    slice's indices) is written into the copy first (a re-initialisation, a perturbation).
+    ``result``: the :class:`~excise.train.TrainResult` of the training run, once trained."""
 
     def __init__(self, model: ModelHandle, slices: dict[str, Tensor],
                  start: dict[str, Tensor] | None = None):
@@ -245,6 +247,7 @@ class MaskedCopy:
                     p = named[s]
                     p.view(-1)[slices[s].to(p.device)] = values.to(p.device, p.dtype)
         self.params = {s: named[s] for s in self.masks}
+        self.result: TrainResult | None = None  # what training it did (set by the trainer)
 
     def new_values(self) -> dict[str, tuple[Tensor, Tensor]]:
         """``{site: (indices, trained values)}`` for :func:`excise.edits.weight_edit`."""

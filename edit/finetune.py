@@ -242,10 +242,11 @@ def _train(model: ModelHandle, slices: dict[str, torch.Tensor], req: ForgetReque
 
     project = _Projector(copy.params, copy.masks, bases) if bases else None
     try:
-        train(loss_fn, copy.params, steps=st.steps,
-              optim=Optim(st.optimizer, lr=st.lr), masks=copy.masks,
-              max_grad_norm=st.max_grad_norm, progress=progress, desc=f"finetune ({st.method})",
-              evaluate=project, eval_every=1 if project else None)
+        copy.result = train(loss_fn, copy.params, steps=st.steps,
+                            optim=Optim(st.optimizer, lr=st.lr), masks=copy.masks,
+                            max_grad_norm=st.max_grad_norm, progress=progress,
+                            desc=f"finetune ({st.method})", evaluate=project,
+                            eval_every=1 if project else None)
     finally:
         if project is not None:
             project.remove()

@@ -47,6 +47,7 @@ training run is bit-reproducible.
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator, Mapping, Sequence
@@ -106,10 +107,12 @@ class Optim:
 @dataclass(frozen=True)
 class TrainResult:
     """What a run of :func:`train` did: the loss of every step taken (for L-BFGS, the loss at
-    the start of each step) and whether the evaluation callback stopped it early."""
+    the start of each step), whether the evaluation callback stopped it early, and the wall
+    seconds of every step (the evaluation callback not included)."""
 
     losses: tuple[float, ...]
     stopped_early: bool = False
+    seconds: tuple[float, ...] = ()
 
     @property
     def steps(self) -> int:
@@ -173,10 +176,12 @@ def train(loss_fn: LossFn, params: Mapping[str, Tensor] | Sequence[Tensor], *, s
             torch.nn.utils.clip_grad_norm_(tensors, max_grad_norm)
 
     losses: list[float] = []
+    seconds: list[float] = []
     stopped = False
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
     with torch.enable_grad(), deterministic():
         for step in bar:
+            t0 = time.perf_counter()
             if optim.name == "lbfgs":
                 def closure(step: int = step) -> Tensor:
                     masters.write_back()  # L-BFGS evaluates at points of its own
@@ -195,6 +200,7 @@ def train(loss_fn: LossFn, params: Mapping[str, Tensor] | Sequence[Tensor], *, s
             if sched is not None:
                 sched.step()
             losses.append(float(loss.detach()))
+            seconds.append(time.perf_counter() - t0)
             if step % 50 == 0:
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
             done = step + 1
@@ -206,7 +212,7 @@ def train(loss_fn: LossFn, params: Mapping[str, Tensor] | Sequence[Tensor], *, s
                         stopped = done < steps
                         break
     bar.close()
-    return TrainResult(tuple(losses), stopped)
+    return TrainResult(tuple(losses), stopped, tuple(seconds))
 
 
 @contextmanager

@@ -59,6 +59,7 @@ def test_train_equals_a_plain_loop():
                 schedule=sched, masks={"W": mask}, max_grad_norm=0.5)
     assert torch.equal(W, W2) and torch.equal(b, b2)
     assert list(res.losses) == ref_losses and res.steps == 25 and not res.stopped_early
+    assert len(res.seconds) == 25 and all(t >= 0 for t in res.seconds)
 
 
 def test_gradients_reach_the_trained_tensors_only():
