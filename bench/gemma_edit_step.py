@@ -24,6 +24,7 @@ shared machine the CPU time is the steadier number. Needs the gemma extra.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from pathlib import Path
 
@@ -79,8 +80,7 @@ def main() -> None:
         per = tuple((runs[args.steps][i] - runs[1][i]) / (args.steps - 1) for i in (0, 1))
         setup = tuple(runs[1][i] - per[i] for i in (0, 1))
         inside = sorted(per_step[args.steps])
-        median = inside[len(inside) // 2] if len(inside) % 2 else \
-            (inside[len(inside) // 2 - 1] + inside[len(inside) // 2]) / 2
+        median = statistics.median(inside)
         out[label] = per + (median,)
         print(f"{label:6s}: {per[0]:.2f} s/step wall, {per[1]:.2f} s/step CPU (difference of "
               f"the {args.steps}- and 1-step runs); inside the loop (train's per-step seconds) "

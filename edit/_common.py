@@ -227,7 +227,8 @@ class MaskedCopy:
     ``params`` (site -> the copy's parameter, requiring grad) and ``masks`` (site -> bool,
     True at the slice) for :func:`excise.train.train`. ``start`` (site -> values at the
     slice's indices) is written into the copy first (a re-initialisation, a perturbation).
-    ``result``: the :class:`~excise.train.TrainResult` of the training run, once trained."""
+    ``result``: the :class:`~excise.train.TrainResult` of the training run, once trained
+    (``edit.finetune``, ``reinit``, ``distill``)."""
 
     def __init__(self, model: ModelHandle, slices: dict[str, Tensor],
                  start: dict[str, Tensor] | None = None):

@@ -102,9 +102,9 @@ def distill(model: ModelHandle, importance: Importance | None = None,
             loss = term if loss is None else loss + term
         return loss
 
-    train(loss_fn, copy.params, steps=st.steps, optim=Optim(st.optimizer, lr=st.lr),
-          masks=copy.masks, max_grad_norm=st.max_grad_norm, progress=progress,
-          desc="distill")
+    copy.result = train(loss_fn, copy.params, steps=st.steps,
+                        optim=Optim(st.optimizer, lr=st.lr), masks=copy.masks,
+                        max_grad_norm=st.max_grad_norm, progress=progress, desc="distill")
     return weight_edit(model, "distill", params, selection, copy.new_values())
 
 

@@ -123,5 +123,6 @@ def retrain(model: ModelHandle, copy: MaskedCopy, req, st, *, desc: str,
                                                           text[ti].trim())
         return loss
 
-    train(loss_fn, copy.params, steps=st.steps, optim=Optim(st.optimizer, lr=st.lr),
-          masks=copy.masks, max_grad_norm=st.max_grad_norm, progress=progress, desc=desc)
+    copy.result = train(loss_fn, copy.params, steps=st.steps,
+                        optim=Optim(st.optimizer, lr=st.lr), masks=copy.masks,
+                        max_grad_norm=st.max_grad_norm, progress=progress, desc=desc)

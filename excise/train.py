@@ -6,23 +6,23 @@ and its objective. Everything else is shared: the optimizer (:class:`Optim`: Ada
 L-BFGS), an optional learning-rate schedule, elementwise gradient masks per parameter, gradient
 clipping, an evaluation callback every ``eval_every`` steps (it may stop training early), and a
 tqdm progress bar. Users: the organism's recipe (``excise.organism``), SAE training
-(``excise.sae``), ``edit.finetune``, ``edit.project``'s probe fit, every fine-tuning attack and
-the positive controls in ``probes``.
+(``excise.sae``), ``edit.finetune`` / ``reinit`` / ``distill``, ``edit.project``'s probe fit,
+``locate.subnetwork``'s mask, every fine-tuning attack and the positive controls in ``probes``.
 
 One step, always in this order (the order fixes the float results)::
 
     loss = loss_fn(step)         # forward pass on the batch loss_fn draws
     optimizer.zero_grad()        # grads set to None
-    grads = autograd.grad(loss, trained)   # onto the trained tensors only
+    backward(loss, inputs=trained)   # into the trained tensors only
     grad *= mask                 # per parameter, where a mask is given
     clip_grad_norm_(params, max_grad_norm)   # when given
     optimizer.step()
     schedule.step()              # when given
     evaluate(step + 1)           # every eval_every steps and after the last, under no_grad
 
-Gradients reach the trained tensors and nothing else: :func:`train` asks autograd for the
-gradients of exactly the tensors it trains (``torch.autograd.grad``, not ``loss.backward()``),
-so a model's other weights keep ``.grad`` untouched and need no ``requires_grad_(False)`` - a
+Gradients reach the trained tensors and nothing else: :func:`train` accumulates gradients into
+exactly the tensors it trains (``torch.autograd.backward(loss, inputs=trained)``), so a model's
+other weights keep ``.grad`` untouched and need no ``requires_grad_(False)`` - a
 localizer can train a mask over a user's model without cloning it or leaving gradients in it,
 and no backward work is spent on tensors that are not trained.
 
@@ -41,8 +41,11 @@ float32 / float64 parameters train as they are (no copies).
 
 Same seed, same draws: a :class:`Sampler` owns one ``torch.Generator``, and every batch is drawn
 from it in the order the loss function asks. Same seed, same weights: every step runs with
-deterministic algorithms (:func:`deterministic`), so at a given torch version and thread count a
-training run is bit-reproducible.
+deterministic algorithms (:func:`deterministic`), so on the CPU, at a given torch version and
+thread count, a training run is bit-reproducible (tested at two threads). The mode is warn-only:
+an op with no deterministic kernel (some CUDA kernels) warns and runs as before, so on such a
+device the promise holds only where no such warning appears; :func:`reproducible` (the
+organism's recipe) is strict.
 """
 
 from __future__ import annotations
@@ -163,11 +166,10 @@ def train(loss_fn: LossFn, params: Mapping[str, Tensor] | Sequence[Tensor], *, s
     sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule) if schedule is not None else None
 
     def backward(value: Tensor) -> None:
-        """Gradients of ``value`` onto the trained tensors only (``None`` where the loss does
-        not depend on one, as ``backward()`` would leave it)."""
-        grads = torch.autograd.grad(value, leaves, allow_unused=True)
-        for p, g in zip(leaves, grads):  # own memory in p's layout, as backward() stores it
-            p.grad = None if g is None else torch.empty_like(p).copy_(g)
+        """Gradients of ``value`` accumulated into the trained tensors only (``inputs=``: the
+        same engine and accumulation as ``loss.backward()``, gradient checkpointing included;
+        ``None`` where the loss does not depend on one)."""
+        torch.autograd.backward(value, inputs=leaves)
         masters.take_grads()
         for p, m in mask_list:
             if p.grad is not None:
@@ -244,14 +246,21 @@ def deterministic() -> Iterator[None]:
     different weights from run to run (``edit.distill`` on ``tiny`` at two threads: the
     embedding 1.5e-8 apart after one step; the calibration's distilled model failed the SAE
     attack check in one run and passed it in the next)."""
+    import torch.utils.deterministic as det
+
     prev, prev_warn = (torch.are_deterministic_algorithms_enabled(),
                        torch.is_deterministic_algorithms_warn_only_enabled())
+    prev_fill = det.fill_uninitialized_memory
     if not prev:
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # nothing here reads memory it did not write; filling every new empty tensor with NaN
+        # (the mode's default) only costs time
+        det.fill_uninitialized_memory = False
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
+        det.fill_uninitialized_memory = prev_fill
 
 
 @contextmanager

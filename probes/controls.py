@@ -30,6 +30,7 @@ import random
 
 import torch
 
+from excise.checks import check_number
 from excise.handle import ModelHandle
 from excise.request import ForgetRequest
 from excise.train import Optim, train
@@ -107,16 +108,14 @@ def last_block_ascent(model: ModelHandle, request: ForgetRequest, blocks: int = 
     shared recall 1.0 and general-text perplexity 0.88x the original's, where
     :func:`unembed_ascent` could not hide them under 4x (every lr and ``keep`` tried)."""
     layers = model.n_layers
-    if isinstance(blocks, bool) or not isinstance(blocks, int) or not 1 <= blocks <= layers:
-        raise ValueError(f"last_block_ascent: blocks={blocks!r}; need an integer in "
-                         f"1..{layers} (the model has {layers} blocks)")
+    check_number("last_block_ascent", "blocks", blocks, low=1, high=layers, integer=True)
     m = model.clone()
     prefixes = tuple(f"blocks.{L}." for L in range(layers - blocks, layers))
     params = [p for n, p in m.named_parameters().items() if n.startswith(prefixes)]
     if not params:
         raise ValueError(f"last_block_ascent needs parameters named {prefixes[0]}* "
                          f"(TransformerLens)")
-    for p in params:
+    for p in params:  # the rest needs no requires_grad_(False): train() feeds only these
         p.requires_grad_(True)
     ascend(m, params, request, steps, lr, stop, keep=keep, keep_text=keep_text)
     return m

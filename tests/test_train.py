@@ -65,9 +65,7 @@ def test_train_equals_a_plain_loop():
 def test_gradients_reach_the_trained_tensors_only():
     """Training ``W`` of a loss that also depends on ``V`` (which requires grad, like a user's
     model weights under a trained mask) leaves ``V`` and its ``.grad`` untouched, and ``W``
-    ends bit-identical to a plain ``backward()`` loop. The loss reads ``W + V`` (one incoming
-    gradient shared by both) and ``W`` twice, and the mask and clipping act in place: each
-    trained tensor must own its gradient."""
+    ends bit-identical to a plain ``backward()`` loop (mask and clipping in place)."""
     x, y, W0, _ = _problem(3)
     V = torch.randn(5, 3, generator=torch.Generator().manual_seed(4)).requires_grad_(True)
     V0 = V.detach().clone()
@@ -92,6 +90,51 @@ def test_gradients_reach_the_trained_tensors_only():
           masks={"W": mask}, max_grad_norm=0.3)
     assert torch.equal(W, W2)
     assert V.grad is None and torch.equal(V.detach(), V0)
+
+
+def test_two_trained_tensors_sharing_one_incoming_gradient_keep_their_own():
+    """``(W1 + W2)`` hands both tensors the same incoming gradient; masking ``W1``'s in place
+    must not mask ``W2``'s (each trained tensor owns its gradient), and an unused trained
+    tensor stays as it was."""
+    W1 = torch.ones(2, 3, requires_grad=True)
+    W2 = torch.ones(2, 3, requires_grad=True)
+    unused = torch.ones(4, requires_grad=True)
+    train(lambda _: ((W1 + W2) * torch.arange(6.).reshape(2, 3)).sum(),
+          {"W1": W1, "W2": W2, "unused": unused}, steps=1, optim=Optim("sgd", lr=0.1),
+          masks={"W1": torch.zeros(2, 3)})
+    assert torch.equal(W1.detach(), torch.ones(2, 3))
+    assert torch.allclose(W2.detach(), 1 - 0.1 * torch.arange(6.).reshape(2, 3))
+    assert torch.equal(unused.detach(), torch.ones(4)) and unused.grad is None
+
+
+@pytest.mark.parametrize("start", [(False, False), (True, True), (True, False)])
+def test_deterministic_restores_the_callers_setting(start):
+    """Inside: deterministic algorithms on (warn-only unless the caller had them strict) and
+    uninitialised memory not filled; after: the caller's three settings exactly, also when
+    the body raises."""
+    import torch.utils.deterministic as det
+
+    from excise.train import deterministic
+
+    prev = (torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(), det.fill_uninitialized_memory)
+    try:
+        torch.use_deterministic_algorithms(start[0], warn_only=start[1])
+        before = (torch.are_deterministic_algorithms_enabled(),
+                  torch.is_deterministic_algorithms_warn_only_enabled(),
+                  det.fill_uninitialized_memory)
+        with pytest.raises(RuntimeError, match="inside"):
+            with deterministic():
+                assert torch.are_deterministic_algorithms_enabled()
+                if start == (True, False):
+                    assert not torch.is_deterministic_algorithms_warn_only_enabled()
+                raise RuntimeError("inside")
+        assert (torch.are_deterministic_algorithms_enabled(),
+                torch.is_deterministic_algorithms_warn_only_enabled(),
+                det.fill_uninitialized_memory) == before
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
+        det.fill_uninitialized_memory = prev[2]
 
 
 def test_same_seed_same_weights_at_two_threads(tiny, tiny_request):
