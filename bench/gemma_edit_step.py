@@ -33,10 +33,11 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def timed(fn) -> tuple[float, float]:
+def timed(fn) -> tuple[float, float, object]:
+    """Wall and process CPU seconds of ``fn()``, and its value."""
     w, c = time.perf_counter(), time.process_time()
-    fn()
-    return time.perf_counter() - w, time.process_time() - c
+    value = fn()
+    return time.perf_counter() - w, time.process_time() - c, value
 
 
 def main() -> None:
@@ -69,23 +70,20 @@ def main() -> None:
           flush=True)
     out = {}
     for label, fast in (("before", False), ("after", True)):
-        runs, per_step = {}, {}
+        runs = {}
         for steps in (1, args.steps):
             st = FinetuneSettings(method="npo", beta=1.0, lr=1e-4, steps=steps, batch_size=8,
                                   text_weight=1.0, text_loss="kl")
-            box = {}
-            runs[steps] = timed(lambda: box.update(copy=_train(h, slices, req, st,
-                                                               progress=False, fast=fast)))
-            per_step[steps] = box["copy"].result.seconds
+            runs[steps] = timed(lambda: _train(h, slices, req, st, progress=False, fast=fast))
         per = tuple((runs[args.steps][i] - runs[1][i]) / (args.steps - 1) for i in (0, 1))
         setup = tuple(runs[1][i] - per[i] for i in (0, 1))
-        inside = sorted(per_step[args.steps])
+        inside = runs[args.steps][2].result.seconds  # train's own per-step wall seconds
         median = statistics.median(inside)
         out[label] = per + (median,)
         print(f"{label:6s}: {per[0]:.2f} s/step wall, {per[1]:.2f} s/step CPU (difference of "
               f"the {args.steps}- and 1-step runs); inside the loop (train's per-step seconds) "
-              f"median {median:.2f} s, {inside[0]:.2f}-{inside[-1]:.2f}; setup {setup[0]:.1f} s "
-              f"wall, {setup[1]:.1f} s CPU", flush=True)
+              f"median {median:.2f} s, {min(inside):.2f}-{max(inside):.2f}; setup "
+              f"{setup[0]:.1f} s wall, {setup[1]:.1f} s CPU", flush=True)
     b, a = out["before"], out["after"]
     print(f"speed-up per step: {b[0] / a[0]:.2f}x wall, {b[1] / a[1]:.2f}x CPU, "
           f"{b[2] / a[2]:.2f}x by the in-loop medians (threads {torch.get_num_threads()}; "
