@@ -238,9 +238,12 @@ def using_threads(threads: int | None) -> Iterator[int]:
 
 
 @contextmanager
-def deterministic() -> Iterator[None]:
-    """``torch.use_deterministic_algorithms(True)`` inside (warn-only: an op with no
-    deterministic kernel warns instead of failing), the caller's setting restored after.
+def deterministic(strict: bool = False) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True)`` inside - warn-only (an op with no
+    deterministic kernel warns instead of failing) unless ``strict`` - and uninitialised memory
+    left unfilled (nothing here reads memory it did not write; filling every new empty tensor
+    with NaN, the mode's default, only costs time); the caller's three settings are restored
+    after. A caller that already has the mode on keeps its own setting unless ``strict``.
     Every :func:`train` runs in it: on the CPU with more than one thread the backward of an
     indexed read (``W_E[tokens]``) otherwise adds with unordered atomics, and the same seed gave
     different weights from run to run (``edit.distill`` on ``tiny`` at two threads: the
@@ -251,10 +254,8 @@ def deterministic() -> Iterator[None]:
     prev, prev_warn = (torch.are_deterministic_algorithms_enabled(),
                        torch.is_deterministic_algorithms_warn_only_enabled())
     prev_fill = det.fill_uninitialized_memory
-    if not prev:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        # nothing here reads memory it did not write; filling every new empty tensor with NaN
-        # (the mode's default) only costs time
+    if strict or not prev:
+        torch.use_deterministic_algorithms(True, warn_only=not strict)
         det.fill_uninitialized_memory = False
     try:
         yield
@@ -266,25 +267,17 @@ def deterministic() -> Iterator[None]:
 @contextmanager
 def reproducible(threads: int) -> Iterator[None]:
     """Run the enclosed code bit-reproducibly for a given torch version: at ``threads``
-    intra-op threads with ``torch.use_deterministic_algorithms(True)``; the caller's thread
-    count and deterministic setting are restored afterwards.
+    intra-op threads under :func:`deterministic` (strict); the caller's thread count and
+    deterministic settings are restored afterwards.
 
     Why both: on the CPU, with more than one thread, the backward of an indexed read
     (``W_E[tokens]``, every embedding) adds its gradients with unordered atomic float adds -
     the sums differ in the last bits from run to run - unless deterministic algorithms are on;
     and any reduction split across threads adds in an order fixed by the thread count."""
-    if not (isinstance(threads, int) and threads >= 1):
+    if isinstance(threads, bool) or not (isinstance(threads, int) and threads >= 1):
         raise ValueError(f"reproducible: threads={threads!r}; need an integer >= 1")
-    prev_threads = torch.get_num_threads()
-    prev_det = torch.are_deterministic_algorithms_enabled()
-    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(True)
-    try:
+    with using_threads(threads), deterministic(strict=True):
         yield
-    finally:
-        torch.use_deterministic_algorithms(prev_det, warn_only=prev_warn)
-        torch.set_num_threads(prev_threads)
 
 
 class _Masters:

@@ -86,8 +86,11 @@ def tampered_diff_bytes() -> bytes:
 # ------------------------------------------------------------------------ reproducible training
 def test_reproducible_fixes_the_threaded_embedding_backward_and_restores_settings(threads):
     """With two threads an indexed read's backward (every embedding) adds with unordered atomic
-    float adds; under reproducible() it is bit-identical run after run, and the caller's thread
-    count and deterministic flag come back afterwards, also after an exception."""
+    float adds; under reproducible() (strict deterministic algorithms, new tensors not
+    NaN-filled) it is bit-identical run after run, and the caller's thread count and
+    deterministic settings come back afterwards, also after an exception."""
+    import torch.utils.deterministic as det
+
     g = torch.Generator().manual_seed(0)
     idx = torch.randint(0, 300, (64, 20), generator=g)
     grad_out = torch.randn(64, 20, 64, generator=g)
@@ -95,6 +98,9 @@ def test_reproducible_fixes_the_threaded_embedding_backward_and_restores_setting
     torch.set_num_threads(2)
     with reproducible(2):
         assert torch.get_num_threads() == 2 and torch.are_deterministic_algorithms_enabled()
+        # strict (an op without a deterministic kernel raises), no NaN-filling of new tensors
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert det.fill_uninitialized_memory is False
         grads = []
         for _ in range(30):
             w.grad = None
@@ -102,6 +108,7 @@ def test_reproducible_fixes_the_threaded_embedding_backward_and_restores_setting
             grads.append(w.grad.clone())
     assert all(torch.equal(grads[0], gr) for gr in grads)
     assert torch.get_num_threads() == 2 and not torch.are_deterministic_algorithms_enabled()
+    assert det.fill_uninitialized_memory is True
     torch.set_num_threads(1)
     with pytest.raises(RuntimeError, match="boom"):
         with reproducible(2):
