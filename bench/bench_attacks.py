@@ -33,6 +33,9 @@ def main() -> None:
     ap.add_argument("--models", default="original,oracle")
     ap.add_argument("--attacks", default="relearn,benign,sae")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--ceiling", action="store_true",
+                    help="only measure how close one fused relearning step runs to this "
+                         "machine's matrix-multiply rate (no grid)")
     a = ap.parse_args()
 
     import torch
@@ -42,6 +45,8 @@ def main() -> None:
 
     org = excise.organism(a.preset, progress=False)
     req = org.request(forget_people=range(a.forget))
+    if a.ceiling:
+        return ceiling(org, req)
     avail = {"original": lambda: org.model, "oracle": lambda: org.oracle(req)}
     names = a.models.split(",")
     bad = [n for n in names if n not in avail]
@@ -76,6 +81,49 @@ def main() -> None:
     f = sum(secs["fused"].values()) / a.repeats
     print(f"{'all':10s} {'':8s} {s:9.1f} {f:8.1f} {s / f:6.2f}")
     print(f"every per-fact hit identical (serial vs fused): {same}")
+
+
+def ceiling(org, req, steps: int = 15) -> None:
+    """Arithmetic of one fused relearning step (forward + backward at the default batch, the
+    retain mix included; torch's FLOP counter) over its measured time, against a plain matmul of
+    the model's own shapes (one row per real token of a batch) at the same thread count: how
+    much of the machine the step uses,
+    so how much any faster engine could still gain at equal budgets."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from excise.train import Sampler
+    from probes import attacks as A
+
+    cfg = A.AttackConfig(attacks=("relearn",))
+    m = org.model.clone()
+    part, _ = A._split_people(req.forget, cfg, "relearning")
+    data = m.encode(list(part) + list(req.retain))
+    fwd = A._engine(m, "fused", data)
+    params = m.named_parameters()
+    sampler = Sampler(0)
+    batches = [data[sampler.mixed(len(part), len(req.retain), cfg.relearn_batch,
+                                  cfg.retain_mix)] for _ in range(steps + 3)]
+    with FlopCounterMode(display=False) as fc:
+        for b in batches[:3]:  # also the warm-up
+            A._fused_loss(fwd, params, b).backward()
+    flops = fc.get_total_flops() / 3
+    t = time.perf_counter()
+    for b in batches[3:]:
+        A._fused_loss(fwd, params, b).backward()
+    step = (time.perf_counter() - t) / steps
+    d, rows = m.info("blocks.0.mlp.post").unit_shape[0], int(batches[0].lengths.sum())
+    x, w = torch.randn(rows, org.preset.d_model), torch.randn(org.preset.d_model, d)
+    for _ in range(5):
+        x @ w
+    t, n = time.perf_counter(), 200
+    for _ in range(n):
+        x @ w
+    peak = 2 * rows * x.shape[1] * d * n / (time.perf_counter() - t)
+    print(f"{torch.get_num_threads()} thread(s): a fused relearning step does "
+          f"{flops / 1e9:.2f} GFLOP in {step * 1e3:.0f} ms = {flops / step / 1e9:.0f} GFLOP/s; "
+          f"a [{rows} x {x.shape[1]}] @ [{x.shape[1]} x {d}] matmul runs at {peak / 1e9:.0f} "
+          f"GFLOP/s: the step uses {flops / step / peak:.0%} of it")
 
 
 if __name__ == "__main__":
