@@ -123,6 +123,10 @@ class VerifyConfig:
     # the verify settings (probes.VerifySettings fields, checked at load), e.g. grid: quick|full
     # (the attacks' grid of learning rates x seeds) or the verdict's tolerance
     params: dict = field(default_factory=dict)
+    # keep every model's attack results in the cache (EXCISE_CACHE/verify, probes.store) and
+    # read them back in later runs where weights, request, settings, torch, threads and
+    # excise's code all match: the oracle and the original are attacked once per request
+    reuse: bool = True
 
 
 @dataclass(frozen=True)

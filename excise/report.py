@@ -4,7 +4,8 @@ The typed results a report carries live here too: :class:`Curve` (one model's fo
 an attack's budget) and :class:`AttackCurves` (one attack's curves, one per model, on a shared
 axis), :class:`GridPoint` (one attack setting: learning rate and seed) and :class:`AttackGrid`
 (every setting an attack ran at, the attacker-hygiene grid). They stay typed up to the writers,
-which serialise them (``to_dict``).
+which serialise them (``to_dict``); :func:`grids_record` / :func:`grids_from_record` keep every
+field of attack grids (per-fact hits included) for the cache of verified results.
 """
 
 from __future__ import annotations
@@ -240,6 +241,37 @@ class AttackGrid:
 
     def to_dict(self) -> dict:
         return {"param": self.param, "points": [p.to_dict() for p in self.points]}
+
+
+def grids_record(grids: Mapping[str, AttackGrid]) -> dict:
+    """Every field of ``{attack: AttackGrid}`` as plain JSON types - the per-fact hits and
+    their owners included, which ``to_dict`` leaves out - so :func:`grids_from_record` gives
+    back grids equal to these (what :class:`probes.store.AttackStore` keeps on disk)."""
+    def curve(c: Curve) -> dict:
+        return {"x": list(c.x), "y": list(c.y), "xlabel": c.xlabel, "ylabel": c.ylabel,
+                "aux": {k: list(v) for k, v in c.aux.items()},
+                "hits": [list(h) for h in c.hits], "groups": [list(g) for g in c.groups]}
+
+    return {name: {"param": g.param, "points": [
+        {"lr": p.lr, "seed": p.seed, "flagged": p.flagged,
+         "curves": {lab: curve(c) for lab, c in p.curves.curves.items()}} for p in g.points]}
+        for name, g in grids.items()}
+
+
+def grids_from_record(record: Mapping[str, Any]) -> dict[str, AttackGrid]:
+    """The grids :func:`grids_record` wrote (raises on a record of another shape). JSON has no
+    tuples: budgets and fact owners (``(0, person, "")``) come back as tuples."""
+    def tuples(v):
+        return tuple(tuples(x) for x in v) if isinstance(v, list) else v
+
+    def curve(c: Mapping[str, Any]) -> Curve:
+        return Curve(tuples(c["x"]), c["y"], c["xlabel"], c["ylabel"], c["aux"], c["hits"],
+                     tuples(c["groups"]))
+
+    return {name: AttackGrid(tuple(
+        GridPoint(p["lr"], p["seed"], AttackCurves({lab: curve(c) for lab, c in
+                                                     p["curves"].items()}), p["flagged"])
+        for p in g["points"]), g["param"]) for name, g in record.items()}
 
 
 @dataclass

@@ -424,15 +424,18 @@ def attacks(ctx: Context) -> AttackResult:
             kit["kit"] = A.steering_kit(source, ctx.request, cfg, s.sae)
         return A.run_grid({"_": m}, ctx.request, cfg, kit=kit.get("kit"), log=ctx.log)
 
-    # one model at a time, so with a cache the oracle's and the original's grids are reused
-    parts = {k: ctx.memo(m, ("attacks", repr(cfg), source.fingerprint()), partial(grid_of, m))
-             for k, m in targets.items()}
+    # one model at a time, so with a cache the oracle's and the original's grids are reused;
+    # an SAE the caller supplied decides the steering attack too: its identity joins the key
+    # (a tuple - probes.store keeps such results in memory only)
+    given = (("sae given", id(s.sae)),) if s.sae is not None and "sae" in cfg.attacks else ()
+    parts = {k: ctx.memo(m, ("attacks", repr(cfg), source.fingerprint()) + given,
+                         partial(grid_of, m)) for k, m in targets.items()}
     ref = "oracle" if "oracle" in targets else None
     if ref is None and len(ctx.request.holdout):  # no oracle: never-known facts instead
         ref = A.COMPARATOR
         if "sae" in cfg.attacks and "kit" not in kit:
             kit["kit"] = A.steering_kit(source, ctx.request, cfg, s.sae)
-        parts[ref] = ctx.memo(source, ("attacks", ref, repr(cfg)), partial(
+        parts[ref] = ctx.memo(source, ("attacks", ref, repr(cfg)) + given, partial(
             A.run_comparator_grid, source, ctx.request, cfg, kit=kit.get("kit"), log=ctx.log))
     grids = A.merge_grids(parts)
     if orig in targets:

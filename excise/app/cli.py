@@ -204,7 +204,8 @@ def verify(target: Path = typer.Argument(..., help="A run folder (with config.ya
             suites = ([s.strip() for s in suite.split(",")] if suite else cfg.verify.suite)
             log(f"verify: {suites} on {', '.join(str(p) for p in diff_paths)}")
             report = probes.verify(edited, req, oracle=oracle, suite=suites, label="after",
-                                   original=original, log=log, **cfg.verify.params)
+                                   original=original, log=log,
+                                   cache=pipeline.verify_cache(cfg, log), **cfg.verify.params)
             if subject.not_known:  # facts the model did not produce before editing
                 report.extra["not_known"] = subject.not_known
             if len(diffs) == 1:

@@ -400,7 +400,7 @@ def _run(cfg: RunConfig, out: Path, *, overwrite: bool, progress: bool,
             log(f"verify: {cfg.verify.suite}")
             after = probes.verify(model, req, oracle=oracle, label="after",
                                   suite=cfg.verify.suite, original=original,
-                                  **cfg.verify.params)
+                                  cache=verify_cache(cfg, log), **cfg.verify.params)
             listing = {"after": fact_listing(model, req, original)}
         finally:
             for e in reversed(edits):
@@ -451,6 +451,17 @@ def _run(cfg: RunConfig, out: Path, *, overwrite: bool, progress: bool,
         report.extra["threads"] = torch.get_num_threads()
         report.save(tmp)
     return RunResult(out, report, time.time() - t0)
+
+
+def verify_cache(cfg: RunConfig, log: Callable[[str], None] | None = None):
+    """The verify cache of a run: attack results kept in ``EXCISE_CACHE/verify`` across runs
+    (:class:`probes.store.AttackStore`) when ``verify.reuse`` (the default), else none."""
+    if not cfg.verify.reuse:
+        return None
+    from excise.organism import cache_dir
+    from probes.store import AttackStore
+
+    return AttackStore(cache_dir() / "verify", log=log)
 
 
 def training_request(cfg: RunConfig, model, request: ForgetRequest, *,
