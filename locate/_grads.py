@@ -44,6 +44,7 @@ from torch import Tensor
 
 from excise.handle import Batch, ModelHandle
 from excise.request import FactSet
+from excise.train import deterministic
 
 ESTIMATORS = ("batch", "example")
 REDUCTIONS = ("fact", "token")
@@ -149,33 +150,37 @@ def gradient_stats(model: ModelHandle, facts: FactSet, sites: Sequence[str], *,
     from tqdm.auto import tqdm
 
     chunks = list(batch.chunks(batch_size))
-    for b in tqdm(chunks, desc=desc, disable=not progress, leave=False):
-        acts: dict[str, Tensor] = {}
+    # deterministic algorithms: at two threads the embedding's backward (an indexed add)
+    # otherwise sums in an unordered way, and the same request gave statistics of embed.W_E
+    # that differed in the last bits from run to run
+    with deterministic():
+        for b in tqdm(chunks, desc=desc, disable=not progress, leave=False):
+            acts: dict[str, Tensor] = {}
 
-        def keep(x, site):
-            acts[site] = x
+            def keep(x, site):
+                acts[site] = x
 
-        hooks = {s: keep for s in act_sites}
-        if estimator == "batch" or not param_sites:
-            if estimator == "batch" and reduction == "token":
-                loss = model.loss(b, hooks=hooks)  # mean over every target token
-            else:
-                loss_ex = model.loss(b, hooks=hooks, per_example=True)  # [n]
-                loss = loss_ex.mean() if estimator == "batch" else loss_ex.sum()
-            # parameters: reduced into the statistics as backward finishes each one
-            _streamed_backward(loss, params, [acts[s] for s in act_sites], sq, ab)
-            for s in act_sites:
-                g, acts[s].grad = acts[s].grad, None
-                if g is None:
-                    continue
-                u = _unit_reduce(g.detach(), acts[s])  # [n, units]
-                if estimator == "batch":  # the gate of a unit is shared by the batch's rows
-                    _accumulate(sq, ab, s, u.sum(0))
+            hooks = {s: keep for s in act_sites}
+            if estimator == "batch" or not param_sites:
+                if estimator == "batch" and reduction == "token":
+                    loss = model.loss(b, hooks=hooks)  # mean over every target token
                 else:
-                    _accumulate(sq, ab, s, u, per_row=True)
-            n_batches += 1
-        else:
-            _per_example_params(model, b, params, act_sites, sq, ab)
+                    loss_ex = model.loss(b, hooks=hooks, per_example=True)  # [n]
+                    loss = loss_ex.mean() if estimator == "batch" else loss_ex.sum()
+                # parameters: reduced into the statistics as backward finishes each one
+                _streamed_backward(loss, params, [acts[s] for s in act_sites], sq, ab)
+                for s in act_sites:
+                    g, acts[s].grad = acts[s].grad, None
+                    if g is None:
+                        continue
+                    u = _unit_reduce(g.detach(), acts[s])  # [n, units]
+                    if estimator == "batch":  # the gate of a unit is shared by the batch's rows
+                        _accumulate(sq, ab, s, u.sum(0))
+                    else:
+                        _accumulate(sq, ab, s, u, per_row=True)
+                n_batches += 1
+            else:
+                _per_example_params(model, b, params, act_sites, sq, ab)
     denom = n_batches if estimator == "batch" else len(batch)
     for name, acc in (("squared", sq), ("absolute", ab)):
         if acc is None:

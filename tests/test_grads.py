@@ -129,3 +129,18 @@ def test_frozen_parameter_is_named(planted):
     with pytest.raises(ValueError, match=r"parameter site 'blocks.0.mlp.W_out' does not "
                                          r"require grad"):
         gradient_stats(h, planted.request.forget, ["blocks.0.mlp.W_in", "blocks.0.mlp.W_out"])
+
+
+def test_statistics_are_the_same_run_after_run_at_two_threads(tiny, tiny_request):
+    """At two threads the embedding's backward adds with unordered atomics unless
+    deterministic algorithms are on: gradient statistics of ``embed.W_E`` (every locate method
+    built on them, then every edit that reads them) came out differently from run to run."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        runs = [gradient_stats(tiny.model, tiny_request.retain, ["embed.W_E"],
+                               batch_size=64).sq["embed.W_E"] for _ in range(8)]
+    finally:
+        torch.set_num_threads(prev)
+    assert all(torch.equal(runs[0], r) for r in runs[1:])
+    assert not torch.are_deterministic_algorithms_enabled()  # the caller's setting, restored
