@@ -10,9 +10,10 @@ of the model the steering SAE is trained on) and what else decides the numbers: 
 version, the thread count in effect, the versions of transformer-lens and sae-lens, and the
 source of the ``excise`` and ``probes`` packages - any change to their code starts a new entry
 rather than reuse a result it might have changed. Attacks steered with an SAE the caller supplied
-are kept in memory only (an object, not a setting, decides them). Files are written atomically;
-one that does not read back as the key's grids (truncated, edited, another version) is measured
-anew and replaced. Only JSON is read: nothing is unpickled.
+are kept in memory only (an object, not a setting, decides them). Files are written
+atomically (a folder that cannot be written warns, and the run goes on); one that does not read
+back as the key's grids (truncated, edited, another version) is measured anew and replaced.
+Only JSON is read: nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import warnings
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
@@ -114,6 +116,10 @@ class AttackStore(dict):
         path = self.path(key) if isinstance(key, tuple) else None
         if path is not None and isinstance(value, dict) and value and all(
                 isinstance(g, AttackGrid) for g in value.values()):
-            self.root.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps({"key": list(key), "env": self.env(),
-                                                "grids": grids_record(value)}) + "\n")
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(path, json.dumps({"key": list(key), "env": self.env(),
+                                                    "grids": grids_record(value)}) + "\n")
+            except OSError as e:  # a full or read-only cache costs the reuse, not the run
+                warnings.warn(f"attack results not kept: cannot write {path} ({e})",
+                              stacklevel=2)

@@ -8,6 +8,7 @@ import torch
 
 import probes
 from excise.config import RunConfig, VerifyConfig
+from excise.report import AttackCurves, AttackGrid, Curve, GridPoint
 from probes import attacks as A
 from probes import store
 from probes.store import AttackStore
@@ -114,3 +115,16 @@ def test_what_stays_in_memory_and_the_run_setting(tmp_path, monkeypatch):
     got = verify_cache(RunConfig())
     assert isinstance(got, AttackStore) and got.root == tmp_path / "cache" / "verify"
     assert verify_cache(RunConfig(verify=VerifyConfig(reuse=False))) is None
+
+
+def test_a_folder_that_cannot_be_written_costs_the_reuse_not_the_run(tmp_path):
+    """A full or read-only cache warns and keeps the result in memory; the run goes on."""
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    s = AttackStore(blocked / "verify")
+    key = ("f" * 16, "d" * 16, 0, "attacks", "AttackConfig(...)", "s" * 16)
+    grids = {"relearn": AttackGrid((GridPoint(1e-3, 0, AttackCurves(
+        {"after": Curve((0, 5), (1.0, 0.5), "steps")})),), "relearn_lr")}
+    with pytest.warns(UserWarning, match="attack results not kept"):
+        s[key] = grids
+    assert key in s and s[key] == grids
