@@ -88,7 +88,7 @@ class AttackStore(dict):
             return None
         try:
             blob = json.loads(path.read_text())
-            if blob["key"] != json.loads(json.dumps(list(key))) or blob["env"] != self.env():
+            if blob["key"] != list(key) or blob["env"] != self.env():  # plain values only
                 return None
             grids = grids_from_record(blob["grids"])
         except (ValueError, KeyError, TypeError):  # not this key's grids: measured anew
