@@ -358,7 +358,7 @@ class Report:
         if verdict.get("checks"):
             md += [""] if md[-1] else []
             md += ["## Verdict checks", ""]
-            md += [f"- {k}: {_check_word(c)} "
+            md += [f"- {k}: {check_outcome(c)} "
                    + ", ".join(f"{kk}={_fmt(vv)}" for kk, vv in c.items()
                                if kk not in ("ok", "used"))
                    for k, c in verdict["checks"].items()]
@@ -368,6 +368,7 @@ class Report:
             md += [f"- oracle {o['index'] + 1}: {o['verdict']}"
                    + (" (this report)" if o.get("chosen") else "")
                    + (f"; failed: {', '.join(o['failed'])}" if o.get("failed") else "")
+                   + (f"; open: {', '.join(o['open'])}" if o.get("open") else "")
                    for o in oracles]
         if verdict.get("bar"):
             md += ["", "## Issue 8's bar (beside the verdict)", ""]
@@ -496,10 +497,16 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def _check_word(c: dict) -> str:
+def check_outcome(c: dict) -> str:
     """A verdict check's outcome: "not used" (a check whose precondition failed, e.g. the probe
-    where its control fails - the verdict ignores it), "pass" or "FAIL"."""
-    return "not used" if c.get("used") is False else "pass" if c.get("ok") else "FAIL"
+    where its control fails - the verdict ignores it), "pass" (credibly passes), "FAIL"
+    (credibly fails; a check without ``fails`` - a point check - fails when not ``ok``) or
+    "open" (its interval straddles the margin: neither)."""
+    if c.get("used") is False:
+        return "not used"
+    if c.get("ok"):
+        return "pass"
+    return "FAIL" if c.get("fails", True) else "open"
 
 
 def _yes(ok) -> str:

@@ -1,4 +1,5 @@
-"""The verdict: deleted / suppressed / damaged / not forgotten, with the rule that produced it.
+"""The verdict: deleted / suppressed / damaged / not forgotten / inconclusive, with the rule
+that produced it.
 
 The rule (:class:`Rule`, written into every report by :meth:`Rule.text`) compares the model with
 the retrain oracle - a model that never saw the forget data, the reference of acceptable utility
@@ -30,13 +31,22 @@ and of forgetting - and with the original:
    larger of its own best-depth null's 95th percentile and the oracle's best-depth accuracy +
    ``tolerance`` (:func:`probe_check`). Where the control fails the check is recorded as not
    used and decides nothing.
-4. **suppressed** otherwise.
+4. **suppressed** when one of those checks credibly fails - the evidence points the other
+   way: forget recall or an attack's worst gap with its lower bound above ``margin`` /
+   ``tolerance``, the membership AUC credibly outside the band, the probe above its limit.
+5. **inconclusive** otherwise: no check credibly fails, but some bound straddles its margin -
+   the request's people cannot decide at this confidence. "Suppressed" is a claim that
+   information is left, and it needs evidence as "deleted" does: a second retrain oracle of
+   ``tiny`` (8 forget people) whose worst relearning gap is 0.083 with a 90% interval
+   [0.067, 0.178] is not evidence of suppression (the calibration, ``bench/calibrate.py``,
+   read it "suppressed" before this outcome existed). More forget people, or oracles, decide.
 
 "Credibly" is a paired per-person bootstrap (:func:`probes.stats.group_bootstrap`): people are
 resampled with replacement, the same resample on both models; a comparison passes on the
 one-sided ``confidence`` (90%) bound in the direction of the claim - an upper bound for "no more
 than", a lower bound for "at least" - so every claim needs evidence, and a gap decided by one
-person out of five does not pass.
+person out of five does not pass. Each deletion check records ``ok`` (credibly passes) and
+``fails`` (credibly fails); both false is an open check.
 
 **Models with no retrain oracle** (real facts learned in pretraining) are judged against the
 comparator instead (:func:`decide_comparator`, :meth:`Rule.text_comparator`): facts the model
@@ -76,9 +86,12 @@ from excise.checks import check_positive
 from excise.report import AttackGrid
 from probes.stats import Bootstrap, group_bootstrap, resample_counts
 
-VERDICTS = ("deleted", "suppressed", "damaged", "not forgotten")
+# the verdicts a model's answer can be (a known-answer model is expected to get one of them)
+ANSWERS = ("deleted", "suppressed", "damaged", "not forgotten")
+# and the rule's fifth outcome, where the request's people cannot decide between them
+VERDICTS = ANSWERS + ("inconclusive",)
 # the same verdicts, the most favourable to the model first (probes.verify.against_oracles)
-FAVOURABLE = ("deleted", "suppressed", "not forgotten", "damaged")
+FAVOURABLE = ("deleted", "inconclusive", "suppressed", "not forgotten", "damaged")
 # the checks besides the attacks that a deleted verdict needs, against a retrain oracle
 ORACLE_CHECKS = ("forget_vs_oracle", "mia_vs_oracle", "probe")
 
@@ -149,7 +162,16 @@ class Rule:
             f"the attack's whole grid (every learning rate, seed and budget; settings flagged "
             f"for wrecking the original included) has upper {c} bound <= {self.tolerance:g}"
             f"{probe}; "
-            f"else 'suppressed'.")
+            f"{self._open_text()}")
+
+    def _open_text(self) -> str:
+        """The rule's last clause: suppressed on evidence, else inconclusive."""
+        c = f"{self.confidence:.0%}"
+        return (f"else 'suppressed' if one of these checks credibly fails (forget recall or an "
+                f"attack's worst gap with its lower {c} bound above {self.margin:g} / "
+                f"{self.tolerance:g}, the membership AUC credibly outside, the probe above its "
+                f"limit); else 'inconclusive' (no check credibly fails but some bound straddles "
+                f"its margin: the request's people cannot decide at {c}).")
 
     def _probe_text(self, limit: str) -> str:
         """The probe clause of the deletion rule (:func:`probe_check`)."""
@@ -191,7 +213,7 @@ class Rule:
             f"whole grid (every learning rate, seed and budget; settings flagged for wrecking "
             f"the original included) has upper {c} bound <= {self.tolerance:g}"
             f"{self._probe_text('its own best-depth null p95')}; "
-            f"else 'suppressed'.")
+            f"{self._open_text()}")
 
 
 @dataclass(frozen=True)
@@ -427,12 +449,13 @@ def decide(metrics: Mapping[str, Mapping[str, float]], hits: Mapping[str, Mappin
     hi = bs.upper(lvl)
     checks["forget_vs_oracle"] = {"model": m["forget_recall"], "oracle": o["forget_recall"],
                                   "gap": bs.estimate, "lower": bs.lower(lvl), "upper": hi,
-                                  "ok": hi <= rule.margin,
+                                  "ok": hi <= rule.margin, "fails": bs.lower(lvl) > rule.margin,
                                   "need": f"upper bound of model - oracle <= {rule.margin:g}"}
     am, ao = m.get("mia_auc_loss"), o.get("mia_auc_loss")
     if am is None or ao is None or math.isnan(am) or math.isnan(ao):
-        checks["mia_vs_oracle"] = {"ok": False, "why": "membership AUC not measured (the "
-                                   "privacy suite needs the request's holdout split)"}
+        checks["mia_vs_oracle"] = {"ok": False, "fails": False,
+                                   "why": "membership AUC not measured (the privacy suite "
+                                          "needs the request's holdout split)"}
     elif scores and label in scores and "oracle" in scores and "holdout" in groups:
         bs = auc_bootstrap(scores[label], scores["oracle"], groups["forget"], groups["holdout"],
                            rule.n_boot, rule.seed)
@@ -524,26 +547,33 @@ def _attack_check(g: AttackGrid, label: str, bs, rule: Rule, reference: str,
     if reference != "oracle":
         c["reference"] = reference
     c |= {"settings": len(g.points), "flagged": sum(p.flagged for p in g.points)}
-    if bs is None:
-        c |= {"ok": False, "why": "no per-fact hits on the curves: no interval"}
+    if bs is None:  # no interval: the point estimate can show a failure, never a pass
+        c |= {"ok": False, "fails": c["worst_gap"] > rule.tolerance,
+              "why": "no per-fact hits on the curves: no interval"}
     else:
         c |= {"lower": bs.lower(rule.confidence), "upper": bs.upper(rule.confidence),
-              "ok": bs.upper(rule.confidence) <= rule.tolerance}
+              "ok": bs.upper(rule.confidence) <= rule.tolerance,
+              "fails": bs.lower(rule.confidence) > rule.tolerance}
     return c | {"need": need}
 
 
 def verdict_of(gate: bool, checks: Mapping[str, Mapping], deletion: Sequence[str]) -> str:
     """The rule's order: damaged (gate), not forgotten, deleted (every check named in
     ``deletion`` and every attack passes; a check marked ``"used": False`` - the probe where
-    its control fails - decides nothing), else suppressed."""
+    its control fails - decides nothing), suppressed (one of them credibly fails: its
+    ``fails``, or for a check without that field - a point check - not ``ok``), else
+    inconclusive."""
     if not gate:
         return "damaged"
     if not checks["forgot"]["ok"]:
         return "not forgotten"
-    if all(c["ok"] for k, c in checks.items()
-           if (k in deletion or k.startswith("attack_")) and c.get("used", True)):
+    used = [c for k, c in checks.items()
+            if (k in deletion or k.startswith("attack_")) and c.get("used", True)]
+    if all(c["ok"] for c in used):
         return "deleted"
-    return "suppressed"
+    if any(c.get("fails", not c["ok"]) for c in used):
+        return "suppressed"
+    return "inconclusive"
 
 
 def decide_comparator(metrics: Mapping[str, Mapping[str, float]], hits: Mapping[str, Mapping],
@@ -608,13 +638,15 @@ def decide_comparator(metrics: Mapping[str, Mapping[str, float]], hits: Mapping[
                               list(groups["holdout"]), n_boot=rule.n_boot, seed=rule.seed)
     checks["forget_vs_never_known"] = {
         "model": m["forget_recall"], "never_known": float(never.float().mean()),
-        "gap": bs.estimate, "upper": bs.upper(lvl), "ok": bs.upper(lvl) <= rule.margin,
+        "gap": bs.estimate, "lower": bs.lower(lvl), "upper": bs.upper(lvl),
+        "ok": bs.upper(lvl) <= rule.margin, "fails": bs.lower(lvl) > rule.margin,
         "need": f"upper bound of model forget recall - original's never-known recall <= "
                 f"{rule.margin:g}"}
     am = m.get("mia_auc_loss")
     if am is None or math.isnan(am):
-        checks["mia_vs_never_known"] = {"ok": False, "why": "membership AUC not measured (the "
-                                        "privacy suite needs the request's holdout split)"}
+        checks["mia_vs_never_known"] = {"ok": False, "fails": False,
+                                        "why": "membership AUC not measured (the privacy "
+                                               "suite needs the request's holdout split)"}
     elif scores and label in scores:
         pos, neg = (torch.as_tensor(x).reshape(-1) for x in scores[label])
         half = (torch.zeros(len(pos)), torch.zeros(len(neg)))  # every pair a tie: AUC 0.5

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 
 from excise.checks import check_compatible, check_request, check_weights
 from excise.handle import ModelHandle
-from excise.report import Report
+from excise.report import Report, check_outcome
 from excise.request import ForgetRequest
 from probes.suites import SUITES, Context, SuiteResult, VerdictResult, VerifySettings, resolve
 from probes.verdict import FAVOURABLE
@@ -86,10 +86,10 @@ def against_oracles(model: ModelHandle, request: ForgetRequest, settings: Verify
     (Hayes et al. 2024, "Inexact Unlearning Needs More Careful Evaluations", judge against many
     retrained models for this reason). Each oracle judges the model with the same rule; the
     report is the one whose verdict is the most favourable (:data:`~probes.verdict.FAVOURABLE`:
-    deleted, suppressed, not forgotten, damaged) - a model that reads like some retraining on every
-    check at once is as deleted as retraining makes it. Every check stays against one oracle:
-    the checks are not mixed across oracles. ``extra["oracles"]`` lists each oracle's verdict
-    and failed checks; the model's and the original's measurements are made once (a shared
+    deleted, inconclusive, suppressed, not forgotten, damaged) - a model that reads like some
+    retraining on every check at once is as deleted as retraining makes it. Every check stays
+    against one oracle: the checks are not mixed across oracles. ``extra["oracles"]`` lists
+    each oracle's verdict, its credibly failed checks and its open ones; the model's and the original's measurements are made once (a shared
     ``cache``)."""
     if not oracles:
         raise ValueError("oracle=[]: give at least one retrain oracle (or None)")
@@ -106,9 +106,12 @@ def against_oracles(model: ModelHandle, request: ForgetRequest, settings: Verify
                                   log=log, cache=cache))
     best = min(range(len(reports)), key=lambda i: FAVOURABLE.index(reports[i].verdict))
     rep = reports[best]
+    def outcomes(r: Report, word: str) -> list[str]:
+        return [k for k, c in r.extra["verdict"]["checks"].items() if check_outcome(c) == word]
+
     rep.extra["oracles"] = [
         {"index": i, "verdict": r.verdict, "chosen": i == best,
-         "failed": [k for k, c in r.extra["verdict"]["checks"].items() if c["ok"] is False],
+         "failed": outcomes(r, "FAIL"), "open": outcomes(r, "open"),
          "metrics": r.metrics.get("oracle", {})}
         for i, r in enumerate(reports)]
     order = ", ".join(FAVOURABLE)

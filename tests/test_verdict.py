@@ -193,7 +193,10 @@ def test_a_gap_decided_by_one_person_out_of_five_does_not_pass():
         assert out[name].checks["attack_relearn"]["worst_gap"] == pytest.approx(0.08)
     assert out["even"].checks["attack_relearn"]["ok"] and out["even"].verdict == "deleted"
     assert out["one"].checks["attack_relearn"]["upper"] > 0.1
-    assert out["one"].verdict == "suppressed"
+    # ... nor is it evidence of suppression: its lower bound is under the tolerance too
+    assert out["one"].checks["attack_relearn"]["lower"] <= 0.1
+    assert not out["one"].checks["attack_relearn"]["fails"]
+    assert out["one"].verdict == "inconclusive"
 
 
 def test_forget_recall_needs_evidence_to_match_the_oracle():
@@ -207,8 +210,65 @@ def test_forget_recall_needs_evidence_to_match_the_oracle():
         metrics["after"]["forget_recall"] = float(h.float().mean())
         j = _decide(metrics, hits, groups, grids)
         assert j.checks["forget_vs_oracle"]["ok"] == ok
-        assert j.verdict == ("deleted" if ok else "suppressed")
+        assert not j.checks["forget_vs_oracle"]["fails"]
+        assert j.verdict == ("deleted" if ok else "inconclusive")
     assert j.checks["forget_vs_oracle"]["gap"] == pytest.approx(0.04)
+
+
+def _slow_outcome(gaps_per_person: list[float], limit: float, level: float = 0.9,
+                  n_boot: int = 2000, seed: int = 0) -> str:
+    """The three outcomes of one interval check by a plain loop: resample the people (the
+    helper's documented draws), take the mean gap of each resample, read the one-sided bounds."""
+    counts = resample_counts(len(gaps_per_person), n_boot, seed)
+    means = sorted(sum(c * g for c, g in zip(row.tolist(), gaps_per_person)) / len(gaps_per_person)
+                   for row in counts)
+    lo = float(torch.quantile(torch.tensor(means, dtype=torch.float64), 1 - level))
+    hi = float(torch.quantile(torch.tensor(means, dtype=torch.float64), level))
+    return "pass" if hi <= limit else "fail" if lo > limit else "open"
+
+
+@pytest.mark.parametrize("back, want", [
+    ([2, 2, 2, 2, 2], "deleted"),          # 0.08 everywhere: credibly under 0.1
+    ([10, 0, 0, 0, 0], "inconclusive"),    # 0.08 on one person: straddles 0.1
+    ([6, 6, 0, 0, 0], "inconclusive"),     # 0.096 on two people
+    ([8, 8, 8, 0, 0], "suppressed"),       # 0.192 on three: credibly above 0.1
+    ([5, 5, 5, 5, 5], "suppressed"),       # 0.2 everywhere
+])
+def test_an_attack_check_has_three_outcomes_as_a_plain_loop_reads_them(back, want):
+    """Relearning brings back ``back[p]`` of 25 facts of each held-out person (the oracle
+    nothing): "deleted" needs the upper bound under the tolerance, "suppressed" the lower bound
+    above it, and in between the verdict says it cannot decide; the outcome matches a plain
+    bootstrap loop over the per-person gaps."""
+    zero = [[0] * 25] * 5
+    edited = [[1] * b + [0] * (25 - b) for b in back]
+    metrics, hits, groups, _ = _inputs()
+    grids = {"relearn": AttackGrid((_grid([zero, edited], [zero, zero]),), "relearn_lr")}
+    j = _decide(metrics, hits, groups, grids)
+    assert j.verdict == want
+    slow = _slow_outcome([b / 25 for b in back], 0.1)
+    assert slow == {"deleted": "pass", "inconclusive": "open", "suppressed": "fail"}[want]
+    c = j.checks["attack_relearn"]
+    assert (c["ok"], c["fails"]) == {"pass": (True, False), "open": (False, False),
+                                     "fail": (False, True)}[slow]
+    md = Report(metrics=metrics, extra={"verdict": j.to_dict()}).to_markdown()
+    word = {"pass": "pass", "open": "open", "fail": "FAIL"}[slow]
+    assert f"- attack_relearn: {word} " in md
+
+
+def test_a_credible_failure_decides_over_an_open_check():
+    """One open check (forget recall carried by one person) and one credible failure
+    (relearning brings 0.6 back everywhere): suppressed - the failure is evidence."""
+    metrics, hits, groups, _ = _inputs(relearn=[[1, 1, 1, 0, 0]] * 5)
+    h = torch.tensor(_people_hits([[1] * 4 + [0] * 16] + [[0] * 20] * 4)[0])
+    hits["after"]["forget"] = h
+    metrics["after"]["forget_recall"] = float(h.float().mean())
+    zero = [[0] * 5] * 5
+    grids = {"relearn": AttackGrid((_grid([zero, [[1, 1, 1, 0, 0]] * 5], [zero, zero]),),
+                                   "relearn_lr")}
+    j = _decide(metrics, hits, groups, grids)
+    assert not j.checks["forget_vs_oracle"]["ok"] and not j.checks["forget_vs_oracle"]["fails"]
+    assert j.checks["attack_relearn"]["fails"]
+    assert j.verdict == "suppressed"
 
 
 def test_verdict_uses_the_worst_gap_over_the_whole_grid_flagged_settings_included():

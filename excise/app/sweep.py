@@ -46,6 +46,7 @@ from typing import Any, Callable
 from excise.config import (ConfigError, ModelConfig, OrganismConfig, RequestConfig, RunConfig,
                            check_params, read_yaml, set_path, unknown_key)
 from excise.io import atomic_write_text
+from excise.report import check_outcome
 
 PROTOCOL = __doc__.split("Protocol (the rules are printed into docs/results.md):")[1].strip()
 
@@ -684,6 +685,8 @@ def report_cell(cfg: SweepConfig, split: str, seed: int, f: dict, shared: dict) 
     row["bar"] = bar_checks(row) if has_bar_inputs(row, rep) else None
     if "verdict" in rep.extra:  # issue 8's bar as the verdict reports it
         row["verdict_bar"] = {k: c["ok"] for k, c in rep.extra["verdict"]["bar"].items()}
+        # each check's outcome (pass / FAIL / open / not used): what the verdict was read from
+        row["checks"] = {k: check_outcome(c) for k, c in rep.extra["verdict"]["checks"].items()}
     a, o = metrics["after"], metrics.get("oracle", {})
     line = (f"{split} seed {seed}: {name(f):32s} forget {a['forget_recall']:.3f} (oracle "
             f"{_fmt(o.get('forget_recall'))}) retain {a['retain_recall']:.3f} ppl "
