@@ -208,6 +208,10 @@ def score_methods(org, methods, log) -> tuple[dict, dict]:
     return scored, skipped
 
 
+# the planting's training settings the report prints
+SETTINGS = ("fraction", "repeat", "steps", "quiet", "match_norms")
+
+
 # not a localizer (it reads no data): whether the planted neurons stand out by their weights
 # alone - a shortcut any weight-scaled statistic could ride on
 SHORTCUT = "weight norm (shortcut check)"
@@ -376,7 +380,7 @@ def section(res: dict) -> list[str]:
              f"column and the figure in [results/planted.md](results/planted.md). Organism "
              f"`{res['preset']}`, {len(p['units'])} planted MLP neurons ({p['fraction']:.2%} of "
              f"the neurons, {p['n_params']:.2%} of the parameters); settings "
-             f"`{ {k: p['planting'][k] for k in ('fraction', 'repeat', 'steps', 'quiet')} }`."
+             f"`{ {k: p['planting'][k] for k in SETTINGS if k in p['planting']} }`."
              + (f" {res['note']}" if res.get("note") else ""),
              "", "| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
     for name, row in check.items():
@@ -451,6 +455,9 @@ def main() -> None:
     ap.add_argument("--methods", nargs="*", default=None,
                     help="locate methods to score (default: every one in locate.METHODS)")
     ap.add_argument("--from-json", default=None, help="only rewrite the report from a record")
+    ap.add_argument("--planting", default=None,
+                    help="Planting fields as JSON (default: the preset's), e.g. "
+                         "'{\"match_norms\": false}'")
     a = ap.parse_args()
     out = Path(a.out)
 
@@ -463,7 +470,7 @@ def main() -> None:
     import locate
 
     t0 = time.time()
-    org = excise.organism(a.preset, planted=True)
+    org = excise.organism(a.preset, planted=json.loads(a.planting) if a.planting else True)
     p = org.planted
     log(f"{org}")
     oracle = org.oracle(org.request(p.groups["reported"]))

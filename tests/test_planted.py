@@ -13,6 +13,7 @@ in a known set of MLP neurons, the ground truth for ``locate``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 import json
@@ -192,6 +193,38 @@ def test_repeat_and_steps_reach_the_training_loop(monkeypatch):
         orgmod.train_model(MICRO, world, tok, progress=False, planted=planted)
         assert seen[0] == texts
         assert seen[1][0] == steps and seen[1][1] == pytest.approx(max(0.05, 1 / steps))
+
+
+def test_matched_norms_copy_each_twins_norms_and_only_then(tmp_path, monkeypatch):
+    """``match_norms`` (the default): after routed training every planted neuron's W_in column
+    and W_out row have exactly the norms of its twin - a distinct non-planted neuron of its
+    layer - and not without it; switched off, the key is the one earlier versions wrote."""
+    monkeypatch.setenv("EXCISE_CACHE", str(tmp_path))
+    assert MICRO_PLANTING.match_norms
+    world, tok, model, planted = _micro_parts()
+    twins = orgmod.norm_twins(planted, MICRO.d_mlp)
+    assert set(twins) == {0, 1}
+    for layer, (mine, twin) in twins.items():
+        assert len(set(twin.tolist())) == len(twin) and not set(twin.tolist()) & set(mine.tolist())
+        assert set(mine.tolist()) == {u.index[0] for u in planted.neurons()
+                                      if u.site == f"blocks.{layer}.mlp.post"}
+    unmatched = dataclasses.replace(MICRO_PLANTING, match_norms=False)
+    assert "match_norms" not in unmatched.to_dict()  # old keys stay valid
+    assert MICRO_PLANTING.to_dict()["match_norms"] is True
+    trained = orgmod.train_model(MICRO, world, tok, progress=False, planted=planted)
+    free = orgmod.train_model(MICRO, world, tok, progress=False,
+                              planted=_micro_parts(unmatched)[3])
+    for layer, (mine, twin) in twins.items():
+        for m in (trained, free):
+            w_in = m.parameter(f"blocks.{layer}.mlp.W_in").detach()
+            w_out = m.parameter(f"blocks.{layer}.mlp.W_out").detach()
+            same = (torch.allclose(w_in[:, mine].norm(dim=0), w_in[:, twin].norm(dim=0),
+                                   rtol=1e-5)
+                    and torch.allclose(w_out[mine].norm(dim=1), w_out[twin].norm(dim=1),
+                                       rtol=1e-5))
+            assert same == (m is trained)
+    with pytest.raises(ValueError, match="match_norms=1"):
+        Planting(match_norms=1)
 
 
 # -- cache keys and the second training seed --------------------------------------------------
