@@ -2,6 +2,7 @@
 
     EXCISE_CACHE=... OMP_NUM_THREADS=2 python bench/calibrate.py [--preset tiny] [--seeds 0 1]
         [--grid full] [--people 4 5 6 7] [--out docs] [--from-json docs/results/calibration.json]
+        [--cases distill --distill-teacher oracle --json out.json]   (a partial run)
 
 Runs :func:`excise.app.calibrate.calibrate`: per organism seed, the known-deleted models (a second
 retrain oracle, a from-scratch distillation on retain data, the planted organism's planted units
@@ -9,7 +10,8 @@ re-initialised and retrained), the known-suppressed controls, a model damaged by
 ascent and the original, each judged by ``probes.verify(suite="verdict")`` with the attack grid
 ``--grid`` against its retrain oracle. Writes ``<out>/results/calibration.md`` (the confusion table
 and every row: people, forget / retain / shared recall, perplexity ratio, membership AUC beside
-the oracle's, the worst relearning gap, the failed checks, time) and ``calibration.json`` (every
+the oracle's, the worst relearning gap, the checks that credibly failed and those left open,
+time) and ``calibration.json`` (every
 number, every check), and refreshes the "Calibration" section of ``<out>/results.md`` (between
 its markers; appended when missing).
 """
@@ -42,11 +44,11 @@ def confusion_md(d: dict) -> list[str]:
     from probes.verdict import VERDICTS
 
     table = d["confusion"]
-    lines = ["| expected \\ got | " + " | ".join(VERDICTS) + " |",
-             "|---" * (len(VERDICTS) + 1) + "|"]
-    for e in VERDICTS:
-        cells = [(f"**{table[e][g]}**" if e == g else str(table[e][g])) if table[e][g] else "."
-                 for g in VERDICTS]
+    got = [g for g in VERDICTS if any(g in row for row in table.values())]
+    lines = ["| expected \\ got | " + " | ".join(got) + " |", "|---" * (len(got) + 1) + "|"]
+    for e in table:
+        cells = [(f"**{table[e][g]}**" if e == g else str(table[e][g]))
+                 if table[e].get(g) else "." for g in got]
         lines.append(f"| {e} | " + " | ".join(cells) + " |")
     return lines
 
@@ -54,8 +56,8 @@ def confusion_md(d: dict) -> list[str]:
 def rows_md(d: dict) -> list[str]:
     lines = ["| seed | case | people | expected | got | forget (oracle, original) | retain "
              "(oracle) | shared (oracle) | ppl / oracle | MIA AUC (oracle) | relearn gap | "
-             "worst attack gap | failed checks | build s | verify s |",
-             "|---" * 15 + "|"]
+             "worst attack gap | failed checks | open checks | build s | verify s |",
+             "|---" * 16 + "|"]
     for r in d["rows"]:
         m = r["metrics"]
         gaps = {k: v for k, v in m["attack_gaps"].items() if v is not None}
@@ -68,7 +70,8 @@ def rows_md(d: dict) -> list[str]:
             f"{_f(m['shared'])} ({_f(m['oracle_shared'])}) | {_f(m['ppl_ratio'])} | "
             f"{_f(m['mia'])} ({_f(m['oracle_mia'])}) | {_f(m['relearn_gap'])} | "
             f"{_f(gaps.get(worst)) + ' ' + worst if worst else '-'} | "
-            f"{', '.join(r['failed']) or '-'} | {r['build_seconds']:.0f} | "
+            f"{', '.join(r['failed']) or '-'} | {', '.join(r.get('open', ())) or '-'} | "
+            f"{r['build_seconds']:.0f} | "
             f"{r['verify_seconds']:.0f} |")
     return lines
 
@@ -98,41 +101,6 @@ def _keep_text(k: dict) -> str:
             f"text weighted {w}x against the ascent).")
 
 
-def burden_verdict(r: dict) -> str | None:
-    """The verdict of row ``r`` had the forget-vs-oracle and attack checks the MIA check's
-    burden - fail only when *credibly* outside (lower bound above the margin / tolerance)
-    instead of pass only when credibly inside - the gate, the 'forgot' check, the MIA and
-    probe checks unchanged; from the recorded checks (None where a bound was not recorded)."""
-    from probes.verdict import ORACLE_CHECKS, Rule, verdict_of
-
-    rule = Rule()
-    checks = dict(r["detail"]["checks"])
-    for k, c in checks.items():
-        if k == "forget_vs_oracle" or k.startswith("attack_"):
-            if c.get("lower") is None:
-                return None
-            checks[k] = c | {"ok": c["lower"] <= (rule.margin if k == "forget_vs_oracle"
-                                                  else rule.tolerance)}
-    gate = all(c["ok"] for k, c in checks.items() if k.startswith("utility_"))
-    return verdict_of(gate, checks, ORACLE_CHECKS)
-
-
-def burden_md(d: dict) -> list[str]:
-    """The confusion table under :func:`burden_verdict` (an analysis, not the rule)."""
-    rows = [(r, burden_verdict(r)) for r in d["rows"]]
-    if any(v is None for _, v in rows):
-        return []
-    alt = {"confusion": {e: {g: 0 for g in d["confusion"]} for e in d["confusion"]}}
-    for r, v in rows:
-        alt["confusion"][r["expected"]][v] += 1
-    return ["## If the recall checks carried the MIA check's burden (analysis, not the rule)",
-            "", "The rule passes the forget-vs-oracle and attack checks only when the upper "
-            "bound is inside the margin / tolerance (evidence of closeness), but fails the "
-            "membership check only when the difference is credibly outside. The same rows, "
-            "their recorded bounds read the second way for every check:", "",
-            *confusion_md(alt), ""]
-
-
 def write(d: dict, out: Path) -> None:
     res = out / "results"
     res.mkdir(parents=True, exist_ok=True)
@@ -147,14 +115,17 @@ def write(d: dict, out: Path) -> None:
              f"(`probes.verify(oracle=[...])`: the most favourable verdict); the retrain case "
              f"trains at seed + 1.", "",
              *([f"**Note:** {d['note']}", ""] if d.get("note") else []),
-             "## Confusion (expected x got)", "", *confusion_md(d), "", *burden_md(d),
+             "## Confusion (expected x got)", "", *confusion_md(d), "",
              "## Cases", "",
              "- **retrain** (deleted): another retrain oracle (the same recipe, training seed "
              "+ 1) judged against the reference oracles.",
              f"- **distill** (deleted): `edit.distill(units='all', alpha=1)` - every weight "
              f"re-drawn - distilled from the original for {k['distill_steps']} steps (lr "
              f"{k['distill_lr']:g}, batch {k['distill_batch']}) on retain data only: the retain "
-             f"facts, the shared facts' sentences and the retain text.",
+             f"facts, the shared facts' sentences and the retain text. Its control, not a "
+             f"case of the table: the same distillation from a retrain oracle at training "
+             f"seed + 1 (`--cases distill --distill-teacher oracle --json ...`; "
+             f"results/calibration-distill-oracle.json).",
              f"- **planted_reinit** (deleted): on the planted organism, `edit.reinit` of "
              f"`org.planted.units` (fresh) retrained {k['reinit_steps']} steps on retain data; "
              f"request: forget the planted reported group; oracle: the planted oracle.",
@@ -182,11 +153,20 @@ def main() -> None:
     ap.add_argument("--people", type=int, nargs="+", default=None)
     ap.add_argument("--out", default="docs")
     ap.add_argument("--from-json", default=None, help="rewrite the reports from a saved run")
+    ap.add_argument("--cases", nargs="+", default=None, help="a subset of the cases")
+    ap.add_argument("--distill-teacher", default="original", choices=("original", "oracle"),
+                    help="whose outputs the distill case learns (oracle: the control)")
+    ap.add_argument("--json", default=None,
+                    help="a partial run (--cases, --distill-teacher oracle) writes its rows "
+                         "here and leaves the published report alone")
     a = ap.parse_args()
+    partial = bool(a.cases) or a.distill_teacher != "original"
+    if partial and not a.json:
+        ap.error("--cases / --distill-teacher oracle make a partial run: give --json PATH")
     if a.from_json:
         write(json.loads(Path(a.from_json).read_text()), Path(a.out))
         return
-    from excise.app.calibrate import calibrate
+    from excise.app.calibrate import CASES, Knobs, calibrate
 
     t0 = time.time()
     def row(r) -> None:
@@ -194,10 +174,15 @@ def main() -> None:
               flush=True)
 
     cal = calibrate(a.preset, tuple(a.seeds), grid=a.grid, people=a.people,
+                    cases=tuple(a.cases) if a.cases else CASES,
+                    knobs=Knobs(distill_teacher=a.distill_teacher),
                     progress=lambda s: print(f"[{time.time() - t0:6.0f}s] {s}", flush=True),
                     on_row=row)
     d = cal.to_dict()
-    write(d, Path(a.out))
+    if partial:
+        atomic_write_text(Path(a.json), json.dumps(d, indent=2, default=str) + "\n")
+    else:
+        write(d, Path(a.out))
     print("\n".join(confusion_md(d)))
     for r in cal.off_diagonal:
         print(f"off: seed {r.seed} {r.case}: {r.got} (expected {r.expected}); failed {r.failed}")

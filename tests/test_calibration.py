@@ -20,7 +20,7 @@ import torch
 
 from excise.app import calibrate as C
 from probes.behaviour import recall
-from probes.verdict import VERDICTS
+from probes.verdict import ANSWERS, VERDICTS
 
 
 def _row(case, got, seed=0):
@@ -32,7 +32,8 @@ def test_confusion_counts_expected_by_got():
                          _row("original", "not forgotten"), _row("retrain", "deleted", 1)),
                         "tiny", (0, 1), "single")
     t = cal.confusion()
-    assert set(t) == set(VERDICTS) and all(set(v) == set(VERDICTS) for v in t.values())
+    assert set(t) == set(ANSWERS) and all(set(v) == set(VERDICTS) for v in t.values())
+    assert "inconclusive" in VERDICTS and "inconclusive" not in t
     assert t["deleted"]["deleted"] == 2 and t["deleted"]["suppressed"] == 1
     assert t["not forgotten"]["not forgotten"] == 1
     assert sum(sum(v.values()) for v in t.values()) == 4
@@ -41,8 +42,35 @@ def test_confusion_counts_expected_by_got():
 
 
 def test_every_case_expects_a_verdict_and_every_verdict_is_expected():
-    assert set(C.EXPECTED.values()) == set(VERDICTS)
+    assert set(C.EXPECTED.values()) == set(ANSWERS)
     assert C.CASES == tuple(C.EXPECTED)
+
+
+@pytest.mark.parametrize("teacher, want", [("original", "original"), ("oracle", "oracle-4")])
+def test_distill_teacher_is_the_original_or_an_unseen_retrain_oracle(monkeypatch, teacher, want):
+    """The distill case learns from the original; its control (``distill_teacher="oracle"``)
+    from a retrain oracle at training seed s + 1 - never one of the reference oracles (s, s + 2,
+    ...), which would judge a copy of themselves."""
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def clone(self):
+            return Fake(self.name + " (clone)")
+
+    class Org:
+        model = Fake("original")
+        preset = type("P", (), {"seed": 3})()
+
+        def oracle(self, request, train_seed=None):
+            return Fake(f"oracle-{train_seed}")
+
+    taught = []
+    monkeypatch.setattr(C.edit, "distill", lambda m, **kw: taught.append(m.name))
+    monkeypatch.setattr(C, "distill_request", lambda r: r)
+    (case, model, _), = C.plain_cases(Org(), "request", 3, C.Knobs(distill_teacher=teacher),
+                                      None, ("distill",), lambda _: None)
+    assert case == "distill" and taught == [f"{want} (clone)"] and model.name == taught[0]
 
 
 def test_damage_stops_at_the_first_measurement_below_the_threshold(tiny, tiny_request):
@@ -75,6 +103,8 @@ def test_bad_calibration_inputs_are_refused():
         C.calibrate("tiny", grid="huge")
     with pytest.raises(ValueError, match="seeds is empty"):
         C.calibrate("tiny", seeds=())
+    with pytest.raises(ValueError, match="distill_teacher"):
+        C.Knobs(distill_teacher="teacher")
 
 
 def test_calibration_end_to_end_on_the_cheap_cells(tiny, tiny_request, tiny_oracle):
@@ -174,6 +204,7 @@ def test_verify_against_several_oracles_takes_the_most_favourable(tiny, tiny_req
     per = rep.extra["oracles"]
     assert [o["index"] for o in per] == [0, 1] and len(per) == 2
     assert per[0]["verdict"] != "deleted" and "mia_vs_oracle" in per[0]["failed"]
+    assert not set(per[0]["failed"]) & set(per[0]["open"])  # credibly failed, or open
     assert per[1]["verdict"] == "deleted" and rep.verdict == "deleted"
     assert [o["chosen"] for o in per] == [False, True]
     assert rep.verdict_rule.startswith("Judged against 2 retrain oracles")

@@ -49,7 +49,7 @@ from excise.train import Optim, Sampler, train
 from probes import attacks as A
 from probes import controls
 from probes.behaviour import recall
-from probes.verdict import VERDICTS
+from probes.verdict import ANSWERS, VERDICTS
 
 # the forget people of the calibration request per preset: outside the planted organism's
 # designated groups (tiny: reported 0..3, validation 16..19; small: 0..9, 150..159)
@@ -77,7 +77,8 @@ CASES = tuple(EXPECTED)
 @dataclass(frozen=True)
 class Row:
     """One known-answer model judged: its case, the verdict it must get and the one it got, the
-    seed, the forget people, the key numbers (``metrics``), which checks of the rule failed, and
+    seed, the forget people, the key numbers (``metrics``), which checks of the rule credibly
+    failed (``failed``) and which were open (``open``: neither passed nor credibly failed), and
     the seconds spent building and judging it."""
 
     case: str
@@ -90,6 +91,7 @@ class Row:
     build_seconds: float
     verify_seconds: float
     detail: dict[str, Any] = field(default_factory=dict)
+    open: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -111,8 +113,10 @@ class Calibration:
     seconds: float = 0.0
 
     def confusion(self) -> dict[str, dict[str, int]]:
-        """``table[expected][got]``: how many rows, every verdict present as a key."""
-        table = {e: {g: 0 for g in VERDICTS} for e in VERDICTS}
+        """``table[expected][got]``: how many rows; the rows are the answers a known-answer
+        model can have (:data:`probes.verdict.ANSWERS`), the columns every verdict the rule can
+        give (:data:`~probes.verdict.VERDICTS`: the answers and "inconclusive")."""
+        table = {e: {g: 0 for g in VERDICTS} for e in ANSWERS}
         for r in self.rows:
             table[r.expected][r.got] += 1
         return table
@@ -188,7 +192,11 @@ def _with_edit(model: ModelHandle, method: Callable, **kw) -> ModelHandle:
 class Knobs:
     """How the known-answer models are built (recorded in the calibration's settings).
 
-    ``distill_*``: the from-scratch distillation (every weight re-drawn, ``alpha = 1``).
+    ``distill_*``: the from-scratch distillation (every weight re-drawn, ``alpha = 1``);
+    ``distill_teacher``: whose outputs it learns - ``"original"`` (the case as the issue defines
+    it) or ``"oracle"`` (a retrain oracle at training seed ``s + 1``, which never saw the forget
+    people: the control that tells information carried over by the teacher's outputs from an
+    artifact of distillation itself).
     ``reinit_*``: retraining of the re-initialised planted units. ``damage_*``: the global
     ascent of :func:`damage`. ``control_*``: the controls' step budget and how they keep
     utility (``keep``, ``keep_text`` of :mod:`probes.controls`: a known-suppressed model must
@@ -199,6 +207,7 @@ class Knobs:
     distill_steps: int = 1500
     distill_lr: float = 3e-3
     distill_batch: int = 64
+    distill_teacher: str = "original"
     reinit_steps: int = 400
     reinit_lr: float = 3e-3
     reinit_batch: int = 64
@@ -208,6 +217,9 @@ class Knobs:
     control_steps: int = 100
     control_keep: float = 10.0
     control_keep_text: bool = True
+
+    def __post_init__(self):
+        check_choice("Knobs", "distill_teacher", self.distill_teacher, ["original", "oracle"])
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -228,10 +240,15 @@ def plain_cases(org, request: ForgetRequest, seed: int, knobs: Knobs,
     original = org.model
     keep = {"steps": knobs.control_steps, "keep": knobs.control_keep,
             "keep_text": knobs.control_keep_text}
+    def teacher() -> ModelHandle:
+        if knobs.distill_teacher == "oracle":
+            return org.oracle(request, train_seed=org.preset.seed + 1)
+        return original
+
     builders: dict[str, Callable[[], ModelHandle]] = {
         "retrain": lambda: org.oracle(request, train_seed=org.preset.seed + 1),
         "distill": lambda: _with_edit(
-            original, edit.distill, units="all", request=distill_request(request), alpha=1.0,
+            teacher(), edit.distill, units="all", request=distill_request(request), alpha=1.0,
             steps=knobs.distill_steps, lr=knobs.distill_lr, batch_size=knobs.distill_batch,
             seed=seed),
         "ascent_all": lambda: controls.gradient_ascent(original, request, **keep),
@@ -284,13 +301,16 @@ def judge(case: str, model: ModelHandle, request: ForgetRequest,
     rep = probes.verify(model, request, oracle=oracle, original=original, suite="verdict",
                         label=case, seed=seed, cache=cache, **verify_kw)
     checks = rep.extra["verdict"]["checks"]
-    failed = tuple(k for k, c in checks.items() if not c["ok"])
+    used = {k: c for k, c in checks.items() if c.get("used", True)}
+    failed = tuple(k for k, c in used.items() if not c["ok"] and c.get("fails", True))
+    undecided = tuple(k for k, c in used.items() if not c["ok"] and not c.get("fails", True))
     detail = {k: {n: v for n, v in c.items() if n != "need"} for k, c in checks.items()}
     return Row(case, EXPECTED[case], rep.verdict, seed, tuple(int(i) for i in people),
                _key_metrics(rep, case, "original"), failed, round(build_seconds, 1),
                round(time.time() - t, 1),
                {"checks": detail, "oracles": [{k: v for k, v in o.items() if k != "metrics"}
-                                              for o in rep.extra.get("oracles", [])]})
+                                              for o in rep.extra.get("oracles", [])]},
+               undecided)
 
 
 def calibrate(preset: str = "tiny", seeds: Sequence[int] = (0, 1), *, grid: str = "full",
