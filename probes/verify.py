@@ -89,8 +89,8 @@ def against_oracles(model: ModelHandle, request: ForgetRequest, settings: Verify
     deleted, inconclusive, suppressed, not forgotten, damaged) - a model that reads like some
     retraining on every check at once is as deleted as retraining makes it. Every check stays
     against one oracle: the checks are not mixed across oracles. ``extra["oracles"]`` lists
-    each oracle's verdict, its credibly failed checks and its open ones; the model's and the original's measurements are made once (a shared
-    ``cache``)."""
+    each oracle's verdict, its credibly failed checks and its open ones; the model's and the
+    original's measurements are made once (a shared ``cache``)."""
     if not oracles:
         raise ValueError("oracle=[]: give at least one retrain oracle (or None)")
     if "verdict" not in resolve(settings.suite):
