@@ -44,6 +44,7 @@ import excise
 import probes
 from excise.checks import check_choice
 from excise.handle import ModelHandle
+from excise.report import check_outcome
 from excise.request import ForgetRequest
 from excise.train import Optim, Sampler, train
 from probes import attacks as A
@@ -301,9 +302,9 @@ def judge(case: str, model: ModelHandle, request: ForgetRequest,
     rep = probes.verify(model, request, oracle=oracle, original=original, suite="verdict",
                         label=case, seed=seed, cache=cache, **verify_kw)
     checks = rep.extra["verdict"]["checks"]
-    used = {k: c for k, c in checks.items() if c.get("used", True)}
-    failed = tuple(k for k, c in used.items() if not c["ok"] and c.get("fails", True))
-    undecided = tuple(k for k, c in used.items() if not c["ok"] and not c.get("fails", True))
+    outcome = {k: check_outcome(c) for k, c in checks.items()}
+    failed = tuple(k for k, w in outcome.items() if w == "FAIL")
+    undecided = tuple(k for k, w in outcome.items() if w == "open")
     detail = {k: {n: v for n, v in c.items() if n != "need"} for k, c in checks.items()}
     return Row(case, EXPECTED[case], rep.verdict, seed, tuple(int(i) for i in people),
                _key_metrics(rep, case, "original"), failed, round(build_seconds, 1),
