@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import math
 from html import escape
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,6 +118,33 @@ class Curve:
         return max(self.y)
 
 
+def pool_curves(curves: Sequence[Curve]) -> Curve:
+    """Several runs of one attack on one model (the same budgets) as one curve: at each budget
+    the recall over every fact the runs measured there (their hits and groups concatenated; the
+    runs' values weighted by how many facts each measured), ``aux`` series averaged."""
+    first = curves[0]
+    if len(curves) == 1:
+        return first
+    bad = [c.x for c in curves if c.x != first.x]
+    if bad:
+        raise ValueError(f"pool_curves: budgets {list(first.x)} and {list(bad[0])} differ; "
+                         f"only runs of one attack setting's axis can be pooled")
+    n = len(first.x)
+    with_hits = all(c.hits for c in curves)
+    if with_hits:
+        w = [[len(c.hits[j]) for c in curves] for j in range(n)]
+        y = tuple(sum(c.y[j] * k for c, k in zip(curves, w[j])) / max(sum(w[j]), 1)
+                  for j in range(n))
+        hits = tuple(sum((c.hits[j] for c in curves), ()) for j in range(n))
+        groups = tuple(sum((c.groups[j] for c in curves), ()) for j in range(n))
+    else:
+        y = tuple(sum(c.y[j] for c in curves) / len(curves) for j in range(n))
+        hits, groups = (), ()
+    aux = {k: tuple(sum(c.aux[k][j] for c in curves) / len(curves) for j in range(n))
+           for k in first.aux if all(k in c.aux for c in curves)}
+    return Curve(first.x, y, first.xlabel, first.ylabel, aux, hits, groups)
+
+
 @dataclass(frozen=True)
 class AttackCurves:
     """One attack run with identical settings on several models: ``curves[label]`` is each
@@ -181,10 +208,12 @@ class GridPoint:
     seed: int | None
     curves: AttackCurves
     flagged: bool = False
+    pooled: tuple[int, ...] = ()  # the seeds pooled into this point (AttackGrid.pooled)
 
     def to_dict(self) -> dict:
-        return {"lr": self.lr, "seed": self.seed, "flagged": self.flagged,
-                "curves": self.curves.to_dict()}
+        out = {"lr": self.lr, "seed": self.seed, "flagged": self.flagged,
+               "curves": self.curves.to_dict()}
+        return out | ({"pooled": list(self.pooled)} if self.pooled else {})
 
 
 @dataclass(frozen=True)
@@ -210,15 +239,46 @@ class AttackGrid:
     def labels(self) -> tuple[str, ...]:
         return tuple(self.points[0].curves.curves)
 
+    def pooled(self) -> "AttackGrid":
+        """One point per learning rate: its settings (seeds) pooled. Each model's recall at a
+        budget is then taken over every fact the pooled settings measured there (the seeds of
+        a person-splitting attack are complementary folds: every forget person held out once;
+        for an attack measured on the whole forget set, the mean over its seeds). A pooled
+        point is flagged when any of its settings is. A grid of one setting per learning rate
+        is returned unchanged."""
+        by_lr: dict = {}
+        for p in self.points:
+            by_lr.setdefault(p.lr, []).append(p)
+        if all(len(ps) == 1 for ps in by_lr.values()):
+            return self
+        points = []
+        for lr, ps in by_lr.items():
+            if len(ps) == 1:
+                points.append(ps[0])
+                continue
+            curves = AttackCurves({lab: pool_curves([p.curves.curves[lab] for p in ps])
+                                   for lab in ps[0].curves.curves})
+            seeds = tuple(p.seed for p in ps if p.seed is not None)
+            points.append(GridPoint(lr, None, curves, any(p.flagged for p in ps), seeds))
+        return AttackGrid(tuple(points), self.param)
+
     def worst(self, label: str, reference: str = "oracle") -> GridPoint:
-        """The setting with the largest ``label`` minus ``reference`` gap (the first of ties);
-        without a ``reference`` curve, the one where ``label`` recovers most."""
+        """The pooled point (:meth:`pooled`) with the largest ``label`` minus ``reference`` gap
+        (the first of ties); without a ``reference`` curve, the one where ``label`` recovers
+        most."""
+        points = self.pooled().points
         if reference in self.labels:
-            return max(self.points, key=lambda p: p.curves.gap(label, reference)[0])
-        return max(self.points, key=lambda p: p.curves.curves[label].peak)
+            return max(points, key=lambda p: p.curves.gap(label, reference)[0])
+        return max(points, key=lambda p: p.curves.curves[label].peak)
 
     def worst_gap(self, label: str, reference: str = "oracle") -> float:
-        """The largest gap anywhere on the grid (every setting, every budget)."""
+        """The largest gap of the pooled grid (:meth:`pooled`): over learning rates and
+        budgets, each learning rate's seeds pooled."""
+        return max(p.curves.gap(label, reference)[0] for p in self.pooled().points)
+
+    def worst_setting_gap(self, label: str, reference: str = "oracle") -> float:
+        """The largest gap of any single setting (one seed), every budget: what one run of
+        the attack showed at its luckiest - reported, not what the verdict reads."""
         return max(p.curves.gap(label, reference)[0] for p in self.points)
 
     def peak(self, label: str) -> float:

@@ -36,8 +36,12 @@ Attacker hygiene (Deeb & Roger 2024; "Distillation Robustifies Unlearning"): eve
 learning rate (``relearn``, ``benign``, ``refit``, ``sae``) runs over a grid of learning rates x
 seeds (``GRIDS``: ``quick`` for ``excise run``, ``full`` for the sweep and ``excise verify --grid
 full``, ``single`` = the configured setting only), identically on every model
-(:func:`run_grid`); the verdict reads the worst gap over the whole grid. Settings that wreck the
-unedited model's own held-out recall are flagged (:func:`wrecks`), never dropped.
+(:func:`run_grid`). The seeds of an attack that splits the forget people are the folds of a
+cross-fit: the second seed trains on the part the first one held out and holds out the part it
+trained on (``AttackConfig.fold``), so every person is held out once per learning rate; the
+verdict pools each learning rate's seeds (:meth:`excise.report.AttackGrid.pooled`) and reads the
+worst gap over learning rates and budgets. Settings that wreck the unedited model's own held-out
+recall are flagged (:func:`wrecks`), never dropped.
 
 Speed (``AttackConfig.engine``, ``ENGINES``): the fine-tuning and steering attacks run their
 forward passes either through the handle ("serial": TransformerLens, hooks and all) or, by
@@ -124,8 +128,10 @@ class AttackConfig:
 
     attacks: tuple[str, ...] = ATTACKS
     seed: int = 0
-    # relearning on part of the forget set
+    # relearning on part of the forget set; ``fold`` 1 swaps the parts of the split drawn with
+    # ``seed - 1`` (trains on what fold 0 held out): the grid's seeds are a 2-fold cross-fit
     relearn_fraction: float = 0.5
+    fold: int = 0
     # tuned on the small organism's controls (bench/tune_attacks.py): at 3e-3 relearning drops the
     # unedited model's held-out recall to 0.17; at 3e-4 x 60 steps it keeps it >= 0.98 and lifts
     # suppressed controls 0.1 -> 0.33 while never-trained people stay <= 0.08
@@ -180,6 +186,9 @@ class AttackConfig:
             check_positive(name, getattr(self, name), 1e-12)
         if not 0 < self.relearn_fraction < 1:
             raise ValueError(f"relearn_fraction={self.relearn_fraction!r}: must be in (0, 1)")
+        if self.fold not in (0, 1):
+            raise ValueError(f"fold={self.fold!r}: choose 0 (train on the first part of the "
+                             f"seeded split) or 1 (on the other part: its complement)")
         if self.retain_mix < 0:
             raise ValueError(f"retain_mix={self.retain_mix!r}: must be >= 0")
         if not self.quant_bits or any(not 2 <= int(b) <= 16 for b in self.quant_bits):
@@ -203,13 +212,16 @@ class AttackConfig:
 
     def settings(self, attack: str) -> list["AttackConfig"]:
         """The grid of ``attack``: one config per (learning rate, seed), learning rates
-        outermost; attacks without a learning rate run once, at ``seed``."""
+        outermost; attacks without a learning rate run once, at ``seed``. Seed ``seed + k`` is
+        fold ``k % 2`` of the split drawn with ``seed + k - k % 2``: seeds come in complementary
+        pairs (every forget person held out once per pair)."""
         g = GRIDS[self.grid]
         field_ = LR_FIELDS.get(attack)
         if field_ is None:
             return [self]
         lrs = g["lrs"].get(attack) or (getattr(self, field_),)
-        return [dataclasses.replace(self, seed=self.seed + k, **{field_: float(lr)})
+        return [dataclasses.replace(self, seed=self.seed + k, fold=k % 2,
+                                    **{field_: float(lr)})
                 for lr in lrs for k in range(g["seeds"])]
 
     @classmethod
@@ -322,14 +334,16 @@ def _curve(xs, hits: Sequence[Tensor], facts: Sequence, xlabel: str,
 
 def _split_people(facts: FactSet, cfg: AttackConfig, attack: str) -> tuple[FactSet, FactSet]:
     """The part an attack trains on and the held-out part it is measured on, split by person
-    (by subject for facts that belong to no person)."""
+    (by subject for facts that belong to no person): the split drawn with ``cfg.seed -
+    cfg.fold``, its parts swapped for fold 1 (the complement of fold 0's)."""
     from excise.request import owner
 
     owners = {owner(f) for f in facts}
     if len(owners) < 2:
         raise ValueError(f"the {attack} attack splits the forget set by person (or subject) and "
                          f"needs facts about at least 2 of them; have {len(owners)}")
-    return facts.split(cfg.relearn_fraction, seed=cfg.seed)
+    a, b = facts.split(cfg.relearn_fraction, seed=cfg.seed - cfg.fold)
+    return (b, a) if cfg.fold else (a, b)
 
 
 # -- the fused engine --------------------------------------------------------------------------

@@ -22,8 +22,10 @@ and of forgetting - and with the original:
    bootstrap of the AUC difference that fails when it is credibly outside the band - with 4
    forget people on ``tiny`` two retrain oracles' AUCs differ by 0.12, so a point estimate
    would be decided by which people were drawn), and under every restoration attack the
-   worst gap above the oracle over the attack's whole grid (learning rates x seeds x budgets,
-   flagged settings included) is credibly at most ``tolerance``. Where the ``loo_probe`` suite
+   worst gap above the oracle over the attack's whole grid (learning rates x budgets, each
+   learning rate's seeds pooled - for the attacks that split the forget people the seeds are
+   complementary folds, so each learning rate's curve covers every forget person; flagged
+   settings included) is credibly at most ``tolerance``. Where the ``loo_probe`` suite
    ran (it is optional: ``suite: all`` runs it) and its positive control passes on this
    request - the original's best-depth leave-one-person-out probe accuracy (forget vs holdout
    facts) above the 95th percentile of its best-depth permutation null, so the probe can see
@@ -56,7 +58,8 @@ the original). The gate is taken against the original alone; "deleted" needs for
 credibly within ``margin`` of the original's recall of the never-known facts, the membership
 AUC (loss, forget vs never-known) not credibly outside ``mia`` of 0.5 (the forget facts read
 like never-known ones), and under every attack the worst gap of the model's held-out-half
-curve above the comparator's, point by point over the whole grid, credibly at most
+curve above the comparator's, point by point over the whole grid (each learning rate's seeds
+pooled), credibly at most
 ``tolerance``. The two curves are measured on different facts, so those bootstraps are
 unpaired: the forget people and the never-known facts' subjects are resampled independently
 (:func:`two_sample_bootstrap`). The probe clause is the same, without the oracle: the model's
@@ -159,8 +162,9 @@ class Rule:
             f"difference is credibly outside, its {c} lower bound above {self.mia:g} or upper "
             f"bound below -{self.mia:g}), and under every restoration attack "
             f"({att}) the worst gap of forget recall above the oracle's at equal budget over "
-            f"the attack's whole grid (every learning rate, seed and budget; settings flagged "
-            f"for wrecking the original included) has upper {c} bound <= {self.tolerance:g}"
+            f"the attack's whole grid (every learning rate and budget, each learning rate's "
+            f"seeds pooled: complementary folds of the forget people; settings flagged for "
+            f"wrecking the original included) has upper {c} bound <= {self.tolerance:g}"
             f"{probe}; "
             f"{self._open_text()}")
 
@@ -210,8 +214,9 @@ class Rule:
             f"read like facts never known, over-forgetting fails too), and under every "
             f"restoration attack ({att}) the worst gap of the model's held-out-half recall "
             f"above the comparator's held-out-half recall at equal budget over the attack's "
-            f"whole grid (every learning rate, seed and budget; settings flagged for wrecking "
-            f"the original included) has upper {c} bound <= {self.tolerance:g}"
+            f"whole grid (every learning rate and budget, each learning rate's seeds pooled; "
+            f"settings flagged for wrecking the original included) has upper {c} bound <= "
+            f"{self.tolerance:g}"
             f"{self._probe_text('its own best-depth null p95')}; "
             f"{self._open_text()}")
 
@@ -254,11 +259,11 @@ def _compare(hits, groups, split: str, a: str, b: str, rule: Rule,
 
 def grid_bootstrap(grid: AttackGrid, label: str, rule: Rule,
                    reference: str = "oracle") -> Bootstrap | None:
-    """Paired per-person bootstrap of the worst ``label`` - ``reference`` gap over the whole
-    grid (every setting and budget): one resample of the people serves every setting. None when
-    a curve carries no per-fact hits."""
+    """Paired per-person bootstrap of the worst ``label`` - ``reference`` gap over the pooled
+    grid (:meth:`AttackGrid.pooled`: every learning rate's seeds pooled, every budget): one
+    resample of the people serves every setting. None when a curve carries no per-fact hits."""
     a, b, groups, rows = [], [], [], []
-    for i, p in enumerate(grid.points):
+    for p in grid.points:
         e, o = p.curves.curves[label], p.curves.curves[reference]
         if not e.hits or not o.hits:
             return None
@@ -270,7 +275,7 @@ def grid_bootstrap(grid: AttackGrid, label: str, rule: Rule,
             a += e.hits[j]
             b += o.hits[j]
             groups += e.groups[j]
-            rows += [(i, j)] * len(e.hits[j])
+            rows += [(p.lr, j)] * len(e.hits[j])  # a learning rate's seeds pooled
     return group_bootstrap(torch.tensor(a), torch.tensor(b), groups, rows, n_boot=rule.n_boot,
                            seed=rule.seed)
 
@@ -356,10 +361,10 @@ def two_sample_bootstrap(a, groups_a: Sequence, b, groups_b: Sequence, rows_a=No
 def comparator_bootstrap(grid: AttackGrid, label: str, rule: Rule,
                          reference: str = "comparator") -> Bootstrap | None:
     """Unpaired bootstrap (:func:`two_sample_bootstrap`) of the worst ``label`` - ``reference``
-    gap over the whole grid (every setting and budget), the two curves measured on different
-    facts. None when a curve carries no per-fact hits."""
+    gap over the pooled grid (every learning rate's seeds pooled, every budget), the two curves
+    measured on different facts. None when a curve carries no per-fact hits."""
     parts: dict[str, tuple[list, list, list]] = {label: ([], [], []), reference: ([], [], [])}
-    for i, p in enumerate(grid.points):
+    for p in grid.points:
         for lab, (v, g, r) in parts.items():
             c = p.curves.curves[lab]
             if not c.hits:
@@ -367,7 +372,7 @@ def comparator_bootstrap(grid: AttackGrid, label: str, rule: Rule,
             for j in range(len(c.x)):
                 v += c.hits[j]
                 g += c.groups[j]
-                r += [(i, j)] * len(c.hits[j])
+                r += [(p.lr, j)] * len(c.hits[j])  # a learning rate's seeds pooled
     (a, ga, ra), (b, gb, rb) = parts[label], parts[reference]
     return two_sample_bootstrap(a, ga, b, gb, ra, rb, n_boot=rule.n_boot, seed=rule.seed)
 
@@ -375,7 +380,8 @@ def comparator_bootstrap(grid: AttackGrid, label: str, rule: Rule,
 def _where(grid: AttackGrid, label: str, reference: str = "oracle") -> str:
     p = grid.worst(label, reference)
     _, at = p.curves.gap(label, reference)
-    setting = "" if p.lr is None else f"lr {p.lr:g}, seed {p.seed}, "
+    seeds = (f"seeds {', '.join(map(str, p.pooled))} pooled" if p.pooled else f"seed {p.seed}")
+    setting = "" if p.lr is None else f"lr {p.lr:g}, {seeds}, "
     return f"{setting}{p.curves.xlabel} = {at}"
 
 

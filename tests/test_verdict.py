@@ -301,6 +301,88 @@ def test_verdict_uses_the_worst_gap_over_the_whole_grid_flagged_settings_include
     assert "Issue 8's bar" in md and "relearn <= oracle + 5pt: FAIL" in md
 
 
+def _fold_curve(per_person: dict[int, list[list[int]]]) -> Curve:
+    """A curve over budgets from ``{person: [hits at budget 0, hits at budget 1, ...]}``."""
+    people = sorted(per_person)
+    n = len(per_person[people[0]])
+    hs = [[bool(v) for p in people for v in per_person[p][j]] for j in range(n)]
+    gs = [[(0, p, "") for p in people for _ in per_person[p][j]] for j in range(n)]
+    return Curve(list(range(n)), [sum(h) / len(h) for h in hs], "steps", hits=hs, groups=gs)
+
+
+def test_a_learning_rates_folds_are_pooled_as_a_plain_loop_pools_them():
+    """Two complementary folds at lr 1e-3 (people 0-3 held out, then 4-7) and one setting at
+    lr 1e-2. In fold 0 person 0 comes back fully (5 of 5) and person 2 one fact in 5: that one
+    run's gap is 6 / 20 = 0.3, the learning rate's over all eight people 6 / 40 = 0.15 - what
+    the verdict reads. The bootstrap resamples the people over the pooled rows exactly as a
+    plain loop over the pooled facts does."""
+    zero = [0] * 5
+    fold0 = {0: [zero, [1] * 5], 1: [zero, zero], 2: [zero, [1, 0, 0, 0, 0]], 3: [zero, zero]}
+    fold1 = {p: [zero, zero] for p in range(4, 8)}
+    other = {p: [zero, [1, 0, 0, 0, 0] if p == 5 else zero] for p in range(4, 8)}
+    none0, none1 = ({p: [zero, zero] for p in ps} for ps in (range(4), range(4, 8)))
+    points = (GridPoint(1e-3, 0, AttackCurves({"after": _fold_curve(fold0),
+                                               "oracle": _fold_curve(none0)})),
+              GridPoint(1e-3, 1, AttackCurves({"after": _fold_curve(fold1),
+                                               "oracle": _fold_curve(none1)})),
+              GridPoint(1e-2, 2, AttackCurves({"after": _fold_curve(other),
+                                               "oracle": _fold_curve(none1)})))
+    grid = AttackGrid(points, "relearn_lr")
+    # a plain loop: per learning rate and budget, every fact its runs measured, then the max
+    plain = {}
+    for lr in (1e-3, 1e-2):
+        for j in range(2):
+            a = [h for p in points if p.lr == lr for h in p.curves.curves["after"].hits[j]]
+            o = [h for p in points if p.lr == lr for h in p.curves.curves["oracle"].hits[j]]
+            plain[lr, j] = sum(a) / len(a) - sum(o) / len(o)
+    assert max(plain.values()) == pytest.approx(0.15)  # (5 + 1) of 40 at lr 1e-3
+    assert grid.worst_gap("after") == pytest.approx(0.15)
+    assert grid.worst_setting_gap("after") == pytest.approx(0.3)
+    pooled = grid.pooled()
+    assert [(p.lr, p.seed, p.pooled) for p in pooled.points] == [(1e-3, None, (0, 1)),
+                                                                 (1e-2, 2, ())]
+    assert pooled.points[0].curves.curves["after"].y == (0.0, pytest.approx(0.15))
+    assert grid.worst("after").pooled == (0, 1)
+    # the verdict's interval: the same resamples of the eight people over the pooled rows
+    from probes.verdict import grid_bootstrap
+
+    bs = grid_bootstrap(grid, "after", Rule(n_boot=200, seed=0))
+    assert bs.estimate == pytest.approx(0.15)
+    a, b, groups, rows = [], [], [], []
+    for p in points:
+        e, o = p.curves.curves["after"], p.curves.curves["oracle"]
+        for j in range(2):
+            a += e.hits[j]
+            b += o.hits[j]
+            groups += e.groups[j]
+            rows += [(p.lr, j)] * len(e.hits[j])
+    slow = _slow_bootstrap(torch.tensor(a, dtype=torch.float64),
+                           torch.tensor(b, dtype=torch.float64), groups, rows, 1.0, 200, 0)
+    assert torch.allclose(bs.samples, slow, atol=1e-12)
+    bs = grid_bootstrap(grid, "after", RULE)
+    metrics, hits, hgroups, _ = _inputs()
+    c = _decide(metrics, hits, hgroups, {"relearn": grid}).checks["attack_relearn"]
+    assert c["worst_gap"] == pytest.approx(0.15) and "seeds 0, 1 pooled" in c["at"]
+    assert c["upper"] == pytest.approx(bs.upper(RULE.confidence))
+
+
+def test_the_seeds_of_a_person_splitting_attack_are_complementary_folds(tiny_request):
+    cfg = A.AttackConfig(grid="full", seed=7)
+    settings = cfg.settings("relearn")
+    assert [(c.seed, c.fold) for c in settings[:4]] == [(7, 0), (8, 1), (7, 0), (8, 1)]
+    (a0, b0), (a1, b1) = (A._split_people(tiny_request.forget, c, "relearning")
+                          for c in settings[:2])
+    assert set(a1.facts) == set(b0.facts) and set(b1.facts) == set(a0.facts)
+    assert not set(b0.facts) & set(b1.facts) and len(b0) and len(b1)
+    assert a0.facts == tiny_request.forget.split(0.5, seed=7)[0].facts
+    # a fourth seed would be fold 1 of the split drawn with seed + 2
+    a3, b3 = A._split_people(tiny_request.forget, A.AttackConfig(seed=10, fold=1), "relearning")
+    x, y = tiny_request.forget.split(0.5, seed=9)
+    assert (a3.facts, b3.facts) == (y.facts, x.facts)
+    with pytest.raises(ValueError, match="fold=2"):
+        A.AttackConfig(fold=2)
+
+
 def test_issue8_bar_is_reported_beside_the_verdict():
     j = _decide(*_inputs(forget=0.0), params_changed=0.004)
     assert {k: c["ok"] for k, c in j.bar.items()} == {
