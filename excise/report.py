@@ -244,13 +244,11 @@ class AttackGrid:
         budget is then taken over every fact the pooled settings measured there (the seeds of
         a person-splitting attack are complementary folds: every forget person held out once;
         for an attack measured on the whole forget set, the mean over its seeds). A pooled
-        point is flagged when any of its settings is. A grid of one setting per learning rate
-        is returned unchanged."""
+        point is flagged when any of its settings is; a learning rate run once keeps its
+        point."""
         by_lr: dict = {}
         for p in self.points:
             by_lr.setdefault(p.lr, []).append(p)
-        if all(len(ps) == 1 for ps in by_lr.values()):
-            return self
         points = []
         for lr, ps in by_lr.items():
             if len(ps) == 1:
