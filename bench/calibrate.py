@@ -3,6 +3,7 @@
     EXCISE_CACHE=... OMP_NUM_THREADS=2 python bench/calibrate.py [--preset tiny] [--seeds 0 1]
         [--grid full] [--people 4 5 6 7] [--out docs] [--from-json docs/results/calibration.json]
         [--cases distill --distill-teacher oracle --json out.json]   (a partial run)
+        [--cases distill --distill-labels soft --json out.json]      (soft-label students)
 
 Runs :func:`excise.app.calibrate.calibrate`: per organism seed, the known-deleted models (a second
 retrain oracle, a from-scratch distillation on retain data, the planted organism's planted units
@@ -92,6 +93,14 @@ def section(d: dict, detail: str = "results/calibration.md") -> list[str]:
             *confusion_md(d), "", END]
 
 
+def _labels(k: dict) -> str:
+    if k.get("distill_labels", "soft") == "soft":
+        return "the teacher's whole next-token distributions (soft labels)"
+    return ("the teacher's greedy token at each position (hard labels: its whole "
+            "distributions keep probability on the answers it was trained on, forget answers "
+            "included)")
+
+
 def _keep_text(k: dict) -> str:
     if "control_keep" not in k:
         return "."
@@ -122,10 +131,12 @@ def write(d: dict, out: Path) -> None:
              f"- **distill** (deleted): `edit.distill(units='all', alpha=1)` - every weight "
              f"re-drawn - distilled from the original for {k['distill_steps']} steps (lr "
              f"{k['distill_lr']:g}, batch {k['distill_batch']}) on retain data only: the retain "
-             f"facts, the shared facts' sentences and the retain text. Its control, not a "
-             f"case of the table: the same distillation from a retrain oracle at training "
-             f"seed + 1 (`--cases distill --distill-teacher oracle --json ...`; "
-             f"results/calibration-distill-oracle.json).",
+             f"facts, the shared facts' sentences and the retain text, learning "
+             f"{_labels(k)}. Not cases of the table: the same distillation from a "
+             f"retrain oracle at training seed + 1 (`--cases distill --distill-teacher oracle "
+             f"--json ...`; results/calibration-distill-oracle.json) and from the original's "
+             f"whole distributions (`--distill-labels soft`; "
+             f"results/calibration-distill-soft.json).",
              f"- **planted_reinit** (deleted): on the planted organism, `edit.reinit` of "
              f"`org.planted.units` (fresh) retrained {k['reinit_steps']} steps on retain data; "
              f"request: forget the planted reported group; oracle: the planted oracle.",
@@ -156,13 +167,17 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", default=None, help="a subset of the cases")
     ap.add_argument("--distill-teacher", default="original", choices=("original", "oracle"),
                     help="whose outputs the distill case learns (oracle: the control)")
+    ap.add_argument("--distill-labels", default="hard", choices=("hard", "soft"),
+                    help="what the distill case learns: the teacher's greedy tokens (hard, the "
+                         "known-deleted case) or its whole distributions (soft: reported)")
     ap.add_argument("--json", default=None,
                     help="a partial run (--cases, --distill-teacher oracle) writes its rows "
                          "here and leaves the published report alone")
     a = ap.parse_args()
-    partial = bool(a.cases) or a.distill_teacher != "original"
+    partial = bool(a.cases) or a.distill_teacher != "original" or a.distill_labels != "hard"
     if partial and not a.json:
-        ap.error("--cases / --distill-teacher oracle make a partial run: give --json PATH")
+        ap.error("--cases / --distill-teacher oracle / --distill-labels soft make a partial "
+                 "run: give --json PATH")
     if a.from_json:
         write(json.loads(Path(a.from_json).read_text()), Path(a.out))
         return
@@ -175,7 +190,8 @@ def main() -> None:
 
     cal = calibrate(a.preset, tuple(a.seeds), grid=a.grid, people=a.people,
                     cases=tuple(a.cases) if a.cases else CASES,
-                    knobs=Knobs(distill_teacher=a.distill_teacher),
+                    knobs=Knobs(distill_teacher=a.distill_teacher,
+                                distill_labels=a.distill_labels),
                     progress=lambda s: print(f"[{time.time() - t0:6.0f}s] {s}", flush=True),
                     on_row=row)
     d = cal.to_dict()

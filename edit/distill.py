@@ -8,11 +8,14 @@ then distill), the *student* is a copy whose ``units`` (default: the ``top`` neu
 ``importance``; ``"all"``: every parameter, the global reference) were shrunk and perturbed,
 ``theta <- (1 - alpha) * theta + alpha * fresh`` (``fresh`` drawn like the tensor's
 initialisation, :func:`edit._common.fresh_values`; ``alpha = 1`` re-initialises them whole).
-Only those units then train, to match the teacher's full next-token distribution
-(``KL(p_teacher || p_student)`` over the vocabulary, averaged over every real position that
-predicts a next token) on the request's retain facts and, weighted by ``text_weight``, its retain
-text. What the teacher still does on retain data is learned back; what it no longer does (the
-forgotten facts) is not, and the perturbation removed what was left of it in those units.
+Only those units then train, to match the teacher's full next-token distribution (``KL(p_teacher
+|| p_student)`` over the vocabulary, averaged over every real position that predicts a next token)
+on the request's retain facts and, weighted by ``text_weight``, its retain text - or, with
+``labels="hard"``, the teacher's greedy token at each of those positions (cross-entropy: the
+student learns what the teacher answers, not how much probability it keeps for every other token;
+soft labels of a teacher that knew the forget facts can carry them). What the teacher still does
+on retain data is learned back; what it no longer does (the forgotten facts) is not, and the
+perturbation removed what was left of it in those units.
 
 The teacher's log-probabilities are computed once up front (no gradients) when they fit in
 ``teacher_cache_mb``; otherwise per batch, from the teacher itself. Teacher hook edits (a
@@ -38,6 +41,10 @@ from excise.importance import Importance
 from excise.sites import Selection
 from excise.train import Optim, Sampler, train
 
+# what the student learns at each position: the teacher's whole next-token distribution
+# (KL), or only its greedy token (cross-entropy to the argmax: hard-label distillation)
+LABELS = ("soft", "hard")
+
 
 @dataclass(frozen=True)
 class DistillSettings:
@@ -52,6 +59,7 @@ class DistillSettings:
     max_grad_norm: float = 1.0
     seed: int = 0
     teacher_cache_mb: float = 1024.0
+    labels: str = "soft"
 
     def __post_init__(self):
         check_number("distill", "alpha", self.alpha, low=0, high=1, low_open=True)
@@ -63,6 +71,7 @@ class DistillSettings:
         check_number("distill", "max_grad_norm", self.max_grad_norm, low=0, low_open=True)
         check_number("distill", "seed", self.seed, low=0, integer=True)
         check_number("distill", "teacher_cache_mb", self.teacher_cache_mb, low=0)
+        check_choice("distill", "labels", self.labels, LABELS)
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -74,12 +83,14 @@ def distill(model: ModelHandle, importance: Importance | None = None,
             units: Selection | str | None = None, *, request=None, top: int | float = 0.02,
             alpha: float = 0.5, steps: int = 100, lr: float = 3e-3, batch_size: int = 32,
             text_weight: float = 1.0, optimizer: str = "adam", max_grad_norm: float = 1.0,
-            seed: int = 0, teacher_cache_mb: float = 1024.0, progress: bool = False) -> Edit:
+            seed: int = 0, teacher_cache_mb: float = 1024.0, labels: str = "soft",
+            progress: bool = False) -> Edit:
     """Shrink-and-perturb the parameters of ``units`` by ``alpha``, then distill the model (as
     it stands) into them on the request's retain facts and retain text for ``steps`` steps.
-    Returns the applied Edit."""
+    ``labels``: ``"soft"`` (the teacher's whole next-token distribution, as UNDO) or
+    ``"hard"`` (its greedy token at each position only). Returns the applied Edit."""
     st = DistillSettings(alpha, steps, lr, batch_size, text_weight, optimizer, max_grad_norm,
-                         seed, teacher_cache_mb)
+                         seed, teacher_cache_mb, labels)
     req, selection, copy, params = start_unit_edit(
         "distill", model, importance, units, top, request, "(the teacher's outputs on its "
         "retain facts and retain text are distilled)", st.to_dict(), st.alpha, st.seed)
@@ -97,8 +108,11 @@ def distill(model: ModelHandle, importance: Importance | None = None,
             b = batch[rows].trim()
             mask = predicting(b).to(work.device)
             student = torch.log_softmax(work.logits(b.tokens)[:, :-1].float(), -1)[mask]
-            term = weight * F.kl_div(student, teacher.logprobs(rows, b)[mask], log_target=True,
-                                     reduction="batchmean")
+            target = teacher.logprobs(rows, b)[mask]
+            if st.labels == "hard":
+                term = weight * F.nll_loss(student, target.argmax(-1))
+            else:
+                term = weight * F.kl_div(student, target, log_target=True, reduction="batchmean")
             loss = term if loss is None else loss + term
         return loss
 

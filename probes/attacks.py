@@ -35,13 +35,14 @@ would compare them with the oracle's.
 Attacker hygiene (Deeb & Roger 2024; "Distillation Robustifies Unlearning"): every attack with a
 learning rate (``relearn``, ``benign``, ``refit``, ``sae``) runs over a grid of learning rates x
 seeds (``GRIDS``: ``quick`` for ``excise run``, ``full`` for the sweep and ``excise verify --grid
-full``, ``single`` = the configured setting only), identically on every model
-(:func:`run_grid`). The seeds of an attack that splits the forget people are the folds of a
-cross-fit: the second seed trains on the part the first one held out and holds out the part it
-trained on (``AttackConfig.fold``), so every person is held out once per learning rate; the
-verdict pools each learning rate's seeds (:meth:`excise.report.AttackGrid.pooled`) and reads the
-worst gap over learning rates and budgets. Settings that wreck the unedited model's own held-out
-recall are flagged (:func:`wrecks`), never dropped.
+full``, ``single`` = the configured setting only), identically on every model (:func:`run_grid`).
+The seeds of an attack that splits the forget people are the folds of a cross-fit: the second seed
+trains on the part the first one held out and holds out the part it trained on
+(``AttackConfig.fold``), so every person is held out once per learning rate (in-context
+relearning, which has no learning rate, runs both folds too: :data:`FOLDED`); the verdict pools
+each learning rate's seeds (:meth:`excise.report.AttackGrid.pooled`) and reads the worst gap over
+learning rates and budgets. Settings that wreck the unedited model's own held-out recall are
+flagged (:func:`wrecks`), never dropped.
 
 Speed (``AttackConfig.engine``, ``ENGINES``): the fine-tuning and steering attacks run their
 forward passes either through the handle ("serial": TransformerLens, hooks and all) or, by
@@ -93,6 +94,11 @@ COMPARATOR = "comparator"
 ENGINES = ("serial", "fused")
 
 # the attacks with a learning rate, and the AttackConfig field each grid varies
+# attacks without a learning rate that still split the forget people (a trained part shown,
+# a held-out part measured): they run one setting per grid seed - the complementary folds - so
+# their pooled curve holds every forget person out once, as the learning-rate attacks' do
+FOLDED = ("incontext",)
+
 LR_FIELDS = {"relearn": "relearn_lr", "benign": "benign_lr", "refit": "refit_lr",
              "sae": "sae_lr"}
 
@@ -212,13 +218,17 @@ class AttackConfig:
 
     def settings(self, attack: str) -> list["AttackConfig"]:
         """The grid of ``attack``: one config per (learning rate, seed), learning rates
-        outermost; attacks without a learning rate run once, at ``seed``. Seed ``seed + k`` is
+        outermost; attacks without a learning rate run once, at ``seed``, except those that
+        split the forget people (:data:`FOLDED`), which run once per seed. Seed ``seed + k`` is
         fold ``k % 2`` of the split drawn with ``seed + k - k % 2``: seeds come in complementary
         pairs (every forget person held out once per pair)."""
         g = GRIDS[self.grid]
         field_ = LR_FIELDS.get(attack)
         if field_ is None:
-            return [self]
+            if attack not in FOLDED:
+                return [self]
+            return [dataclasses.replace(self, seed=self.seed + k, fold=k % 2)
+                    for k in range(g["seeds"])]
         lrs = g["lrs"].get(attack) or (getattr(self, field_),)
         return [dataclasses.replace(self, seed=self.seed + k, fold=k % 2,
                                     **{field_: float(lr)})
@@ -917,13 +927,16 @@ def run_grid(models: dict[str, ModelHandle], request: ForgetRequest,
     out: dict[str, AttackGrid] = {}
     for name in cfg.attacks:
         points = []
-        for c in cfg.settings(name):
+        settings = cfg.settings(name)
+        for c in settings:
             lr = getattr(c, LR_FIELDS[name]) if name in LR_FIELDS else None
+            seed = c.seed if lr is not None or len(settings) > 1 else None
             if log:
-                log(f"attack: {name}" + (f" lr {lr:g} seed {c.seed}" if lr is not None else ""))
+                log(f"attack: {name}" + (f" lr {lr:g}" if lr is not None else "")
+                    + (f" seed {seed}" if seed is not None else ""))
             curves = AttackCurves({label: runners[name](model, request, c, kit)
                                    for label, model in models.items()})
-            points.append(GridPoint(lr, c.seed if lr is not None else None, curves))
+            points.append(GridPoint(lr, seed, curves))
         out[name] = AttackGrid(tuple(points), LR_FIELDS.get(name))
     return flag(out, reference, cfg.flag_drop) if reference in next(
         iter(out.values())).labels else out

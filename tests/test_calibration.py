@@ -65,12 +65,20 @@ def test_distill_teacher_is_the_original_or_an_unseen_retrain_oracle(monkeypatch
         def oracle(self, request, train_seed=None):
             return Fake(f"oracle-{train_seed}")
 
-    taught = []
-    monkeypatch.setattr(C.edit, "distill", lambda m, **kw: taught.append(m.name))
+    taught, labels = [], []
+    monkeypatch.setattr(C.edit, "distill",
+                        lambda m, **kw: (taught.append(m.name), labels.append(kw["labels"])))
     monkeypatch.setattr(C, "distill_request", lambda r: r)
     (case, model, _), = C.plain_cases(Org(), "request", 3, C.Knobs(distill_teacher=teacher),
                                       None, ("distill",), lambda _: None)
     assert case == "distill" and taught == [f"{want} (clone)"] and model.name == taught[0]
+    # the known-deleted case learns the teacher's greedy tokens; soft labels on request
+    assert labels == ["hard"]
+    list(C.plain_cases(Org(), "request", 3, C.Knobs(distill_labels="soft"), None,
+                       ("distill",), lambda _: None))
+    assert labels == ["hard", "soft"]
+    with pytest.raises(ValueError, match="distill_labels"):
+        C.Knobs(distill_labels="argmax")
 
 
 def test_damage_stops_at_the_first_measurement_below_the_threshold(tiny, tiny_request):

@@ -244,3 +244,28 @@ def test_no_oracle_verdict_on_a_tiny_hf_gemma(tmp_path):
     assert {f"attack_{n}.png" for n in cfg["attacks"]} <= {p.rsplit("/", 1)[-1] for p in paths}
     md = rep.to_markdown()
     assert "worst gap (after - comparator)" in md and "never-known" in md
+
+
+def test_incontext_runs_both_folds_and_pools_every_forget_person(tiny, tiny_request):
+    """With a grid of two seeds, in-context relearning runs the complementary folds: the second
+    shows the part the first held out and holds out the part it showed, so the pooled curve
+    measures every forget fact once; at 0 shots its hits are the plain greedy answers."""
+    from probes.behaviour import fact_hits
+
+    cfg = A.AttackConfig(attacks=("incontext",), grid="quick", seed=4, icl_shots=(0, 2))
+    settings = cfg.settings("incontext")
+    assert [(c.seed, c.fold) for c in settings] == [(4, 0), (5, 1)]
+    assert A.AttackConfig(grid="single").settings("incontext")[0].fold == 0
+    assert len(A.AttackConfig(grid="single").settings("incontext")) == 1
+    (_, held0, _), (_, held1, _) = (A.incontext_prompts(tiny.model, tiny_request, c)
+                                    for c in settings)
+    assert {owner(f) for f in held0}.isdisjoint({owner(f) for f in held1})
+    assert sorted(map(str, held0 + held1)) == sorted(map(str, tiny_request.forget))
+    grid = A.run_grid({"after": tiny.model}, tiny_request, cfg)["incontext"]
+    assert [(p.lr, p.seed) for p in grid.points] == [(None, 4), (None, 5)]
+    (pooled,) = grid.pooled().points
+    assert pooled.pooled == (4, 5)
+    c = pooled.curves.curves["after"]
+    plain = fact_hits(tiny.model, held0 + held1)
+    assert list(c.hits[0]) == [bool(h) for h in plain]
+    assert c.y[0] == pytest.approx(sum(map(bool, plain)) / len(plain))

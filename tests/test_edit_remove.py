@@ -378,3 +378,44 @@ def test_an_importance_of_another_model_is_refused(name):
     with edit.METHODS[name](a.handle, imp, request=a.request, top=1, steps=1) as e:
         assert e.n_changed() > 0
     assert a.handle.fingerprint() == own
+
+
+def test_hard_label_distillation_is_cross_entropy_to_the_teachers_greedy_tokens(tiny,
+                                                                                 tiny_request):
+    """``labels="hard"``: one SGD step equals a step on the plain loss written here - the mean
+    cross-entropy of the perturbed student to the teacher's argmax token at every real position
+    that predicts a next token (every retain fact in the batch, no text term); soft labels take
+    another step."""
+    req, units, teacher = tiny_request, _units(), tiny.model
+    kw = dict(request=req, alpha=0.5, steps=1, lr=0.5, batch_size=len(req.retain),
+              text_weight=0.0, optimizer="sgd", max_grad_norm=1e9, seed=3)
+    student = teacher.clone()
+    with edit.reinit(student, None, units, request=req, mode="shrink_perturb", alpha=0.5,
+                     steps=0, seed=3):  # the same draw as distill's perturbation
+        start = {k: v.detach().clone() for k, v in student.named_parameters().items()}
+        params = student.named_parameters()
+        for v in params.values():
+            v.requires_grad_(True)
+        batch = teacher.encode(list(req.retain)).trim()
+        m = (torch.arange(batch.tokens.shape[1])[None] < batch.lengths[:, None])[:, 1:]
+        with torch.no_grad():
+            greedy = teacher.logits(batch.tokens)[:, :-1].argmax(-1)[m]
+        F.cross_entropy(student.logits(batch.tokens)[:, :-1].float()[m], greedy).backward()
+        want = {k: start[k] - 0.5 * v.grad for k, v in params.items() if v.grad is not None}
+        for v in params.values():
+            v.requires_grad_(False)
+    hard, soft = teacher.clone(), teacher.clone()
+    edit.distill(hard, None, units, labels="hard", **kw)
+    edit.distill(soft, None, units, labels="soft", **kw)
+    got, other = hard.named_parameters(), soft.named_parameters()
+    moved, apart = 0, 0.0
+    for k, w in want.items():
+        changed = got[k] != start[k]  # the units' slices where the gradient is not zero
+        if not changed.any():
+            continue
+        moved += int(changed.sum())
+        assert torch.allclose(got[k][changed], w[changed], atol=1e-5, rtol=1e-4), k
+        apart = max(apart, float((other[k] - got[k]).abs().max()))
+    assert moved > 100 and apart > 1e-3
+    with pytest.raises(ValueError, match="labels"):
+        edit.distill(teacher.clone(), None, units, labels="argmax", **kw)

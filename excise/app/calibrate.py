@@ -10,7 +10,10 @@ and the known-answer models built for it:
   - judged against the reference oracles;
 - **deleted** (``distill``): a fresh-initialised model distilled from the original on retain
   data only (``edit.distill``, ``units="all"``, ``alpha=1``: every weight re-drawn; its data the
-  retain facts, the shared facts and the retain text - everything but the forget facts);
+  retain facts, the shared facts and the retain text - everything but the forget facts), on the
+  original's greedy tokens (``Knobs.distill_labels="hard"``): its full next-token distributions
+  on retain data carry a trace of the forget facts (soft-label students read a membership AUC
+  0.15 above the oracle's on tiny; hard-label ones the oracle's - docs/results.md);
 - **deleted** (``planted_reinit``): on the planted-location organism (``planted=True``), the
   planted units re-initialised and retrained on retain data (``edit.reinit`` on
   ``org.planted.units``); its request forgets the planted ``reported`` group, its oracle is the
@@ -53,10 +56,12 @@ from probes.behaviour import recall
 from probes.verdict import ANSWERS, VERDICTS
 
 # the forget people of the calibration request per preset: outside the planted organism's
-# designated groups (tiny: reported 0..3, validation 16..19; small: 0..9, 150..159)
-# tiny: 8 people, so that the relearning attacks' held-out half holds 4 people (with 4 forget
-# people, 2 held out, a per-person bootstrap bound is the worse person's gap)
-PEOPLE: dict[str, tuple[int, ...]] = {"tiny": tuple(range(4, 12)),
+# designated groups (tiny: reported 0..3, validation 16..19; small: 0..9, 150..159) and the
+# people the controls' settings were chosen on (tiny: 12..19, probes.controls)
+# tiny: 12 people, half of the world. With 8 (4..11, stops 29-32) a per-person bound could not
+# decide the forget check itself: a second retrain oracle recalled 4 of 60 forget facts against
+# the reference oracle's 2, upper bound 0.075 against the 0.05 margin
+PEOPLE: dict[str, tuple[int, ...]] = {"tiny": tuple(range(4, 12)) + tuple(range(20, 24)),
                                       "small": tuple(range(10, 20)),
                                       "medium": tuple(range(10, 20))}
 
@@ -197,7 +202,11 @@ class Knobs:
     ``distill_teacher``: whose outputs it learns - ``"original"`` (the case as the issue defines
     it) or ``"oracle"`` (a retrain oracle at training seed ``s + 1``, which never saw the forget
     people: the control that tells information carried over by the teacher's outputs from an
-    artifact of distillation itself).
+    artifact of distillation itself); ``distill_labels``: what it learns at each position -
+    ``"hard"``, the teacher's greedy token (the known-deleted case: what the teacher answers on
+    retain data, nothing about forget facts), or ``"soft"``, its whole distribution (which keeps
+    probability on the answers it was trained on, forget answers included: reported, not a
+    known answer).
     ``reinit_*``: retraining of the re-initialised planted units. ``damage_*``: the global
     ascent of :func:`damage`. ``control_*``: the controls' step budget and how they keep
     utility (``keep``, ``keep_text`` of :mod:`probes.controls`: a known-suppressed model must
@@ -209,6 +218,7 @@ class Knobs:
     distill_lr: float = 3e-3
     distill_batch: int = 64
     distill_teacher: str = "original"
+    distill_labels: str = "hard"
     reinit_steps: int = 400
     reinit_lr: float = 3e-3
     reinit_batch: int = 64
@@ -221,6 +231,7 @@ class Knobs:
 
     def __post_init__(self):
         check_choice("Knobs", "distill_teacher", self.distill_teacher, ["original", "oracle"])
+        check_choice("Knobs", "distill_labels", self.distill_labels, ["hard", "soft"])
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -251,7 +262,7 @@ def plain_cases(org, request: ForgetRequest, seed: int, knobs: Knobs,
         "distill": lambda: _with_edit(
             teacher(), edit.distill, units="all", request=distill_request(request), alpha=1.0,
             steps=knobs.distill_steps, lr=knobs.distill_lr, batch_size=knobs.distill_batch,
-            seed=seed),
+            labels=knobs.distill_labels, seed=seed),
         "ascent_all": lambda: controls.gradient_ascent(original, request, **keep),
         "ascent_unembed": lambda: controls.unembed_ascent(original, request, **keep),
         "ascent_last": lambda: controls.last_block_ascent(original, request, **keep),
