@@ -94,11 +94,14 @@ def section(d: dict, detail: str = "results/calibration.md") -> list[str]:
 
 
 def _labels(k: dict) -> str:
-    if k.get("distill_labels", "soft") == "soft":
+    labels = k.get("distill_labels", "soft")
+    if labels == "soft":
         return "the teacher's whole next-token distributions (soft labels)"
-    return ("the teacher's greedy token at each position (hard labels: its whole "
-            "distributions keep probability on the answers it was trained on, forget answers "
-            "included)")
+    if labels == "hard":
+        return "the teacher's greedy token at every position (hard labels)"
+    return ("the teacher's greedy answer on the retain facts (its whole distributions there "
+            "keep probability on the answers it was trained on, forget answers included) and "
+            "its whole next-token distributions on the text")
 
 
 def _keep_text(k: dict) -> str:
@@ -167,16 +170,19 @@ def main() -> None:
     ap.add_argument("--cases", nargs="+", default=None, help="a subset of the cases")
     ap.add_argument("--distill-teacher", default="original", choices=("original", "oracle"),
                     help="whose outputs the distill case learns (oracle: the control)")
-    ap.add_argument("--distill-labels", default="hard", choices=("hard", "soft"),
-                    help="what the distill case learns: the teacher's greedy tokens (hard, the "
-                         "known-deleted case) or its whole distributions (soft: reported)")
+    ap.add_argument("--distill-labels", default="hard_facts",
+                    choices=("hard_facts", "soft", "hard"),
+                    help="what the distill case learns: the teacher's greedy answers on retain "
+                         "facts and its distributions on text (hard_facts, the known-deleted "
+                         "case), its distributions everywhere (soft) or greedy tokens "
+                         "everywhere (hard)")
     ap.add_argument("--json", default=None,
                     help="a partial run (--cases, --distill-teacher oracle) writes its rows "
                          "here and leaves the published report alone")
     a = ap.parse_args()
-    partial = bool(a.cases) or a.distill_teacher != "original" or a.distill_labels != "hard"
+    partial = bool(a.cases) or a.distill_teacher != "original" or a.distill_labels != "hard_facts"
     if partial and not a.json:
-        ap.error("--cases / --distill-teacher oracle / --distill-labels soft make a partial "
+        ap.error("--cases / --distill-teacher oracle / --distill-labels make a partial "
                  "run: give --json PATH")
     if a.from_json:
         write(json.loads(Path(a.from_json).read_text()), Path(a.out))

@@ -42,8 +42,9 @@ from excise.sites import Selection
 from excise.train import Optim, Sampler, train
 
 # what the student learns at each position: the teacher's whole next-token distribution
-# (KL), or only its greedy token (cross-entropy to the argmax: hard-label distillation)
-LABELS = ("soft", "hard")
+# (KL), or only its greedy token (cross-entropy to the argmax: hard-label distillation) -
+# everywhere, or on the retain facts only ("hard_facts": soft labels on the retain text)
+LABELS = ("soft", "hard", "hard_facts")
 
 
 @dataclass(frozen=True)
@@ -95,21 +96,22 @@ def distill(model: ModelHandle, importance: Importance | None = None,
         "distill", model, importance, units, top, request, "(the teacher's outputs on its "
         "retain facts and retain text are distilled)", st.to_dict(), st.alpha, st.seed)
     work = copy.work
-    data = [(work.encode(list(req.retain)), 1.0)]
+    data = [(work.encode(list(req.retain)), 1.0, st.labels != "soft")]
     if st.text_weight and req.retain_text:
-        data.append((work.encode_texts(list(req.retain_text)), st.text_weight))
-    teachers = [_Teacher(model, batch, st.teacher_cache_mb / len(data)) for batch, _ in data]
+        data.append((work.encode_texts(list(req.retain_text)), st.text_weight,
+                     st.labels == "hard"))
+    teachers = [_Teacher(model, batch, st.teacher_cache_mb / len(data)) for batch, *_ in data]
     sampler = Sampler(st.seed)
 
     def loss_fn(_step: int) -> torch.Tensor:
         loss = None
-        for (batch, weight), teacher in zip(data, teachers):  # retain facts, then text
+        for (batch, weight, hard), teacher in zip(data, teachers):  # retain facts, then text
             rows = sampler.rows(len(batch), st.batch_size)
             b = batch[rows].trim()
             mask = predicting(b).to(work.device)
             student = torch.log_softmax(work.logits(b.tokens)[:, :-1].float(), -1)[mask]
             target = teacher.logprobs(rows, b)[mask]
-            if st.labels == "hard":
+            if hard:
                 term = weight * F.nll_loss(student, target.argmax(-1))
             else:
                 term = weight * F.kl_div(student, target, log_target=True, reduction="batchmean")

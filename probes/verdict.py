@@ -24,7 +24,8 @@ and of forgetting - and with the original:
    would be decided by which people were drawn), and under every restoration attack the
    worst gap above the oracle over the attack's whole grid (learning rates x budgets, each
    learning rate's seeds pooled - for the attacks that split the forget people the seeds are
-   complementary folds, so each learning rate's curve covers every forget person; flagged
+   complementary folds, so each learning rate's curve covers every forget person - in-context
+   relearning, without a learning rate, pools its two folds the same way; flagged
    settings included) is credibly at most ``tolerance``. Where the ``loo_probe`` suite
    ran (it is optional: ``suite: all`` runs it) and its positive control passes on this
    request - the original's best-depth leave-one-person-out probe accuracy (forget vs holdout
@@ -163,7 +164,8 @@ class Rule:
             f"bound below -{self.mia:g}), and under every restoration attack "
             f"({att}) the worst gap of forget recall above the oracle's at equal budget over "
             f"the attack's whole grid (every learning rate and budget, each learning rate's "
-            f"seeds pooled: complementary folds of the forget people; settings flagged for "
+            f"seeds pooled: complementary folds of the forget people, in-context relearning's "
+            f"two folds too; settings flagged for "
             f"wrecking the original included) has upper {c} bound <= {self.tolerance:g}"
             f"{probe}; "
             f"{self._open_text()}")

@@ -72,11 +72,11 @@ def test_distill_teacher_is_the_original_or_an_unseen_retrain_oracle(monkeypatch
     (case, model, _), = C.plain_cases(Org(), "request", 3, C.Knobs(distill_teacher=teacher),
                                       None, ("distill",), lambda _: None)
     assert case == "distill" and taught == [f"{want} (clone)"] and model.name == taught[0]
-    # the known-deleted case learns the teacher's greedy tokens; soft labels on request
-    assert labels == ["hard"]
+    # the known-deleted case learns the teacher's greedy answers on facts; soft on request
+    assert labels == ["hard_facts"]
     list(C.plain_cases(Org(), "request", 3, C.Knobs(distill_labels="soft"), None,
                        ("distill",), lambda _: None))
-    assert labels == ["hard", "soft"]
+    assert labels == ["hard_facts", "soft"]
     with pytest.raises(ValueError, match="distill_labels"):
         C.Knobs(distill_labels="argmax")
 

@@ -10,10 +10,13 @@ and the known-answer models built for it:
   - judged against the reference oracles;
 - **deleted** (``distill``): a fresh-initialised model distilled from the original on retain
   data only (``edit.distill``, ``units="all"``, ``alpha=1``: every weight re-drawn; its data the
-  retain facts, the shared facts and the retain text - everything but the forget facts), on the
-  original's greedy tokens (``Knobs.distill_labels="hard"``): its full next-token distributions
-  on retain data carry a trace of the forget facts (soft-label students read a membership AUC
-  0.15 above the oracle's on tiny; hard-label ones the oracle's - docs/results.md);
+  retain facts, the shared facts and the retain text - everything but the forget facts),
+  learning the original's greedy answer on the retain facts and its whole next-token
+  distribution on the text (``Knobs.distill_labels="hard_facts"``): its distributions at the
+  answer positions of retain facts keep probability on the answers it was trained on, forget
+  answers included (soft-label students read a membership AUC 0.06-0.15 above the oracle's on
+  tiny), and greedy tokens alone on the text leave a student with 130x the perplexity
+  (docs/results.md);
 - **deleted** (``planted_reinit``): on the planted-location organism (``planted=True``), the
   planted units re-initialised and retrained on retain data (``edit.reinit`` on
   ``org.planted.units``); its request forgets the planted ``reported`` group, its oracle is the
@@ -44,6 +47,7 @@ from typing import Any
 
 import edit
 import excise
+from edit.distill import LABELS as DISTILL_LABELS
 import probes
 from excise.checks import check_choice
 from excise.handle import ModelHandle
@@ -202,11 +206,11 @@ class Knobs:
     ``distill_teacher``: whose outputs it learns - ``"original"`` (the case as the issue defines
     it) or ``"oracle"`` (a retrain oracle at training seed ``s + 1``, which never saw the forget
     people: the control that tells information carried over by the teacher's outputs from an
-    artifact of distillation itself); ``distill_labels``: what it learns at each position -
-    ``"hard"``, the teacher's greedy token (the known-deleted case: what the teacher answers on
-    retain data, nothing about forget facts), or ``"soft"``, its whole distribution (which keeps
-    probability on the answers it was trained on, forget answers included: reported, not a
-    known answer).
+    artifact of distillation itself); ``distill_labels``: what it learns (``edit.distill``'s
+    ``labels``) - ``"hard_facts"`` (the known-deleted case): the teacher's greedy answer on the
+    retain facts, its whole distribution on the text; ``"soft"``: whole distributions
+    everywhere, which keep probability on the answers the teacher was trained on, forget
+    answers included (reported, not a known answer); ``"hard"``: greedy tokens everywhere.
     ``reinit_*``: retraining of the re-initialised planted units. ``damage_*``: the global
     ascent of :func:`damage`. ``control_*``: the controls' step budget and how they keep
     utility (``keep``, ``keep_text`` of :mod:`probes.controls`: a known-suppressed model must
@@ -218,7 +222,7 @@ class Knobs:
     distill_lr: float = 3e-3
     distill_batch: int = 64
     distill_teacher: str = "original"
-    distill_labels: str = "hard"
+    distill_labels: str = "hard_facts"
     reinit_steps: int = 400
     reinit_lr: float = 3e-3
     reinit_batch: int = 64
@@ -231,7 +235,7 @@ class Knobs:
 
     def __post_init__(self):
         check_choice("Knobs", "distill_teacher", self.distill_teacher, ["original", "oracle"])
-        check_choice("Knobs", "distill_labels", self.distill_labels, ["hard", "soft"])
+        check_choice("Knobs", "distill_labels", self.distill_labels, list(DISTILL_LABELS))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
