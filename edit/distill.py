@@ -13,7 +13,9 @@ Only those units then train, to match the teacher's full next-token distribution
 on the request's retain facts and, weighted by ``text_weight``, its retain text - or, with
 ``labels="hard"``, the teacher's greedy token at each of those positions (cross-entropy: the
 student learns what the teacher answers, not how much probability it keeps for every other token;
-soft labels of a teacher that knew the forget facts can carry them). What the teacher still does
+soft labels of a teacher that knew the forget facts can carry them), or with
+``labels="hard_facts"`` greedy answers on the retain facts and whole distributions on the text
+(greedy tokens alone on text leave a student that predicts text badly). What the teacher still does
 on retain data is learned back; what it no longer does (the forgotten facts) is not, and the
 perturbation removed what was left of it in those units.
 
@@ -88,8 +90,9 @@ def distill(model: ModelHandle, importance: Importance | None = None,
             progress: bool = False) -> Edit:
     """Shrink-and-perturb the parameters of ``units`` by ``alpha``, then distill the model (as
     it stands) into them on the request's retain facts and retain text for ``steps`` steps.
-    ``labels``: ``"soft"`` (the teacher's whole next-token distribution, as UNDO) or
-    ``"hard"`` (its greedy token at each position only). Returns the applied Edit."""
+    ``labels``: ``"soft"`` (the teacher's whole next-token distribution, as UNDO), ``"hard"``
+    (its greedy token at each position only) or ``"hard_facts"`` (greedy on the retain facts,
+    whole distributions on the retain text). Returns the applied Edit."""
     st = DistillSettings(alpha, steps, lr, batch_size, text_weight, optimizer, max_grad_norm,
                          seed, teacher_cache_mb, labels)
     req, selection, copy, params = start_unit_edit(

@@ -94,13 +94,13 @@ COMPARATOR = "comparator"
 ENGINES = ("serial", "fused")
 
 # the attacks with a learning rate, and the AttackConfig field each grid varies
+LR_FIELDS = {"relearn": "relearn_lr", "benign": "benign_lr", "refit": "refit_lr",
+             "sae": "sae_lr"}
+
 # attacks without a learning rate that still split the forget people (a trained part shown,
 # a held-out part measured): they run one setting per grid seed - the complementary folds - so
 # their pooled curve holds every forget person out once, as the learning-rate attacks' do
 FOLDED = ("incontext",)
-
-LR_FIELDS = {"relearn": "relearn_lr", "benign": "benign_lr", "refit": "refit_lr",
-             "sae": "sae_lr"}
 
 # The attacker-hygiene grids: learning rates per attack (each on its own scale: weights for the
 # fine-tuning attacks, a readout for refit, log-gains for SAE steering) and how many seeds

@@ -47,8 +47,8 @@ from typing import Any
 
 import edit
 import excise
-from edit.distill import LABELS as DISTILL_LABELS
 import probes
+from edit.distill import LABELS as DISTILL_LABELS
 from excise.checks import check_choice
 from excise.handle import ModelHandle
 from excise.report import check_outcome
