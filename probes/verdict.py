@@ -382,9 +382,12 @@ def comparator_bootstrap(grid: AttackGrid, label: str, rule: Rule,
 def _where(grid: AttackGrid, label: str, reference: str = "oracle") -> str:
     p = grid.worst(label, reference)
     _, at = p.curves.gap(label, reference)
-    seeds = (f"seeds {', '.join(map(str, p.pooled))} pooled" if p.pooled else f"seed {p.seed}")
-    setting = "" if p.lr is None else f"lr {p.lr:g}, {seeds}, "
-    return f"{setting}{p.curves.xlabel} = {at}"
+    parts = [] if p.lr is None else [f"lr {p.lr:g}"]
+    if p.pooled:  # in-context relearning's folds are pooled without a learning rate
+        parts.append(f"seeds {', '.join(map(str, p.pooled))} pooled")
+    elif p.lr is not None:
+        parts.append(f"seed {p.seed}")
+    return "".join(f"{x}, " for x in parts) + f"{p.curves.xlabel} = {at}"
 
 
 def decide(metrics: Mapping[str, Mapping[str, float]], hits: Mapping[str, Mapping],

@@ -269,3 +269,6 @@ def test_incontext_runs_both_folds_and_pools_every_forget_person(tiny, tiny_requ
     plain = fact_hits(tiny.model, held0 + held1)
     assert list(c.hits[0]) == [bool(h) for h in plain]
     assert c.y[0] == pytest.approx(sum(map(bool, plain)) / len(plain))
+    # the verdict's check names the pooled folds where it found the worst gap
+    from probes.verdict import _where
+    assert _where(grid, "after", "after").startswith("seeds 4, 5 pooled, in-context examples")
