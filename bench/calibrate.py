@@ -104,13 +104,28 @@ def _labels(k: dict) -> str:
             "its whole next-token distributions on the text")
 
 
+def _text_kept(k: dict) -> str:
+    return ("its loss" if k.get("reinit_text_loss", "nll") == "nll"
+            else "the KL from the original's next-token distributions")
+
+
 def _keep_text(k: dict) -> str:
     if "control_keep" not in k:
         return "."
     w = f"{k['control_keep']:g}"
     return (f", {k['control_steps']} steps at most, keeping utility (`keep={w}, keep_text="
             f"{k['control_keep_text']}`: the descent on retain facts, shared facts and retain "
-            f"text weighted {w}x against the ascent).")
+            f"text weighted {w}x against the ascent)" + _objective(k) + ".")
+
+
+def _objective(k: dict) -> str:
+    if k.get("control_objective", "ascent") == "ascent":
+        return ", hiding each fact by raising its loss to the clamp (`objective='ascent'`)"
+    text = (", the text kept by its loss" if k.get("control_text", "nll") == "nll" else
+            ", the text kept by the KL from the original's next-token distributions "
+            "(`text='kl'`)")
+    return (", hiding each fact by pushing its answer's first token 1 nat below the best other "
+            "token (`objective='margin'`: the least change that hides it)" + text)
 
 
 def write(d: dict, out: Path) -> None:
@@ -141,7 +156,8 @@ def write(d: dict, out: Path) -> None:
              f"whole distributions (`--distill-labels soft`; "
              f"results/calibration-distill-soft.json).",
              f"- **planted_reinit** (deleted): on the planted organism, `edit.reinit` of "
-             f"`org.planted.units` (fresh) retrained {k['reinit_steps']} steps on retain data; "
+             f"`org.planted.units` (fresh) retrained {k['reinit_steps']} steps on retain data "
+             f"(the retain facts, and the retain text kept by {_text_kept(k)}); "
              f"request: forget the planted reported group; oracle: the planted oracle.",
              "- **ascent_all / ascent_unembed / ascent_last / latent_gains** (suppressed): "
              "`probes.controls.gradient_ascent`, `unembed_ascent`, `last_block_ascent` (the "
@@ -176,14 +192,19 @@ def main() -> None:
                          "facts and its distributions on text (hard_facts, the known-deleted "
                          "case), its distributions everywhere (soft) or greedy tokens "
                          "everywhere (hard)")
+    ap.add_argument("--control-objective", default="margin", choices=("margin", "ascent"),
+                    help="what hides the facts in the known-suppressed controls (margin: the "
+                         "answer just below the best other token; ascent: the loss raised to "
+                         "its clamp)")
     ap.add_argument("--json", default=None,
                     help="a partial run (--cases, --distill-teacher oracle) writes its rows "
                          "here and leaves the published report alone")
     a = ap.parse_args()
-    partial = bool(a.cases) or a.distill_teacher != "original" or a.distill_labels != "hard_facts"
+    partial = (bool(a.cases) or a.distill_teacher != "original"
+               or a.distill_labels != "hard_facts" or a.control_objective != "margin")
     if partial and not a.json:
-        ap.error("--cases / --distill-teacher oracle / --distill-labels make a partial "
-                 "run: give --json PATH")
+        ap.error("--cases / --distill-teacher oracle / --distill-labels / "
+                 "--control-objective ascent make a partial run: give --json PATH")
     if a.from_json:
         write(json.loads(Path(a.from_json).read_text()), Path(a.out))
         return
@@ -197,7 +218,8 @@ def main() -> None:
     cal = calibrate(a.preset, tuple(a.seeds), grid=a.grid, people=a.people,
                     cases=tuple(a.cases) if a.cases else CASES,
                     knobs=Knobs(distill_teacher=a.distill_teacher,
-                                distill_labels=a.distill_labels),
+                                distill_labels=a.distill_labels,
+                                control_objective=a.control_objective),
                     progress=lambda s: print(f"[{time.time() - t0:6.0f}s] {s}", flush=True),
                     on_row=row)
     d = cal.to_dict()

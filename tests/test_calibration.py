@@ -81,6 +81,36 @@ def test_distill_teacher_is_the_original_or_an_unseen_retrain_oracle(monkeypatch
         C.Knobs(distill_labels="argmax")
 
 
+def test_controls_are_built_as_the_knobs_say(monkeypatch):
+    """Every ascent control of the calibration gets the knobs' step budget, ``keep``, objective
+    and text keeping (default: the margin, the KL), and the planted case's reinit the knobs'
+    text loss; bad knob values are refused, naming the field."""
+    seen = {}
+    for name in ("gradient_ascent", "unembed_ascent", "last_block_ascent"):
+        monkeypatch.setattr(C.controls, name,
+                            lambda m, r, _n=name, **kw: seen.setdefault(_n, kw) and m)
+
+    class Org:
+        model = "original"
+
+    cases = ("ascent_all", "ascent_unembed", "ascent_last")
+    built = list(C.plain_cases(Org(), "request", 0, C.Knobs(), None, cases, lambda _: None))
+    assert [c for c, *_ in built] == list(cases) and len(seen) == 3
+    assert all(kw == {"steps": 100, "keep": 10.0, "keep_text": True, "objective": "margin",
+                      "text": "kl"} for kw in seen.values())
+    seen.clear()
+    list(C.plain_cases(Org(), "request", 0, C.Knobs(control_objective="ascent",
+                                                    control_text="nll"),
+                       None, ("ascent_unembed",), lambda _: None))
+    assert seen["unembed_ascent"]["objective"] == "ascent"
+    assert seen["unembed_ascent"]["text"] == "nll"
+    assert C.Knobs().reinit_text_loss == "kl"
+    for field, bad in (("control_objective", "hinge"), ("control_text", "mse"),
+                       ("reinit_text_loss", "l2")):
+        with pytest.raises(ValueError, match=field):
+            C.Knobs(**{field: bad})
+
+
 def test_damage_stops_at_the_first_measurement_below_the_threshold(tiny, tiny_request):
     before = tiny.model.fingerprint()
     m, steps = C.damage(tiny.model, tiny_request, 0.9, every=5)

@@ -49,6 +49,7 @@ import edit
 import excise
 import probes
 from edit.distill import LABELS as DISTILL_LABELS
+from edit.finetune import TEXT_LOSSES
 from excise.checks import check_choice
 from excise.handle import ModelHandle
 from excise.report import check_outcome
@@ -211,10 +212,20 @@ class Knobs:
     retain facts, its whole distribution on the text; ``"soft"``: whole distributions
     everywhere, which keep probability on the answers the teacher was trained on, forget
     answers included (reported, not a known answer); ``"hard"``: greedy tokens everywhere.
-    ``reinit_*``: retraining of the re-initialised planted units. ``damage_*``: the global
+    ``reinit_*``: retraining of the re-initialised planted units (``reinit_text_loss``: how
+    the retain text is kept - ``"kl"``, the original's next-token distributions on it; under
+    ``"nll"`` the small planted case read general-text perplexity 1.19x its oracle's, under
+    ``"kl"`` 0.80x, forget recall 0.020 both). ``damage_*``: the global
     ascent of :func:`damage`. ``control_*``: the controls' step budget and how they keep
     utility (``keep``, ``keep_text`` of :mod:`probes.controls`: a known-suppressed model must
-    pass the utility gate, or the gate decides and the rest of the rule is never tested).
+    pass the utility gate, or the gate decides and the rest of the rule is never tested) and
+    what hides the facts (``objective``: ``"margin"``, the answer pushed just below the best
+    other token - the least change that hides a fact, so the knowledge is certainly still
+    there; ``"ascent"``, the loss raised to its clamp, which bent the unembedding-only control
+    into a damaged model on ``tiny``) and how the text is kept (``text``: ``"kl"``, the KL from
+    the original's next-token distributions; ``"nll"``, the text's loss, under which the
+    unembedding-only control learned the 60 retain sentences and general-text perplexity rose
+    2.2-2.5x on ``tiny``).
     ``oracles``: how many reference retrain oracles judge every case
     (training seeds ``s``, then ``s + 2``, ``s + 3``, ...: :func:`oracles_for`)."""
 
@@ -226,15 +237,22 @@ class Knobs:
     reinit_steps: int = 400
     reinit_lr: float = 3e-3
     reinit_batch: int = 64
+    reinit_text_loss: str = "kl"
     damage_below: float = 0.9
     damage_lr: float = 1e-4
     oracles: int = 2
     control_steps: int = 100
     control_keep: float = 10.0
     control_keep_text: bool = True
+    control_objective: str = "margin"
+    control_text: str = "kl"
 
     def __post_init__(self):
         check_choice("Knobs", "distill_teacher", self.distill_teacher, ["original", "oracle"])
+        check_choice("Knobs", "control_objective", self.control_objective,
+                     list(controls.OBJECTIVES))
+        check_choice("Knobs", "control_text", self.control_text, list(controls.TEXT_KEEPS))
+        check_choice("Knobs", "reinit_text_loss", self.reinit_text_loss, list(TEXT_LOSSES))
         check_choice("Knobs", "distill_labels", self.distill_labels, list(DISTILL_LABELS))
 
     def to_dict(self) -> dict:
@@ -255,7 +273,8 @@ def plain_cases(org, request: ForgetRequest, seed: int, knobs: Knobs,
     """Yield ``(case, model, build seconds)`` of the cases on the plain organism."""
     original = org.model
     keep = {"steps": knobs.control_steps, "keep": knobs.control_keep,
-            "keep_text": knobs.control_keep_text}
+            "keep_text": knobs.control_keep_text, "objective": knobs.control_objective,
+            "text": knobs.control_text}
     def teacher() -> ModelHandle:
         if knobs.distill_teacher == "oracle":
             return org.oracle(request, train_seed=org.preset.seed + 1)
@@ -400,7 +419,8 @@ def planted_row(preset: str, seed: int, planted_people: Sequence[int] | None, kn
     t = time.time()
     model = _with_edit(org.model, edit.reinit, units=org.planted.units, request=req,
                        mode="fresh", steps=knobs.reinit_steps, lr=knobs.reinit_lr,
-                       batch_size=knobs.reinit_batch, seed=seed)
+                       batch_size=knobs.reinit_batch, text_loss=knobs.reinit_text_loss,
+                       seed=seed)
     secs = time.time() - t
     log(f"seed {seed}: judging planted_reinit")
     row = judge("planted_reinit", model, req, oracles, org.model, seed, people, secs, cache={},
