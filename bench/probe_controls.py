@@ -2,18 +2,19 @@
 answer is known?
 
     python bench/probe_controls.py [--preset tiny] [--n-null 100] [--feature last]
+                                   [--per-count 16] [--unseen 32]
                                    [--no-canaries] [--no-gemma] [--json out.json]
 
 1. Canaries on the organism: ``excise.organism(preset, canaries=True)`` - 16 random canaries
-   (five words of the world's vocabulary, then four digits) each in exactly 1, 4, 16 and 64 batch
-   rows of training, 32 never seen. Per count: the probe on that count's canaries vs the
-   never-seen ones (best depth, against the null of the best depth: mean and 95th percentile),
-   loss-based membership AUC, greedy recall of the digits; Spearman between probe accuracy and
-   AUC across the counts (the issue's statistic). Where the AUC saturates at 1.0 for several
-   counts that Spearman is decided by ties, so Spearman with the count itself and with the
-   recall are printed beside it (undefined, ``nan``, where one side is constant). The same on
-   the oracle (``org.without_canaries()``: the plain organism, which never saw a canary): the
-   probe must read at its null there.
+   (``--per-count``; five words of the world's vocabulary, then four digits) each in exactly 1,
+   4, 16 and 64 batch rows of training, 32 never seen (``--unseen``). Per count: the probe on
+   that count's canaries vs the never-seen ones (best depth, against the null of the best depth:
+   mean and 95th percentile), loss-based membership AUC, greedy recall of the digits; Spearman
+   between probe accuracy and AUC across the counts (the issue's statistic). Where the AUC
+   saturates at 1.0 for several counts that Spearman is decided by ties, so Spearman with the
+   count itself and with the recall are printed beside it (undefined, ``nan``, where one side is
+   constant). The same on the oracle (``org.without_canaries()``: the plain organism, which
+   never saw a canary): the probe must read at its null there.
 2. Verbatim passages on Gemma 3 270M (``data/verbatim.jsonl``; skipped when the Gemma extra is
    missing): passages the model completes exactly vs novel passages of the same style written
    for excise (pairs whose novel twin it completes too are left out). The probe must read at
@@ -52,9 +53,11 @@ def spearman(a, b) -> float:
     return float(spearmanr(a, b).correlation)
 
 
-def canaries(preset: str, n_null: int, feature: str) -> dict:
+def canaries(preset: str, n_null: int, feature: str, per_count: int = 16,
+             n_unseen: int = 32) -> dict:
     t0, c0 = time.time(), time.process_time()
-    org = excise.organism(preset, canaries=True, progress=False)
+    org = excise.organism(preset, canaries={"per_count": per_count, "n_unseen": n_unseen},
+                          progress=False)
     facts = org.canary_facts()
     out = {"preset": preset, "canaries": org.canaries.to_dict(), "feature": feature}
     for label, model in (("canaries", org.model), ("oracle", org.without_canaries())):
@@ -122,6 +125,10 @@ def main() -> None:
     ap.add_argument("--n-null", type=int, default=100)
     ap.add_argument("--feature", default="last", choices=FEATURES,
                     help="the canary control's feature (the Gemma table prints every one)")
+    ap.add_argument("--per-count", type=int, default=16,
+                    help="canaries per repetition count (excise.world.Canaries.per_count)")
+    ap.add_argument("--unseen", type=int, default=32,
+                    help="never-seen canaries, the negatives (Canaries.n_unseen)")
     ap.add_argument("--no-canaries", action="store_true")
     ap.add_argument("--no-gemma", action="store_true")
     ap.add_argument("--json", type=Path)
@@ -132,7 +139,8 @@ def main() -> None:
           f"EXCISE_CACHE={os.environ.get('EXCISE_CACHE', '~/.cache/excise')}")
     res = {}
     if not args.no_canaries:
-        res["canaries"] = canaries(args.preset, args.n_null, args.feature)
+        res["canaries"] = canaries(args.preset, args.n_null, args.feature, args.per_count,
+                                   args.unseen)
     if not args.no_gemma:
         res["gemma"] = gemma(args.n_null)
     if args.json:
