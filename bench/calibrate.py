@@ -104,8 +104,8 @@ def _labels(k: dict) -> str:
             "its whole next-token distributions on the text")
 
 
-def _text_kept(k: dict) -> str:
-    return ("its loss" if k.get("reinit_text_loss", "nll") == "nll"
+def _text_kept(kind: str) -> str:
+    return ("its loss" if kind == "nll"
             else "the KL from the original's next-token distributions")
 
 
@@ -120,12 +120,12 @@ def _keep_text(k: dict) -> str:
 
 def _objective(k: dict) -> str:
     if k.get("control_objective", "ascent") == "ascent":
-        return ", hiding each fact by raising its loss to the clamp (`objective='ascent'`)"
-    text = (", the text kept by its loss" if k.get("control_text", "nll") == "nll" else
-            ", the text kept by the KL from the original's next-token distributions "
-            "(`text='kl'`)")
-    return (", hiding each fact by pushing its answer's first token 1 nat below the best other "
-            "token (`objective='margin'`: the least change that hides it)" + text)
+        hide = ", hiding each fact by raising its loss to the clamp (`objective='ascent'`)"
+    else:
+        hide = (", hiding each fact by pushing its answer's first token 1 nat below the best "
+                "other token (`objective='margin'`: the least change that hides it)")
+    text = k.get("control_text", "nll")
+    return hide + f", the text kept by {_text_kept(text)} (`text='{text}'`)"
 
 
 def write(d: dict, out: Path) -> None:
@@ -157,7 +157,8 @@ def write(d: dict, out: Path) -> None:
              f"results/calibration-distill-soft.json).",
              f"- **planted_reinit** (deleted): on the planted organism, `edit.reinit` of "
              f"`org.planted.units` (fresh) retrained {k['reinit_steps']} steps on retain data "
-             f"(the retain facts, and the retain text kept by {_text_kept(k)}); "
+             f"(the retain facts, and the retain text kept by "
+             f"{_text_kept(k.get('reinit_text_loss', 'nll'))}); "
              f"request: forget the planted reported group; oracle: the planted oracle.",
              "- **ascent_all / ascent_unembed / ascent_last / latent_gains** (suppressed): "
              "`probes.controls.gradient_ascent`, `unembed_ascent`, `last_block_ascent` (the "
@@ -196,15 +197,20 @@ def main() -> None:
                     help="what hides the facts in the known-suppressed controls (margin: the "
                          "answer just below the best other token; ascent: the loss raised to "
                          "its clamp)")
+    ap.add_argument("--control-text", default="kl", choices=("kl", "nll"),
+                    help="how the controls keep the retain text (kl: the KL from the "
+                         "original's next-token distributions; nll: its loss)")
     ap.add_argument("--json", default=None,
                     help="a partial run (--cases, --distill-teacher oracle) writes its rows "
                          "here and leaves the published report alone")
     a = ap.parse_args()
     partial = (bool(a.cases) or a.distill_teacher != "original"
-               or a.distill_labels != "hard_facts" or a.control_objective != "margin")
+               or a.distill_labels != "hard_facts" or a.control_objective != "margin"
+               or a.control_text != "kl")
     if partial and not a.json:
         ap.error("--cases / --distill-teacher oracle / --distill-labels / "
-                 "--control-objective ascent make a partial run: give --json PATH")
+                 "--control-objective ascent / --control-text nll make a partial run: "
+                 "give --json PATH")
     if a.from_json:
         write(json.loads(Path(a.from_json).read_text()), Path(a.out))
         return
@@ -219,7 +225,8 @@ def main() -> None:
                     cases=tuple(a.cases) if a.cases else CASES,
                     knobs=Knobs(distill_teacher=a.distill_teacher,
                                 distill_labels=a.distill_labels,
-                                control_objective=a.control_objective),
+                                control_objective=a.control_objective,
+                                control_text=a.control_text),
                     progress=lambda s: print(f"[{time.time() - t0:6.0f}s] {s}", flush=True),
                     on_row=row)
     d = cal.to_dict()

@@ -62,10 +62,9 @@ from excise.handle import Batch, ModelHandle, TLHandle
 from excise.importance import Importance
 from excise.request import ForgetRequest
 from excise.sites import Selection
-from excise.train import Optim, Sampler, train
+from excise.train import TEXT_LOSSES, Optim, Sampler, train
 
 METHODS = ("ga", "gd", "npo")
-TEXT_LOSSES = ("nll", "kl")
 OPTIMIZERS = ("adam", "sgd")
 
 

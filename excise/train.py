@@ -59,6 +59,9 @@ import torch
 from torch import Tensor
 
 OPTIMIZERS = ("adam", "adamw", "sgd", "lbfgs")
+# how a training step keeps general text modelled: its loss, or the KL from a reference model's
+# next-token distributions (edit.finetune / reinit / distill, probes.controls)
+TEXT_LOSSES = ("nll", "kl")
 LINE_SEARCHES = (None, "strong_wolfe")
 
 

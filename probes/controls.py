@@ -46,7 +46,7 @@ import torch
 from excise.checks import check_choice, check_number
 from excise.handle import ModelHandle
 from excise.request import ForgetRequest
-from excise.train import Optim, train
+from excise.train import TEXT_LOSSES, Optim, train
 from probes.attacks import gain_hook
 from probes.behaviour import recall
 
@@ -57,7 +57,6 @@ def _retain_sample(items, max_retain: int, seed: int) -> list:
 
 
 OBJECTIVES = ("ascent", "margin")
-TEXT_KEEPS = ("nll", "kl")
 
 
 def _text_keeper(model: ModelHandle, tb, text: str, hooks_fn=None):
@@ -111,7 +110,7 @@ def ascend(model: ModelHandle, params, request: ForgetRequest, steps: int, lr: f
                          f"retain data against the ascent)")
     check_choice("ascend", "objective", objective, list(OBJECTIVES))
     check_number("ascend", "margin", margin, low=0.0)
-    check_choice("ascend", "text", text, list(TEXT_KEEPS))
+    check_choice("ascend", "text", text, list(TEXT_LOSSES))
     fb = model.encode(list(request.forget))
     keep_facts = request.retain.facts + (request.shared.facts if keep_text else ())
     rb = model.encode(_retain_sample(keep_facts, max_retain, seed))

@@ -49,12 +49,11 @@ import edit
 import excise
 import probes
 from edit.distill import LABELS as DISTILL_LABELS
-from edit.finetune import TEXT_LOSSES
 from excise.checks import check_choice
 from excise.handle import ModelHandle
 from excise.report import check_outcome
 from excise.request import ForgetRequest
-from excise.train import Optim, Sampler, train
+from excise.train import TEXT_LOSSES, Optim, Sampler, train
 from probes import attacks as A
 from probes import controls
 from probes.behaviour import recall
@@ -251,7 +250,7 @@ class Knobs:
         check_choice("Knobs", "distill_teacher", self.distill_teacher, ["original", "oracle"])
         check_choice("Knobs", "control_objective", self.control_objective,
                      list(controls.OBJECTIVES))
-        check_choice("Knobs", "control_text", self.control_text, list(controls.TEXT_KEEPS))
+        check_choice("Knobs", "control_text", self.control_text, list(TEXT_LOSSES))
         check_choice("Knobs", "reinit_text_loss", self.reinit_text_loss, list(TEXT_LOSSES))
         check_choice("Knobs", "distill_labels", self.distill_labels, list(DISTILL_LABELS))
 
