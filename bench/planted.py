@@ -21,6 +21,9 @@
     random neurons re-initialised and retrained on the user's retain data (``edit.reinit``),
     measured beside the original and the oracle, with one relearning attack
     (:func:`chain_check`).
+(d) What the best localizer missed: the planted neurons, its top k, the planted neurons it
+    found, the ones it missed and the others it picked, each zero-ablated in the planted model
+    (:func:`miss_check`): whether the misses hold anything the reported facts need.
 
 Writes ``<out>/results/planted.md`` (tables), ``planted.png`` (the figure) and ``planted.json``
 (every number), and refreshes the "Planted organism" section of ``<out>/results.md`` (between
@@ -173,18 +176,14 @@ def locate_request(org):
     return org.request(p.groups["reported"], retain_people=others)
 
 
-def score_methods(org, methods, log) -> tuple[dict, dict]:
+def score_methods(org, methods, log) -> tuple[dict, dict, dict]:
     import locate
     from excise.app.pipeline import locate_with
 
-    p = org.planted
     req = locate_request(org)
     model = org.model
-    d = model.info("blocks.0.mlp.post").unit_shape[0]
-    planted = torch.zeros(model.n_layers * d, dtype=torch.bool)
-    for u in p.neurons():
-        planted[int(u.site.split(".")[1]) * d + u.index[0]] = True
-    scored, skipped = {}, {}
+    planted = planted_mask(org)
+    scored, skipped, neuron_ranking = {}, {}, {}
     cache = locate.StatsCache()
     for name in methods:
         fn = locate.METHODS[name]
@@ -201,11 +200,78 @@ def score_methods(org, methods, log) -> tuple[dict, dict]:
             log(f"  {name}: left out - {s}")
             continue
         scored[name] = score_against(s, planted) | {"seconds": round(time.time() - t0, 1)}
+        neuron_ranking[name] = s
         log(f"  {name}: {scored[name]}")
     scored["random (expected)"] = random_baseline(int(planted.sum()), len(planted))
     scored[SHORTCUT] = score_against(weight_norms(model), planted)
     log(f"  {SHORTCUT}: {scored[SHORTCUT]}")
-    return scored, skipped
+    return scored, skipped, neuron_ranking
+
+
+def planted_mask(org) -> torch.Tensor:
+    """Bool over the MLP neurons (layer-major): planted or not."""
+    model = org.model
+    d = model.info("blocks.0.mlp.post").unit_shape[0]
+    planted = torch.zeros(model.n_layers * d, dtype=torch.bool)
+    for u in org.planted.neurons():
+        planted[int(u.site.split(".")[1]) * d + u.index[0]] = True
+    return planted
+
+
+def best_localizer(scored: dict) -> str | None:
+    """The scored localizer with the highest recall at k = the planted count."""
+    real = {n: r for n, r in scored.items() if not n.startswith("random") and n != SHORTCUT}
+    return max(real, key=lambda n: real[n]["r@1x"]) if real else None
+
+
+# -- (d) what the best localizer missed --------------------------------------------------------
+def miss_check(org, oracle, scores: torch.Tensor, log) -> dict:
+    """Zero-ablate, in the planted model, the planted neurons, the best localizer's top k
+    (k = the planted count), the planted neurons it found, the ones it missed and the others it
+    picked; recall of each group. Whether the planted neurons a localizer misses hold anything
+    the reported people's facts need: where ablating only the found ones already brings the
+    reported people to the oracle's level, the misses are planted but not needed."""
+    from probes.behaviour import recall
+
+    p, model = org.planted, org.model
+    d = model.info("blocks.0.mlp.post").unit_shape[0]
+    planted = planted_mask(org)
+    top = torch.zeros_like(planted)
+    top[torch.argsort(-scores, stable=True)[:int(planted.sum())]] = True
+    groups = {"reported": org.request(p.groups["reported"]).forget,
+              "validation": org.request(p.groups["validation"]).forget,
+              "others": org.request([i for i in org.world.trained_people
+                                     if i not in p.people]).forget}
+    sets = {"nothing": torch.zeros_like(planted), "planted neurons": planted,
+            "the localizer's top k": top, "planted, found": planted & top,
+            "planted, missed": planted & ~top, "picked, not planted": top & ~planted}
+
+    def zero(on: torch.Tensor) -> dict:
+        keep = (~on).float()
+        return {f"blocks.{L}.mlp.post": (lambda m: lambda x, _s: x * m.to(x.dtype))(
+            keep[L * d:(L + 1) * d]) for L in range(model.n_layers)}
+
+    rows = {}
+    for name, on in sets.items():
+        rows[f"{name} ({int(on.sum())})"] = {g: recall(model, f, hooks=zero(on))
+                                             for g, f in groups.items()}
+        log(f"  {name}: {rows[f'{name} ({int(on.sum())})']}")
+    rows["oracle"] = {g: recall(oracle, f) for g, f in groups.items()}
+    return rows
+
+
+def miss_lines(res: dict) -> list[str]:
+    """The table of :func:`miss_check` (nothing for a record without it)."""
+    miss = res.get("miss")
+    if not miss:
+        return []
+    cols = list(next(iter(miss.values())))
+    return ["", f"**(d) What the best localizer missed** (`{res['best']}`; zero-ablating, in "
+                f"the planted model, each set of MLP neurons - its size in brackets - and "
+                f"reading each group's recall; the oracle beside):", "",
+            "| ablated | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)] + [
+        f"| {name} | " + " | ".join(_f(row[c]) for c in cols) + " |"
+        for name, row in miss.items()]
 
 
 # the planting's training settings the report prints
@@ -344,7 +410,7 @@ def write_report(res: dict, out: Path) -> None:
     if res["skipped"]:
         lines += ["", "Left out:"]
         lines += [f"- `{n}`: {why}" for n, why in res["skipped"].items()]
-    lines += chain_lines(res) + ["", bar_line(res)]
+    lines += chain_lines(res) + miss_lines(res) + ["", bar_line(res)]
     if SHORTCUT in scored:
         lines += ["", shortcut_line(res)]
     lines += ["", "![localizers against the planted neurons](planted.png)", ""]
@@ -359,12 +425,10 @@ START, END = "<!-- planted:start -->", "<!-- planted:end -->"
 
 def bar_line(res: dict) -> str:
     """The issue's bar: the best localizer's recall at k = the planted count >= 0.9."""
-    scored = {n: r for n, r in res["scored"].items()
-              if not n.startswith("random") and n != SHORTCUT}
-    if not scored:
+    best = best_localizer(res["scored"])
+    if best is None:
         return "No localizer was scored."
-    best = max(scored, key=lambda n: scored[n]["r@1x"])
-    r = scored[best]["r@1x"]
+    r = res["scored"][best]["r@1x"]
     verdict = "reached" if r >= 0.9 else "not reached"
     return (f"The bar (the best localizer recovers the planted units with recall >= 0.9 at k = "
             f"the planted count): **{verdict}** - best `{best}`, recall {r:.3f} at k = "
@@ -392,7 +456,7 @@ def section(res: dict) -> list[str]:
     if res["skipped"]:
         lines += ["", "Left out: " + "; ".join(f"`{n}` ({why})"
                                                for n, why in res["skipped"].items())]
-    lines += chain_lines(res) + ["", bar_line(res)]
+    lines += chain_lines(res) + miss_lines(res) + ["", bar_line(res)]
     if SHORTCUT in res["scored"]:
         lines += ["", shortcut_line(res)]
     return lines + [END]
@@ -480,12 +544,15 @@ def main() -> None:
         log(f"  {name}: {row}")
     log("(b) localizers")
     methods = a.methods if a.methods else list(locate.METHODS)
-    scored, skipped = score_methods(org, methods, log)
+    scored, skipped, ranking = score_methods(org, methods, log)
     log("(c) from location to deletion")
     chain = chain_check(org, oracle, log)
+    best = best_localizer(scored)
+    log(f"(d) what {best} missed")
+    miss = miss_check(org, oracle, ranking[best], log) if best else None
     d = org.model.info("blocks.0.mlp.post").unit_shape[0]
     res = {"preset": a.preset, "planted": p.to_dict(), "check": check, "scored": scored,
-           "chain": chain,
+           "chain": chain, "best": best, "miss": miss,
            "skipped": skipped, "n_planted": len(p.neurons()),
            "n_neurons": org.model.n_layers * d, "minutes": (time.time() - t0) / 60}
     (out / "results").mkdir(parents=True, exist_ok=True)
