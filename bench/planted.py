@@ -263,16 +263,10 @@ def miss_check(org, oracle, scores: torch.Tensor, log) -> dict:
 
 def miss_lines(res: dict) -> list[str]:
     """The table of :func:`miss_check` (nothing for a record without it)."""
-    miss = res.get("miss")
-    if not miss:
-        return []
-    cols = list(next(iter(miss.values())))
-    return ["", f"**(d) What the best localizer missed** (`{res['best']}`; zero-ablating, in "
-                f"the planted model, each set of MLP neurons - its size in brackets - and "
-                f"reading each group's recall; the oracle beside):", "",
-            "| ablated | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)] + [
-        f"| {name} | " + " | ".join(_f(row[c]) for c in cols) + " |"
-        for name, row in miss.items()]
+    return table_lines(res.get("miss"), "ablated", (
+        f"**(d) What the best localizer missed** (`{res.get('best')}`; zero-ablating, in the "
+        f"planted model, each set of MLP neurons - its size in brackets - and reading each "
+        f"group's recall; the oracle beside):"))
 
 
 # the planting's training settings the report prints
@@ -344,17 +338,22 @@ def chain_check(org, oracle, log) -> dict:
 
 def chain_lines(res: dict) -> list[str]:
     """The table of :func:`chain_check` (nothing for a record without it)."""
-    chain = res.get("chain")
-    if not chain:
+    return table_lines(res.get("chain"), "model", (
+        f"**(c) From location to deletion** (`edit.reinit` of {res['n_planted']} neurons, "
+        f"fresh, retrained 400 steps on the user's retain data - everyone but the reported "
+        f"people; the relearning attack at its default setting):"))
+
+
+def table_lines(rows: dict | None, first: str, intro: str) -> list[str]:
+    """``intro`` and a Markdown table of ``rows`` (name -> {column: value}); nothing without
+    rows."""
+    if not rows:
         return []
-    cols = list(next(iter(chain.values())))
-    lines = ["", f"**(c) From location to deletion** (`edit.reinit` of {res['n_planted']} "
-             f"neurons, fresh, retrained 400 steps on the user's retain data - everyone but the "
-             f"reported people; the relearning attack at its default setting):", "",
-             "| model | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
-    for name, row in chain.items():
-        lines.append(f"| {name} | " + " | ".join(_f(row[c]) for c in cols) + " |")
-    return lines
+    cols = list(next(iter(rows.values())))
+    return ["", intro, "", f"| {first} | " + " | ".join(cols) + " |",
+            "|---|" + "---|" * len(cols)] + [
+        f"| {name} | " + " | ".join(_f(row[c]) for c in cols) + " |"
+        for name, row in rows.items()]
 
 
 # -- the report --------------------------------------------------------------------------------
