@@ -28,8 +28,8 @@
 Writes ``<out>/results/planted.md`` (tables), ``planted.png`` (the figure) and ``planted.json``
 (every number), and refreshes the "Planted organism" section of ``<out>/results.md`` (between
 ``<!-- planted:start -->`` and ``<!-- planted:end -->``; the sweep keeps it), with the bar:
-``tiny`` writes those names, another preset ``planted-<preset>.*`` and its own section.
-the best localizer's recall at k = the planted count, >= 0.9. No setting is chosen on the
+the best localizer's recall at k = the planted count, >= 0.9. ``tiny`` writes those names,
+another preset ``planted-<preset>.*`` and its own section. No setting is chosen on the
 reported people: every method runs at its defaults.
 """
 
@@ -413,8 +413,8 @@ def write_report(res: dict, out: Path) -> None:
     lines += chain_lines(res) + miss_lines(res) + ["", bar_line(res)]
     if SHORTCUT in scored:
         lines += ["", shortcut_line(res)]
-    lines += ["", f"![localizers against the planted neurons]({stem_of(res['preset'])}.png)", ""]
     stem = stem_of(res["preset"])
+    lines += ["", f"![localizers against the planted neurons]({stem}.png)", ""]
     atomic_write_text(out / "results" / f"{stem}.md", "\n".join(lines))
     figure(res, out / "results" / f"{stem}.png")
     md = out / "results.md"
