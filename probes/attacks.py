@@ -47,7 +47,9 @@ flagged (:func:`wrecks`), never dropped.
 Speed (``AttackConfig.engine``, ``ENGINES``): the fine-tuning and steering attacks run their
 forward passes either through the handle ("serial": TransformerLens, hooks and all) or, by
 default, "fused": the same GPT-2-style computation written with fused torch ops, each batch run
-in groups of rows of similar length so padding is hardly computed. Same steps, batches, learning
+in groups of rows of similar length so padding is hardly computed, and the last block, final
+norm and unembedding computed only at the positions that predict a target token (the earlier
+blocks at every position: their keys and values are read). Same steps, batches, learning
 rates and seeds; losses equal to float precision, every per-fact hit identical on the tiny and
 small organisms (tests/test_attacks_batched.py, bench/bench_attacks.py). Where it does not apply
 (another handle or architecture, hooks attached, logits that differ from the handle's) the
@@ -78,7 +80,7 @@ from excise.request import FactSet, ForgetRequest, owner
 from excise.sae import SAETrainConfig, check_sae_fits, train_sae
 from excise.train import Optim, Sampler
 from excise.train import train as train_loop
-from probes.behaviour import fact_hits, greedy_hits, recall
+from probes.behaviour import fact_hits, recall
 
 ATTACKS = ("relearn", "benign", "refit", "sae", "quantize", "paraphrase", "incontext", "lens")
 
@@ -371,7 +373,7 @@ _BLOCK_PARAMS = ("ln1.w", "ln1.b", "attn.W_Q", "attn.W_K", "attn.W_V", "attn.W_O
                  "attn.b_K", "attn.b_V", "attn.b_O", "ln2.w", "ln2.b", "mlp.W_in", "mlp.b_in",
                  "mlp.W_out", "mlp.b_out")
 
-FusedForward = Callable[[Mapping[str, Tensor], Tensor, "Mapping[str, Callable] | None"], Tensor]
+FusedForward = Callable[..., Tensor]  # (params, tokens, hooks=None, keep=None) -> logits
 
 
 def _fused_forward(model: ModelHandle, check: Tensor | None = None) -> FusedForward | None:
@@ -382,7 +384,11 @@ def _fused_forward(model: ModelHandle, check: Tensor | None = None) -> FusedForw
     gelu / relu MLP, full causal attention scaled by sqrt(d_head)), other parameters, or - given
     ``check`` tokens - logits that differ from the handle's there by more than float noise.
     ``params``: parameter site -> tensor (the handle's ``named_parameters()``: gradients flow to
-    them); ``hooks``: only ``blocks.{L}.resid_post`` sites, ``fn(x, site)`` as the handle's."""
+    them); ``hooks``: only ``blocks.{L}.resid_post`` sites, ``fn(x, site)`` as the handle's.
+    ``keep``: ``[B, T]`` bool, the positions whose logits are wanted; the logits are then
+    ``[n_kept, V]`` (in row-major order) and the last block computes its attention output,
+    MLP, final norm and unembedding at those positions only (every position still gives the
+    keys and values) - the same numbers for a fraction of the last block's arithmetic."""
     if type(model) is not TLHandle or model.hook_count():
         return None
     tl = model.model
@@ -401,7 +407,8 @@ def _fused_forward(model: ModelHandle, check: Tensor | None = None) -> FusedForw
     act, H, dh, d, eps = _FUSED_ACT[c.act_fn], c.n_heads, c.d_head, c.d_model, c.eps
     resid_sites = {f"blocks.{L}.resid_post": L for L in range(c.n_layers)}
 
-    def forward(P: Mapping[str, Tensor], tokens: Tensor, hooks=None) -> Tensor:
+    def forward(P: Mapping[str, Tensor], tokens: Tensor, hooks=None,
+                keep: Tensor | None = None) -> Tensor:
         at: dict[int, tuple[str, Callable]] = {}
         for site, fn in (hooks or {}).items():
             if site not in resid_sites:
@@ -410,6 +417,7 @@ def _fused_forward(model: ModelHandle, check: Tensor | None = None) -> FusedForw
             at[resid_sites[site]] = (site, fn)
         B, T = tokens.shape
         x = P["embed.W_E"][tokens] + P["pos_embed.W_pos"][:T]
+        last = c.n_layers - 1 if keep is not None and c.n_layers - 1 not in at else None
         for L in range(c.n_layers):
             p = f"blocks.{L}."
             h = F.layer_norm(x, (d,), P[p + "ln1.w"], P[p + "ln1.b"], eps).reshape(B * T, d)
@@ -419,17 +427,25 @@ def _fused_forward(model: ModelHandle, check: Tensor | None = None) -> FusedForw
             q, k, v = qkv.view(B, T, 3, H, dh).permute(2, 0, 3, 1, 4)
             z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1 / c.attn_scale)
             z = z.transpose(1, 2).reshape(B * T, H * dh)
-            x = x + torch.addmm(P[p + "attn.b_O"], z, P[p + "attn.W_O"].reshape(H * dh, d)
-                                ).view(B, T, d)
-            h = F.layer_norm(x, (d,), P[p + "ln2.w"], P[p + "ln2.b"], eps).reshape(B * T, d)
+            x = x.reshape(B * T, d)
+            if L == last:  # only the kept positions from here on
+                rows = keep.reshape(-1).nonzero()[:, 0].to(x.device)
+                z, x = z[rows], x[rows]
+            x = x + torch.addmm(P[p + "attn.b_O"], z, P[p + "attn.W_O"].reshape(H * dh, d))
+            h = F.layer_norm(x, (d,), P[p + "ln2.w"], P[p + "ln2.b"], eps)
             u = act(torch.addmm(P[p + "mlp.b_in"], h, P[p + "mlp.W_in"]))
-            x = x + torch.addmm(P[p + "mlp.b_out"], u, P[p + "mlp.W_out"]).view(B, T, d)
+            x = x + torch.addmm(P[p + "mlp.b_out"], u, P[p + "mlp.W_out"])
+            if L != last:
+                x = x.view(B, T, d)
             if L in at:
                 site, fn = at[L]
                 new = fn(x, site)
                 x = x if new is None else new
-        h = F.layer_norm(x, (d,), P["ln_final.w"], P["ln_final.b"], eps).reshape(B * T, d)
-        return torch.addmm(P["unembed.b_U"], h, P["unembed.W_U"]).view(B, T, -1)
+        if keep is not None and last is None:  # a hook on the last block saw every position
+            x = x[keep.to(x.device)]
+        h = F.layer_norm(x, (d,), P["ln_final.w"], P["ln_final.b"], eps)
+        logits = torch.addmm(P["unembed.b_U"], h.reshape(-1, d), P["unembed.W_U"])
+        return logits if keep is not None else logits.view(B, T, -1)
 
     if check is not None:
         with torch.no_grad():
@@ -472,11 +488,19 @@ def _fused_loss(forward: FusedForward, params: Mapping[str, Tensor], batch: Batc
     total = 0.0
     for rows in _buckets(batch.lengths):
         b = batch[rows].trim()
-        logits = forward(params, b.tokens, hooks)[:, :-1]
-        tok, m = b.tokens[:, 1:].to(logits.device), b.target_mask[:, 1:].to(logits.device)
-        lp = torch.log_softmax(logits.float(), -1).gather(-1, tok[..., None])[..., 0]
-        total = total + (lp * m).sum()
+        logits, tok = _target_logits(forward, params, b, hooks)
+        total = total + torch.log_softmax(logits.float(), -1).gather(-1, tok[:, None]).sum()
     return -total / batch.target_mask[:, 1:].sum().clamp(min=1).item()
+
+
+def _target_logits(forward: FusedForward, params: Mapping[str, Tensor], b: Batch,
+                   hooks=None) -> tuple[Tensor, Tensor]:
+    """The logits at the positions that predict a target token ``[n, V]`` (row-major order)
+    and those target tokens ``[n]``: the last block runs at those positions only."""
+    keep = torch.zeros_like(b.target_mask)
+    keep[:, :-1] = b.target_mask[:, 1:]
+    logits = forward(params, b.tokens, hooks, keep)
+    return logits, b.tokens[:, 1:][b.target_mask[:, 1:]].to(logits.device)
 
 
 @torch.no_grad()
@@ -489,7 +513,10 @@ def _fused_hits(forward: FusedForward, params: Mapping[str, Tensor], batch: Batc
         chunk = batch[i:i + batch_size]
         for rows in _buckets(chunk.lengths):
             b = chunk[rows].trim()
-            out[i + rows] = greedy_hits(forward(params, b.tokens, hooks)[:, :-1], b)[1].cpu()
+            logits, tok = _target_logits(forward, params, b, hooks)
+            ok = torch.ones(b.target_mask[:, 1:].shape, dtype=torch.bool, device=tok.device)
+            ok[b.target_mask[:, 1:].to(tok.device)] = logits.argmax(-1) == tok
+            out[i + rows] = ok.all(1).cpu()
     return out
 
 

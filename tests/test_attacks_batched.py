@@ -50,6 +50,29 @@ def test_fused_logits_loss_and_gradients_match_the_handle(tiny, tiny_request):
     assert torch.equal(A._fused_hits(fwd, params, b), A.fact_hits(m, b))
 
 
+def test_fused_kept_positions_equal_the_full_logits_there(tiny, tiny_request):
+    """``keep``: the last block runs at the kept positions only; the logits there equal the
+    full forward's, with a hook on an earlier block and on the last one (which sees every
+    position, so the cut comes after it)."""
+    m = A._trainable_clone(tiny.model)
+    data = _data(tiny, tiny_request)
+    fwd = A._fused_forward(m, data[:8].trim().tokens)
+    params = m.named_parameters()
+    b = data[Sampler(1).rows(len(data), 40)].trim()
+    keep = torch.rand(b.tokens.shape, generator=torch.Generator().manual_seed(0)) < 0.3
+    n = m.model.cfg.n_layers
+
+    def shift(x, site):
+        return x + 0.5 * x.roll(1, dims=-1)
+
+    for hooks in (None, {"blocks.0.resid_post": shift}, {f"blocks.{n - 1}.resid_post": shift}):
+        with torch.no_grad():
+            full = fwd(params, b.tokens, hooks)
+            kept = fwd(params, b.tokens, hooks, keep)
+        assert kept.shape == (int(keep.sum()), full.shape[-1])
+        assert (kept - full[keep]).abs().max() < 1e-5, hooks
+
+
 def test_fused_training_losses_follow_the_serial_ones(tiny, tiny_request):
     data = _data(tiny, tiny_request)
     runs = []
