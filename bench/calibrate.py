@@ -99,6 +99,9 @@ def _labels(k: dict) -> str:
         return "the teacher's whole next-token distributions (soft labels)"
     if labels == "hard":
         return "the teacher's greedy token at every position (hard labels)"
+    if labels == "data_facts":
+        return ("the retain facts' own tokens and the teacher's whole next-token distributions "
+                "on the text")
     return ("the teacher's greedy answer on the retain facts (its whole distributions there "
             "keep probability on the answers it was trained on, forget answers included) and "
             "its whole next-token distributions on the text")

@@ -15,7 +15,10 @@ on the request's retain facts and, weighted by ``text_weight``, its retain text 
 student learns what the teacher answers, not how much probability it keeps for every other token;
 soft labels of a teacher that knew the forget facts can carry them), or with
 ``labels="hard_facts"`` greedy answers on the retain facts and whole distributions on the text
-(greedy tokens alone on text leave a student that predicts text badly). What the teacher still does
+(greedy tokens alone on text leave a student that predicts text badly), or with
+``labels="data_facts"`` the retain facts' own tokens (the answers the request gives: the
+teacher's mistakes on retain facts, e.g. after an unlearning edit that damaged some, are not
+copied) and the teacher's whole distributions on the text. What the teacher still does
 on retain data is learned back; what it no longer does (the forgotten facts) is not, and the
 perturbation removed what was left of it in those units.
 
@@ -45,8 +48,9 @@ from excise.train import Optim, Sampler, train
 
 # what the student learns at each position: the teacher's whole next-token distribution
 # (KL), or only its greedy token (cross-entropy to the argmax: hard-label distillation) -
-# everywhere, or on the retain facts only ("hard_facts": soft labels on the retain text)
-LABELS = ("soft", "hard", "hard_facts")
+# everywhere, or on the retain facts only ("hard_facts": soft labels on the retain text), or the
+# retain facts' own tokens ("data_facts": soft labels on the retain text)
+LABELS = ("soft", "hard", "hard_facts", "data_facts")
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,8 @@ def distill(model: ModelHandle, importance: Importance | None = None,
     """Shrink-and-perturb the parameters of ``units`` by ``alpha``, then distill the model (as
     it stands) into them on the request's retain facts and retain text for ``steps`` steps.
     ``labels``: ``"soft"`` (the teacher's whole next-token distribution, as UNDO), ``"hard"``
-    (its greedy token at each position only) or ``"hard_facts"`` (greedy on the retain facts,
+    (its greedy token at each position only), ``"hard_facts"`` (greedy on the retain facts,
+    whole distributions on the retain text) or ``"data_facts"`` (the retain facts' own tokens,
     whole distributions on the retain text). Returns the applied Edit."""
     st = DistillSettings(alpha, steps, lr, batch_size, text_weight, optimizer, max_grad_norm,
                          seed, teacher_cache_mb, labels)
@@ -99,24 +104,29 @@ def distill(model: ModelHandle, importance: Importance | None = None,
         "distill", model, importance, units, top, request, "(the teacher's outputs on its "
         "retain facts and retain text are distilled)", st.to_dict(), st.alpha, st.seed)
     work = copy.work
-    data = [(work.encode(list(req.retain)), 1.0, st.labels != "soft")]
+    # (batch, weight, mode): "soft" KL to the teacher, "hard" its argmax, "data" the batch itself
+    facts = {"soft": "soft", "data_facts": "data"}.get(st.labels, "hard")
+    data = [(work.encode(list(req.retain)), 1.0, facts)]
     if st.text_weight and req.retain_text:
         data.append((work.encode_texts(list(req.retain_text)), st.text_weight,
-                     st.labels == "hard"))
-    teachers = [_Teacher(model, batch, st.teacher_cache_mb / len(data)) for batch, *_ in data]
+                     "hard" if st.labels == "hard" else "soft"))
+    teachers = [None if mode == "data" else _Teacher(model, batch, st.teacher_cache_mb / len(data))
+                for batch, _, mode in data]
     sampler = Sampler(st.seed)
 
     def loss_fn(_step: int) -> torch.Tensor:
         loss = None
-        for (batch, weight, hard), teacher in zip(data, teachers):  # retain facts, then text
+        for (batch, weight, mode), teacher in zip(data, teachers):  # retain facts, then text
             rows = sampler.rows(len(batch), st.batch_size)
             b = batch[rows].trim()
             mask = predicting(b).to(work.device)
             student = torch.log_softmax(work.logits(b.tokens)[:, :-1].float(), -1)[mask]
-            target = teacher.logprobs(rows, b)[mask]
-            if hard:
-                term = weight * F.nll_loss(student, target.argmax(-1))
+            if mode == "data":
+                term = weight * F.nll_loss(student, b.tokens[:, 1:].to(work.device)[mask])
+            elif mode == "hard":
+                term = weight * F.nll_loss(student, teacher.logprobs(rows, b)[mask].argmax(-1))
             else:
+                target = teacher.logprobs(rows, b)[mask]
                 term = weight * F.kl_div(student, target, log_target=True, reduction="batchmean")
             loss = term if loss is None else loss + term
         return loss

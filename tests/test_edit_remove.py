@@ -380,12 +380,13 @@ def test_an_importance_of_another_model_is_refused(name):
     assert a.handle.fingerprint() == own
 
 
-@pytest.mark.parametrize("labels", ["hard", "hard_facts", "soft"])
+@pytest.mark.parametrize("labels", ["hard", "hard_facts", "soft", "data_facts"])
 def test_distillation_labels_are_the_plain_losses(tiny, tiny_request, labels):
     """One SGD step of ``distill`` equals a step on the loss written out here: on the retain
     facts and on the retain text, the mean over every real position that predicts a next token
     of the cross-entropy to the teacher's argmax token (``hard``; ``hard_facts`` on the facts
-    only) or of KL(teacher || student) (``soft``; ``hard_facts`` on the text)."""
+    only), to the fact's own next token (``data_facts`` on the facts) or of KL(teacher ||
+    student) (``soft``; ``hard_facts`` and ``data_facts`` on the text)."""
     req, units, teacher = tiny_request, _units(), tiny.model
     facts = teacher.encode(list(req.retain)).trim()
     text = teacher.encode_texts(list(req.retain_text)).trim()
@@ -400,12 +401,15 @@ def test_distillation_labels_are_the_plain_losses(tiny, tiny_request, labels):
         for v in params.values():
             v.requires_grad_(True)
         loss = 0.0
-        for batch, hard in ((facts, labels != "soft"), (text, labels == "hard")):
+        fact_mode = {"soft": "soft", "data_facts": "data"}.get(labels, "hard")
+        for batch, mode in ((facts, fact_mode), (text, "hard" if labels == "hard" else "soft")):
             m = (torch.arange(batch.tokens.shape[1])[None] < batch.lengths[:, None])[:, 1:]
             with torch.no_grad():
                 t = torch.log_softmax(teacher.logits(batch.tokens)[:, :-1].float(), -1)[m]
             s_ = torch.log_softmax(student.logits(batch.tokens)[:, :-1].float(), -1)[m]
-            if hard:
+            if mode == "data":
+                loss = loss - s_.gather(1, batch.tokens[:, 1:][m][:, None]).mean()
+            elif mode == "hard":
                 loss = loss - s_.gather(1, t.argmax(-1, keepdim=True)).mean()
             else:
                 loss = loss + (t.exp() * (t - s_)).sum(-1).mean()
