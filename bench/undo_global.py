@@ -1,0 +1,85 @@
+"""Global UNDO-style distillation on the natural organism, judged by the verdict (issue 14).
+
+Every weight shrunk and perturbed by ``alpha`` (``theta <- (1 - alpha) theta + alpha fresh``),
+then the original distilled back into it (``edit.distill(units="all", labels="hard_facts")``) on
+retain data: the retain facts, the shared facts' sentences and the retain text
+(``excise.app.calibrate.distill_request``); ``--teacher-npo`` first applies global NPO to the
+teacher (the UNDO chain). Each request (the sweep's 5% split: seed s forgets people 50s..50s+9)
+is judged by ``probes.verify(suite="verdict")`` against one retrain oracle.
+
+    OMP_NUM_THREADS=2 python bench/undo_global.py --seeds 0 1 2 --alpha 0.8 [--grid quick]
+        [--steps 1000] [--lr 1e-3] [--teacher-npo '{"steps": 20, "lr": 2e-4}'] [--json out.json]
+
+Settings were chosen on validation people 150..159 (docs/results/deletion-undo-global.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--organism-seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--alpha", type=float, default=0.8)
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--grid", default="quick")
+    ap.add_argument("--teacher-npo", default="", help="JSON finetune settings of a global NPO "
+                    "teacher (default: the original is the teacher)")
+    ap.add_argument("--json", default="")
+    a = ap.parse_args()
+
+    import edit
+    import excise
+    import probes
+    from excise.app.calibrate import distill_request, judge
+    from probes import attacks as A
+
+    org = excise.organism(a.preset, seed=a.organism_seed, progress=False)
+    rows = []
+    for s in a.seeds:
+        people = list(range(50 * s, 50 * s + 10))
+        req = org.request(people)
+        t = time.time()
+        oracle = org.oracle(req)
+        oracle_s = time.time() - t
+        t = time.time()
+        teacher = org.model.clone()
+        if a.teacher_npo:
+            edit.finetune(teacher, units="all", request=req, method="npo", seed=s,
+                          **json.loads(a.teacher_npo))
+        m = teacher.clone()
+        edit.distill(m, units="all", request=distill_request(req), alpha=a.alpha, steps=a.steps,
+                     lr=a.lr, batch_size=a.batch_size, labels="hard_facts", seed=s)
+        build = time.time() - t
+        cfg = probes.VerifySettings(suite="verdict", seed=s, grid=a.grid).attack_config()
+        kit = A.steering_kit(org.model, req, cfg)
+        row = judge("distill", m, req, oracle, org.model, s, people, build, cache={},
+                    verify_kw={"grid": a.grid, "sae": (kit[0], kit[2])})
+        rows.append(dataclasses.asdict(row) | {"oracle_seconds": round(oracle_s, 1)})
+        k = row.metrics
+        print(f"seed {s} (people {people[0]}..{people[-1]}): {row.got}; failed {row.failed}, "
+              f"open {row.open}; forget {k['forget']:.3f} (oracle {k['oracle_forget']:.3f}), "
+              f"retain {k['retain']:.3f}, shared {k['shared']:.3f}, ppl/oracle "
+              f"{k['ppl_ratio']:.3f}, MIA {k['mia']:.3f} (oracle {k['oracle_mia']:.3f}), worst "
+              f"attack upper {max(v for v in k['attack_uppers'].values() if v is not None):.3f}; "
+              f"edit {build:.0f} s, oracle training {oracle_s:.0f} s (0: cached)", flush=True)
+    if a.json:
+        from excise.io import atomic_write_text
+        atomic_write_text(a.json, json.dumps({"args": vars(a), "rows": rows}, indent=1,
+                                             default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
