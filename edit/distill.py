@@ -46,11 +46,12 @@ from excise.importance import Importance
 from excise.sites import Selection
 from excise.train import Optim, Sampler, train
 
-# what the student learns at each position: the teacher's whole next-token distribution
-# (KL), or only its greedy token (cross-entropy to the argmax: hard-label distillation) -
-# everywhere, or on the retain facts only ("hard_facts": soft labels on the retain text), or the
-# retain facts' own tokens ("data_facts": soft labels on the retain text)
-LABELS = ("soft", "hard", "hard_facts", "data_facts")
+# what the student learns at each position, on the retain facts and on the retain text: the
+# teacher's whole next-token distribution ("soft": KL), only its greedy token ("hard":
+# cross-entropy to the argmax, hard-label distillation) or the data's own next token ("data")
+MODES = {"soft": ("soft", "soft"), "hard": ("hard", "hard"), "hard_facts": ("hard", "soft"),
+         "data_facts": ("data", "soft")}
+LABELS = tuple(MODES)
 
 
 @dataclass(frozen=True)
@@ -104,12 +105,10 @@ def distill(model: ModelHandle, importance: Importance | None = None,
         "distill", model, importance, units, top, request, "(the teacher's outputs on its "
         "retain facts and retain text are distilled)", st.to_dict(), st.alpha, st.seed)
     work = copy.work
-    # (batch, weight, mode): "soft" KL to the teacher, "hard" its argmax, "data" the batch itself
-    facts = {"soft": "soft", "data_facts": "data"}.get(st.labels, "hard")
-    data = [(work.encode(list(req.retain)), 1.0, facts)]
+    fact_mode, text_mode = MODES[st.labels]
+    data = [(work.encode(list(req.retain)), 1.0, fact_mode)]  # (batch, weight, mode)
     if st.text_weight and req.retain_text:
-        data.append((work.encode_texts(list(req.retain_text)), st.text_weight,
-                     "hard" if st.labels == "hard" else "soft"))
+        data.append((work.encode_texts(list(req.retain_text)), st.text_weight, text_mode))
     teachers = [None if mode == "data" else _Teacher(model, batch, st.teacher_cache_mb / len(data))
                 for batch, _, mode in data]
     sampler = Sampler(st.seed)

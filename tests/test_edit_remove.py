@@ -401,8 +401,9 @@ def test_distillation_labels_are_the_plain_losses(tiny, tiny_request, labels):
         for v in params.values():
             v.requires_grad_(True)
         loss = 0.0
-        fact_mode = {"soft": "soft", "data_facts": "data"}.get(labels, "hard")
-        for batch, mode in ((facts, fact_mode), (text, "hard" if labels == "hard" else "soft")):
+        fact_mode, text_mode = {"hard": ("hard", "hard"), "hard_facts": ("hard", "soft"),
+                                "soft": ("soft", "soft"), "data_facts": ("data", "soft")}[labels]
+        for batch, mode in ((facts, fact_mode), (text, text_mode)):
             m = (torch.arange(batch.tokens.shape[1])[None] < batch.lengths[:, None])[:, 1:]
             with torch.no_grad():
                 t = torch.log_softmax(teacher.logits(batch.tokens)[:, :-1].float(), -1)[m]
