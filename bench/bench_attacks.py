@@ -6,7 +6,7 @@
 
 Runs ``probes.attacks.run_grid`` (every learning rate x seed of the grid on each model, as the
 attacks suite does) once with ``engine="serial"`` (TransformerLens forward passes) and once with
-``engine="fused"`` (fused torch ops on batches split by length), interleaved per attack
+``engine="fused"`` (fused torch ops on packed rows), interleaved per attack
 (``--repeats`` times, the order alternating),
 at equal budgets (same steps, learning rates, batches, people, seeds); prints seconds per attack,
 the ratio, and whether every per-fact hit of every curve agrees. Both are excise's own code

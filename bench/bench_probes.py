@@ -1,11 +1,15 @@
 """The whole verification suite on the `small` organism (with its retrain oracle), timed.
 
     EXCISE_CACHE=/tmp/exc OMP_NUM_THREADS=1 python bench/bench_probes.py [--preset small]
-        [--forget 10] [--edit default|none] [--out DIR]
+        [--forget 10] [--edit default|none] [--out DIR] [--engines]
 
 Verifies the model edited by the default pipeline (Fisher + SSD dampening, configs/default.yaml)
 beside the original and the oracle, and prints the metric table, the verdict and seconds per
-suite. Needs the organism and its oracle in the cache (trains them otherwise - minutes).
+suite. ``--engines``: the whole suite twice instead, interleaved, the fine-tuning and steering
+attacks on the serial (TransformerLens) path and on the fused one (``AttackConfig.engine``;
+excise's own two paths, same steps, learning rates, batches, people and seeds): seconds of each,
+the ratio, and whether every metric and attack grid agrees. Needs the organism and its oracle
+in the cache (trains them otherwise - minutes).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ def main() -> None:
     ap.add_argument("--forget", type=int, default=10)
     ap.add_argument("--edit", default="default", choices=["default", "none"])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--engines", action="store_true",
+                    help="time the suite with the serial attack engine against the fused one")
     a = ap.parse_args()
 
     import torch
@@ -50,6 +56,8 @@ def main() -> None:
         units = imp.top(cfg.select.top, cfg.select.sites) if cfg.select.top is not None else None
         regs["edit"][cfg.edit.method](edited, imp, units, **cfg.edit.params)
     t_edit = time.time() - t1
+    if a.engines:
+        return engines(edited, req, oracle, original)
     t2 = time.time()
     rep = probes.verify(edited, req, oracle=oracle, suite="all", label="after",
                         original=original)
@@ -68,6 +76,28 @@ def main() -> None:
         rep.plots = [os.path.basename(p) for p in probes.write_plots(rep, a.out)]
         rep.save(a.out)
         print(f"report: {a.out}")
+
+
+def engines(edited, req, oracle, original) -> None:
+    """The whole suite (quick grid) with each attack engine, fused first; no store, no cache."""
+    import torch
+
+    import probes
+
+    reps, secs = {}, {}
+    for engine in ("fused", "serial"):
+        t = time.perf_counter()
+        reps[engine] = probes.verify(edited, req, oracle=oracle, suite="all", label="after",
+                                     original=original, attacks={"engine": engine})
+        secs[engine] = time.perf_counter() - t
+        print(f"{engine:7s} {secs[engine]:6.1f} s  per suite: "
+              f"{reps[engine].extra['verify_seconds']}")
+    f, s = reps["fused"], reps["serial"]
+    same = f.metrics == s.metrics and f.extra["attack_grid"] == s.extra["attack_grid"]
+    print(f"suite all, quick grid, {torch.get_num_threads()} thread(s): serial "
+          f"{secs['serial']:.1f} s, fused {secs['fused']:.1f} s: "
+          f"{secs['serial'] / secs['fused']:.2f}x; "
+          f"every metric and attack grid identical: {same}; verdict {f.verdict} / {s.verdict}")
 
 
 if __name__ == "__main__":

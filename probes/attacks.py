@@ -46,10 +46,12 @@ flagged (:func:`wrecks`), never dropped.
 
 Speed (``AttackConfig.engine``, ``ENGINES``): the fine-tuning and steering attacks run their
 forward passes either through the handle ("serial": TransformerLens, hooks and all) or, by
-default, "fused": the same GPT-2-style computation written with fused torch ops, each batch run
-in groups of rows of similar length so padding is hardly computed, and the last block, final
-norm and unembedding computed only at the positions that predict a target token (the earlier
-blocks at every position: their keys and values are read). Same steps, batches, learning
+default, "fused": the same GPT-2-style computation written with fused torch ops, computing
+only what a target token's logit depends on: each row up to its last position that predicts a
+target (causal attention: nothing later feeds it), the rows packed so the per-position layers
+compute no padding (attention alone runs on the padded grid), and the last block, final norm
+and unembedding only at the positions that predict a target token (the earlier blocks at every
+position before them: their keys and values are read). Same steps, batches, learning
 rates and seeds; losses equal to float precision, every per-fact hit identical on the tiny and
 small organisms (tests/test_attacks_batched.py, bench/bench_attacks.py). Where it does not apply
 (another handle or architecture, hooks attached, logits that differ from the handle's) the
@@ -80,7 +82,7 @@ from excise.request import FactSet, ForgetRequest, owner
 from excise.sae import SAETrainConfig, check_sae_fits, train_sae
 from excise.train import Optim, Sampler
 from excise.train import train as train_loop
-from probes.behaviour import fact_hits, recall
+from probes.behaviour import fact_hits
 
 ATTACKS = ("relearn", "benign", "refit", "sae", "quantize", "paraphrase", "incontext", "lens")
 
@@ -88,10 +90,11 @@ ATTACKS = ("relearn", "benign", "refit", "sae", "quantize", "paraphrase", "incon
 # without a retrain oracle)
 COMPARATOR = "comparator"
 
-# How the fine-tuning and steering attacks (relearn, benign, sae) run their forward passes:
+# How the fine-tuning and steering attacks (relearn, benign, sae) and the quantization attack's
+# greedy reads run their forward passes:
 # "serial" through the handle (TransformerLens, hooks and all); "fused" through fused torch ops
-# (layer_norm, scaled_dot_product_attention, addmm; _fused_forward) on batches split by length
-# (_buckets) - same steps, batches, learning rates and seeds, the same losses to float precision.
+# (layer_norm, scaled_dot_product_attention, addmm; _fused_forward) on packed rows - same
+# steps, batches, learning rates and seeds, the same losses to float precision.
 # Where it does not apply the serial path runs (see the module docstring).
 ENGINES = ("serial", "fused")
 
@@ -386,9 +389,13 @@ def _fused_forward(model: ModelHandle, check: Tensor | None = None) -> FusedForw
     ``params``: parameter site -> tensor (the handle's ``named_parameters()``: gradients flow to
     them); ``hooks``: only ``blocks.{L}.resid_post`` sites, ``fn(x, site)`` as the handle's.
     ``keep``: ``[B, T]`` bool, the positions whose logits are wanted; the logits are then
-    ``[n_kept, V]`` (in row-major order) and the last block computes its attention output,
-    MLP, final norm and unembedding at those positions only (every position still gives the
-    keys and values) - the same numbers for a fraction of the last block's arithmetic."""
+    ``[n_kept, V]`` (in row-major order) and only the positions some kept position depends on
+    are computed: in each row the prefix up to its last kept position (causal attention: nothing
+    later feeds it), packed into ``[n, d]`` rows for the per-position layers (no padded
+    positions; attention alone runs on the padded ``[B, T]`` grid), and the last block computes
+    its attention output, MLP, final norm and unembedding at the kept positions only - the same
+    numbers for a fraction of the arithmetic. A hook then sees those packed rows ``[n, d]``
+    (without ``keep``: ``[B, T, d]``, as the handle's)."""
     if type(model) is not TLHandle or model.hook_count():
         return None
     tl = model.model
@@ -415,36 +422,49 @@ def _fused_forward(model: ModelHandle, check: Tensor | None = None) -> FusedForw
                 raise ValueError(f"the fused forward takes hooks at {sorted(resid_sites)} only; "
                                  f"got {site!r} (use engine='serial')")
             at[resid_sites[site]] = (site, fn)
+        dev = P["embed.W_E"].device
+        tokens = tokens.to(dev)
         B, T = tokens.shape
-        x = P["embed.W_E"][tokens] + P["pos_embed.W_pos"][:T]
-        last = c.n_layers - 1 if keep is not None and c.n_layers - 1 not in at else None
+        pos = torch.arange(T, device=dev)
+        flat = cut = None  # packed rows of the [B, T] grid; the kept ones among them
+        if keep is None:
+            x = (P["embed.W_E"][tokens] + P["pos_embed.W_pos"][:T]).reshape(B * T, d)
+        else:
+            keep = keep.to(dev)
+            end = torch.where(keep, pos, -1).amax(1) if B and T else pos.new_full((B,), -1)
+            T = max(1, int(end.max()) + 1 if B else 1)  # drop what follows every last kept one
+            tokens, keep, pos = tokens[:, :T], keep[:, :T], pos[:T]
+            flat = (pos <= end[:, None]).reshape(-1).nonzero()[:, 0]
+            cut = keep.reshape(-1)[flat].nonzero()[:, 0]
+            x = P["embed.W_E"][tokens.reshape(-1)[flat]] + P["pos_embed.W_pos"][flat % T]
+        last = c.n_layers - 1 if cut is not None and c.n_layers - 1 not in at else None
         for L in range(c.n_layers):
             p = f"blocks.{L}."
-            h = F.layer_norm(x, (d,), P[p + "ln1.w"], P[p + "ln1.b"], eps).reshape(B * T, d)
+            h = F.layer_norm(x, (d,), P[p + "ln1.w"], P[p + "ln1.b"], eps)
             W = torch.cat([P[p + "attn.W_Q"], P[p + "attn.W_K"], P[p + "attn.W_V"]])
             b = torch.cat([P[p + "attn.b_Q"], P[p + "attn.b_K"], P[p + "attn.b_V"]])
             qkv = torch.addmm(b.reshape(-1), h, W.permute(1, 0, 2).reshape(d, 3 * H * dh))
+            if flat is not None:  # onto the [B, T] grid (zeros where nothing is computed)
+                qkv = qkv.new_zeros(B * T, 3 * H * dh).index_copy(0, flat, qkv)
             q, k, v = qkv.view(B, T, 3, H, dh).permute(2, 0, 3, 1, 4)
             z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1 / c.attn_scale)
             z = z.transpose(1, 2).reshape(B * T, H * dh)
-            x = x.reshape(B * T, d)
+            if flat is not None:
+                z = z[flat]
             if L == last:  # only the kept positions from here on
-                rows = keep.reshape(-1).nonzero()[:, 0].to(x.device)
-                z, x = z[rows], x[rows]
+                z, x = z[cut], x[cut]
             x = x + torch.addmm(P[p + "attn.b_O"], z, P[p + "attn.W_O"].reshape(H * dh, d))
             h = F.layer_norm(x, (d,), P[p + "ln2.w"], P[p + "ln2.b"], eps)
             u = act(torch.addmm(P[p + "mlp.b_in"], h, P[p + "mlp.W_in"]))
             x = x + torch.addmm(P[p + "mlp.b_out"], u, P[p + "mlp.W_out"])
-            if L != last:
-                x = x.view(B, T, d)
             if L in at:
                 site, fn = at[L]
-                new = fn(x, site)
-                x = x if new is None else new
-        if keep is not None and last is None:  # a hook on the last block saw every position
-            x = x[keep.to(x.device)]
+                new = fn(x if flat is not None else x.view(B, T, d), site)
+                x = x if new is None else new.reshape(x.shape)
+        if cut is not None and last is None:  # a hook on the last block saw every position
+            x = x[cut]
         h = F.layer_norm(x, (d,), P["ln_final.w"], P["ln_final.b"], eps)
-        logits = torch.addmm(P["unembed.b_U"], h.reshape(-1, d), P["unembed.W_U"])
+        logits = torch.addmm(P["unembed.b_U"], h, P["unembed.W_U"])
         return logits if keep is not None else logits.view(B, T, -1)
 
     if check is not None:
@@ -456,41 +476,12 @@ def _fused_forward(model: ModelHandle, check: Tensor | None = None) -> FusedForw
     return forward
 
 
-def _buckets(lengths: Tensor) -> list[Tensor]:
-    """The rows of a batch in up to 3 groups of similar length (each group is then trimmed to
-    its longest row): the split that computes the fewest padded positions, counting each extra
-    group as 8% of the unsplit batch's positions (one more pass of per-op overhead)."""
-    order = torch.argsort(lengths, stable=True)
-    ls = lengths[order].tolist()
-    n = len(ls)
-    if n == 0:
-        return []
-    cuts = [i for i in range(1, n) if ls[i - 1] < ls[i]]
-    extra = 0.08 * n * ls[-1]
-    best, best_cuts = n * ls[-1], []
-    for i in cuts:
-        cost = i * ls[i - 1] + (n - i) * ls[-1] + extra
-        if cost < best:
-            best, best_cuts = cost, [i]
-        for j in cuts:
-            if j > i:
-                cost = i * ls[i - 1] + (j - i) * ls[j - 1] + (n - j) * ls[-1] + 2 * extra
-                if cost < best:
-                    best, best_cuts = cost, [i, j]
-    bounds = [0] + best_cuts + [n]
-    return [order[a:b] for a, b in zip(bounds, bounds[1:])]
-
-
 def _fused_loss(forward: FusedForward, params: Mapping[str, Tensor], batch: Batch,
                 hooks=None) -> Tensor:
-    """The handle's ``loss(batch)`` (mean NLL of the target tokens) through ``forward``, the
-    rows run in groups of similar length."""
-    total = 0.0
-    for rows in _buckets(batch.lengths):
-        b = batch[rows].trim()
-        logits, tok = _target_logits(forward, params, b, hooks)
-        total = total + torch.log_softmax(logits.float(), -1).gather(-1, tok[:, None]).sum()
-    return -total / batch.target_mask[:, 1:].sum().clamp(min=1).item()
+    """The handle's ``loss(batch)`` (mean NLL of the target tokens) through ``forward``."""
+    logits, tok = _target_logits(forward, params, batch.trim(), hooks)
+    nll = -torch.log_softmax(logits.float(), -1).gather(-1, tok[:, None]).sum()
+    return nll / batch.target_mask[:, 1:].sum().clamp(min=1).item()
 
 
 def _target_logits(forward: FusedForward, params: Mapping[str, Tensor], b: Batch,
@@ -507,16 +498,14 @@ def _target_logits(forward: FusedForward, params: Mapping[str, Tensor], b: Batch
 def _fused_hits(forward: FusedForward, params: Mapping[str, Tensor], batch: Batch,
                 hooks=None, batch_size: int = 256) -> Tensor:
     """``fact_hits`` through ``forward``: per fact, whether the greedy continuation is the
-    target (``[n]`` bool), rows run in groups of similar length."""
+    target (``[n]`` bool)."""
     out = torch.zeros(len(batch), dtype=torch.bool)
     for i in range(0, len(batch), batch_size):
-        chunk = batch[i:i + batch_size]
-        for rows in _buckets(chunk.lengths):
-            b = chunk[rows].trim()
-            logits, tok = _target_logits(forward, params, b, hooks)
-            ok = torch.ones(b.target_mask[:, 1:].shape, dtype=torch.bool, device=tok.device)
-            ok[b.target_mask[:, 1:].to(tok.device)] = logits.argmax(-1) == tok
-            out[i + rows] = ok.all(1).cpu()
+        b = batch[i:i + batch_size].trim()
+        logits, tok = _target_logits(forward, params, b, hooks)
+        ok = torch.ones(b.target_mask[:, 1:].shape, dtype=torch.bool, device=tok.device)
+        ok[b.target_mask[:, 1:].to(tok.device)] = logits.argmax(-1) == tok
+        out[i:i + len(b)] = ok.all(1).cpu()
     return out
 
 
@@ -711,14 +700,24 @@ def quantized(model: ModelHandle, bits: int) -> ModelHandle:
 
 def quantize(model: ModelHandle, request: ForgetRequest,
              cfg: AttackConfig = AttackConfig()) -> Curve:
+    """Forget recall (and retain recall, ``aux``) of the weights in fp32 and quantized to each
+    of ``cfg.quant_bits`` (:func:`quantized`); the greedy reads through ``cfg.engine``."""
     forget = list(request.forget)
     fb, rb = model.encode(forget), model.encode(list(request.retain))
-    xs, hits, ret = ["fp32"], [fact_hits(model, fb)], [recall(model, rb)]
+    fwd = _engine(model, cfg.engine, fb)
+
+    def hits_of(m: ModelHandle, b: Batch) -> Tensor:
+        return fact_hits(m, b) if fwd is None else _fused_hits(fwd, m.named_parameters(), b)
+
+    def rec(m: ModelHandle) -> float:
+        return float(hits_of(m, rb).float().mean()) if len(rb) else float("nan")
+
+    xs, hits, ret = ["fp32"], [hits_of(model, fb)], [rec(model)]
     for b in cfg.quant_bits:
         q = quantized(model, int(b))
         xs.append(f"{int(b)}-bit")
-        hits.append(fact_hits(q, fb))
-        ret.append(recall(q, rb))
+        hits.append(hits_of(q, fb))
+        ret.append(rec(q))
     return _curve(xs, hits, forget, "weights", aux={"retain recall": ret})
 
 

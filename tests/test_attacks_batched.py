@@ -42,7 +42,7 @@ def test_fused_logits_loss_and_gradients_match_the_handle(tiny, tiny_request):
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     ref = m.loss(b.trim())
     g_ref = torch.autograd.grad(ref, list(params.values()))
-    loss = A._fused_loss(fwd, params, b)  # rows split by length
+    loss = A._fused_loss(fwd, params, b)  # rows packed
     g = torch.autograd.grad(loss, list(params.values()))
     assert float(loss) == pytest.approx(float(ref), rel=1e-5)
     for name, x, y in zip(params, g, g_ref):
@@ -103,6 +103,15 @@ def test_fused_finetune_curves_equal_serial(attack, tiny, tiny_request, tiny_ora
         assert fused.aux == serial.aux
 
 
+def test_fused_quantization_reads_equal_serial(tiny, tiny_request, tiny_oracle):
+    cfg = dataclasses.replace(CFG, quant_bits=(8, 2))  # 2 bits: hits change
+    for model in (tiny.model, tiny_oracle):
+        serial = A.quantize(model, tiny_request, cfg)
+        fused = A.quantize(model, tiny_request, dataclasses.replace(cfg, engine="fused"))
+        assert fused.hits == serial.hits and fused.aux == serial.aux and fused.x == serial.x
+        assert serial.aux["retain recall"][-1] < serial.aux["retain recall"][0]
+
+
 def test_fused_sae_steering_equals_serial(tiny, tiny_request):
     kit = A.steering_kit(tiny.model, tiny_request, CFG)
     serial = A.sae_steer(tiny.model, tiny_request, kit[0], kit[1], CFG, kit[2])
@@ -134,14 +143,26 @@ def test_fused_engine_steps_aside(tiny, tiny_request):
         fwd(m.named_parameters(), tokens, {"blocks.0.mlp.post": lambda x, s: x})
 
 
-def test_buckets_cover_every_row_once():
-    lengths = torch.tensor([9, 3, 3, 17, 4, 9, 3, 18, 5, 5, 6, 3])
-    groups = A._buckets(lengths)
-    rows = torch.cat(groups)
-    assert sorted(rows.tolist()) == list(range(len(lengths)))
-    assert 1 < len(groups) <= 3
-    tops = [int(lengths[g].max()) for g in groups]
-    assert tops == sorted(tops)
-    assert sum(len(g) * t for g, t in zip(groups, tops)) < len(lengths) * 18
-    assert [len(g) for g in A._buckets(torch.full((5,), 7))] == [5]  # nothing to gain
-    assert A._buckets(torch.zeros(0, dtype=torch.long)) == []
+def test_fused_packed_rows_equal_each_row_run_alone(tiny, tiny_request):
+    """With ``keep`` the rows are packed (each cut after its last kept position, no padding in
+    the per-position layers): every kept logit equals the one of its row run alone, unpadded,
+    through the full forward - rows of different lengths, one with nothing kept, and the
+    gradient of the loss equal to the handle's."""
+    m = A._trainable_clone(tiny.model)
+    data = _data(tiny, tiny_request)
+    fwd = A._fused_forward(m, data[:8].trim().tokens)
+    params = m.named_parameters()
+    b = data[Sampler(2).rows(len(data), 24)].trim()
+    assert len(set(b.lengths.tolist())) > 2  # rows of several lengths, padded
+    keep = torch.zeros_like(b.target_mask)
+    keep[:, :-1] = b.target_mask[:, 1:]
+    keep[3] = False
+    keep[5, 1] = True  # an early position too
+    with torch.no_grad():
+        got = fwd(params, b.tokens, None, keep)
+        want = torch.cat([fwd(params, b.tokens[i:i + 1, :int(b.lengths[i])])[0][
+            keep[i, :int(b.lengths[i])]] for i in range(len(b))])
+    assert got.shape == want.shape == (int(keep.sum()), want.shape[-1])
+    assert (got - want).abs().max() < 1e-5
+    none = fwd(params, b.tokens, None, torch.zeros_like(keep))
+    assert none.shape == (0, want.shape[-1])
