@@ -436,7 +436,8 @@ def _fused_forward(model: ModelHandle, check: Tensor | None = None) -> FusedForw
             tokens, keep, pos = tokens[:, :T], keep[:, :T], pos[:T]
             flat = (pos <= end[:, None]).reshape(-1).nonzero()[:, 0]
             cut = keep.reshape(-1)[flat].nonzero()[:, 0]
-            x = P["embed.W_E"][tokens.reshape(-1)[flat]] + P["pos_embed.W_pos"][flat % T]
+            x = (F.embedding(tokens.reshape(-1)[flat], P["embed.W_E"])
+                 + F.embedding(flat % T, P["pos_embed.W_pos"]))
         last = c.n_layers - 1 if cut is not None and c.n_layers - 1 not in at else None
         for L in range(c.n_layers):
             p = f"blocks.{L}."
@@ -445,14 +446,14 @@ def _fused_forward(model: ModelHandle, check: Tensor | None = None) -> FusedForw
             b = torch.cat([P[p + "attn.b_Q"], P[p + "attn.b_K"], P[p + "attn.b_V"]])
             qkv = torch.addmm(b.reshape(-1), h, W.permute(1, 0, 2).reshape(d, 3 * H * dh))
             if flat is not None:  # onto the [B, T] grid (zeros where nothing is computed)
-                qkv = qkv.new_zeros(B * T, 3 * H * dh).index_copy(0, flat, qkv)
+                qkv = qkv.new_zeros(B * T, 3 * H * dh).index_copy_(0, flat, qkv)
             q, k, v = qkv.view(B, T, 3, H, dh).permute(2, 0, 3, 1, 4)
             z = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1 / c.attn_scale)
             z = z.transpose(1, 2).reshape(B * T, H * dh)
             if flat is not None:
-                z = z[flat]
+                z = z.index_select(0, flat)
             if L == last:  # only the kept positions from here on
-                z, x = z[cut], x[cut]
+                z, x = z.index_select(0, cut), x.index_select(0, cut)
             x = x + torch.addmm(P[p + "attn.b_O"], z, P[p + "attn.W_O"].reshape(H * dh, d))
             h = F.layer_norm(x, (d,), P[p + "ln2.w"], P[p + "ln2.b"], eps)
             u = act(torch.addmm(P[p + "mlp.b_in"], h, P[p + "mlp.W_in"]))
@@ -462,7 +463,7 @@ def _fused_forward(model: ModelHandle, check: Tensor | None = None) -> FusedForw
                 new = fn(x if flat is not None else x.view(B, T, d), site)
                 x = x if new is None else new.reshape(x.shape)
         if cut is not None and last is None:  # a hook on the last block saw every position
-            x = x[cut]
+            x = x.index_select(0, cut)
         h = F.layer_norm(x, (d,), P["ln_final.w"], P["ln_final.b"], eps)
         logits = torch.addmm(P["unembed.b_U"], h, P["unembed.W_U"])
         return logits if keep is not None else logits.view(B, T, -1)
