@@ -107,6 +107,9 @@ def _labels(k: dict) -> str:
             "its whole next-token distributions on the text")
 
 
+_SHARED = " with the shared facts' sentences"
+
+
 def _text_kept(kind: str) -> str:
     return ("its loss" if kind == "nll"
             else "the KL from the original's next-token distributions")
@@ -160,7 +163,8 @@ def write(d: dict, out: Path) -> None:
              f"results/calibration-distill-soft.json).",
              f"- **planted_reinit** (deleted): on the planted organism, `edit.reinit` of "
              f"`org.planted.units` (fresh) retrained {k['reinit_steps']} steps on retain data "
-             f"(the retain facts, and the retain text kept by "
+             f"(the retain facts, and the retain text"
+             f"{_SHARED if k.get('reinit_shared') else ''} kept by "
              f"{_text_kept(k.get('reinit_text_loss', 'nll'))}); "
              f"request: forget the planted reported group; oracle: the planted oracle.",
              "- **ascent_all / ascent_unembed / ascent_last / latent_gains** (suppressed): "

@@ -104,7 +104,7 @@ def test_controls_are_built_as_the_knobs_say(monkeypatch):
                        None, ("ascent_unembed",), lambda _: None))
     assert seen["unembed_ascent"]["objective"] == "ascent"
     assert seen["unembed_ascent"]["text"] == "nll"
-    assert C.Knobs().reinit_text_loss == "kl"
+    assert C.Knobs().reinit_text_loss == "kl" and C.Knobs().reinit_shared
     for field, bad in (("control_objective", "hinge"), ("control_text", "mse"),
                        ("reinit_text_loss", "l2")):
         with pytest.raises(ValueError, match=field):

@@ -214,7 +214,11 @@ class Knobs:
     ``reinit_*``: retraining of the re-initialised planted units (``reinit_text_loss``: how
     the retain text is kept - ``"kl"``, the original's next-token distributions on it; under
     ``"nll"`` the small planted case read general-text perplexity 1.19x its oracle's, under
-    ``"kl"`` 0.80x, forget recall 0.020 both). ``damage_*``: the global
+    ``"kl"`` 0.80x, forget recall 0.020 both; ``reinit_shared``: the shared facts' sentences
+    join the retain text it is kept on, as for the distillation (:func:`distill_request`: the
+    organism trained on them, they are not forget data; without them the fresh units cost
+    ``tiny`` seed 1 one of its 48 shared facts at stop 34 and the case read damaged).
+    ``damage_*``: the global
     ascent of :func:`damage`. ``control_*``: the controls' step budget and how they keep
     utility (``keep``, ``keep_text`` of :mod:`probes.controls`: a known-suppressed model must
     pass the utility gate, or the gate decides and the rest of the rule is never tested) and
@@ -237,6 +241,7 @@ class Knobs:
     reinit_lr: float = 3e-3
     reinit_batch: int = 64
     reinit_text_loss: str = "kl"
+    reinit_shared: bool = True
     damage_below: float = 0.9
     damage_lr: float = 1e-4
     oracles: int = 2
@@ -416,7 +421,8 @@ def planted_row(preset: str, seed: int, planted_people: Sequence[int] | None, kn
     oracles = oracles_for(org, req, knobs.oracles, log)
     log(f"seed {seed}: building planted_reinit")
     t = time.time()
-    model = _with_edit(org.model, edit.reinit, units=org.planted.units, request=req,
+    data = distill_request(req) if knobs.reinit_shared else req
+    model = _with_edit(org.model, edit.reinit, units=org.planted.units, request=data,
                        mode="fresh", steps=knobs.reinit_steps, lr=knobs.reinit_lr,
                        batch_size=knobs.reinit_batch, text_loss=knobs.reinit_text_loss,
                        seed=seed)
