@@ -106,6 +106,47 @@ def test_local_pool_outcomes_in_cell_order_a_dead_worker_retried(tmp_path):
     assert (threads, omp, cache) == (1, "1", os.environ["EXCISE_CACHE"]) and pid != os.getpid()
 
 
+_ORPHAN = """
+import os, sys, time
+from excise.app import dispatch as D
+with D.LocalExecutor(workers=1, threads=1) as ex:
+    print(ex.result(ex.submit(os.getpid, ())).value, flush=True)
+    ex.submit(time.sleep, (300,))  # a long cell, running when this process is killed
+    time.sleep(300)
+"""
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] in "ZX"
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc (Linux)")
+def test_a_killed_caller_leaves_no_pool_worker_running():
+    """SIGKILL the process that owns a local pool while a cell runs: no cleanup code of its
+    own runs, yet its worker exits within seconds instead of computing on."""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", _ORPHAN], stdout=subprocess.PIPE, text=True,
+                            cwd=ROOT)
+    try:
+        worker = int(proc.stdout.readline())
+        time.sleep(0.5)
+        assert not _gone(worker)  # the long cell is running in it
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        t = time.time()
+        while not _gone(worker) and time.time() - t < 15:
+            time.sleep(0.1)
+        assert _gone(worker), f"pool worker {worker} still running after its caller died"
+    finally:
+        proc.kill()
+
+
 def test_dispatch_refuses_bad_cells_and_settings():
     with pytest.raises(ValueError, match="not a module-level function"):
         D.Cell("x", lambda: 1)

@@ -46,6 +46,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import tempfile
+import threading
 import time
 import traceback
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor
@@ -219,11 +220,25 @@ class SerialExecutor:
         return handle
 
 
+def _exit_with_parent(parent: int, every: float = 1.0) -> None:
+    """Watch (a daemon thread) for the process that started this worker to end, then exit: a
+    killed sweep (SIGTERM, SIGKILL: no cleanup runs) must not leave workers computing cells no
+    one will read, on cores someone else now needs."""
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="excise-parent-watch", daemon=True).start()
+
+
 def _init_worker(env: dict[str, str], threads: int, preload: tuple[str, ...]) -> None:
-    """A pool worker's start: the caller's cache folders, the thread count, and the modules its
-    cells will import (imported now, while the other workers start too)."""
+    """A pool worker's start: exit when the caller does (:func:`_exit_with_parent`), the
+    caller's cache folders, the thread count, and the modules its cells will import (imported
+    now, while the other workers start too)."""
     import importlib
 
+    _exit_with_parent(os.getppid())
     os.environ.update(env)
     import torch
 
