@@ -5,8 +5,9 @@
 
 Verifies the model edited by the default pipeline (Fisher + SSD dampening, configs/default.yaml)
 beside the original and the oracle, and prints the metric table, the verdict and seconds per
-suite. ``--engines``: the whole suite twice instead, interleaved, the fine-tuning and steering
-attacks on the serial (TransformerLens) path and on the fused one (``AttackConfig.engine``;
+suite. ``--engines``: the whole suite twice instead, fused then serial: the fine-tuning and
+steering attacks and the quantization reads on the fused path and on the serial
+(TransformerLens) one (``AttackConfig.engine``;
 excise's own two paths, same steps, learning rates, batches, people and seeds): seconds of each,
 the ratio, and whether every metric and attack grid agrees. Needs the organism and its oracle
 in the cache (trains them otherwise - minutes).
