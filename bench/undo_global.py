@@ -55,11 +55,10 @@ def main() -> None:
         oracle = org.oracle(req)
         oracle_s = time.time() - t
         t = time.time()
-        teacher = org.model.clone()
+        m = org.model.clone()  # distill's teacher is the model as it stands: NPO'd or not
         if a.teacher_npo:
-            edit.finetune(teacher, units="all", request=req, method="npo", seed=s,
+            edit.finetune(m, units="all", request=req, method="npo", seed=s,
                           **json.loads(a.teacher_npo))
-        m = teacher.clone()
         edit.distill(m, units="all", request=distill_request(req), alpha=a.alpha, steps=a.steps,
                      lr=a.lr, batch_size=a.batch_size, labels="hard_facts", seed=s)
         build = time.time() - t
