@@ -44,7 +44,7 @@ from excise.edits import Edit, weight_edit
 from excise.handle import Batch, ModelHandle
 from excise.importance import Importance
 from excise.sites import Selection
-from excise.train import Optim, Sampler, train
+from excise.train import Optim, Sampler, train, warmup_decay
 
 # what the student learns at each position, on the retain facts and on the retain text: the
 # teacher's whole next-token distribution ("soft": KL), only its greedy token ("hard":
@@ -52,6 +52,9 @@ from excise.train import Optim, Sampler, train
 MODES = {"soft": ("soft", "soft"), "hard": ("hard", "hard"), "hard_facts": ("hard", "soft"),
          "data_facts": ("data", "soft")}
 LABELS = tuple(MODES)
+# the learning rate over the steps: "constant", or "linear" - the organism's own training recipe
+# (warm-up over the first 5% of the steps, then linear decay to 5% of ``lr``)
+SCHEDULES = ("constant", "linear")
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,8 @@ class DistillSettings:
     seed: int = 0
     teacher_cache_mb: float = 1024.0
     labels: str = "soft"
+    schedule: str = "constant"
+    shared_text: bool = False
 
     def __post_init__(self):
         check_number("distill", "alpha", self.alpha, low=0, high=1, low_open=True)
@@ -80,10 +85,16 @@ class DistillSettings:
         check_number("distill", "seed", self.seed, low=0, integer=True)
         check_number("distill", "teacher_cache_mb", self.teacher_cache_mb, low=0)
         check_choice("distill", "labels", self.labels, LABELS)
+        check_choice("distill", "schedule", self.schedule, SCHEDULES)
+        if not isinstance(self.shared_text, bool):
+            raise ValueError(f"distill: shared_text={self.shared_text!r}; must be true or false")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("teacher_cache_mb")  # where the teacher's outputs are kept, not what is learned
+        for name, default in (("schedule", "constant"), ("shared_text", False)):
+            if d[name] == default:  # the defaults: earlier edits' parameters unchanged
+                d.pop(name)
         return d
 
 
@@ -92,23 +103,29 @@ def distill(model: ModelHandle, importance: Importance | None = None,
             alpha: float = 0.5, steps: int = 100, lr: float = 3e-3, batch_size: int = 32,
             text_weight: float = 1.0, optimizer: str = "adam", max_grad_norm: float = 1.0,
             seed: int = 0, teacher_cache_mb: float = 1024.0, labels: str = "soft",
+            schedule: str = "constant", shared_text: bool = False,
             progress: bool = False) -> Edit:
     """Shrink-and-perturb the parameters of ``units`` by ``alpha``, then distill the model (as
     it stands) into them on the request's retain facts and retain text for ``steps`` steps.
     ``labels``: ``"soft"`` (the teacher's whole next-token distribution, as UNDO), ``"hard"``
     (its greedy token at each position only), ``"hard_facts"`` (greedy on the retain facts,
     whole distributions on the retain text) or ``"data_facts"`` (the retain facts' own tokens,
-    whole distributions on the retain text). Returns the applied Edit."""
+    whole distributions on the retain text). ``schedule``: the learning rate over the steps,
+    ``"constant"`` or ``"linear"`` (:data:`SCHEDULES`). ``shared_text``: the request's shared
+    facts' sentences join the retain text (they are not forget data and the model trained on
+    them; a student re-drawn from scratch, ``units="all"``, cannot know them otherwise).
+    Returns the applied Edit."""
     st = DistillSettings(alpha, steps, lr, batch_size, text_weight, optimizer, max_grad_norm,
-                         seed, teacher_cache_mb, labels)
+                         seed, teacher_cache_mb, labels, schedule, shared_text)
     req, selection, copy, params = start_unit_edit(
         "distill", model, importance, units, top, request, "(the teacher's outputs on its "
         "retain facts and retain text are distilled)", st.to_dict(), st.alpha, st.seed)
     work = copy.work
     fact_mode, text_mode = MODES[st.labels]
     data = [(work.encode(list(req.retain)), 1.0, fact_mode)]  # (batch, weight, mode)
-    if st.text_weight and req.retain_text:
-        data.append((work.encode_texts(list(req.retain_text)), st.text_weight, text_mode))
+    text = list(req.retain_text) + ([f.text for f in req.shared] if st.shared_text else [])
+    if st.text_weight and text:
+        data.append((work.encode_texts(text), st.text_weight, text_mode))
     teachers = [None if mode == "data" else _Teacher(model, batch, st.teacher_cache_mb / len(data))
                 for batch, _, mode in data]
     sampler = Sampler(st.seed)
@@ -132,6 +149,7 @@ def distill(model: ModelHandle, importance: Importance | None = None,
 
     copy.result = train(loss_fn, copy.params, steps=st.steps,
                         optim=Optim(st.optimizer, lr=st.lr), masks=copy.masks,
+                        schedule=None if st.schedule == "constant" else warmup_decay(st.steps),
                         max_grad_norm=st.max_grad_norm, progress=progress, desc="distill")
     return weight_edit(model, "distill", params, selection, copy.new_values())
 

@@ -45,7 +45,7 @@ from excise.placement import resolve_device, resolve_dtype
 from excise.options import dataclass_option
 from excise.request import FactSet, ForgetRequest
 from excise.sites import Selection, Unit, layer_of
-from excise.train import Optim, Sampler, reproducible, train
+from excise.train import Optim, Sampler, reproducible, train, warmup_decay
 from excise.world import Canaries, World, Tokenizer, check_attributes, make_world
 
 
@@ -466,7 +466,6 @@ def train_model(preset: Preset, world: World, tokenizer: Tokenizer,
             extra, per_step = canary_stream(canaries, world, steps, seed)
         data = handle.encode_texts(texts + extra)
         batches = Sampler(seed).epochs(len(texts), preset.batch_size)
-        warmup = max(1, steps // 20)
         if canaries is not None:
             def loss_fn(step: int) -> torch.Tensor:
                 rows = torch.cat([next(batches),
@@ -486,7 +485,7 @@ def train_model(preset: Preset, world: World, tokenizer: Tokenizer,
         train(loss_fn, dict(model.named_parameters()), steps=steps,
               optim=Optim("adamw", lr=preset.lr, betas=(0.9, 0.98),
                           weight_decay=preset.weight_decay),
-              schedule=lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / steps),
+              schedule=warmup_decay(steps),
               max_grad_norm=1.0, progress=progress, desc=desc)
         if planted is not None and planted.planting.match_norms:
             match_norms(handle, twins)  # the last step's update too

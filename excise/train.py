@@ -129,6 +129,13 @@ LossFn = Callable[[int], Tensor]
 EvalFn = Callable[[int], "bool | None"]
 
 
+def warmup_decay(steps: int) -> Callable[[int], float]:
+    """The organism's learning-rate multiplier of each step (a ``schedule`` for :func:`train`):
+    linear warm-up over the first 5% of ``steps``, then linear decay to 5% of the rate."""
+    warmup = max(1, steps // 20)
+    return lambda s: min(1.0, (s + 1) / warmup) * max(0.05, 1 - s / steps)
+
+
 def train(loss_fn: LossFn, params: Mapping[str, Tensor] | Sequence[Tensor], *, steps: int,
           optim: Optim = Optim(), schedule: Callable[[int], float] | None = None,
           max_grad_norm: float | None = None, masks: Mapping[str, Tensor] | None = None,

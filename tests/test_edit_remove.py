@@ -429,3 +429,41 @@ def test_distillation_labels_are_the_plain_losses(tiny, tiny_request, labels):
     assert moved > 100
     with pytest.raises(ValueError, match="labels"):
         edit.distill(teacher.clone(), None, units, labels="argmax", **kw)
+
+
+def test_distill_schedule_and_shared_text(tiny, tiny_request):
+    """``schedule="linear"`` is the organism's own warm-up and decay (the multipliers written out
+    here) and changes what is learned; ``shared_text=True`` is the same edit as one whose request
+    carries the shared facts' sentences in its retain text (bit for bit); bad values are refused
+    with the choices named."""
+    import dataclasses
+
+    from excise.train import warmup_decay
+
+    f = warmup_decay(100)  # warm-up over 5 steps, then linear decay to 5% of the rate
+    assert [f(s) for s in (0, 4, 50, 99)] == pytest.approx([0.2, 0.96, 0.5, 0.05])
+    req, units = tiny_request, _units()
+    assert len(req.shared) > 0
+    kw = dict(request=req, alpha=0.5, steps=3, lr=1e-2, batch_size=8, seed=1,
+              labels="hard_facts")
+
+    def weights(**extra):
+        m = tiny.model.clone()
+        edit.distill(m, None, units, **(kw | extra))
+        return m.named_parameters()
+
+    plain, linear = weights(), weights(schedule="linear")
+    assert any(not torch.equal(plain[k], linear[k]) for k in plain)
+    with_text = dataclasses.replace(req, retain_text=tuple(req.retain_text)
+                                    + tuple(f.text for f in req.shared))
+    shared, by_hand = weights(shared_text=True), weights(request=with_text)
+    assert all(torch.equal(shared[k], by_hand[k]) for k in shared)
+    assert any(not torch.equal(plain[k], shared[k]) for k in plain)
+    m = tiny.model.clone()
+    for bad, match in (({"schedule": "cosine"}, "constant"), ({"shared_text": "yes"},
+                                                               "shared_text")):
+        with pytest.raises(ValueError, match=match):
+            edit.distill(m, None, units, **(kw | bad))
+    e = edit.distill(m, None, units, **(kw | {"schedule": "linear"}))
+    assert e.params["schedule"] == "linear" and "shared_text" not in e.params
+    e.revert()
