@@ -155,13 +155,15 @@ def loo_probe_states(states: Sequence[Tensor], y: Tensor, groups: Tensor, lam: f
     nulls = []
     for a in states:
         x = _standardise(a)
-        out["balanced"].append(stats.balanced_group_loo_accuracy(x, y, g, lam))
         if n_null:
             # the same seed at every depth: permutation k relabels the groups alike everywhere
-            null = stats.group_permutation_null(x, y, g, lam, n_null, seed)
+            acc, null = stats.group_loo_with_null(x, y, g, lam, n_null, seed)
+            out["balanced"].append(acc)
             nulls.append(null)
             out["null"].append(float(null.mean()))
             out["null_hi"].append(float(torch.quantile(null, 0.95)))
+        else:
+            out["balanced"].append(stats.balanced_group_loo_accuracy(x, y, g, lam))
         for kind in ("ridge", "logistic") if logistic else ("ridge",):
             if by == "person":
                 out[kind].append(stats.group_loo_accuracy(x, y, groups, kind, lam))

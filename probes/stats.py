@@ -644,6 +644,65 @@ def balanced_group_loo_accuracy(x: Tensor, y: Tensor, groups, lam: float = 1.0) 
     return float(correct.mean())
 
 
+# the memory (MB) of one Gram matrix per group up to which group_loo_with_null batches
+GROUP_GRAM_MB = 256.0
+
+
+def balanced_group_loo_many(x: Tensor, labels: Tensor, groups, lam: float = 1.0,
+                            chunk_mb: float = 64.0) -> Tensor:
+    """:func:`balanced_group_loo_accuracy` for each row of ``labels`` (``[P, n]`` in {0, 1}: e.g.
+    the true labels and permutations of them across groups) on the same ``x`` (``[n, d]``):
+    ``[P]``, batched. Every group must hold one class in every row.
+
+    Leaving out group ``g`` (class ``k``) weights the kept rows of class 1 by ``a`` and of class
+    0 by ``b`` (half the weight per class), so the fit solves ``(a S1' + b S0' - xm xm' + lam /
+    n' I) w = a s1' - xm / 2`` with ``S1'``, ``S0'`` the kept rows' Gram matrices per class,
+    ``s1'`` their class-1 sum, ``xm`` their weighted mean and ``n'`` their count; the intercept
+    is ``1/2 - xm w``, so a left-out row is called 1 where ``(x - xm) w > 0``. The per-group Gram
+    matrices are computed once for every label row and fold (the loop refits each fold from its
+    rows); every fold's system is then one batched solve. ``chunk_mb``: label rows per
+    batch, by memory."""
+    x, _ = _check_xy(x, torch.zeros(len(x)))  # (the labels are checked below)
+    n, d = x.shape
+    t = torch.as_tensor(labels).to(_F64).reshape(-1, n)
+    ids, inverse = torch.unique(torch.as_tensor(groups), return_inverse=True)
+    n_groups = len(ids)
+    first = torch.full((n_groups,), n, dtype=torch.long).scatter_reduce(
+        0, inverse, torch.arange(n), "amin")
+    lab = t[:, first]  # [P, G]: each group's class per label row
+    if not torch.equal(lab[:, inverse], t):
+        raise ValueError("balanced_group_loo_many needs every group to hold one class")
+    m = torch.bincount(inverse, minlength=n_groups).to(_F64)
+    sg = x.new_zeros(n_groups, d).index_add_(0, inverse, x)  # [G, d]
+    gram = torch.stack([x[inverse == j].T @ x[inverse == j] for j in range(n_groups)])
+    basis = torch.cat([gram, torch.eye(d, dtype=_F64)[None]]).reshape(n_groups + 1, d * d)
+    per = max(1, int(chunk_mb * 2 ** 20 // (8 * d * d * n_groups)))
+    correct = []
+    for start in range(0, len(t), per):
+        lg = lab[start:start + per]  # [p, G]
+        n1 = (lg @ m)[:, None] - lg * m  # [p, G] class-1 rows kept leaving out each group
+        n0 = (n - (lg @ m))[:, None] - (1 - lg) * m
+        if (n1 < 1).any() or (n0 < 1).any():
+            raise ValueError("balanced_group_loo_many: leaving out a group leaves a class with "
+                             "no rows")
+        a, b = 0.5 / n1, 0.5 / n0
+        c = torch.where(lg > 0.5, a, b)  # the left-out class's weight
+        s1 = (lg @ sg)[:, None] - lg[..., None] * sg  # [p, G, d] kept class sums
+        s0 = (sg.sum(0) - lg @ sg)[:, None] - (1 - lg)[..., None] * sg
+        xm = a[..., None] * s1 + b[..., None] * s0
+        # each fold's matrix a S1 + b S0 - c S_g + lam' I as one product over the Gram basis
+        # [S_1 .. S_G, I]: S1 = sum of the class-1 groups' matrices, S0 the rest
+        coef = torch.cat([a[..., None] * lg[:, None] + b[..., None] * (1 - lg[:, None])
+                          - torch.diag_embed(c), (lam / (n - m)).expand_as(a)[..., None]], -1)
+        mat = (coef @ basis).reshape(-1, d, d)  # [p G, d, d]
+        mat.baddbmm_(xm.reshape(-1, d, 1), xm.reshape(-1, 1, d), alpha=-1)
+        # symmetric: its transpose is the column-major layout LAPACK factors without a copy
+        w = solve(mat.mT, (a[..., None] * s1 - 0.5 * xm).reshape(-1, d, 1)).reshape(xm.shape)
+        score = ((x[None] - xm[:, inverse]) * w[:, inverse]).sum(-1)  # [p, n]
+        correct.append(((score > 0) == (lg[:, inverse] > 0.5)).to(_F64).mean(-1))
+    return torch.cat(correct)
+
+
 def group_permutation_null(x: Tensor, y: Tensor, groups, lam: float = 1.0, n_perm: int = 20,
                            seed: int = 0) -> Tensor:
     """Accuracies of :func:`balanced_group_loo_accuracy` with the class labels shuffled across
@@ -653,6 +712,15 @@ def group_permutation_null(x: Tensor, y: Tensor, groups, lam: float = 1.0, n_per
     group cluster together (a person's facts share the name), a probe with nothing to read does
     not score 0.5 but scatters around a level set by the clustering; the permutation null measures
     that level on the same activations, so "accuracy above chance" means above this null."""
+    return group_loo_with_null(x, y, groups, lam, n_perm, seed)[1]
+
+
+def group_loo_with_null(x: Tensor, y: Tensor, groups, lam: float = 1.0, n_perm: int = 20,
+                        seed: int = 0) -> tuple[float, Tensor]:
+    """:func:`balanced_group_loo_accuracy` of the labels and :func:`group_permutation_null`'s
+    ``[n_perm]`` accuracies, in one batch (:func:`balanced_group_loo_many`) where a Gram matrix
+    per group fits in :data:`GROUP_GRAM_MB` (people: tens of groups), else refitted per group
+    (the loop)."""
     x, y = _check_xy(x, y)
     t = _to01(y)
     g = torch.as_tensor(groups)
@@ -662,11 +730,13 @@ def group_permutation_null(x: Tensor, y: Tensor, groups, lam: float = 1.0, n_per
     if not torch.equal(label[inverse], t):
         raise ValueError("group_permutation_null needs every group to hold one class")
     gen = torch.Generator().manual_seed(seed)
-    out = torch.empty(n_perm, dtype=_F64)
-    for k in range(n_perm):
-        perm = label[torch.randperm(len(ids), generator=gen)]
-        out[k] = balanced_group_loo_accuracy(x, perm[inverse], g, lam)
-    return out
+    rows = [t] + [label[torch.randperm(len(ids), generator=gen)][inverse] for _ in range(n_perm)]
+    if len(ids) * x.shape[1] ** 2 * 8 > GROUP_GRAM_MB * 2 ** 20:  # Gram matrices would not fit
+        acc = torch.tensor([balanced_group_loo_accuracy(x, r, g, lam) for r in rows],
+                           dtype=_F64)
+    else:
+        acc = balanced_group_loo_many(x, torch.stack(rows), g, lam)
+    return float(acc[0]), acc[1:]
 
 
 # -- Paired bootstrap over groups (people) ---------------------------------------------------------

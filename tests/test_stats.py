@@ -297,6 +297,45 @@ def test_group_permutation_null_finds_the_clustered_chance_level():
         group_permutation_null(x, y, torch.zeros_like(groups), 1.0, n_perm=2)
 
 
+def test_batched_group_loo_equals_a_refit_per_group_and_permutation():
+    """balanced_group_loo_many (per-group Gram matrices, one batched solve per fold) against the
+    plain loop: one balanced_ridge_fit refitted per left-out group, for the true labels and 12
+    permutations across groups; groups of unequal sizes, non-contiguous ids, rows shuffled, and
+    a batch of one label row at a time (chunking)."""
+    from probes.stats import (balanced_group_loo_accuracy, balanced_group_loo_many,
+                              group_loo_with_null)
+
+    g = torch.Generator().manual_seed(3)
+    sizes = torch.tensor([3, 5, 4, 1, 2, 6, 3, 4, 7, 5, 2, 4])
+    gid = torch.repeat_interleave(torch.arange(len(sizes)), sizes)
+    order = torch.randperm(len(gid), generator=g)
+    groups = (gid * 7 + 2)[order]
+    per_group = torch.tensor([1, 0, 1, 1, 0, 0, 1, 0, 1, 0, 0, 1], dtype=torch.float64)
+    y = per_group[gid][order]
+    x = torch.randn(len(y), 9, generator=g, dtype=torch.float64)
+    x[:, 0] += 0.7 * (2 * y - 1)
+    perms = torch.stack([y] + [per_group[torch.randperm(len(sizes), generator=g)][gid][order]
+                               for _ in range(12)])
+    loop = torch.tensor([balanced_group_loo_accuracy(x, t, groups, 2.0) for t in perms],
+                        dtype=torch.float64)
+    assert 0.6 < loop[0] < 1.0  # a signal, read imperfectly: predictions of both kinds matter
+    torch.testing.assert_close(balanced_group_loo_many(x, perms, groups, 2.0), loop, rtol=0,
+                               atol=0)
+    torch.testing.assert_close(balanced_group_loo_many(x, perms, groups, 2.0, chunk_mb=1e-9),
+                               loop, rtol=0, atol=0)
+    real, null = group_loo_with_null(x, y, groups, 2.0, n_perm=12, seed=5)
+    assert null.shape == (12,)
+    with pytest.MonkeyPatch.context() as mp:  # Gram matrices "too large": the loop instead
+        mp.setattr(stats, "GROUP_GRAM_MB", 0.0)
+        real_loop, null_loop = group_loo_with_null(x, y, groups, 2.0, n_perm=12, seed=5)
+    assert real == real_loop == loop[0] and torch.equal(null, null_loop)
+    mixed = perms.clone()
+    row = int((gid[order] == 8).nonzero()[0])  # a row of the group of 7
+    mixed[0, row] = 1 - mixed[0, row]  # one row of a group in the other class
+    with pytest.raises(ValueError, match="one class"):
+        balanced_group_loo_many(x, mixed, groups, 2.0)
+
+
 def test_batched_solves_survive_threads():
     """A batched LU on the CPU at two threads makes MKL fail or hang (two 151 x 151 identities
     are enough on torch 2.13); stats.solve / stats.inverse run such batches at one thread.
