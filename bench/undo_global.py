@@ -8,7 +8,13 @@ teacher (the UNDO chain). Each request (the sweep's 5% split: seed s forgets peo
 is judged by ``probes.verify(suite="verdict")`` against one retrain oracle.
 
     OMP_NUM_THREADS=2 python bench/undo_global.py --seeds 0 1 2 --alpha 0.8 [--grid quick]
-        [--steps 1000] [--lr 1e-3] [--teacher-npo '{"steps": 20, "lr": 2e-4}'] [--json out.json]
+        [--steps 1000] [--lr 1e-3] [--schedule constant|linear] [--people 150-159]
+        [--teacher-npo '{"steps": 20, "lr": 2e-4}'] [--json out.json]
+
+Several ``--lr`` / ``--schedule`` values: every combination, on each request, the oracle's and
+the original's measurements made once per request. ``--people A-B`` judges one request (those
+people; seed = the first ``--seeds``) instead of the sweep's 5% split: the validation people
+150..159 for choosing settings.
 
 Settings were chosen on validation people 150..159 (docs/results/deletion-undo-global.json).
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import sys
@@ -32,8 +39,11 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--alpha", type=float, default=0.8)
     ap.add_argument("--steps", type=int, default=1000)
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, nargs="+", default=[1e-3])
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--schedule", nargs="+", default=["constant"],
+                    choices=("constant", "linear"))
+    ap.add_argument("--people", default="", help="A-B: one request of these people")
     ap.add_argument("--grid", default="quick")
     ap.add_argument("--teacher-npo", default="", help="JSON finetune settings of a global NPO "
                     "teacher (default: the original is the teacher)")
@@ -43,37 +53,46 @@ def main() -> None:
     import edit
     import excise
     import probes
-    from excise.app.calibrate import distill_request, judge
+    from excise.app.calibrate import judge
     from probes import attacks as A
 
     org = excise.organism(a.preset, seed=a.organism_seed, progress=False)
     rows = []
-    for s in a.seeds:
-        people = list(range(50 * s, 50 * s + 10))
+    if a.people:
+        first, last = (int(x) for x in a.people.split("-"))
+        requests = [(a.seeds[0], list(range(first, last + 1)))]
+    else:
+        requests = [(s, list(range(50 * s, 50 * s + 10))) for s in a.seeds]
+    for s, people in requests:
         req = org.request(people)
         t = time.time()
         oracle = org.oracle(req)
         oracle_s = time.time() - t
-        t = time.time()
-        m = org.model.clone()  # distill's teacher is the model as it stands: NPO'd or not
-        if a.teacher_npo:
-            edit.finetune(m, units="all", request=req, method="npo", seed=s,
-                          **json.loads(a.teacher_npo))
-        edit.distill(m, units="all", request=distill_request(req), alpha=a.alpha, steps=a.steps,
-                     lr=a.lr, batch_size=a.batch_size, labels="hard_facts", seed=s)
-        build = time.time() - t
-        cfg = probes.VerifySettings(suite="verdict", seed=s, grid=a.grid).attack_config()
-        kit = A.steering_kit(org.model, req, cfg)
-        row = judge("distill", m, req, oracle, org.model, s, people, build, cache={},
-                    verify_kw={"grid": a.grid, "sae": (kit[0], kit[2])})
-        rows.append(dataclasses.asdict(row) | {"oracle_seconds": round(oracle_s, 1)})
-        k = row.metrics
-        print(f"seed {s} (people {people[0]}..{people[-1]}): {row.got}; failed {row.failed}, "
-              f"open {row.open}; forget {k['forget']:.3f} (oracle {k['oracle_forget']:.3f}), "
-              f"retain {k['retain']:.3f}, shared {k['shared']:.3f}, ppl/oracle "
-              f"{k['ppl_ratio']:.3f}, MIA {k['mia']:.3f} (oracle {k['oracle_mia']:.3f}), worst "
-              f"attack upper {max(v for v in k['attack_uppers'].values() if v is not None):.3f}; "
-              f"edit {build:.0f} s, oracle training {oracle_s:.0f} s (0: cached)", flush=True)
+        cache: dict = {}
+        for lr, schedule in itertools.product(a.lr, a.schedule):
+            t = time.time()
+            m = org.model.clone()  # distill's teacher is the model as it stands: NPO'd or not
+            if a.teacher_npo:
+                edit.finetune(m, units="all", request=req, method="npo", seed=s,
+                              **json.loads(a.teacher_npo))
+            edit.distill(m, units="all", request=req, alpha=a.alpha, shared_text=True,
+                         steps=a.steps, lr=lr, batch_size=a.batch_size, labels="hard_facts",
+                         seed=s, schedule=schedule)
+            build = time.time() - t
+            cfg = probes.VerifySettings(suite="verdict", seed=s, grid=a.grid).attack_config()
+            kit = A.steering_kit(org.model, req, cfg)
+            row = judge("distill", m, req, oracle, org.model, s, people, build, cache=cache,
+                        verify_kw={"grid": a.grid, "sae": (kit[0], kit[2])})
+            rows.append(dataclasses.asdict(row) | {"oracle_seconds": round(oracle_s, 1),
+                                                   "lr": lr, "schedule": schedule})
+            k = row.metrics
+            print(f"seed {s} (people {people[0]}..{people[-1]}), lr {lr:g} {schedule}: "
+                  f"{row.got}; failed {row.failed}, open {row.open}; forget {k['forget']:.3f} "
+                  f"(oracle {k['oracle_forget']:.3f}), retain {k['retain']:.3f}, shared "
+                  f"{k['shared']:.3f}, ppl/oracle {k['ppl_ratio']:.3f}, MIA {k['mia']:.3f} "
+                  f"(oracle {k['oracle_mia']:.3f}), worst attack upper "
+                  f"{max(v for v in k['attack_uppers'].values() if v is not None):.3f}; edit "
+                  f"{build:.0f} s, oracle training {oracle_s:.0f} s (0: cached)", flush=True)
     if a.json:
         from excise.io import atomic_write_text
         atomic_write_text(a.json, json.dumps({"args": vars(a), "rows": rows}, indent=1,
