@@ -1,22 +1,22 @@
 """Global UNDO-style distillation on the natural organism, judged by the verdict (issue 14).
 
 Every weight shrunk and perturbed by ``alpha`` (``theta <- (1 - alpha) theta + alpha fresh``),
-then the original distilled back into it (``edit.distill(units="all", labels="hard_facts")``) on
-retain data: the retain facts, the shared facts' sentences and the retain text
-(``excise.app.calibrate.distill_request``); ``--teacher-npo`` first applies global NPO to the
-teacher (the UNDO chain). Each request (the sweep's 5% split: seed s forgets people 50s..50s+9)
-is judged by ``probes.verify(suite="verdict")`` against one retrain oracle.
+then the original distilled back into it (``edit.distill(units="all", labels="hard_facts",
+shared_text=True)``) on retain data: the retain facts, the retain text and the shared facts'
+sentences; ``--teacher-npo`` first applies global NPO to the teacher (the UNDO chain). Each
+request (the sweep's 5% split: seed s forgets people 50s..50s+9) is judged by
+``probes.verify(suite="verdict")`` against one retrain oracle.
 
-    OMP_NUM_THREADS=2 python bench/undo_global.py --seeds 0 1 2 --alpha 0.8 [--grid quick]
-        [--steps 1000] [--lr 1e-3] [--schedule constant|linear] [--people 150-159]
-        [--teacher-npo '{"steps": 20, "lr": 2e-4}'] [--json out.json]
+    OMP_NUM_THREADS=2 python bench/undo_global.py --seeds 0 1 2 --alpha 0.8 --lr 3e-3
+        --schedule linear [--grid quick|full] [--steps 1000] [--people 150-159]
+        [--organism-seed 1] [--teacher-npo '{"steps": 20, "lr": 2e-4}'] [--json out.json]
 
-Several ``--lr`` / ``--schedule`` values: every combination, on each request, the oracle's and
-the original's measurements made once per request. ``--people A-B`` judges one request (those
-people; seed = the first ``--seeds``) instead of the sweep's 5% split: the validation people
-150..159 for choosing settings.
-
-Settings were chosen on validation people 150..159 (docs/results/deletion-undo-global.json).
+``--lr`` and ``--schedule`` take several values: every combination runs on each request, the
+oracle's and the original's measurements made once per request. ``--people A-B`` judges one
+request (those people; seed = the first ``--seeds``) instead of the sweep's 5% split: the
+validation people 150..159 for choosing settings. The defaults (lr 1e-3, constant) are stop
+36's; configs/undo.yaml's recipe is lr 3e-3 with the linear schedule, chosen on people
+150..159 (docs/results/deletion-undo-linear.json; stop 36: deletion-undo-global.json).
 """
 
 from __future__ import annotations
@@ -59,7 +59,10 @@ def main() -> None:
     org = excise.organism(a.preset, seed=a.organism_seed, progress=False)
     rows = []
     if a.people:
-        first, last = (int(x) for x in a.people.split("-"))
+        try:
+            first, last = (int(x) for x in a.people.split("-"))
+        except ValueError:
+            ap.error(f"--people {a.people!r}: give a range FIRST-LAST, e.g. 150-159")
         requests = [(a.seeds[0], list(range(first, last + 1)))]
     else:
         requests = [(s, list(range(50 * s, 50 * s + 10))) for s in a.seeds]
@@ -68,6 +71,11 @@ def main() -> None:
         t = time.time()
         oracle = org.oracle(req)
         oracle_s = time.time() - t
+        # one SAE and one verify-settings object per request: the oracle's and the original's
+        # measurements are cached under them (the cache keys on the SAE's identity)
+        cfg = probes.VerifySettings(suite="verdict", seed=s, grid=a.grid).attack_config()
+        kit = A.steering_kit(org.model, req, cfg)
+        verify_kw = {"grid": a.grid, "sae": (kit[0], kit[2])}
         cache: dict = {}
         for lr, schedule in itertools.product(a.lr, a.schedule):
             t = time.time()
@@ -79,10 +87,8 @@ def main() -> None:
                          steps=a.steps, lr=lr, batch_size=a.batch_size, labels="hard_facts",
                          seed=s, schedule=schedule)
             build = time.time() - t
-            cfg = probes.VerifySettings(suite="verdict", seed=s, grid=a.grid).attack_config()
-            kit = A.steering_kit(org.model, req, cfg)
             row = judge("distill", m, req, oracle, org.model, s, people, build, cache=cache,
-                        verify_kw={"grid": a.grid, "sae": (kit[0], kit[2])})
+                        verify_kw=verify_kw)
             rows.append(dataclasses.asdict(row) | {"oracle_seconds": round(oracle_s, 1),
                                                    "lr": lr, "schedule": schedule})
             k = row.metrics

@@ -644,8 +644,9 @@ def balanced_group_loo_accuracy(x: Tensor, y: Tensor, groups, lam: float = 1.0) 
     return float(correct.mean())
 
 
-# the memory (MB) of one Gram matrix per group up to which group_loo_with_null batches
-GROUP_GRAM_MB = 256.0
+# the memory (MB) up to which group_loo_with_null batches (about three times the groups' Gram
+# matrices: those, a batch of fold matrices, the solve's copy), else it refits per group
+GROUP_GRAM_MB = 512.0
 
 
 def balanced_group_loo_many(x: Tensor, labels: Tensor, groups, lam: float = 1.0,
@@ -661,21 +662,27 @@ def balanced_group_loo_many(x: Tensor, labels: Tensor, groups, lam: float = 1.0,
     is ``1/2 - xm w``, so a left-out row is called 1 where ``(x - xm) w > 0``. The per-group Gram
     matrices are computed once for every label row and fold (the loop refits each fold from its
     rows); every fold's system is then one batched solve. ``chunk_mb``: label rows per
-    batch, by memory."""
+    batch, by memory. A row exactly on the boundary (``(x - xm) w = 0``, e.g. constant
+    features: ``w = 0``) is called 0; the loop decides it by the rounding of its intercept."""
     x, _ = _check_xy(x, torch.zeros(len(x)))  # (the labels are checked below)
     n, d = x.shape
-    t = torch.as_tensor(labels).to(_F64).reshape(-1, n)
-    ids, inverse = torch.unique(torch.as_tensor(groups), return_inverse=True)
+    dev = x.device
+    t = torch.as_tensor(labels).to(device=dev, dtype=_F64).reshape(-1, n)
+    if ((t == -1) | (t == 1)).all():
+        t = (t > 0).to(_F64)  # {-1, +1} labels, as the loop's _to01 reads them
+    if not ((t == 0) | (t == 1)).all():
+        raise ValueError("balanced_group_loo_many: labels must be in {0, 1} (or {-1, +1})")
+    ids, inverse = torch.unique(torch.as_tensor(groups).to(dev), return_inverse=True)
     n_groups = len(ids)
-    first = torch.full((n_groups,), n, dtype=torch.long).scatter_reduce(
-        0, inverse, torch.arange(n), "amin")
+    first = torch.full((n_groups,), n, dtype=torch.long, device=dev).scatter_reduce(
+        0, inverse, torch.arange(n, device=dev), "amin")
     lab = t[:, first]  # [P, G]: each group's class per label row
     if not torch.equal(lab[:, inverse], t):
         raise ValueError("balanced_group_loo_many needs every group to hold one class")
     m = torch.bincount(inverse, minlength=n_groups).to(_F64)
     sg = x.new_zeros(n_groups, d).index_add_(0, inverse, x)  # [G, d]
-    gram = torch.stack([x[inverse == j].T @ x[inverse == j] for j in range(n_groups)])
-    basis = torch.cat([gram, torch.eye(d, dtype=_F64)[None]]).reshape(n_groups + 1, d * d)
+    basis = torch.stack([x[inverse == j].T @ x[inverse == j] for j in range(n_groups)]
+                        + [torch.eye(d, dtype=_F64, device=dev)]).reshape(n_groups + 1, d * d)
     per = max(1, int(chunk_mb * 2 ** 20 // (8 * d * d * n_groups)))
     correct = []
     for start in range(0, len(t), per):
@@ -691,7 +698,7 @@ def balanced_group_loo_many(x: Tensor, labels: Tensor, groups, lam: float = 1.0,
         s0 = (sg.sum(0) - lg @ sg)[:, None] - (1 - lg)[..., None] * sg
         xm = a[..., None] * s1 + b[..., None] * s0
         # each fold's matrix a S1 + b S0 - c S_g + lam' I as one product over the Gram basis
-        # [S_1 .. S_G, I]: S1 = sum of the class-1 groups' matrices, S0 the rest
+        # [S_1 .. S_G, I] (the groups' Gram matrices): S1 sums the class-1 groups', S0 the rest
         coef = torch.cat([a[..., None] * lg[:, None] + b[..., None] * (1 - lg[:, None])
                           - torch.diag_embed(c), (lam / (n - m)).expand_as(a)[..., None]], -1)
         mat = (coef @ basis).reshape(-1, d, d)  # [p G, d, d]
@@ -718,9 +725,8 @@ def group_permutation_null(x: Tensor, y: Tensor, groups, lam: float = 1.0, n_per
 def group_loo_with_null(x: Tensor, y: Tensor, groups, lam: float = 1.0, n_perm: int = 20,
                         seed: int = 0) -> tuple[float, Tensor]:
     """:func:`balanced_group_loo_accuracy` of the labels and :func:`group_permutation_null`'s
-    ``[n_perm]`` accuracies, in one batch (:func:`balanced_group_loo_many`) where a Gram matrix
-    per group fits in :data:`GROUP_GRAM_MB` (people: tens of groups), else refitted per group
-    (the loop)."""
+    ``[n_perm]`` accuracies, in one batch (:func:`balanced_group_loo_many`) where it fits in
+    :data:`GROUP_GRAM_MB` (people: tens of groups), else refitted per group (the loop)."""
     x, y = _check_xy(x, y)
     t = _to01(y)
     g = torch.as_tensor(groups)
@@ -731,7 +737,8 @@ def group_loo_with_null(x: Tensor, y: Tensor, groups, lam: float = 1.0, n_perm: 
         raise ValueError("group_permutation_null needs every group to hold one class")
     gen = torch.Generator().manual_seed(seed)
     rows = [t] + [label[torch.randperm(len(ids), generator=gen)][inverse] for _ in range(n_perm)]
-    if len(ids) * x.shape[1] ** 2 * 8 > GROUP_GRAM_MB * 2 ** 20:  # Gram matrices would not fit
+    if 3 * len(ids) * x.shape[1] ** 2 * 8 > GROUP_GRAM_MB * 2 ** 20:  # would not fit (the
+        # groups' Gram matrices, a batch of fold matrices as large, the solve's copy)
         acc = torch.tensor([balanced_group_loo_accuracy(x, r, g, lam) for r in rows],
                            dtype=_F64)
     else:

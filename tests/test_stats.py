@@ -329,6 +329,10 @@ def test_batched_group_loo_equals_a_refit_per_group_and_permutation():
         mp.setattr(stats, "GROUP_GRAM_MB", 0.0)
         real_loop, null_loop = group_loo_with_null(x, y, groups, 2.0, n_perm=12, seed=5)
     assert real == real_loop == loop[0] and torch.equal(null, null_loop)
+    torch.testing.assert_close(balanced_group_loo_many(x, 2 * perms - 1, groups, 2.0), loop,
+                               rtol=0, atol=0)  # {-1, +1} labels read as the loop reads them
+    with pytest.raises(ValueError, match="labels"):
+        balanced_group_loo_many(x, 2 * perms, groups, 2.0)
     mixed = perms.clone()
     row = int((gid[order] == 8).nonzero()[0])  # a row of the group of 7
     mixed[0, row] = 1 - mixed[0, row]  # one row of a group in the other class
