@@ -4,6 +4,8 @@
         [--grid full] [--people 4 5 6 7] [--out docs] [--from-json docs/results/calibration.json]
         [--cases distill --distill-teacher oracle --json out.json]   (a partial run)
         [--cases distill --distill-labels soft --json out.json]      (soft-label students)
+        [--preset small --people 50 51 ... 59 --grid quick --cases retrain distill original
+         --distill-schedule linear --distill-steps 1000 --json out.json]   (small, partial)
 
 Runs :func:`excise.app.calibrate.calibrate`: per organism seed, the known-deleted models (a second
 retrain oracle, a from-scratch distillation on retain data, the planted organism's planted units
@@ -200,6 +202,13 @@ def main() -> None:
                          "facts and its distributions on text (hard_facts, the known-deleted "
                          "case), its distributions everywhere (soft) or greedy tokens "
                          "everywhere (hard)")
+    ap.add_argument("--distill-schedule", default="constant", choices=("constant", "linear"),
+                    help="the distill case's learning rate over its steps (linear: the "
+                         "organism's warm-up and decay, what keeps small's retain facts)")
+    ap.add_argument("--distill-steps", type=int, default=1500,
+                    help="the distill case's steps")
+    ap.add_argument("--oracles", type=int, default=None,
+                    help="reference retrain oracles per case (default: the Knobs' 2)")
     ap.add_argument("--control-objective", default="margin", choices=("margin", "ascent"),
                     help="what hides the facts in the known-suppressed controls (margin: the "
                          "answer just below the best other token; ascent: the loss raised to "
@@ -213,11 +222,12 @@ def main() -> None:
     a = ap.parse_args()
     partial = (bool(a.cases) or a.distill_teacher != "original"
                or a.distill_labels != "hard_facts" or a.control_objective != "margin"
-               or a.control_text != "kl")
+               or a.control_text != "kl" or a.distill_schedule != "constant"
+               or a.distill_steps != 1500 or a.oracles is not None)
     if partial and not a.json:
-        ap.error("--cases / --distill-teacher oracle / --distill-labels / "
-                 "--control-objective ascent / --control-text nll make a partial run: "
-                 "give --json PATH")
+        ap.error("--cases / --distill-teacher oracle / --distill-labels / --distill-schedule / "
+                 "--distill-steps / --oracles / --control-objective ascent / --control-text "
+                 "nll make a partial run: give --json PATH")
     if a.from_json:
         write(json.loads(Path(a.from_json).read_text()), Path(a.out))
         return
@@ -232,6 +242,9 @@ def main() -> None:
                     cases=tuple(a.cases) if a.cases else CASES,
                     knobs=Knobs(distill_teacher=a.distill_teacher,
                                 distill_labels=a.distill_labels,
+                                distill_schedule=a.distill_schedule,
+                                distill_steps=a.distill_steps,
+                                **({} if a.oracles is None else {"oracles": a.oracles}),
                                 control_objective=a.control_objective,
                                 control_text=a.control_text),
                     progress=lambda s: print(f"[{time.time() - t0:6.0f}s] {s}", flush=True),

@@ -5,18 +5,25 @@ then the original distilled back into it (``edit.distill(units="all", labels="ha
 shared_text=True)``) on retain data: the retain facts, the retain text and the shared facts'
 sentences; ``--teacher-npo`` first applies global NPO to the teacher (the UNDO chain). Each
 request (the sweep's 5% split: seed s forgets people 50s..50s+9) is judged by
-``probes.verify(suite="verdict")`` against one retrain oracle.
+``probes.verify(suite="verdict")`` against one retrain oracle, or with ``--oracles N`` against N
+(training seeds 0, 1, ...: the most favourable verdict, as the calibration judges;
+``excise.organism.retrain_oracles``).
 
     OMP_NUM_THREADS=2 python bench/undo_global.py --seeds 0 1 2 --alpha 0.8 --lr 3e-3
         --schedule linear [--grid quick|full] [--steps 1000] [--people 150-159]
-        [--organism-seed 1] [--teacher-npo '{"steps": 20, "lr": 2e-4}'] [--json out.json]
+        [--organism-seed 1] [--oracles 2] [--edit-seeds 2 3] [--teacher oracle-2]
+        [--teacher-npo '{"steps": 20, "lr": 2e-4}'] [--json out.json]
 
-``--lr`` and ``--schedule`` take several values: every combination runs on each request, the
-oracle's and the original's measurements made once per request. ``--people A-B`` judges one
-request (those people; seed = the first ``--seeds``) instead of the sweep's 5% split: the
-validation people 150..159 for choosing settings. The defaults (lr 1e-3, constant) are stop
-36's; configs/undo.yaml's recipe is lr 3e-3 with the linear schedule, chosen on people
-150..159 (docs/results/deletion-undo-linear.json; stop 36: deletion-undo-global.json).
+``--alpha``, ``--lr`` and ``--schedule`` take several values: every combination runs on each
+request, the oracle's and the original's measurements made once per request. ``--people A-B``
+judges one request (those people; seed = the first ``--seeds``) instead of the sweep's 5%
+split: the validation people 150..159 for choosing settings. The defaults (alpha 0.8, lr 1e-3,
+constant) are stop 36's; configs/undo.yaml's recipe is alpha 0.8, lr 3e-3 with the linear
+schedule, chosen on people 150..159 (docs/results/deletion-undo-linear.json; stop 36:
+deletion-undo-global.json). ``--edit-seeds`` repeats each edit at other seeds (default: the
+request's); ``--teacher oracle-T`` distills a retrain oracle (training seed T, never one of the
+judging oracles) instead of the original: the control that tells what the original's outputs
+carry about the forget people from what distillation itself does.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ def main() -> None:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--organism-seed", type=int, default=0)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--alpha", type=float, default=0.8)
+    ap.add_argument("--alpha", type=float, nargs="+", default=[0.8])
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--lr", type=float, nargs="+", default=[1e-3])
     ap.add_argument("--batch-size", type=int, default=64)
@@ -45,8 +52,17 @@ def main() -> None:
                     choices=("constant", "linear"))
     ap.add_argument("--people", default="", help="A-B: one request of these people")
     ap.add_argument("--grid", default="quick")
+    ap.add_argument("--oracles", type=int, default=1, help="retrain oracles the verdict judges "
+                    "against (training seeds 0, 1, ...: the most favourable verdict)")
     ap.add_argument("--teacher-npo", default="", help="JSON finetune settings of a global NPO "
                     "teacher (default: the original is the teacher)")
+    ap.add_argument("--edit-seeds", type=int, nargs="+", default=None,
+                    help="seeds of the edit's perturbation and batches (default: the request's "
+                         "seed); several: one edit each")
+    ap.add_argument("--teacher", default="original",
+                    help="whose outputs are distilled: 'original', or 'oracle-T': the retrain "
+                         "oracle of training seed T (never saw the forget people; keep T out of "
+                         "the judging oracles' seeds 0..N-1)")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
 
@@ -54,9 +70,19 @@ def main() -> None:
     import excise
     import probes
     from excise.app.calibrate import judge
+    from excise.organism import oracle_or_oracles
     from probes import attacks as A
 
     org = excise.organism(a.preset, seed=a.organism_seed, progress=False)
+    teacher_seed = None
+    if a.teacher != "original":
+        try:
+            teacher_seed = int(a.teacher.removeprefix("oracle-"))
+        except ValueError:
+            ap.error(f"--teacher {a.teacher!r}: give 'original' or 'oracle-T' (T an integer)")
+        if not a.teacher.startswith("oracle-") or teacher_seed < a.oracles:
+            ap.error(f"--teacher {a.teacher!r}: 'oracle-T' with T >= --oracles ({a.oracles}): "
+                     f"the judging oracles are training seeds 0..{a.oracles - 1}")
     rows = []
     if a.people:
         try:
@@ -69,7 +95,7 @@ def main() -> None:
     for s, people in requests:
         req = org.request(people)
         t = time.time()
-        oracle = org.oracle(req)
+        oracle = oracle_or_oracles(org, req, a.oracles)
         oracle_s = time.time() - t
         # one SAE and one verify-settings object per request: the oracle's and the original's
         # measurements are cached under them (the cache keys on the SAE's identity)
@@ -77,28 +103,36 @@ def main() -> None:
         kit = A.steering_kit(org.model, req, cfg)
         verify_kw = {"grid": a.grid, "sae": (kit[0], kit[2])}
         cache: dict = {}
-        for lr, schedule in itertools.product(a.lr, a.schedule):
+        teacher = org.model if teacher_seed is None else org.oracle(req, train_seed=teacher_seed)
+        for alpha, lr, schedule, es in itertools.product(a.alpha, a.lr, a.schedule,
+                                                         a.edit_seeds or [s]):
             t = time.time()
-            m = org.model.clone()  # distill's teacher is the model as it stands: NPO'd or not
+            m = teacher.clone()  # distill's teacher is the model as it stands: NPO'd or not
             if a.teacher_npo:
-                edit.finetune(m, units="all", request=req, method="npo", seed=s,
+                edit.finetune(m, units="all", request=req, method="npo", seed=es,
                               **json.loads(a.teacher_npo))
-            edit.distill(m, units="all", request=req, alpha=a.alpha, shared_text=True,
+            edit.distill(m, units="all", request=req, alpha=alpha, shared_text=True,
                          steps=a.steps, lr=lr, batch_size=a.batch_size, labels="hard_facts",
-                         seed=s, schedule=schedule)
+                         seed=es, schedule=schedule)
             build = time.time() - t
             row = judge("distill", m, req, oracle, org.model, s, people, build, cache=cache,
                         verify_kw=verify_kw)
             rows.append(dataclasses.asdict(row) | {"oracle_seconds": round(oracle_s, 1),
-                                                   "lr": lr, "schedule": schedule})
+                                                   "alpha": alpha, "lr": lr,
+                                                   "schedule": schedule, "edit_seed": es,
+                                                   "teacher": a.teacher})
             k = row.metrics
-            print(f"seed {s} (people {people[0]}..{people[-1]}), lr {lr:g} {schedule}: "
+            print(f"seed {s} (people {people[0]}..{people[-1]}), alpha {alpha:g}, lr {lr:g} "
+                  f"{schedule}, edit seed {es}, teacher {a.teacher}: "
                   f"{row.got}; failed {row.failed}, open {row.open}; forget {k['forget']:.3f} "
                   f"(oracle {k['oracle_forget']:.3f}), retain {k['retain']:.3f}, shared "
                   f"{k['shared']:.3f}, ppl/oracle {k['ppl_ratio']:.3f}, MIA {k['mia']:.3f} "
                   f"(oracle {k['oracle_mia']:.3f}), worst attack upper "
                   f"{max(v for v in k['attack_uppers'].values() if v is not None):.3f}; edit "
                   f"{build:.0f} s, oracle training {oracle_s:.0f} s (0: cached)", flush=True)
+            for o in row.detail.get("oracles", []):  # several oracles: each one's verdict
+                print(f"    oracle {o['index']}: {o['verdict']}{' (chosen)' * o['chosen']}; "
+                      f"failed {o['failed']}, open {o['open']}", flush=True)
     if a.json:
         from excise.io import atomic_write_text
         atomic_write_text(a.json, json.dumps({"args": vars(a), "rows": rows}, indent=1,

@@ -65,9 +65,10 @@ def test_distill_teacher_is_the_original_or_an_unseen_retrain_oracle(monkeypatch
         def oracle(self, request, train_seed=None):
             return Fake(f"oracle-{train_seed}")
 
-    taught, labels = [], []
+    taught, labels, schedules = [], [], []
     monkeypatch.setattr(C.edit, "distill",
-                        lambda m, **kw: (taught.append(m.name), labels.append(kw["labels"])))
+                        lambda m, **kw: (taught.append(m.name), labels.append(kw["labels"]),
+                                         schedules.append(kw["schedule"])))
     monkeypatch.setattr(C, "distill_request", lambda r: r)
     (case, model, _), = C.plain_cases(Org(), "request", 3, C.Knobs(distill_teacher=teacher),
                                       None, ("distill",), lambda _: None)
@@ -79,6 +80,12 @@ def test_distill_teacher_is_the_original_or_an_unseen_retrain_oracle(monkeypatch
     assert labels == ["hard_facts", "soft"]
     with pytest.raises(ValueError, match="distill_labels"):
         C.Knobs(distill_labels="argmax")
+    # its learning-rate schedule: constant (tiny's table) unless the knobs say linear
+    list(C.plain_cases(Org(), "request", 3, C.Knobs(distill_schedule="linear"), None,
+                       ("distill",), lambda _: None))
+    assert schedules == ["constant", "constant", "linear"]
+    with pytest.raises(ValueError, match="distill_schedule.*linear"):
+        C.Knobs(distill_schedule="cosine")
 
 
 def test_controls_are_built_as_the_knobs_say(monkeypatch):
