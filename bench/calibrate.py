@@ -205,8 +205,8 @@ def main() -> None:
     ap.add_argument("--distill-schedule", default="constant", choices=("constant", "linear"),
                     help="the distill case's learning rate over its steps (linear: the "
                          "organism's warm-up and decay, what keeps small's retain facts)")
-    ap.add_argument("--distill-steps", type=int, default=1500,
-                    help="the distill case's steps")
+    ap.add_argument("--distill-steps", type=int, default=None,
+                    help="the distill case's steps (default: the Knobs' 1500)")
     ap.add_argument("--oracles", type=int, default=None,
                     help="reference retrain oracles per case (default: the Knobs' 2)")
     ap.add_argument("--control-objective", default="margin", choices=("margin", "ascent"),
@@ -223,7 +223,7 @@ def main() -> None:
     partial = (bool(a.cases) or a.distill_teacher != "original"
                or a.distill_labels != "hard_facts" or a.control_objective != "margin"
                or a.control_text != "kl" or a.distill_schedule != "constant"
-               or a.distill_steps != 1500 or a.oracles is not None)
+               or a.distill_steps is not None or a.oracles is not None)
     if partial and not a.json:
         ap.error("--cases / --distill-teacher oracle / --distill-labels / --distill-schedule / "
                  "--distill-steps / --oracles / --control-objective ascent / --control-text "
@@ -243,7 +243,8 @@ def main() -> None:
                     knobs=Knobs(distill_teacher=a.distill_teacher,
                                 distill_labels=a.distill_labels,
                                 distill_schedule=a.distill_schedule,
-                                distill_steps=a.distill_steps,
+                                **({} if a.distill_steps is None
+                                   else {"distill_steps": a.distill_steps}),
                                 **({} if a.oracles is None else {"oracles": a.oracles}),
                                 control_objective=a.control_objective,
                                 control_text=a.control_text),

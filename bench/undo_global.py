@@ -6,8 +6,9 @@ shared_text=True)``) on retain data: the retain facts, the retain text and the s
 sentences; ``--teacher-npo`` first applies global NPO to the teacher (the UNDO chain). Each
 request (the sweep's 5% split: seed s forgets people 50s..50s+9) is judged by
 ``probes.verify(suite="verdict")`` against one retrain oracle, or with ``--oracles N`` against N
-(training seeds 0, 1, ...: the most favourable verdict, as the calibration judges;
-``excise.organism.retrain_oracles``).
+(training seeds organism-seed, + 1, ...: ``excise.organism.retrain_oracles``; the most
+favourable verdict - the calibration's rule, though its oracles skip seed s + 1, its retrain
+case).
 
     OMP_NUM_THREADS=2 python bench/undo_global.py --seeds 0 1 2 --alpha 0.8 --lr 3e-3
         --schedule linear [--grid quick|full] [--steps 1000] [--people 150-159]
@@ -20,10 +21,12 @@ judges one request (those people; seed = the first ``--seeds``) instead of the s
 split: the validation people 150..159 for choosing settings. The defaults (alpha 0.8, lr 1e-3,
 constant) are stop 36's; configs/undo.yaml's recipe is alpha 0.8, lr 3e-3 with the linear
 schedule, chosen on people 150..159 (docs/results/deletion-undo-linear.json; stop 36:
-deletion-undo-global.json). ``--edit-seeds`` repeats each edit at other seeds (default: the
-request's); ``--teacher oracle-T`` distills a retrain oracle (training seed T, never one of the
-judging oracles) instead of the original: the control that tells what the original's outputs
-carry about the forget people from what distillation itself does.
+deletion-undo-global.json). ``--edit-seeds`` runs each edit at these seeds instead of the
+request's (the perturbation and the batches; the attacks, the SAE and the verdict stay seeded
+with the request's seed, so only the edit's randomness varies); ``--teacher oracle-T`` distills
+a retrain oracle (training seed T, never one of the judging oracles) instead of the original -
+the control that tells what the original's outputs carry about the forget people from what
+distillation itself does; with alpha < 1 the student also starts from that oracle's weights.
 """
 
 from __future__ import annotations
@@ -53,16 +56,17 @@ def main() -> None:
     ap.add_argument("--people", default="", help="A-B: one request of these people")
     ap.add_argument("--grid", default="quick")
     ap.add_argument("--oracles", type=int, default=1, help="retrain oracles the verdict judges "
-                    "against (training seeds 0, 1, ...: the most favourable verdict)")
+                    "against (training seeds organism-seed, + 1, ...: the most favourable "
+                    "verdict)")
     ap.add_argument("--teacher-npo", default="", help="JSON finetune settings of a global NPO "
                     "teacher (default: the original is the teacher)")
     ap.add_argument("--edit-seeds", type=int, nargs="+", default=None,
-                    help="seeds of the edit's perturbation and batches (default: the request's "
-                         "seed); several: one edit each")
+                    help="seeds of the edit's perturbation and batches, instead of the "
+                         "request's seed (attacks and verdict keep it); several: one edit each")
     ap.add_argument("--teacher", default="original",
                     help="whose outputs are distilled: 'original', or 'oracle-T': the retrain "
-                         "oracle of training seed T (never saw the forget people; keep T out of "
-                         "the judging oracles' seeds 0..N-1)")
+                         "oracle of training seed T (never saw the forget people; T must not be "
+                         "one of the judging oracles' seeds)")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
 
@@ -74,15 +78,18 @@ def main() -> None:
     from probes import attacks as A
 
     org = excise.organism(a.preset, seed=a.organism_seed, progress=False)
+    if a.oracles < 1:
+        ap.error(f"--oracles {a.oracles}: need at least one retrain oracle")
+    judges = range(org.seed, org.seed + a.oracles)  # excise.organism.retrain_oracles' seeds
     teacher_seed = None
     if a.teacher != "original":
         try:
             teacher_seed = int(a.teacher.removeprefix("oracle-"))
         except ValueError:
             ap.error(f"--teacher {a.teacher!r}: give 'original' or 'oracle-T' (T an integer)")
-        if not a.teacher.startswith("oracle-") or teacher_seed < a.oracles:
-            ap.error(f"--teacher {a.teacher!r}: 'oracle-T' with T >= --oracles ({a.oracles}): "
-                     f"the judging oracles are training seeds 0..{a.oracles - 1}")
+        if not a.teacher.startswith("oracle-") or teacher_seed in judges:
+            ap.error(f"--teacher {a.teacher!r}: 'oracle-T' with T not one of the judging "
+                     f"oracles' training seeds {list(judges)}")
     rows = []
     if a.people:
         try:
@@ -103,11 +110,15 @@ def main() -> None:
         kit = A.steering_kit(org.model, req, cfg)
         verify_kw = {"grid": a.grid, "sae": (kit[0], kit[2])}
         cache: dict = {}
+        t = time.time()
         teacher = org.model if teacher_seed is None else org.oracle(req, train_seed=teacher_seed)
+        teacher_s = time.time() - t
         for alpha, lr, schedule, es in itertools.product(a.alpha, a.lr, a.schedule,
                                                          a.edit_seeds or [s]):
             t = time.time()
-            m = teacher.clone()  # distill's teacher is the model as it stands: NPO'd or not
+            # distill's teacher is the model as it stands (the original or an oracle, NPO'd or
+            # not); alpha < 1 keeps (1 - alpha) of its weights in the student
+            m = teacher.clone()
             if a.teacher_npo:
                 edit.finetune(m, units="all", request=req, method="npo", seed=es,
                               **json.loads(a.teacher_npo))
@@ -120,7 +131,8 @@ def main() -> None:
             rows.append(dataclasses.asdict(row) | {"oracle_seconds": round(oracle_s, 1),
                                                    "alpha": alpha, "lr": lr,
                                                    "schedule": schedule, "edit_seed": es,
-                                                   "teacher": a.teacher})
+                                                   "teacher": a.teacher,
+                                                   "teacher_seconds": round(teacher_s, 1)})
             k = row.metrics
             print(f"seed {s} (people {people[0]}..{people[-1]}), alpha {alpha:g}, lr {lr:g} "
                   f"{schedule}, edit seed {es}, teacher {a.teacher}: "

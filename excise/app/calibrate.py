@@ -214,8 +214,9 @@ class Knobs:
     answers included (reported, not a known answer); ``"hard"``: greedy tokens everywhere.
     ``distill_schedule``: its learning rate over the steps (``edit.distill``'s ``schedule``):
     ``"constant"`` (``tiny``'s table) or ``"linear"`` (the organism's own warm-up and decay;
-    on ``small`` a constant 3e-3 from scratch kept only 0.888 of the retain facts, the linear
-    schedule 1.000 on four requests - docs/results.md, "Deletion vs fraction touched").
+    on ``small`` a constant 3e-3 from scratch kept only 0.888 of the retain facts after 1,500
+    steps, the linear schedule 1.000 after 1,000 on four requests - docs/results.md, "Deletion
+    vs fraction touched").
     ``reinit_*``: retraining of the re-initialised planted units (``reinit_text_loss``: how
     the retain text is kept - ``"kl"``, the original's next-token distributions on it; under
     ``"nll"`` the small planted case read general-text perplexity 1.19x its oracle's, under
