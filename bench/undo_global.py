@@ -36,6 +36,7 @@ import dataclasses
 import itertools
 import json
 import os
+import re
 import sys
 import time
 
@@ -83,13 +84,11 @@ def main() -> None:
     judges = range(org.seed, org.seed + a.oracles)  # excise.organism.retrain_oracles' seeds
     teacher_seed = None
     if a.teacher != "original":
-        try:
-            teacher_seed = int(a.teacher.removeprefix("oracle-"))
-        except ValueError:
-            ap.error(f"--teacher {a.teacher!r}: give 'original' or 'oracle-T' (T an integer)")
-        if not a.teacher.startswith("oracle-") or teacher_seed in judges:
-            ap.error(f"--teacher {a.teacher!r}: 'oracle-T' with T not one of the judging "
-                     f"oracles' training seeds {list(judges)}")
+        match = re.fullmatch(r"oracle-(\d+)", a.teacher)
+        if match is None or int(match[1]) in judges:
+            ap.error(f"--teacher {a.teacher!r}: give 'original' or 'oracle-T', T an integer not "
+                     f"among the judging oracles' training seeds {list(judges)}")
+        teacher_seed = int(match[1])
     rows = []
     if a.people:
         try:
