@@ -92,6 +92,7 @@ def ceiling(org, req, steps: int = 15) -> None:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from excise.fused import engine_for, fused_loss
     from excise.train import Sampler
     from probes import attacks as A
 
@@ -99,18 +100,18 @@ def ceiling(org, req, steps: int = 15) -> None:
     m = org.model.clone()
     part, _ = A._split_people(req.forget, cfg, "relearning")
     data = m.encode(list(part) + list(req.retain))
-    fwd = A._engine(m, "fused", data)
+    fwd = engine_for(m, "fused", data)
     params = m.named_parameters()
     sampler = Sampler(0)
     batches = [data[sampler.mixed(len(part), len(req.retain), cfg.relearn_batch,
                                   cfg.retain_mix)] for _ in range(steps + 3)]
     with FlopCounterMode(display=False) as fc:
         for b in batches[:3]:  # also the warm-up
-            A._fused_loss(fwd, params, b).backward()
+            fused_loss(fwd, params, b).backward()
     flops = fc.get_total_flops() / 3
     t = time.perf_counter()
     for b in batches[3:]:
-        A._fused_loss(fwd, params, b).backward()
+        fused_loss(fwd, params, b).backward()
     step = (time.perf_counter() - t) / steps
     d, rows = m.info("blocks.0.mlp.post").unit_shape[0], int(batches[0].lengths.sum())
     x, w = torch.randn(rows, org.preset.d_model), torch.randn(org.preset.d_model, d)

@@ -15,6 +15,7 @@ import torch
 
 from excise.handle import TLHandle
 from excise.train import Optim, Sampler, train
+from excise.fused import engine_for, fused_forward, fused_hits, fused_loss
 from probes import attacks as A
 
 # short budgets of the tiny organism's settings (tests/test_probes.py FAST)
@@ -31,7 +32,7 @@ def _data(tiny, tiny_request):
 def test_fused_logits_loss_and_gradients_match_the_handle(tiny, tiny_request):
     m = A._trainable_clone(tiny.model)
     data = _data(tiny, tiny_request)
-    fwd = A._fused_forward(m, data[:8].trim().tokens)
+    fwd = fused_forward(m, data[:8].trim().tokens)
     assert fwd is not None
     params = m.named_parameters()
     b = data[Sampler(0).rows(len(data), 48)]
@@ -42,12 +43,12 @@ def test_fused_logits_loss_and_gradients_match_the_handle(tiny, tiny_request):
     assert torch.equal(got.argmax(-1), want.argmax(-1))
     ref = m.loss(b.trim())
     g_ref = torch.autograd.grad(ref, list(params.values()))
-    loss = A._fused_loss(fwd, params, b)  # rows packed
+    loss = fused_loss(fwd, params, b)  # rows packed
     g = torch.autograd.grad(loss, list(params.values()))
     assert float(loss) == pytest.approx(float(ref), rel=1e-5)
     for name, x, y in zip(params, g, g_ref):
         assert torch.allclose(x, y, rtol=1e-3, atol=1e-6), name
-    assert torch.equal(A._fused_hits(fwd, params, b), A.fact_hits(m, b))
+    assert torch.equal(fused_hits(fwd, params, b), A.fact_hits(m, b))
 
 
 def test_fused_kept_positions_equal_the_full_logits_there(tiny, tiny_request):
@@ -56,7 +57,7 @@ def test_fused_kept_positions_equal_the_full_logits_there(tiny, tiny_request):
     position, so the cut comes after it)."""
     m = A._trainable_clone(tiny.model)
     data = _data(tiny, tiny_request)
-    fwd = A._fused_forward(m, data[:8].trim().tokens)
+    fwd = fused_forward(m, data[:8].trim().tokens)
     params = m.named_parameters()
     b = data[Sampler(1).rows(len(data), 40)].trim()
     keep = torch.rand(b.tokens.shape, generator=torch.Generator().manual_seed(0)) < 0.3
@@ -78,13 +79,13 @@ def test_fused_training_losses_follow_the_serial_ones(tiny, tiny_request):
     runs = []
     for engine in ("serial", "fused"):
         m = A._trainable_clone(tiny.model)
-        fwd = A._engine(m, engine, data)
+        fwd = engine_for(m, engine, data)
         params = m.named_parameters()
         s = Sampler(3)
 
         def loss(_, m=m, fwd=fwd, params=params, s=s):
             b = data[s.rows(len(data), 64)]
-            return m.loss(b.trim()) if fwd is None else A._fused_loss(fwd, params, b)
+            return m.loss(b.trim()) if fwd is None else fused_loss(fwd, params, b)
 
         runs.append(train(loss, params, steps=15, optim=Optim("adamw", lr=3e-3),
                           max_grad_norm=1.0).losses)
@@ -123,22 +124,22 @@ def test_fused_sae_steering_equals_serial(tiny, tiny_request):
 def test_fused_engine_steps_aside(tiny, tiny_request):
     data = _data(tiny, tiny_request)
     tokens = data[:4].trim().tokens
-    assert A._fused_forward(tiny.model, tokens) is not None
+    assert fused_forward(tiny.model, tokens) is not None
     hooked = tiny.model.clone()
     hooked.add_persistent_hook("blocks.0.resid_post", lambda x, site: x * 0.5)
-    assert A._fused_forward(hooked, tokens) is None
+    assert fused_forward(hooked, tokens) is None
 
     class Filtered(TLHandle):  # a subclass may compute something else
         pass
 
-    assert A._fused_forward(Filtered(tiny.model.model, tiny.tokenizer), tokens) is None
+    assert fused_forward(Filtered(tiny.model.model, tiny.tokenizer), tokens) is None
     other = tiny.model.clone()
     other.model.cfg.act_fn = "silu"
-    assert A._fused_forward(other, tokens) is None
+    assert fused_forward(other, tokens) is None
     with pytest.raises(ValueError, match="engine"):
         A.AttackConfig(engine="vmap")
     m = A._trainable_clone(tiny.model)
-    fwd = A._fused_forward(m, tokens)
+    fwd = fused_forward(m, tokens)
     with pytest.raises(ValueError, match="resid_post"):
         fwd(m.named_parameters(), tokens, {"blocks.0.mlp.post": lambda x, s: x})
 
@@ -150,7 +151,7 @@ def test_fused_packed_rows_equal_each_row_run_alone(tiny, tiny_request):
     gradient of the loss equal to the handle's."""
     m = A._trainable_clone(tiny.model)
     data = _data(tiny, tiny_request)
-    fwd = A._fused_forward(m, data[:8].trim().tokens)
+    fwd = fused_forward(m, data[:8].trim().tokens)
     params = m.named_parameters()
     b = data[Sampler(2).rows(len(data), 24)].trim()
     assert len(set(b.lengths.tolist())) > 2  # rows of several lengths, padded
