@@ -68,6 +68,9 @@ def main() -> None:
                     help="whose outputs are distilled: 'original', or 'oracle-T': the retrain "
                          "oracle of training seed T (never saw the forget people; T must not be "
                          "one of the judging oracles' seeds)")
+    ap.add_argument("--engine", default="fused", choices=("fused", "serial"),
+                    help="the student's forward (edit.distill's engine; runs before stop 40: "
+                         "serial)")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
 
@@ -123,13 +126,14 @@ def main() -> None:
                               **json.loads(a.teacher_npo))
             edit.distill(m, units="all", request=req, alpha=alpha, shared_text=True,
                          steps=a.steps, lr=lr, batch_size=a.batch_size, labels="hard_facts",
-                         seed=es, schedule=schedule)
+                         seed=es, schedule=schedule, engine=a.engine)
             build = time.time() - t
             row = judge("distill", m, req, oracle, org.model, s, people, build, cache=cache,
                         verify_kw=verify_kw)
             rows.append(dataclasses.asdict(row) | {"oracle_seconds": round(oracle_s, 1),
                                                    "alpha": alpha, "lr": lr,
                                                    "schedule": schedule, "edit_seed": es,
+                                                   "engine": a.engine,
                                                    "teacher": a.teacher,
                                                    "teacher_seconds": round(teacher_s, 1)})
             k = row.metrics

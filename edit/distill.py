@@ -22,6 +22,13 @@ copied) and the teacher's whole distributions on the text. What the teacher stil
 on retain data is learned back; what it no longer does (the forgotten facts) is not, and the
 perturbation removed what was left of it in those units.
 
+The student's forward runs through ``engine`` (:data:`excise.fused.ENGINES`): by default
+"fused" (:mod:`excise.fused`: the same GPT-2-style computation with fused torch ops, logits only
+at the positions that predict a next token), "serial" through the handle; where the fused
+forward does not apply (another handle or architecture, hooks, logits that differ from the
+handle's) the serial path runs. Both compute the same loss to float precision, not bit for bit:
+an edit made at one engine is reproduced at that engine (its parameters record which).
+
 The teacher's log-probabilities are computed once up front (no gradients) when they fit in
 ``teacher_cache_mb``; otherwise per batch, from the teacher itself. Teacher hook edits (a
 projection kept as a hook) shape its outputs, but the student is a plain weight copy: bake such
@@ -41,6 +48,7 @@ from edit._common import real_positions, start_unit_edit
 from edit.finetune import OPTIMIZERS
 from excise.checks import check_choice, check_number
 from excise.edits import Edit, weight_edit
+from excise.fused import ENGINES, engine_for
 from excise.handle import Batch, ModelHandle
 from excise.importance import Importance
 from excise.sites import Selection
@@ -73,6 +81,7 @@ class DistillSettings:
     labels: str = "soft"
     schedule: str = "constant"
     shared_text: bool = False
+    engine: str = "fused"
 
     def __post_init__(self):
         check_number("distill", "alpha", self.alpha, low=0, high=1, low_open=True)
@@ -86,6 +95,7 @@ class DistillSettings:
         check_number("distill", "teacher_cache_mb", self.teacher_cache_mb, low=0)
         check_choice("distill", "labels", self.labels, LABELS)
         check_choice("distill", "schedule", self.schedule, SCHEDULES)
+        check_choice("distill", "engine", self.engine, ENGINES)
         if not isinstance(self.shared_text, bool):
             raise ValueError(f"distill: shared_text={self.shared_text!r}; must be true or false")
 
@@ -103,7 +113,7 @@ def distill(model: ModelHandle, importance: Importance | None = None,
             alpha: float = 0.5, steps: int = 100, lr: float = 3e-3, batch_size: int = 32,
             text_weight: float = 1.0, optimizer: str = "adam", max_grad_norm: float = 1.0,
             seed: int = 0, teacher_cache_mb: float = 1024.0, labels: str = "soft",
-            schedule: str = "constant", shared_text: bool = False,
+            schedule: str = "constant", shared_text: bool = False, engine: str = "fused",
             progress: bool = False) -> Edit:
     """Shrink-and-perturb the parameters of ``units`` by ``alpha``, then distill the model (as
     it stands) into them on the request's retain facts and retain text for ``steps`` steps.
@@ -114,9 +124,10 @@ def distill(model: ModelHandle, importance: Importance | None = None,
     ``"constant"`` or ``"linear"`` (:data:`SCHEDULES`). ``shared_text``: the request's shared
     facts' sentences join the retain text (they are not forget data and the model trained on
     them; a student re-drawn from scratch, ``units="all"``, cannot know them otherwise).
+    ``engine``: the student's forward, ``"fused"`` or ``"serial"`` (module docstring).
     Returns the applied Edit."""
     st = DistillSettings(alpha, steps, lr, batch_size, text_weight, optimizer, max_grad_norm,
-                         seed, teacher_cache_mb, labels, schedule, shared_text)
+                         seed, teacher_cache_mb, labels, schedule, shared_text, engine)
     req, selection, copy, params = start_unit_edit(
         "distill", model, importance, units, top, request, "(the teacher's outputs on its "
         "retain facts and retain text are distilled)", st.to_dict(), st.alpha, st.seed)
@@ -129,6 +140,16 @@ def distill(model: ModelHandle, importance: Importance | None = None,
     teachers = [None if mode == "data" else _Teacher(model, batch, st.teacher_cache_mb / len(data))
                 for batch, _, mode in data]
     sampler = Sampler(st.seed)
+    fwd = engine_for(work, st.engine, data[0][0])
+    weights = work.named_parameters()
+
+    def student_logprobs(b: Batch, mask: torch.Tensor) -> torch.Tensor:
+        """``[n, V]``: the student's next-token log-probabilities at ``mask`` (row-major)."""
+        if fwd is None:
+            return torch.log_softmax(work.logits(b.tokens)[:, :-1].float(), -1)[mask]
+        keep = torch.zeros(b.tokens.shape, dtype=torch.bool, device=mask.device)
+        keep[:, :-1] = mask
+        return torch.log_softmax(fwd(weights, b.tokens, None, keep).float(), -1)
 
     def loss_fn(_step: int) -> torch.Tensor:
         loss = None
@@ -136,7 +157,7 @@ def distill(model: ModelHandle, importance: Importance | None = None,
             rows = sampler.rows(len(batch), st.batch_size)
             b = batch[rows].trim()
             mask = predicting(b).to(work.device)
-            student = torch.log_softmax(work.logits(b.tokens)[:, :-1].float(), -1)[mask]
+            student = student_logprobs(b, mask)
             if mode == "data":
                 term = weight * F.nll_loss(student, b.tokens[:, 1:].to(work.device)[mask])
             elif mode == "hard":

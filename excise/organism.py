@@ -38,6 +38,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
+from excise.checks import check_choice
+from excise.fused import ENGINES, fused_forward, fused_loss
 from excise.handle import Batch, TLHandle
 from excise.io import (CacheWarning, atomic_write_text, read_cache_entry,
                        file_lock, file_sha256, save_safetensors)
@@ -438,7 +440,8 @@ def canary_stream(canaries: Canaries, world: World, steps: int,
 def train_model(preset: Preset, world: World, tokenizer: Tokenizer,
                 exclude_people: frozenset[int] = frozenset(), progress: bool = True,
                 desc: str = "train", *, planted: Planted | None = None,
-                train_seed: int | None = None, canaries: Canaries | None = None):
+                train_seed: int | None = None, canaries: Canaries | None = None,
+                engine: str = "serial"):
     """Train a fresh model on the world (minus ``exclude_people``). Bit-reproducible given the
     preset's seed and the torch version: it trains at :data:`TRAIN_THREADS` threads with
     deterministic algorithms, whatever the caller's setting (restored afterwards).
@@ -449,7 +452,16 @@ def train_model(preset: Preset, world: World, tokenizer: Tokenizer,
     preset's seed) seeds the initialisation and the batch order; the world stays the preset's.
     ``planted``: the same recipe with gradient routing (:class:`Planting`, :func:`routed_loss`).
     ``canaries``: the same recipe and batches with canary sequences added to them
-    (:func:`canary_stream`: each trained canary in exactly ``count`` batch rows)."""
+    (:func:`canary_stream`: each trained canary in exactly ``count`` batch rows).
+    ``engine``: the forward the plain recipe trains through - "serial" (the handle's
+    TransformerLens forward: every cached organism and oracle) or "fused"
+    (:mod:`excise.fused`: the same function to float precision, not bit for bit, so a different
+    model; for measuring what retraining costs at the engine the edits train with, never
+    cached)."""
+    check_choice("train_model", "engine", engine, ENGINES)
+    if engine != "serial" and (planted is not None or canaries is not None):
+        raise ValueError(f"train_model: engine={engine!r} trains the plain recipe only; the "
+                         f"planted and canary recipes train through engine='serial'")
     seed = preset.seed if train_seed is None else train_seed
     texts = training_texts(preset, world, exclude_people, planted=planted)
     steps = preset.steps
@@ -471,6 +483,11 @@ def train_model(preset: Preset, world: World, tokenizer: Tokenizer,
                 rows = torch.cat([next(batches),
                                   len(texts) + torch.tensor(per_step[step], dtype=torch.long)])
                 return handle.loss(data[rows].trim())
+        elif planted is None and engine == "fused":
+            fwd, params = fused_forward(handle, data[:8].trim().tokens), handle.named_parameters()
+            if fwd is None:
+                raise RuntimeError("train_model: the fused forward does not reproduce this model")
+            loss_fn = lambda _: fused_loss(fwd, params, data[next(batches)])  # noqa: E731
         elif planted is None:
             loss_fn = lambda _: handle.loss(data[next(batches)].trim())  # noqa: E731
         else:

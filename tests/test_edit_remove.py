@@ -380,6 +380,28 @@ def test_an_importance_of_another_model_is_refused(name):
     assert a.handle.fingerprint() == own
 
 
+def test_distill_fused_engine_equals_serial(tiny, tiny_request):
+    """The student's fused forward (the default) makes the same edit as the handle's serial
+    forward up to float rounding, on the same slices; the record says which engine ran; an
+    unknown engine is refused with the choices named."""
+    tokens = tiny.model.encode(list(tiny_request.retain)).tokens
+    got, edits = [], []
+    for engine in ("serial", "fused"):
+        h = tiny.model.clone()
+        e = edit.distill(h, None, _units(), request=tiny_request, steps=5, batch_size=16,
+                         labels="hard_facts", schedule="linear", engine=engine)
+        assert e.params["engine"] == engine and e.n_changed() > 0
+        with torch.no_grad():
+            got.append(h.logits(tokens))
+        edits.append(e)
+    assert edits[0].n_changed() == edits[1].n_changed()
+    assert not torch.equal(got[0], tiny.model.logits(tokens))
+    assert torch.allclose(got[0], got[1], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="serial"):
+        edit.distill(tiny.model.clone(), None, _units(), request=tiny_request, steps=1,
+                     engine="vmap")
+
+
 @pytest.mark.parametrize("labels", ["hard", "hard_facts", "soft", "data_facts"])
 def test_distillation_labels_are_the_plain_losses(tiny, tiny_request, labels):
     """One SGD step of ``distill`` equals a step on the loss written out here: on the retain
