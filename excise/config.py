@@ -191,12 +191,14 @@ def parse_value(text: str) -> Any:
 def apply_sets(raw: dict, sets: list[str]) -> dict:
     """Apply ``key.path=value`` overrides (values parsed as YAML scalars/lists)."""
     raw = dict(raw)
-    for item in sets:  # switching a stage's method drops the file's parameters of the old one
+    # switching a stage's method drops the file's parameters of the old one (an edit's units
+    # too: ``units: all`` is the old recipe's choice, and not every method takes it)
+    for item in sets:
         key, _, value = item.partition("=")
         parts = key.strip().split(".")
         section = raw.get(parts[0])
         fields = ({f.name for f in dataclasses.fields(_STAGES[parts[0]])}
-                  if parts[0] in _STAGES else set())
+                  if parts[0] in _STAGES else set()) - {"units"}
         if (len(parts) == 2 and parts[0] in _WITH_PARAMS and parts[1] == "method"
                 and isinstance(section, dict)
                 and section.get("method") not in (None, parse_value(value))):
