@@ -3,7 +3,7 @@
 
     EXCISE_CACHE=... python bench/bench_reuse.py [--forget 10] [--alpha 5 3] [--grid quick]
 
-Two recipes (SSD dampening on grad_ratio importance at two alphas, the default pipeline's) edit
+Two recipes (SSD dampening on grad_ratio importance at two alphas, configs/dampen.yaml's) edit
 copies of the organism. The second recipe's edited model is verified with the full suite
 (``suite="all"``, the oracle and the original beside it) twice: once with no cache (every model
 attacked), once with a store that the first recipe's verification filled (a fresh folder, as a

@@ -199,7 +199,8 @@ def write_report(res, out: Path, cfg: S.SweepConfig):
             f"- {r['split']} seed {r['seed']} {_name(r)}: {r['error']}" for r in failed] + [""]
     lines += ["## The bar (5% split): what binds", ""] + binding(rows, bar) + [""]
     best, r = recommend(rows, bar)
-    lines += [f"**Recommended recipe (configs/default.yaml):** {best} `{json.dumps(r['hp'])}`. "
+    lines += [f"**Recommended localized recipe (configs/dampen.yaml):** {best} "
+              f"`{json.dumps(r['hp'])}`. "
               f"Rule: {' '.join(recommend.__doc__.split(':', 1)[1].split())}", ""]
     lines += ["## Forget efficacy vs utility", "", "![pareto](results/pareto.png)", "",
               "## Attack recovery (5% split, first seed)", "", "![attacks](results/attacks.png)",

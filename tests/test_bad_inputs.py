@@ -81,7 +81,7 @@ _REQ = _CFG + ["--set", "request.jsonl={tmp}/requests/"]
 CONFIG_CASES = [
     # wrong types, unknown verify settings, suite and method typos (with "did you mean")
     (_CFG + ["--set", "edit.alpha=banana"], 2,
-     "edit.dampen: alpha='banana' is not a number (alpha: float, default 10.0)"),
+     "edit.distill: alpha='banana' is not a number (alpha: float, default 0.5)"),
     (_CFG + ["--set", "locate.batch_size=2.5"], 2,
      "locate.grad_ratio: batch_size=2.5 is not an integer"),
     (_CFG + ["--set", "verify.bogus=1"], 2, "verify: unknown key 'bogus'"),
@@ -572,6 +572,22 @@ def test_config_values_are_checked_at_load(raw, text):
     assert text in str(e.value)
 
 
+def test_switching_the_edit_method_drops_the_recipes_units():
+    """The default recipe edits ``units: all``; ``--set edit.method=prune`` starts the edit
+    section afresh (the old method's parameters and its units dropped: prune does not take
+    ``all``), and a ``--set edit.units=...`` given with it still applies."""
+    from excise import config as C
+
+    regs = _registries()
+    assert C.load(None, [], regs).edits[0].units == "all"
+    e = C.load(None, ["edit.method=prune", "edit.top=4"], regs).edits[0]
+    assert (e.method, e.units, e.params) == ("prune", None, {"top": 4})
+    e = C.load(None, ["edit.units=all", "edit.method=finetune"], regs).edits[0]
+    assert (e.method, e.units, e.params) == ("finetune", "all", {})
+    with pytest.raises(C.ConfigError, match="does not take units: all"):
+        C.load(None, ["edit.method=prune", "edit.units=all"], regs)
+
+
 def test_config_numbers_written_as_text_are_converted():
     """YAML 1.1 reads 1e-4 as a string: a numeric parameter converts it, and a whole float
     becomes an int where only an int is valid; other values keep their type (the default
@@ -579,8 +595,9 @@ def test_config_numbers_written_as_text_are_converted():
     from excise import config as C
 
     regs = _registries()
-    cfg = C.load(None, ["edit.alpha=1e-4", "edit.lam=2", "locate.batch_size=40.0",
-                        "select.top=0.05"], regs)
+    cfg = C.load(C.DEFAULT_CONFIG.parent / "dampen.yaml",
+                 ["edit.alpha=1e-4", "edit.lam=2", "locate.batch_size=40.0", "select.top=0.05"],
+                 regs)
     assert cfg.edit.params == {"alpha": 1e-4, "lam": 2} and type(cfg.edit.params["lam"]) is int
     assert cfg.locate.params == {"batch_size": 40} and type(cfg.locate.params["batch_size"]) is int
     assert cfg.select.top == 0.05
@@ -588,7 +605,8 @@ def test_config_numbers_written_as_text_are_converted():
                    regs).edit.params == {"lr": 3e-4, "top": 5}
     assert C.build({"request": {"forget_people": "3"}}, regs).request.forget_people == 3
     # the shipped configs load to exactly the values they write
-    for path in ("configs/default.yaml", "configs/gemma-facts.yaml", "configs/undo.yaml"):
+    for path in ("configs/default.yaml", "configs/dampen.yaml", "configs/gemma-facts.yaml",
+                 "configs/undo.yaml"):
         raw = C.read_yaml(C.DEFAULT_CONFIG.parent.parent / path)
         cfg = C.build(raw, regs).to_dict()
         assert C.build(cfg, regs) == C.build(raw, regs)  # what a run writes loads back the same
