@@ -141,6 +141,7 @@ def distill(model: ModelHandle, importance: Importance | None = None,
                 for batch, _, mode in data]
     sampler = Sampler(st.seed)
     fwd = engine_for(work, st.engine, data[0][0])
+    params["engine"] = "serial" if fwd is None else "fused"  # what ran (fused may step aside)
     weights = work.named_parameters()
 
     def student_logprobs(b: Batch, mask: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ the wanted logits depend on: given ``keep`` positions, each row up to its last k
 (causal attention: nothing later feeds it), the rows packed so the per-position layers compute
 no padding (attention alone runs on the padded grid), and the last block, final norm and
 unembedding at the kept positions only. Same numbers to float precision (checked against the
-handle's logits when it is built; tests/test_attacks_batched.py, tests/test_distill.py).
+handle's logits when it is built; tests/test_attacks_batched.py, tests/test_edit_remove.py).
 
 ``ENGINES``: "serial" (through the handle: TransformerLens, hooks and all) or "fused" (this
 module); :func:`engine_for` returns the fused forward where it applies and None where the

@@ -298,7 +298,8 @@ def plain_cases(org, request: ForgetRequest, seed: int, knobs: Knobs,
         "distill": lambda: _with_edit(
             teacher(), edit.distill, units="all", request=distill_request(request), alpha=1.0,
             steps=knobs.distill_steps, lr=knobs.distill_lr, batch_size=knobs.distill_batch,
-            labels=knobs.distill_labels, schedule=knobs.distill_schedule, seed=seed),
+            labels=knobs.distill_labels, schedule=knobs.distill_schedule, seed=seed,
+            engine="serial"),  # the forward every documented calibration run used
         "ascent_all": lambda: controls.gradient_ascent(original, request, **keep),
         "ascent_unembed": lambda: controls.unembed_ascent(original, request, **keep),
         "ascent_last": lambda: controls.last_block_ascent(original, request, **keep),
