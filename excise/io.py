@@ -4,9 +4,12 @@ Nothing here unpickles anything."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -94,6 +97,33 @@ def _not_safetensors(path: Path, err: Exception) -> NotSafetensorsError:
         f"interrupted copy), corrupt, or another format (a pickle / .bin / .gguf file)?")
 
 
+@contextlib.contextmanager
+def signals_held(signums=(signal.SIGINT, signal.SIGTERM)):
+    """Hold SIGINT / SIGTERM for the duration of a call into compiled code, then deliver them.
+
+    A Python signal handler raises (``KeyboardInterrupt``, excise's ``Terminated``) at whatever
+    Python call is running; inside safetensors' Rust reader that call is a callback into torch
+    whose failure the reader can turn into another error (a ``ValueError`` about an
+    ``UntypedStorage``), which a cache read takes for a corrupt file - the stop request is lost
+    and the model is retrained. Here the handlers only record; on exit the previous handlers are
+    restored and each recorded signal is raised again, so it is handled where Python code runs.
+    Outside the main thread (where handlers cannot be set) nothing is held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    seen: list[int] = []
+    # (a handler set outside Python reads as None and could not be restored: not held)
+    previous = {s: signal.signal(s, lambda signum, _frame: seen.append(signum))
+                for s in signums if signal.getsignal(s) is not None}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in dict.fromkeys(seen):
+            signal.raise_signal(s)
+
+
 def load_safetensors(path: Path | str) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file (nothing unpickled). A missing file raises
     ``FileNotFoundError``; a folder, a truncated, corrupt or non-safetensors file raises
@@ -103,7 +133,8 @@ def load_safetensors(path: Path | str) -> dict[str, torch.Tensor]:
 
     path = _readable(path)
     try:
-        return load_file(str(path))
+        with signals_held():
+            return load_file(str(path))
     except (SafetensorError, ValueError, OSError) as e:  # (OSError: unreadable)
         raise _not_safetensors(path, e) from None
 
@@ -114,7 +145,7 @@ def safetensors_metadata(path: Path | str) -> dict[str, str]:
 
     path = _readable(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with signals_held(), safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})
     except (SafetensorError, ValueError, OSError) as e:
         raise _not_safetensors(path, e) from None

@@ -378,3 +378,54 @@ def test_a_damaged_gemma_cache_is_named_and_rebuilt(tmp_path, monkeypatch):
     with pytest.warns(CacheWarning, match="model.safetensors: checksum mismatch"):
         with pytest.raises(ModuleNotFoundError, match="not installed"):
             gemma.load_hf(log=quiet)
+
+
+class _Stop(BaseException):
+    """What a raising signal handler throws (excise's ``Terminated``, ``KeyboardInterrupt``)."""
+
+
+def _raise_stop(signum, frame):
+    raise _Stop(signum)
+
+
+def test_a_signal_during_a_weights_read_is_delivered_not_taken_for_a_corrupt_file(
+        tmp_path, monkeypatch):
+    """A stop request that lands inside safetensors' reader (a Rust call back into torch that
+    turns the handler's exception into a ValueError, as CI saw: "could not determine the shape of
+    object type 'torch.storage.UntypedStorage'") must stop the process, not read as a corrupt
+    cache file to be retrained. Simulated: a reader that signals itself mid-read and swallows
+    what its Python callback raises, the way the compiled reader did."""
+    import signal
+
+    import safetensors.torch
+
+    from excise.io import load_safetensors, save_safetensors
+
+    path = tmp_path / "w.safetensors"
+    save_safetensors({"w": torch.arange(4.0)}, path)
+    real = safetensors.torch.load_file
+    reached = []
+
+    def swallowing_reader(filename, *a, **k):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):  # (Python bytecode runs: an unheld handler fires here)
+                pass
+            out = real(filename, *a, **k)
+        except BaseException:
+            raise ValueError("could not determine the shape of object type "
+                             "'torch.storage.UntypedStorage'") from None
+        reached.append(True)
+        return out
+
+    monkeypatch.setattr(safetensors.torch, "load_file", swallowing_reader)
+    previous = signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        with pytest.raises(_Stop):
+            load_safetensors(path)
+        assert reached  # the read itself finished; the stop came after it
+        assert signal.getsignal(signal.SIGTERM) is _raise_stop  # the handler is back
+        monkeypatch.setattr(safetensors.torch, "load_file", real)
+        assert torch.equal(load_safetensors(path)["w"], torch.arange(4.0))  # nothing held now
+    finally:
+        signal.signal(signal.SIGTERM, previous)
