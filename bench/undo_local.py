@@ -1,0 +1,130 @@
+"""The default recipe's distillation confined to part of the model (issue 14: <= 10% of the
+parameters), behaviour only.
+
+    OMP_NUM_THREADS=2 python bench/undo_local.py [--people 150-159] [--alpha 0.8]
+        [--units mlp attn attn0 ... fisher:6:attn fact_lookup:0.2:mlp] [--json out.json]
+
+``configs/default.yaml``'s edit (``edit.distill``: shrink-and-perturb by ``alpha``, then 500
+steps of distillation on the retain facts, retain text and shared facts' sentences, lr 3e-3
+linear, batch 64, ``labels="hard_facts"``) reads deleted with every parameter as its units.
+Here its units are a part of the model instead, each run on a fresh copy of the small organism:
+whole components (``mlp``, ``attn``: every neuron / head; ``mlpL..``, ``attnL..``, ``blkL..``:
+those of the layers named by the digits, ``blk`` both) or a localizer's top units
+(``METHOD:K:WHERE``: ``K`` units, or a fraction when < 1, of ``locate.METHOD`` scored on the
+request over ``WHERE`` = ``mlp`` neurons, ``attn`` heads or ``both``). Prints the share of the
+parameters the edit changed and the recall of each split (no attacks, no verdict: a screen for
+the units that could get forget recall down to the oracle's at all); the retrain oracle's
+behaviour is printed first for reference. Validation people by default (150..159, never a
+reported request).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+DEFAULT_UNITS = ["all", "mlp", "attn", "mlp01", "attn01", "blk0", "attn0", "attn1", "attn2",
+                 "attn3", "fisher:6:attn", "grad_ratio:6:attn", "fisher:0.2:mlp",
+                 "fact_lookup:0.2:mlp", "fact_lookup:0.1:both"]
+WHERE = {"mlp": ["blocks.*.mlp.post"], "attn": ["blocks.*.attn.z"],
+         "both": ["blocks.*.mlp.post", "blocks.*.attn.z"]}
+KEYS = ("forget_recall", "paraphrase_recall", "retain_recall", "shared_recall", "holdout_recall",
+        "perplexity")
+
+
+def component_units(spec: str, cfg) -> list | None:
+    """The units of a component spec (``mlp``, ``attn1``, ``blk0`` ...); None if not one."""
+    from excise.sites import Unit
+
+    m = re.fullmatch(r"(mlp|attn|blk)(\d*)", spec)
+    if m is None:
+        return None
+    layers = [int(d) for d in m[2]] or list(range(cfg.n_layers))
+    bad = [layer for layer in layers if layer >= cfg.n_layers]
+    if bad:
+        raise SystemExit(f"--units {spec}: layer {bad[0]} outside 0..{cfg.n_layers - 1}")
+    units = []
+    if m[1] in ("mlp", "blk"):
+        units += [Unit(f"blocks.{layer}.mlp.post", (i,)) for layer in layers
+                  for i in range(cfg.d_mlp)]
+    if m[1] in ("attn", "blk"):
+        units += [Unit(f"blocks.{layer}.attn.z", (h,)) for layer in layers
+                  for h in range(cfg.n_heads)]
+    return units
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--organism-seed", type=int, default=0)
+    ap.add_argument("--people", default="150-159", help="A-B: the request's forget people")
+    ap.add_argument("--alpha", type=float, default=0.8)
+    ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--seed", type=int, default=0, help="the edit's seed")
+    ap.add_argument("--units", nargs="+", default=DEFAULT_UNITS)
+    ap.add_argument("--json", default="")
+    a = ap.parse_args()
+
+    import edit
+    import excise
+    import locate
+    from excise.sites import Selection
+    from probes.behaviour import behaviour_metrics
+
+    try:
+        first, last = (int(x) for x in a.people.split("-"))
+    except ValueError:
+        ap.error(f"--people {a.people!r}: give a range FIRST-LAST, e.g. 150-159")
+    org = excise.organism(a.preset, seed=a.organism_seed, progress=False)
+    req = org.request(list(range(first, last + 1)))
+    total = org.model.n_parameters()
+    cfg = org.model.model.cfg
+    rows, scores = [], {}
+
+    def show(name: str, b: dict, extra: str = "") -> None:
+        print(f"{name:24s} {extra}" + " ".join(f"{k.replace('_recall', '')} {b[k]:.3f}"
+                                               for k in KEYS), flush=True)
+
+    for name, m in (("original", org.model), ("retrain oracle", org.oracle(req))):
+        b = behaviour_metrics(m, req)
+        rows.append({"units": name, **{k: b[k] for k in KEYS}})
+        show(name, b)
+    for spec in a.units:
+        if spec == "all":
+            units = "all"
+        elif (units := component_units(spec, cfg)) is None:
+            parts = spec.split(":")
+            if len(parts) != 3 or parts[0] not in locate.METHODS or parts[2] not in WHERE:
+                ap.error(f"--units {spec!r}: give all, mlp|attn|blk[LAYERS] or METHOD:K:WHERE "
+                         f"(METHOD one of {sorted(locate.METHODS)}, WHERE one of {list(WHERE)})")
+            method, k, where = parts
+            if (method, where) not in scores:
+                scores[method, where] = locate.METHODS[method](org.model, req, WHERE[where])
+            k = float(k)
+            units = list(scores[method, where].top(int(k) if k >= 1 else k).units)
+        m = org.model.clone()
+        t = time.time()
+        e = edit.distill(m, units=units if units == "all" else Selection(tuple(units),
+                                                                          source=spec),
+                         request=req, alpha=a.alpha, steps=a.steps, lr=3e-3, batch_size=64,
+                         labels="hard_facts", shared_text=True, schedule="linear", seed=a.seed)
+        secs = time.time() - t
+        b = behaviour_metrics(m, req)
+        share = e.n_changed() / total
+        n = "all" if units == "all" else len(units)
+        rows.append({"units": spec, "n_units": n, "params_share": share, "edit_seconds": secs,
+                     **{k: b[k] for k in KEYS}})
+        show(spec, b, f"{n!s:>5} units, {100 * share:5.1f}% params, {secs:3.0f} s: ")
+    if a.json:
+        from excise.io import atomic_write_text
+        atomic_write_text(a.json, json.dumps({"args": vars(a), "rows": rows}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
