@@ -45,7 +45,7 @@ def last_prompt_states(model: ModelHandle, facts: Sequence[Fact], sites: Sequenc
     return {s: torch.cat(v) for s, v in out.items()}
 
 
-FEATURES = ("last", "prompt_mean", "mean")
+FEATURES = ("last", "prompt_mean", "mean", "target_mean")
 
 
 @torch.inference_mode()
@@ -53,7 +53,9 @@ def sequence_states(model: ModelHandle, facts: Sequence[Fact], sites: Sequence[s
                     feature: str = "last", batch_size: int = 256) -> dict[str, Tensor]:
     """``{site: [n, d]}`` one vector per fact: ``"last"`` the activation at the last prompt token
     (:func:`last_prompt_states`), ``"prompt_mean"`` the mean over the prompt's tokens, ``"mean"``
-    the mean over every token of the text (prompt and target); BOS is never included."""
+    the mean over every token of the text (prompt and target), ``"target_mean"`` the mean over
+    the positions that predict a target token (the last prompt token .. the second-to-last
+    target token: where a memorised continuation is read out); BOS is never included."""
     if feature not in FEATURES:
         raise ValueError(f"feature={feature!r}: choose one of {list(FEATURES)}")
     if feature == "last":
@@ -62,8 +64,11 @@ def sequence_states(model: ModelHandle, facts: Sequence[Fact], sites: Sequence[s
     for b in model.encode(list(facts)).chunks(batch_size):
         acts = model.run_with_cache(b.tokens, sites)
         pos = torch.arange(b.tokens.shape[1])[None, :]
-        end = (first_target_positions(b) if feature == "prompt_mean" else b.lengths).cpu()
-        w = ((pos >= 1) & (pos < end[:, None])).float()  # [n, T]
+        first = first_target_positions(b).cpu()
+        start, end = {"prompt_mean": (1, first), "mean": (1, b.lengths.cpu()),
+                      "target_mean": ((first - 1).clamp(min=1), b.lengths.cpu() - 1)}[feature]
+        start = torch.as_tensor(start).reshape(-1, 1)
+        w = ((pos >= start) & (pos < end[:, None])).float()  # [n, T]
         w = w / w.sum(1, keepdim=True).clamp(min=1)
         for s in sites:
             a = acts[s].float()

@@ -139,6 +139,7 @@ def test_sequence_features_against_a_loop(tiny):
     last = sequence_states(m, facts, sites, "last")
     mean = sequence_states(m, facts, sites, "mean")
     pmean = sequence_states(m, facts, sites, "prompt_mean")
+    tmean = sequence_states(m, facts, sites, "target_mean")
     ref = last_prompt_states(m, facts, sites)
     for s in sites:
         torch.testing.assert_close(last[s], ref[s])
@@ -149,6 +150,9 @@ def test_sequence_features_against_a_loop(tiny):
         for s in sites:
             torch.testing.assert_close(mean[s][i], acts[s][0, 1:1 + n_all].mean(0))
             torch.testing.assert_close(pmean[s][i], acts[s][0, 1:1 + n_prompt].mean(0))
+            # the positions predicting the target: the last prompt token .. the one before the
+            # last target token (BOS at 0, the prompt at 1..n_prompt)
+            torch.testing.assert_close(tmean[s][i], acts[s][0, n_prompt:n_all].mean(0))
     with pytest.raises(ValueError, match="choose one of"):
         sequence_states(m, facts, sites, "max")
 
