@@ -46,9 +46,9 @@ def component_units(spec: str, cfg) -> list | None:
     if m is None:
         return None
     layers = [int(d) for d in m[2]] or list(range(cfg.n_layers))
-    bad = [layer for layer in layers if layer >= cfg.n_layers]
-    if bad:
-        raise SystemExit(f"--units {spec}: layer {bad[0]} outside 0..{cfg.n_layers - 1}")
+    if len(set(layers)) != len(layers) or max(layers) >= cfg.n_layers:
+        raise ValueError(f"--units {spec}: name each layer once, one digit each, in "
+                         f"0..{cfg.n_layers - 1}")
     units = []
     if m[1] in ("mlp", "blk"):
         units += [Unit(f"blocks.{layer}.mlp.post", (i,)) for layer in layers
@@ -57,6 +57,28 @@ def component_units(spec: str, cfg) -> list | None:
         units += [Unit(f"blocks.{layer}.attn.z", (h,)) for layer in layers
                   for h in range(cfg.n_heads)]
     return units
+
+
+def parse_spec(spec: str, cfg, methods) -> tuple:
+    """``("all",)``, ``("units", [Unit])`` or ``("located", method, k, where)``; a bad spec
+    raises ValueError naming what is valid."""
+    if spec == "all":
+        return ("all",)
+    units = component_units(spec, cfg)
+    if units is not None:
+        return ("units", units)
+    parts = spec.split(":")
+    if len(parts) == 3 and parts[0] in methods and parts[2] in WHERE:
+        try:
+            k = float(parts[1])
+        except ValueError:
+            k = -1.0
+        if 0 < k < 1 or (k >= 1 and k == int(k)):
+            return ("located", parts[0], int(k) if k >= 1 else k, parts[2])
+        raise ValueError(f"--units {spec}: K={parts[1]!r} must be a count >= 1 or a fraction "
+                         f"in (0, 1)")
+    raise ValueError(f"--units {spec!r}: give all, mlp|attn|blk[LAYERS] or METHOD:K:WHERE "
+                     f"(METHOD one of {sorted(methods)}, WHERE one of {list(WHERE)})")
 
 
 def main() -> None:
@@ -80,11 +102,17 @@ def main() -> None:
     try:
         first, last = (int(x) for x in a.people.split("-"))
     except ValueError:
+        first, last = 1, 0
+    if first > last:
         ap.error(f"--people {a.people!r}: give a range FIRST-LAST, e.g. 150-159")
     org = excise.organism(a.preset, seed=a.organism_seed, progress=False)
     req = org.request(list(range(first, last + 1)))
     total = org.model.n_parameters()
     cfg = org.model.model.cfg
+    try:  # every spec checked before anything runs
+        specs = [(spec, parse_spec(spec, cfg, locate.METHODS)) for spec in a.units]
+    except ValueError as e:
+        ap.error(str(e))
     rows, scores = [], {}
 
     def show(name: str, b: dict, extra: str = "") -> None:
@@ -95,19 +123,16 @@ def main() -> None:
         b = behaviour_metrics(m, req)
         rows.append({"units": name, **{k: b[k] for k in KEYS}})
         show(name, b)
-    for spec in a.units:
-        if spec == "all":
+    for spec, parsed in specs:
+        if parsed[0] == "all":
             units = "all"
-        elif (units := component_units(spec, cfg)) is None:
-            parts = spec.split(":")
-            if len(parts) != 3 or parts[0] not in locate.METHODS or parts[2] not in WHERE:
-                ap.error(f"--units {spec!r}: give all, mlp|attn|blk[LAYERS] or METHOD:K:WHERE "
-                         f"(METHOD one of {sorted(locate.METHODS)}, WHERE one of {list(WHERE)})")
-            method, k, where = parts
+        elif parsed[0] == "units":
+            units = parsed[1]
+        else:
+            _, method, k, where = parsed
             if (method, where) not in scores:
                 scores[method, where] = locate.METHODS[method](org.model, req, WHERE[where])
-            k = float(k)
-            units = list(scores[method, where].top(int(k) if k >= 1 else k).units)
+            units = list(scores[method, where].top(k).units)
         m = org.model.clone()
         t = time.time()
         e = edit.distill(m, units=units if units == "all" else Selection(tuple(units),

@@ -112,14 +112,18 @@ def signals_held(signums=(signal.SIGINT, signal.SIGTERM)):
         yield
         return
     seen: list[int] = []
-    # (a handler set outside Python reads as None and could not be restored: not held)
-    previous = {s: signal.signal(s, lambda signum, _frame: seen.append(signum))
-                for s in signums if signal.getsignal(s) is not None}
     try:
-        yield
+        with contextlib.ExitStack() as restore:  # every handler put back, whatever interrupts
+            for s in signums:
+                previous = signal.getsignal(s)
+                if previous is None:  # (set outside Python: could not be put back; not held)
+                    continue
+                restore.callback(signal.signal, s, previous)  # (registered before the swap)
+                signal.signal(s, lambda signum, _frame: seen.append(signum))
+            yield
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        # each held signal once, in arrival order; when the first one's handler raises (the
+        # process is stopping), a second one held is not delivered
         for s in dict.fromkeys(seen):
             signal.raise_signal(s)
 

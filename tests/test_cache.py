@@ -429,3 +429,31 @@ def test_a_signal_during_a_weights_read_is_delivered_not_taken_for_a_corrupt_fil
         assert torch.equal(load_safetensors(path)["w"], torch.arange(4.0))  # nothing held now
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_signals_held_puts_every_handler_back_and_delivers_each_signal_once():
+    """Nothing held leaks: after an error in the body the handlers are the caller's again; a
+    signal held while the body ran reaches the caller's handler once, after the body."""
+    import signal
+
+    from excise.io import signals_held
+
+    calls = []
+    before = {s: signal.signal(s, lambda signum, _f: calls.append(signum))
+              for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with pytest.raises(ZeroDivisionError):
+            with signals_held():
+                1 / 0
+        mine = {s: signal.getsignal(s) for s in before}
+        with signals_held():
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)  # (pending twice: still one signal)
+            for _ in range(1000):
+                pass
+            assert calls == []  # held while the body runs
+        assert calls == [signal.SIGTERM]
+        assert {s: signal.getsignal(s) for s in before} == mine
+    finally:
+        for s, h in before.items():
+            signal.signal(s, h)
