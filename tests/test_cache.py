@@ -439,13 +439,16 @@ def test_signals_held_puts_every_handler_back_and_delivers_each_signal_once():
     from excise.io import signals_held
 
     calls = []
-    before = {s: signal.signal(s, lambda signum, _f: calls.append(signum))
-              for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def mine(signum, _frame):
+        calls.append(signum)
+
+    before = {s: signal.signal(s, mine) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with pytest.raises(ZeroDivisionError):
             with signals_held():
                 1 / 0
-        mine = {s: signal.getsignal(s) for s in before}
+        assert all(signal.getsignal(s) is mine for s in before)
         with signals_held():
             os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)  # (pending twice: still one signal)
@@ -453,7 +456,7 @@ def test_signals_held_puts_every_handler_back_and_delivers_each_signal_once():
                 pass
             assert calls == []  # held while the body runs
         assert calls == [signal.SIGTERM]
-        assert {s: signal.getsignal(s) for s in before} == mine
+        assert all(signal.getsignal(s) is mine for s in before)
     finally:
         for s, h in before.items():
             signal.signal(s, h)
