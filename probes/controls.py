@@ -40,11 +40,12 @@ shared knowledge intact - the known-suppressed cases of the verdict's calibratio
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 
 import torch
 
 from excise.checks import check_choice, check_number
-from excise.handle import ModelHandle
+from excise.handle import Batch, ModelHandle
 from excise.request import ForgetRequest
 from excise.train import TEXT_LOSSES, Optim, train
 from probes.attacks import gain_hook
@@ -54,6 +55,22 @@ from probes.behaviour import recall
 def _retain_sample(items, max_retain: int, seed: int) -> list:
     items = list(items)
     return items if len(items) <= max_retain else random.Random(seed).sample(items, max_retain)
+
+
+def step_sampler(rows: Batch, size: int, seed: int) -> Callable[[int], Batch]:
+    """``step -> batch``: every row of ``rows`` when there are at most ``size``, otherwise
+    ``size`` of them drawn afresh at each step (seeded by ``seed`` and the step: the same step
+    draws the same rows), so a descent over many steps covers every row. A fixed sample kept
+    only its own rows: on ``small`` (2,898 retain and shared facts, 512 a step; validation people
+    50..59, both worlds) the last-block control kept retain recall 0.974 / 0.983 with one fixed
+    sample, 0.992 / 0.991 with fresh draws."""
+    if len(rows) <= size:
+        return lambda step: rows
+
+    def draw(step: int) -> Batch:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        return rows[torch.randperm(len(rows), generator=g)[:size]].trim()
+    return draw
 
 
 OBJECTIVES = ("ascent", "margin")
@@ -99,8 +116,10 @@ def ascend(model: ModelHandle, params, request: ForgetRequest, steps: int, lr: f
            margin: float = 1.0, text: str = "nll") -> int:
     """Adam on :func:`hide_loss` of the forget facts (``objective``) plus ``keep`` x descent on
     retain, over ``params`` only, until forget recall <= ``stop`` (checked every 5 steps and
-    after the last). ``keep_text``: the descent also covers the shared facts and the retain text
-    (at most ``max_retain`` of each); ``text``: how the text is kept - ``"nll"``, its loss, or
+    after the last). ``keep_text``: the descent also covers the shared facts and the retain text.
+    At most ``max_retain`` kept facts per step (a fresh seeded sample each step when there are
+    more: the descent covers all of them) and ``max_retain`` retain texts (one fixed sample,
+    the KL's reference); ``text``: how the text is kept - ``"nll"``, its loss, or
     ``"kl"``, the KL from the model as it was before the first step (its next-token
     distributions on the text, computed once), which keeps what the model says on text without
     teaching it those sentences. Changes ``model`` in place; returns the steps taken.
@@ -113,14 +132,14 @@ def ascend(model: ModelHandle, params, request: ForgetRequest, steps: int, lr: f
     check_choice("ascend", "text", text, list(TEXT_LOSSES))
     fb = model.encode(list(request.forget))
     keep_facts = request.retain.facts + (request.shared.facts if keep_text else ())
-    rb = model.encode(_retain_sample(keep_facts, max_retain, seed))
+    kept_batch = step_sampler(model.encode(list(keep_facts)), max_retain, seed)
     texts = _retain_sample(request.retain_text, max_retain, seed) if keep_text else []
     tb = model.encode_texts(texts) if texts else None
     text_loss = _text_keeper(model, tb, text, hooks_fn)
 
-    def loss(_step: int) -> torch.Tensor:
+    def loss(step: int) -> torch.Tensor:
         hooks = hooks_fn() if hooks_fn else None
-        kept = model.loss(rb, hooks) + text_loss(hooks)
+        kept = model.loss(kept_batch(step), hooks) + text_loss(hooks)
         return hide_loss(model, fb, hooks, objective, margin) + keep * kept
 
     def hidden(_done: int) -> bool:

@@ -67,7 +67,7 @@ class VerifySettings:
     sae: Any = None
     grid: str = "quick"
     utility: float = 0.98
-    ppl_tolerance: float = 0.02
+    ppl_tolerance: float = Rule.perplexity
     mia_tolerance: float = 0.05
     confidence: float = 0.9
     n_boot: int = 2000

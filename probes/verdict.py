@@ -8,12 +8,19 @@ and of forgetting - and with the original:
 1. **damaged** when the utility gate fails: retain, shared-knowledge and (where the request has
    them) neighbor and same-template neighbor (``excise.templates``) recall each at least
    ``utility`` (98%) of the oracle's or of the original's,
-   perplexity on general text at most ``1 + perplexity`` (1.02) times the oracle's or the
+   perplexity on general text at most ``1 + perplexity`` (1.07) times the oracle's or the
    original's. Damage is never deletion. Both are references of acceptable utility - what
    retraining gives, what the user had - and their gap is at least the retraining's own seed
    noise (calibration, ``excise.app.calibrate``: on ``tiny``, forgetting people 4..7, the
    original's perplexity is 5% above its oracle's - against the oracle alone the original itself
-   read "damaged"), so a model within tolerance of either is not damaged.
+   read "damaged"), so a model within tolerance of either is not damaged. The perplexity slack
+   is that seed noise too: on ``small`` a retrain oracle reads up to 1.061x the larger of
+   another training seed's oracle's and the original's perplexity (``bench/retrain_noise.py``:
+   validation people 10..19 and 50..59, two worlds, 3-4 training seeds; 1.057x on people
+   100..109, not used to choose), so under the earlier 1.02 a second retraining read damaged
+   (the ``small`` calibration); 0.07 is the validation worst rounded up to the next hundredth.
+   Damage the gate is for shows in recall first: every known-damaged model of the calibrations
+   failed retain recall, none read above its references' perplexity.
 2. **not forgotten** unless forget recall is credibly below the original's by more than
    ``margin``.
 3. **deleted** when forget recall is credibly within ``margin`` of the oracle's, the membership
@@ -119,7 +126,7 @@ class Rule:
     margin: float = 0.05
     tolerance: float = 0.1
     utility: float = 0.98
-    perplexity: float = 0.02
+    perplexity: float = 0.07
     mia: float = 0.05
     confidence: float = 0.9
     n_boot: int = 2000

@@ -28,7 +28,7 @@ from excise.handle import ModelHandle
 from excise.report import Report, check_outcome
 from excise.request import ForgetRequest
 from probes.suites import SUITES, Context, SuiteResult, VerdictResult, VerifySettings, resolve
-from probes.verdict import FAVOURABLE
+from probes.verdict import FAVOURABLE, Rule
 
 
 def verify(model: ModelHandle, request: ForgetRequest,
@@ -38,7 +38,7 @@ def verify(model: ModelHandle, request: ForgetRequest,
            margin: float = 0.05, tolerance: float = 0.1, n_false: int = 5,
            n_candidates: int = 256, loo_lam: float = 10.0, loo_logistic: bool = True,
            max_probe: int = 150, loo_by: str = "person", loo_null: int = 20, sae=None,
-           grid: str = "quick", utility: float = 0.98, ppl_tolerance: float = 0.02,
+           grid: str = "quick", utility: float = 0.98, ppl_tolerance: float = Rule.perplexity,
            mia_tolerance: float = 0.05, confidence: float = 0.9, n_boot: int = 2000,
            log: Callable[[str], None] | None = None, cache: dict | None = None) -> Report:
     """Measure ``model`` (and the ``oracle`` under identical settings) on ``request``.

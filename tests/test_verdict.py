@@ -147,7 +147,8 @@ def _decide(metrics, hits, groups, grids, rule=RULE, **kw):
     ({"relearn": [[1, 1, 1, 0, 0]] * 5}, "suppressed"),   # relearning brings back 0.6
     ({"forget": 0.3}, "suppressed"),                       # forgot some, not all
     ({"retain": 0.85}, "damaged"),                         # forgot, broke retain
-    ({"ppl": 1.05}, "damaged"),                            # perplexity 5% above the oracle's
+    ({"ppl": 1.10}, "damaged"),                            # perplexity 10% above the oracle's
+    ({"ppl": 1.061}, "deleted"),   # a second retraining's perplexity on small (seed noise)
     ({"shared": 0.9}, "damaged"),
     ({"forget": 1.0}, "not forgotten"),
     ({"forget": 0.97}, "not forgotten"),                   # within the margin of the original
