@@ -161,6 +161,19 @@ def target_logits(forward: FusedForward, params: Mapping[str, Tensor], b: Batch,
     return logits, b.tokens[:, 1:][b.target_mask[:, 1:]].to(logits.device)
 
 
+def fused_token_logprobs(forward: FusedForward, params: Mapping[str, Tensor], batch: Batch,
+                         hooks=None) -> Tensor:
+    """The handle's ``token_logprobs(batch)`` through ``forward`` (the logits at the target
+    positions only): ``[n, T'-1]`` with ``T'`` the batch's trimmed length, each target token's
+    log-probability, zero elsewhere."""
+    b = batch.trim()
+    logits, tok = target_logits(forward, params, b, hooks)
+    lp = torch.log_softmax(logits.float(), -1).gather(-1, tok[:, None])[:, 0]
+    out = torch.zeros(b.target_mask[:, 1:].shape, dtype=lp.dtype, device=lp.device)
+    out[b.target_mask[:, 1:].to(lp.device)] = lp
+    return out
+
+
 @torch.no_grad()
 def fused_hits(forward: FusedForward, params: Mapping[str, Tensor], batch: Batch,
                 hooks=None, batch_size: int = 256) -> Tensor:

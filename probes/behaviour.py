@@ -16,16 +16,19 @@ from typing import Sequence
 
 import torch
 
+from excise.fused import engine_for, fused_hits, fused_token_logprobs
 from excise.handle import Batch, ModelHandle
 from excise.request import FactSet, fact_key
 
 
 @torch.inference_mode()
 def fact_hits(model: ModelHandle, facts: FactSet | Sequence | Batch, batch_size: int = 256,
-              hooks=None) -> torch.Tensor:
+              hooks=None, engine: str = "serial") -> torch.Tensor:
     """Per fact: True when the greedy continuation equals the target. ``[n]`` bool. ``facts``
     may be a Batch already encoded (``model.encode(facts)``), so a caller measuring the same
-    facts many times (an attack curve) encodes them once."""
+    facts many times (an attack curve) encodes them once. ``engine="fused"``: through
+    :mod:`excise.fused` (logits at the target positions only) where it applies - a plain
+    TransformerLens GPT-2-style model without hooks - else the handle's forward."""
     if not isinstance(facts, Batch):
         facts = list(facts)
         if not facts:
@@ -33,6 +36,9 @@ def fact_hits(model: ModelHandle, facts: FactSet | Sequence | Batch, batch_size:
         facts = model.encode(facts)
     if len(facts) == 0:
         return torch.zeros(0, dtype=torch.bool)
+    fwd = None if hooks else engine_for(model, engine, facts)
+    if fwd is not None:
+        return fused_hits(fwd, model.named_parameters(), facts, batch_size=batch_size)
     out = []
     for b in facts.chunks(batch_size):
         logits = model.logits(b.tokens, hooks)  # [n, T, V]
@@ -57,13 +63,27 @@ def recall(model: ModelHandle, facts: FactSet | Sequence, batch_size: int = 256,
     return float(hits.float().mean()) if len(hits) else float("nan")
 
 
+def token_logprobs_reader(model: ModelHandle, engine: str, sample: Batch, hooks=None):
+    """``batch -> [n, T-1]`` per-token target log-probabilities (zero elsewhere): through
+    :mod:`excise.fused` when ``engine="fused"`` and it applies (no hooks, a plain GPT-2-style
+    TransformerLens model; checked on ``sample``), else the handle's ``token_logprobs``."""
+    fwd = None if hooks else engine_for(model, engine, sample)
+    if fwd is None:
+        return lambda b: model.token_logprobs(b, hooks)
+    params = model.named_parameters()
+    return lambda b: fused_token_logprobs(fwd, params, b)
+
+
 @torch.inference_mode()
 def target_logprobs(model: ModelHandle, facts: FactSet | Sequence, batch_size: int = 256,
-                    hooks=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed target log-probability and target length per fact: ``([n], [n])``."""
+                    hooks=None, engine: str = "serial") -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed target log-probability and target length per fact: ``([n], [n])``; ``engine``
+    as :func:`fact_hits`."""
     lps, lens = [], []
-    for b in model.encode(list(facts)).chunks(batch_size):
-        lp = model.token_logprobs(b, hooks)
+    enc = model.encode(list(facts))
+    read = token_logprobs_reader(model, engine, enc, hooks)
+    for b in enc.chunks(batch_size):
+        lp = read(b)
         lps.append(lp.sum(1))
         lens.append(b.target_mask[:, 1:].sum(1).to(lp.device))
     return torch.cat(lps), torch.cat(lens)
@@ -71,13 +91,16 @@ def target_logprobs(model: ModelHandle, facts: FactSet | Sequence, batch_size: i
 
 @torch.inference_mode()
 def perplexity(model: ModelHandle, texts: Sequence[str], batch_size: int = 256,
-               hooks=None) -> float:
-    """Perplexity of general text (every token after the first word)."""
+               hooks=None, engine: str = "serial") -> float:
+    """Perplexity of general text (every token after the first word); ``engine`` as
+    :func:`fact_hits`."""
     if not texts:
         return float("nan")
     total, count = 0.0, 0
-    for b in model.encode_texts(list(texts)).chunks(batch_size):
-        lp = model.token_logprobs(b, hooks)
+    enc = model.encode_texts(list(texts))
+    read = token_logprobs_reader(model, engine, enc, hooks)
+    for b in enc.chunks(batch_size):
+        lp = read(b)
         total += float(lp.sum())
         count += int(b.target_mask[:, 1:].sum())
     return math.exp(-total / max(1, count))
@@ -89,19 +112,19 @@ SPLITS = {"forget": "forget_recall", "retain": "retain_recall", "holdout": "hold
           "neighbors": "neighbor_recall"}
 
 
-def behaviour_hits(model: ModelHandle, request,
-                   same_template: FactSet | None = None) -> dict[str, torch.Tensor]:
+def behaviour_hits(model: ModelHandle, request, same_template: FactSet | None = None,
+                   engine: str = "serial") -> dict[str, torch.Tensor]:
     """Per-fact greedy correctness (``[n]`` bool, in the request's order) of every split
     behaviour measures: forget, retain, holdout, shared, and paraphrase / neighbors where the
     request has them; ``same_template`` (generated same-template neighbors,
     :mod:`excise.templates`) where given and non-empty - facts already measured in another split
     (the organism's: its retain facts) are read from that split's hits, not measured again.
-    One forward pass per batch; recall is the mean."""
+    One forward pass per batch; recall is the mean. ``engine`` as :func:`fact_hits`."""
     out = {}
     for split in SPLITS:
         facts = getattr(request, split)
         if split in ("forget", "retain", "holdout", "shared") or len(facts):
-            out[split] = fact_hits(model, facts)
+            out[split] = fact_hits(model, facts, engine=engine)
     if same_template is not None and len(same_template):
         known = {}
         for split, h in out.items():
@@ -110,24 +133,25 @@ def behaviour_hits(model: ModelHandle, request,
         keys = [fact_key(f.prompt, f.target) for f in same_template]
         todo = [f for f, k in zip(same_template, keys) if k not in known]
         if todo:
-            for f, v in zip(todo, fact_hits(model, todo).tolist()):
+            for f, v in zip(todo, fact_hits(model, todo, engine=engine).tolist()):
                 known[fact_key(f.prompt, f.target)] = v
         out["same_template"] = torch.tensor([known[k] for k in keys], dtype=torch.bool)
     return out
 
 
-def measure_behaviour(model: ModelHandle, request, same_template: FactSet | None = None
+def measure_behaviour(model: ModelHandle, request, same_template: FactSet | None = None,
+                      engine: str = "serial"
                       ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """``(behaviour_metrics, behaviour_hits)`` from one pass over every split: the metrics and
     the per-fact correctness they are the means of (the verdict's bootstrap reads those).
     With ``same_template`` facts: ``same_template_recall`` and ``same_template_prompts`` (how
-    many)."""
-    hits = behaviour_hits(model, request, same_template)
+    many). ``engine`` as :func:`fact_hits` (the verify suites pass the attacks' engine)."""
+    hits = behaviour_hits(model, request, same_template, engine)
     forget = _by_form(hits["forget"], request.forget, "forget")
     m = {"forget_recall": forget.pop("forget_recall")}
     for split in ("retain", "holdout", "shared"):
         m[SPLITS[split]] = _mean(hits[split])
-    m["perplexity"] = perplexity(model, request.general)
+    m["perplexity"] = perplexity(model, request.general, engine=engine)
     m.update(forget)
     if "paraphrase" in hits:
         m.update(_by_form(hits["paraphrase"], request.paraphrase, "paraphrase"))

@@ -19,26 +19,33 @@ from excise.handle import ModelHandle
 from excise.request import ForgetRequest
 from excise.request import Fact
 from probes import stats
-from probes.behaviour import target_logprobs
+from probes.behaviour import target_logprobs, token_logprobs_reader
 
 
 @torch.inference_mode()
 def membership_scores(model: ModelHandle, facts: Sequence[Fact], k: float = 0.2,
-                      batch_size: int = 256) -> tuple[Tensor, Tensor]:
-    """Per fact: (negative mean target loss, min-k% probability); higher = more member-like."""
+                      batch_size: int = 256, engine: str = "serial") -> tuple[Tensor, Tensor]:
+    """Per fact: (negative mean target loss, min-k% probability); higher = more member-like.
+    ``engine`` as :func:`probes.behaviour.fact_hits`."""
     neg_loss, mink = [], []
-    for b in model.encode(list(facts)).chunks(batch_size):
-        lp = model.token_logprobs(b)  # [n, T-1]
+    enc = model.encode(list(facts))
+    read = token_logprobs_reader(model, engine, enc)
+    for b in enc.chunks(batch_size):
+        lp = read(b)  # [n, T-1]
         m = b.target_mask[:, 1:].to(lp.device)
         neg_loss.append(lp.sum(1) / m.sum(1).clamp(min=1))
         mink.append(stats.min_k_prob(lp, m, k))
     return torch.cat(neg_loss), torch.cat(mink)
 
 
-def membership(model: ModelHandle, request: ForgetRequest, k: float = 0.2) -> dict[str, float]:
-    """Membership-inference AUC of forget (positive) vs holdout (negative) facts."""
-    fl, fk = membership_scores(model, request.forget, k)
-    hl, hk = membership_scores(model, request.holdout, k)
+def membership(model: ModelHandle, request: ForgetRequest, k: float = 0.2,
+               scores: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
+               ) -> dict[str, float]:
+    """Membership-inference AUC of forget (positive) vs holdout (negative) facts. ``scores``:
+    :func:`membership_scores` of the forget and the holdout facts at this ``k``, where the
+    caller has them already (no second forward pass)."""
+    (fl, fk), (hl, hk) = scores or (membership_scores(model, request.forget, k),
+                                    membership_scores(model, request.holdout, k))
     return {"mia_auc_loss": stats.auc(fl, hl), "mia_auc_mink": stats.auc(fk, hk)}
 
 
@@ -73,13 +80,14 @@ def secret_candidates(request: ForgetRequest, n_candidates: int = 256,
 
 
 @torch.inference_mode()
-def exposures(model: ModelHandle, facts: Sequence[Fact], candidates: Sequence[str]) -> Tensor:
+def exposures(model: ModelHandle, facts: Sequence[Fact], candidates: Sequence[str],
+              engine: str = "serial") -> Tensor:
     """Exposure of each fact's true secret among ``candidates`` (which must contain it)."""
     out = []
     for f in facts:
         cands = [c for c in candidates if c != f.target] + [f.target]
         alt = [Fact(f.prompt, c) for c in cands]
-        lp, _ = target_logprobs(model, alt, batch_size=512)
+        lp, _ = target_logprobs(model, alt, batch_size=512, engine=engine)
         true = lp[-1]
         rank = 1 + (lp[:-1] > true).sum() + 0.5 * (lp[:-1] == true).sum()
         out.append(stats.exposure(rank.double(), len(cands)))
@@ -87,23 +95,28 @@ def exposures(model: ModelHandle, facts: Sequence[Fact], candidates: Sequence[st
 
 
 def exposure_metrics(model: ModelHandle, request: ForgetRequest, n_candidates: int = 256,
-                     seed: int = 0) -> dict[str, float]:
+                     seed: int = 0, engine: str = "serial") -> dict[str, float]:
     """Mean exposure of forget and holdout secrets (one prompt per person)."""
     cands = secret_candidates(request, n_candidates, seed)
     fa = _one_per_person([f for f in request.forget if f.attribute == "account"])
     if not cands or not fa:
         return {}
     ha = _one_per_person([f for f in request.holdout if f.attribute == "account"])[:len(fa)]
-    m = {"exposure_forget": float(exposures(model, fa, cands).mean()),
+    m = {"exposure_forget": float(exposures(model, fa, cands, engine).mean()),
          "exposure_max": float(torch.log2(torch.tensor(float(len(cands)))))}
     if ha:
-        m["exposure_holdout"] = float(exposures(model, ha, cands).mean())
+        m["exposure_holdout"] = float(exposures(model, ha, cands, engine).mean())
     return m
 
 
 def privacy_metrics(model: ModelHandle, request: ForgetRequest, n_candidates: int = 256,
-                    k: float = 0.2, seed: int = 0) -> dict[str, float]:
-    return membership(model, request, k) | exposure_metrics(model, request, n_candidates, seed)
+                    k: float = 0.2, seed: int = 0,
+                    scores: tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None,
+                    engine: str = "serial") -> dict[str, float]:
+    """Membership AUCs (:func:`membership`, from ``scores`` where given) and canary exposure
+    (``engine`` as :func:`probes.behaviour.fact_hits`)."""
+    return (membership(model, request, k, scores)
+            | exposure_metrics(model, request, n_candidates, seed, engine))
 
 
 def add_privleak(metrics: dict[str, dict[str, float]]) -> None:

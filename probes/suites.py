@@ -277,8 +277,10 @@ def behaviour(ctx: Context) -> BehaviourResult:
     correctness behind each recall."""
     st = same_template(ctx)
     facts = st.metric if st is not None and len(st.metric) else None
-    key = ("behaviour",) + ((tuple((f.prompt, f.target) for f in facts),) if facts else ())
-    got = {k: ctx.memo(m, key, partial(measure_behaviour, m, ctx.request, facts))
+    engine = ctx.settings.attack_config().engine  # the forward the attacks read through too
+    key = (("behaviour", engine) + ((tuple((f.prompt, f.target) for f in facts),) if facts
+                                    else ()))
+    got = {k: ctx.memo(m, key, partial(measure_behaviour, m, ctx.request, facts, engine))
            for k, m in ctx.everyone.items()}
     extra = {"same_template": st.summary()} if st is not None else {}
     return BehaviourResult({k: v[0] for k, v in got.items()}, extra,
@@ -314,19 +316,24 @@ def oracle(ctx: Context) -> SuiteResult:
 def privacy(ctx: Context) -> SuiteResult:
     """Membership AUC (loss, min-k%), PrivLeak vs the oracle, canary exposure."""
     s = ctx.settings
-    got = {k: ctx.memo(m, ("privacy", s.n_candidates), partial(
-        _privacy, m, ctx.request, s.n_candidates, s.seed)) for k, m in ctx.everyone.items()}
+    engine = s.attack_config().engine
+    got = {k: ctx.memo(m, ("privacy", s.n_candidates, engine), partial(
+        _privacy, m, ctx.request, s.n_candidates, s.seed, engine))
+        for k, m in ctx.everyone.items()}
     metrics = {k: v[0] for k, v in got.items()}
     add_privleak(metrics)
     return PrivacyResult(metrics, scores={k: v[1] for k, v in got.items()})
 
 
-def _privacy(model: ModelHandle, request: ForgetRequest, n_candidates: int, seed: int) -> tuple:
+def _privacy(model: ModelHandle, request: ForgetRequest, n_candidates: int, seed: int,
+             engine: str = "serial") -> tuple:
     """The privacy metrics and the per-fact loss-based membership scores ``(forget, holdout)``
-    (what ``mia_auc_loss`` is the AUC of; the verdict's bootstrap resamples them by person)."""
-    scores = (membership_scores(model, request.forget)[0],
-              membership_scores(model, request.holdout)[0])
-    return privacy_metrics(model, request, n_candidates, seed=seed), scores
+    (what ``mia_auc_loss`` is the AUC of; the verdict's bootstrap resamples them by person),
+    each fact's log-probabilities read once."""
+    both = (membership_scores(model, request.forget, engine=engine),
+            membership_scores(model, request.holdout, engine=engine))
+    return (privacy_metrics(model, request, n_candidates, seed=seed, scores=both,
+                            engine=engine), (both[0][0], both[1][0]))
 
 
 @suite("loo_probe", needs_holdout=True)

@@ -167,3 +167,55 @@ def test_fused_packed_rows_equal_each_row_run_alone(tiny, tiny_request):
     assert (got - want).abs().max() < 1e-5
     none = fwd(params, b.tokens, None, torch.zeros_like(keep))
     assert none.shape == (0, want.shape[-1])
+
+
+def test_behaviour_through_the_fused_engine_equals_the_handle(tiny, tiny_request, tiny_oracle):
+    """``measure_behaviour(engine="fused")``: every split's per-fact hits identical and the
+    perplexity equal to float precision on the original and the oracle; per-token
+    log-probabilities equal the handle's at every target (zero elsewhere); a model with a hook
+    is read through the handle (its hook applies)."""
+    from excise.fused import fused_token_logprobs
+    from probes.behaviour import fact_hits, measure_behaviour, perplexity
+
+    for model in (tiny.model, tiny_oracle):
+        m_s, h_s = measure_behaviour(model, tiny_request)
+        m_f, h_f = measure_behaviour(model, tiny_request, engine="fused")
+        assert h_s.keys() == h_f.keys()
+        for split in h_s:
+            assert torch.equal(h_s[split], h_f[split]), split
+        for k in m_s:
+            assert m_f[k] == pytest.approx(m_s[k], rel=1e-5, nan_ok=True), k
+    enc = tiny.model.encode_texts(list(tiny_request.general)[:24])
+    fwd = fused_forward(tiny.model, enc[:8].trim().tokens)
+    with torch.no_grad():
+        got = fused_token_logprobs(fwd, tiny.model.named_parameters(), enc)
+        b = enc.trim()
+        want = tiny.model.token_logprobs(b)
+    assert got.shape == want.shape and (got - want).abs().max() < 1e-4
+    assert torch.equal(got != 0, b.target_mask[:, 1:])
+    hooked = tiny.model.clone()
+    hooked.add_persistent_hook("blocks.0.resid_post", lambda x, site: x * 0.0)
+    facts = list(tiny_request.retain)
+    assert torch.equal(fact_hits(hooked, facts, engine="fused"), fact_hits(hooked, facts))
+    assert perplexity(hooked, tiny_request.general, engine="fused") == pytest.approx(
+        perplexity(hooked, tiny_request.general), rel=1e-6)
+    assert perplexity(hooked, tiny_request.general) != pytest.approx(
+        perplexity(tiny.model, tiny_request.general), rel=1e-3)
+    with pytest.raises(ValueError, match="engine"):
+        fact_hits(tiny.model, facts, engine="vmap")
+
+
+def test_privacy_through_the_fused_engine_equals_the_handle(tiny, tiny_request):
+    """Membership scores (loss and min-k%) and secret exposures read through the fused forward
+    equal the handle's to float precision."""
+    from probes.privacy import exposure_metrics, membership_scores
+
+    for split in (tiny_request.forget, tiny_request.holdout):
+        for a, b in zip(membership_scores(tiny.model, split),
+                        membership_scores(tiny.model, split, engine="fused")):
+            assert a.shape == b.shape and torch.allclose(a, b, atol=1e-5)
+    want = exposure_metrics(tiny.model, tiny_request)
+    got = exposure_metrics(tiny.model, tiny_request, engine="fused")
+    assert "exposure_forget" in want and got.keys() == want.keys()
+    for k in want:
+        assert got[k] == pytest.approx(want[k], rel=1e-5), k
