@@ -100,12 +100,18 @@ def engines(edited, req, oracle, original) -> None:
     # exposures are sums of log-probabilities read through two forwards: float noise
     keys = f.metrics.keys() == s.metrics.keys() and all(
         f.metrics[m].keys() == s.metrics[m].keys() for m in f.metrics)
-    diffs = {(m, k): abs(a - s.metrics[m][k]) / max(abs(s.metrics[m][k]), 1e-12)
-             for m in f.metrics for k, a in f.metrics[m].items()
-             if keys and isinstance(a, float) and a == a and a != s.metrics[m][k]}
+    def same(a, b) -> bool:  # nan on both paths counts as the same reading
+        return a == b or (a != a and b != b)
+
+    pairs = [(m, k, a, s.metrics[m][k]) for m in f.metrics for k, a in f.metrics[m].items()
+             if keys and isinstance(a, (int, float))]
+    diffs = {(m, k): (abs(a - b) / max(abs(b), 1e-12) if a == a and b == b else float("inf"))
+             for m, k, a, b in pairs if not same(a, b)}
     worst = max(diffs.items(), key=lambda kv: kv[1], default=(None, 0.0))
-    recalls = keys and all(f.metrics[m][k] == s.metrics[m][k] for m in f.metrics
-                           for k in f.metrics[m] if k.endswith("recall"))
+    recalls = keys and all(same(a, b) for m, k, a, b in pairs if k.endswith("recall"))
+    if not keys:
+        print("the two paths report different metrics: "
+              f"{sorted(f.metrics)} / {sorted(s.metrics)}")
     print(f"suite all, quick grid, {torch.get_num_threads()} thread(s): serial "
           f"{secs['serial']:.1f} s, fused {secs['fused']:.1f} s: "
           f"{secs['serial'] / secs['fused']:.2f}x; attack grids identical: {grids}; every "

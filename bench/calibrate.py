@@ -218,7 +218,8 @@ def main() -> None:
                          "original's next-token distributions; nll: its loss)")
     ap.add_argument("--control-keep", type=float, default=None,
                     help="the weight of the controls' descent on retain data (default: the "
-                         "Knobs' 10, chosen on tiny; small's 2,898 retain facts need 30)")
+                         "Knobs' 10, chosen on tiny; small's 2,898 retain and shared facts "
+                         "need 30)")
     ap.add_argument("--json", default=None,
                     help="a partial run (--cases, --distill-teacher oracle) writes its rows "
                          "here and leaves the published report alone")

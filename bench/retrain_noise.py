@@ -13,7 +13,8 @@ gate reads - the model's perplexity over the larger of the reference oracle's an
 original's (``probes.verdict.decide``) - and the worst per request; a gate tighter than the
 worst calls a second retraining damaged. The default requests are those with oracles cached by
 earlier runs: validation people 10..19 and 50..59 (the calibration's, the attack tuning's) and
-the reported 0..9 and 100..109.
+the reported 0..9 and 100..109 (world 1's 100..109: the held-out calibration's oracles, added
+after the slack was chosen).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-DEFAULT = ["0:10:0,1,2", "0:50:0,1,2", "0:0:0,1", "0:100:0,1", "1:10:0,1,2,3", "1:0:1,2"]
+DEFAULT = ["0:10:0,1,2", "0:50:0,1,2", "0:0:0,1", "0:100:0,1", "1:10:0,1,2,3", "1:0:1,2",
+           "1:100:1,2,3"]
 
 
 def parse(spec: str) -> tuple[int, int, list[int]]:

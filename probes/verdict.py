@@ -12,13 +12,14 @@ and of forgetting - and with the original:
    original's. Damage is never deletion. Both are references of acceptable utility - what
    retraining gives, what the user had - and their gap is at least the retraining's own seed
    noise (calibration, ``excise.app.calibrate``: on ``tiny``, forgetting people 4..7, the
-   original's perplexity is 5% above its oracle's - against the oracle alone the original itself
-   read "damaged"), so a model within tolerance of either is not damaged. The perplexity slack
-   is that seed noise too: on ``small`` a retrain oracle reads up to 1.061x the larger of
-   another training seed's oracle's and the original's perplexity (``bench/retrain_noise.py``:
-   validation people 10..19 and 50..59, two worlds, 3-4 training seeds; 1.057x on people
-   100..109, not used to choose), so under the earlier 1.02 a second retraining read damaged
-   (the ``small`` calibration); 0.07 is the validation worst rounded up to the next hundredth.
+   original's perplexity is 5% above its oracle's - against the oracle alone, under the earlier
+   2% slack, the original itself read "damaged"), so a model within tolerance of either is not
+   damaged. The perplexity slack is that seed noise too: on ``small`` a retrain oracle reads up
+   to 1.061x the larger of another training seed's oracle's and the original's perplexity
+   (``bench/retrain_noise.py``: validation people 10..19 of both worlds and 50..59 of world 0,
+   3-4 training seeds; 1.057x on world 0's people 100..109, not used to choose), so under the
+   earlier 1.02 a second retraining read damaged (the ``small`` calibration); 0.07 is the
+   validation worst rounded up to the next hundredth.
    Damage the gate is for shows in recall first: every known-damaged model of the calibrations
    failed retain recall, none the perplexity gate (0.82-1.03x their references). On held-out
    people 100..109 one second retrain read 1.109x against one of its two reference oracles:

@@ -362,8 +362,9 @@ def test_calibration_lands_on_the_diagonal(tiny, tiny_request, tiny_oracle):
 
 def test_gate_reference_is_the_oracle_or_the_original():
     """Calibration finding: on tiny the original's perplexity is 5% above its oracle's, and
-    against the oracle alone the original read "damaged". The gate accepts utility within
-    tolerance of either reference; a model worse than both is still damaged."""
+    against the oracle alone (under the earlier 2% slack) the original read "damaged". The gate
+    accepts utility within tolerance of either reference; a model worse than both is still
+    damaged. Here the original sits 10%, past today's slack, above the oracle."""
     import torch
 
     from probes.verdict import Rule, decide
@@ -374,21 +375,24 @@ def test_gate_reference_is_the_oracle_or_the_original():
 
     def judge(ppl: float, retain: torch.Tensor, label: str = "after"):
         metrics = {"oracle": {"forget_recall": 0.0, "perplexity": 20.0, "mia_auc_loss": 0.5},
-                   "original": {"forget_recall": 1.0, "perplexity": 21.0, "mia_auc_loss": 1.0},
+                   "original": {"forget_recall": 1.0, "perplexity": 22.0, "mia_auc_loss": 1.0},
                    label: {"forget_recall": 1.0, "perplexity": ppl, "mia_auc_loss": 1.0}}
         hits = {"oracle": {"forget": zeros, "retain": ones, "shared": ones},
                 "original": {"forget": ones, "retain": ones, "shared": ones},
                 label: {"forget": ones, "retain": retain, "shared": ones}}
         return decide(metrics, hits, groups, {}, label, "original", Rule(n_boot=500))
 
-    j = judge(21.0, ones)  # the original's own numbers: 5% above the oracle's perplexity
+    # the original's own numbers: 10% above the oracle's perplexity, past the slack against
+    # the oracle alone (then it read damaged), within it against the original
+    assert 22.0 / 20.0 > 1 + Rule().perplexity
+    j = judge(22.0, ones)
     assert j.verdict == "not forgotten" and j.checks["utility_perplexity"]["ok"]
     assert j.checks["utility_perplexity"]["reference"] == "original"
-    worse = 21.0 * (1 + Rule().perplexity) * 1.01  # worse than both references
+    worse = 22.0 * (1 + Rule().perplexity) * 1.01  # worse than both references
     assert judge(worse, ones).verdict == "damaged"
     broken = ones.clone()
     broken[:10] = False  # one person of five lost: retain 0.8 against 1.0 for both
-    assert judge(21.0, broken).verdict == "damaged"
+    assert judge(22.0, broken).verdict == "damaged"
 
 
 def test_auc_bootstrap_matches_a_plain_loop():
@@ -430,7 +434,7 @@ def test_step_sampler_covers_every_row_and_repeats_a_step():
     assert step_sampler(rows, n, 0)(7) is rows
     draw = step_sampler(rows, 8, seed=3)
     seen = set()
-    for step in range(40):
+    for step in range(100):
         b = draw(step)
         ids = b.tokens[:, 0].tolist()
         assert len(b) == 8 == len(set(ids))

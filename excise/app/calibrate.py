@@ -264,6 +264,10 @@ class Knobs:
                      list(controls.OBJECTIVES))
         check_choice("Knobs", "control_text", self.control_text, list(TEXT_LOSSES))
         check_choice("Knobs", "reinit_text_loss", self.reinit_text_loss, list(TEXT_LOSSES))
+        keep = self.control_keep
+        if isinstance(keep, bool) or not isinstance(keep, (int, float)) or not keep > 0:
+            raise ValueError(f"Knobs.control_keep={keep!r}: must be a number > 0 (the weight of "
+                             f"the controls' descent on retain data against the ascent)")
         check_choice("Knobs", "distill_labels", self.distill_labels, list(DISTILL_LABELS))
         check_choice("Knobs", "distill_schedule", self.distill_schedule,
                      list(DISTILL_SCHEDULES))
