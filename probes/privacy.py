@@ -19,7 +19,7 @@ from excise.handle import ModelHandle
 from excise.request import ForgetRequest
 from excise.request import Fact
 from probes import stats
-from probes.behaviour import target_logprobs, token_logprobs_reader
+from probes.behaviour import token_logprobs_reader
 
 
 @torch.inference_mode()
@@ -82,12 +82,14 @@ def secret_candidates(request: ForgetRequest, n_candidates: int = 256,
 @torch.inference_mode()
 def exposures(model: ModelHandle, facts: Sequence[Fact], candidates: Sequence[str],
               engine: str = "serial") -> Tensor:
-    """Exposure of each fact's true secret among ``candidates`` (which must contain it)."""
-    out = []
+    """Exposure of each fact's true secret among ``candidates`` (which must contain it); the
+    forward (``engine``) chosen and checked once, not per fact."""
+    out, read = [], None
     for f in facts:
         cands = [c for c in candidates if c != f.target] + [f.target]
-        alt = [Fact(f.prompt, c) for c in cands]
-        lp, _ = target_logprobs(model, alt, batch_size=512, engine=engine)
+        enc = model.encode([Fact(f.prompt, c) for c in cands])
+        read = read or token_logprobs_reader(model, engine, enc)
+        lp = torch.cat([read(b).sum(1) for b in enc.chunks(512)])  # summed target log-probs
         true = lp[-1]
         rank = 1 + (lp[:-1] > true).sum() + 0.5 * (lp[:-1] == true).sum()
         out.append(stats.exposure(rank.double(), len(cands)))
