@@ -43,6 +43,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def m_share(m, original) -> float:
+    """The share of the parameters whose value differs from the original's."""
+    a, b = m.named_parameters(), original.named_parameters()
+    return sum(int((a[s] != b[s]).sum()) for s in a) / sum(p.numel() for p in b.values())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="small")
@@ -71,11 +77,16 @@ def main() -> None:
     ap.add_argument("--engine", default="fused", choices=("fused", "serial"),
                     help="the student's forward (edit.distill's engine; runs before stop 40: "
                          "serial)")
+    ap.add_argument("--select", default="all",
+                    help="the weights the edit re-draws: 'all', or 'METHOD:FRACTION' - the top "
+                         "fraction of a parameter-level locate method's scores (e.g. "
+                         "saliency:0.1), located on each request")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
 
     import edit
     import excise
+    import locate
     import probes
     from excise.app.calibrate import judge
     from excise.organism import oracle_or_oracles
@@ -92,6 +103,16 @@ def main() -> None:
             ap.error(f"--teacher {a.teacher!r}: give 'original' or 'oracle-T', T an integer not "
                      f"among the judging oracles' training seeds {list(judges)}")
         teacher_seed = int(match[1])
+    select = None
+    if a.select != "all":
+        method, _, frac = a.select.partition(":")
+        try:
+            select = (method, float(frac))
+        except ValueError:
+            select = (method, -1.0)
+        if method not in locate.METHODS or not 0 < select[1] < 1:
+            ap.error(f"--select {a.select!r}: give 'all' or METHOD:FRACTION, METHOD one of "
+                     f"{sorted(locate.METHODS)}, FRACTION in (0, 1)")
     rows = []
     if a.people:
         try:
@@ -115,6 +136,10 @@ def main() -> None:
         t = time.time()
         teacher = org.model if teacher_seed is None else org.oracle(req, train_seed=teacher_seed)
         teacher_s = time.time() - t
+        t = time.time()
+        units = "all" if select is None else \
+            locate.METHODS[select[0]](teacher, req).top(select[1])
+        locate_s = time.time() - t
         for alpha, lr, schedule, es in itertools.product(a.alpha, a.lr, a.schedule,
                                                          a.edit_seeds or [s]):
             t = time.time()
@@ -124,10 +149,10 @@ def main() -> None:
             if a.teacher_npo:
                 edit.finetune(m, units="all", request=req, method="npo", seed=es,
                               **json.loads(a.teacher_npo))
-            edit.distill(m, units="all", request=req, alpha=alpha, shared_text=True,
+            edit.distill(m, units=units, request=req, alpha=alpha, shared_text=True,
                          steps=a.steps, lr=lr, batch_size=a.batch_size, labels="hard_facts",
                          seed=es, schedule=schedule, engine=a.engine)
-            build = time.time() - t
+            build = time.time() - t + locate_s
             row = judge("distill", m, req, oracle, org.model, s, people, build, cache=cache,
                         verify_kw=verify_kw)
             rows.append(dataclasses.asdict(row) | {"oracle_seconds": round(oracle_s, 1),
@@ -135,6 +160,8 @@ def main() -> None:
                                                    "schedule": schedule, "edit_seed": es,
                                                    "engine": a.engine,
                                                    "teacher": a.teacher,
+                                                   "select": a.select,
+                                                   "params_share": m_share(m, org.model),
                                                    "teacher_seconds": round(teacher_s, 1)})
             k = row.metrics
             print(f"seed {s} (people {people[0]}..{people[-1]}), alpha {alpha:g}, lr {lr:g} "
@@ -143,7 +170,8 @@ def main() -> None:
                   f"(oracle {k['oracle_forget']:.3f}), retain {k['retain']:.3f}, shared "
                   f"{k['shared']:.3f}, ppl/oracle {k['ppl_ratio']:.3f}, MIA {k['mia']:.3f} "
                   f"(oracle {k['oracle_mia']:.3f}), worst attack upper "
-                  f"{max(v for v in k['attack_uppers'].values() if v is not None):.3f}; edit "
+                  f"{max(v for v in k['attack_uppers'].values() if v is not None):.3f}; "
+                  f"{100 * rows[-1]['params_share']:.2f}% of the parameters changed, edit "
                   f"{build:.0f} s, oracle training {oracle_s:.0f} s (0: cached)", flush=True)
             for o in row.detail.get("oracles", []):  # several oracles: each one's verdict
                 print(f"    oracle {o['index']}: {o['verdict']}{' (chosen)' * o['chosen']}; "

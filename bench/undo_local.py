@@ -11,7 +11,10 @@ Here its units are a part of the model instead, each run on a fresh copy of the 
 whole components (``mlp``, ``attn``: every neuron / head; ``mlpL..``, ``attnL..``, ``blkL..``:
 those of the layers named by the digits, ``blk`` both) or a localizer's top units
 (``METHOD:K:WHERE``: ``K`` units, or a fraction when < 1, of ``locate.METHOD`` scored on the
-request over ``WHERE`` = ``mlp`` neurons, ``attn`` heads or ``both``). Prints the share of the
+request over ``WHERE`` = ``mlp`` neurons, ``attn`` heads or ``both``; ``params``: the top
+parameter elements of a parameter-level score over every parameter - ``fisher``, ``grad_ratio``,
+``saliency``, ``fisher_forget`` (the forget Fisher alone, ``fisher``'s forget part) or
+``random`` (uniform scores, seeded by ``--seed``)). Prints the share of the
 parameters the edit changed and the recall of each split (no attacks, no verdict: a screen for
 the units that could get forget recall down to the oracle's at all); the retrain oracle's
 behaviour is printed first for reference. Validation people by default (150..159, never a
@@ -27,13 +30,16 @@ import re
 import sys
 import time
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 DEFAULT_UNITS = ["all", "mlp", "attn", "mlp01", "attn01", "blk0", "attn0", "attn1", "attn2",
                  "attn3", "fisher:6:attn", "grad_ratio:6:attn", "fisher:0.2:mlp",
                  "fact_lookup:0.2:mlp", "fact_lookup:0.1:both"]
 WHERE = {"mlp": ["blocks.*.mlp.post"], "attn": ["blocks.*.attn.z"],
-         "both": ["blocks.*.mlp.post", "blocks.*.attn.z"]}
+         "both": ["blocks.*.mlp.post", "blocks.*.attn.z"], "params": None}
+PARAM_SCORES = ("fisher", "grad_ratio", "saliency", "fisher_forget", "random")
 KEYS = ("forget_recall", "paraphrase_recall", "retain_recall", "shared_recall", "holdout_recall",
         "perplexity")
 
@@ -68,7 +74,8 @@ def parse_spec(spec: str, cfg, methods) -> tuple:
     if units is not None:
         return ("units", units)
     parts = spec.split(":")
-    if len(parts) == 3 and parts[0] in methods and parts[2] in WHERE:
+    known = parts[0] in (PARAM_SCORES if len(parts) == 3 and parts[2] == "params" else methods)
+    if len(parts) == 3 and known and parts[2] in WHERE:
         try:
             k = float(parts[1])
         except ValueError:
@@ -78,7 +85,25 @@ def parse_spec(spec: str, cfg, methods) -> tuple:
         raise ValueError(f"--units {spec}: K={parts[1]!r} must be a count >= 1 or a fraction "
                          f"in (0, 1)")
     raise ValueError(f"--units {spec!r}: give all, mlp|attn|blk[LAYERS] or METHOD:K:WHERE "
-                     f"(METHOD one of {sorted(methods)}, WHERE one of {list(WHERE)})")
+                     f"(METHOD one of {sorted(methods)}, WHERE one of {list(WHERE)}; with "
+                     f"params: METHOD one of {list(PARAM_SCORES)})")
+
+
+def located(method: str, where: str, model, req, seed: int):
+    """The Importance a ``METHOD:K:WHERE`` spec takes its top ``K`` from."""
+    import locate
+    from excise.importance import Importance
+
+    if where != "params":
+        return locate.METHODS[method](model, req, WHERE[where])
+    if method == "random":
+        g = torch.Generator().manual_seed(seed)
+        return Importance("random", {s: torch.rand(p.shape, generator=g)
+                                     for s, p in model.named_parameters().items()}, {})
+    if method == "fisher_forget":
+        f = locate.fisher(model, req)
+        return Importance("fisher_forget", dict(f.parts["forget"]), dict(f.meta))
+    return locate.METHODS[method](model, req)
 
 
 def main() -> None:
@@ -131,7 +156,7 @@ def main() -> None:
         else:
             _, method, k, where = parsed
             if (method, where) not in scores:
-                scores[method, where] = locate.METHODS[method](org.model, req, WHERE[where])
+                scores[method, where] = located(method, where, org.model, req, a.seed)
             units = list(scores[method, where].top(k).units)
         m = org.model.clone()
         t = time.time()

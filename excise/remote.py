@@ -83,6 +83,7 @@ NEEDS_WEIGHTS = {
                     "locate.traces(model, facts, mode='exact'))",
     "fact_lookup": "its default mode, attribution, takes gradients through the model",
     "subnetwork": "it trains a mask on the units by gradients through the model",
+    "saliency": "it takes gradients of the loss through the weights",
 }
 EDIT_METHODS = ("dampen", "prune", "noise", "project", "finetune", "reinit", "distill")
 _EDITS = "it changes the weights, or attaches hooks to the modules, of a model whose weights " \

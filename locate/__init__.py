@@ -13,6 +13,7 @@ and returns an :class:`excise.importance.Importance`:
 ``circuit``        forget / retain circuits resolved by weighted MaxSAT (CLUE)
 ``fact_lookup``    effect of patching each neuron at the subject's tokens (Guo et al. 2024)
 ``subnetwork``     a learned mask that removes the forget facts, keeps retain (Bayazit et al.)
+``saliency``       forget loss's rise if a weight were removed, F_forget theta^2 / 2 (OBD, SalUn)
 =================  =========================================================================
 
 Notebook helpers: :func:`trace` / :class:`Trace` (causal-trace heatmaps), :func:`compare`
@@ -33,11 +34,13 @@ from locate.fact_lookup import fact_lookup
 from locate.fisher import fisher
 from locate.grad_ratio import grad_ratio
 from locate.sae import sae
+from locate.saliency import saliency
 from locate.subnetwork import subnetwork
 
 METHODS = {"fisher": fisher, "grad_ratio": grad_ratio, "activations": activations,
            "causal_trace": causal_trace, "attribution": attribution, "sae": sae,
-           "circuit": circuit, "fact_lookup": fact_lookup, "subnetwork": subnetwork}
+           "circuit": circuit, "fact_lookup": fact_lookup, "subnetwork": subnetwork,
+           "saliency": saliency}
 
 
 def compare(importances: Sequence[Importance] | Mapping[str, Importance],

@@ -606,7 +606,7 @@ def test_config_numbers_written_as_text_are_converted():
     assert C.build({"request": {"forget_people": "3"}}, regs).request.forget_people == 3
     # the shipped configs load to exactly the values they write
     for path in ("configs/default.yaml", "configs/dampen.yaml", "configs/gemma-facts.yaml",
-                 "configs/undo.yaml"):
+                 "configs/undo.yaml", "configs/saliency.yaml"):
         raw = C.read_yaml(C.DEFAULT_CONFIG.parent.parent / path)
         cfg = C.build(raw, regs).to_dict()
         assert C.build(cfg, regs) == C.build(raw, regs)  # what a run writes loads back the same

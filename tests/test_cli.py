@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from typer.testing import CliRunner
@@ -39,6 +40,43 @@ def test_run_writes_a_complete_run_folder(tmp_path, tiny, tiny_oracle):
     assert r2.exit_code != 0 and "already holds a run" in r2.output
     assert (out / "metrics.json").read_text() == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run1.partial")]
+
+
+def test_saliency_config_redraws_only_its_top_weights(tmp_path, tiny):
+    """configs/saliency.yaml (locate.saliency, the top 10% of the weights, distill at alpha 1)
+    on tiny, a few steps: the edit changes the selected elements and nothing else."""
+    import torch
+
+    from edit._common import flat_index
+    from excise.edits import Diff
+    from excise.sites import Unit
+
+    out = tmp_path / "run"
+    r = _run("configs/saliency.yaml", "--set", "organism.preset=tiny",
+             "--set", "request.forget_people=3", "--set", "edit.steps=5",
+             "--set", "verify.suite=behaviour", "--set", "verify.oracle=false",
+             "--out", str(out), "--quiet")
+    assert r.exit_code == 0, r.output
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["edit"]["locate"] == "saliency" and m["edit"]["method"] == "distill"
+    n = tiny.model.n_parameters()
+    chosen = json.loads((out / "selection.json").read_text())["units"]
+    assert len(chosen) == math.ceil(0.1 * n)
+    # fresh values differ from the old ones almost everywhere; the rest of the weights never
+    assert 0.095 <= m["edit"]["params_changed_frac"] <= len(chosen) / n
+    diff = Diff.load(out / "edit.safetensors")
+    named = tiny.model.named_parameters()
+    changed = set()
+    for site, c in diff.changes.items():
+        moved = torch.nonzero(c.old != c.new).flatten()
+        flat = moved if c.indices is None else c.indices[moved]
+        changed |= {(site, int(i)) for i in flat.tolist()}
+    selected = set()
+    for text in chosen:
+        u = Unit.parse(text)
+        selected.add((u.site, flat_index(named[u.site].shape, u.index)))
+    assert changed <= selected and len(changed) == m["edit"]["params_changed"]
+    assert torch.isfinite(torch.tensor([m["after"]["perplexity"]])).all()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -99,6 +99,7 @@ LOCATE = {
     "circuit": {},
     "fact_lookup": {"positions": "last"},
     "subnetwork": {"steps": 5},
+    "saliency": {},
 }
 
 

@@ -483,7 +483,7 @@ def test_methods_are_registered_with_pipeline_signature():
 
     assert set(locate.METHODS) == {"fisher", "grad_ratio", "activations", "causal_trace",
                                    "attribution", "sae", "circuit", "fact_lookup",
-                                   "subnetwork"}
+                                   "subnetwork", "saliency"}
     for name, fn in locate.METHODS.items():
         params = list(inspect.signature(fn).parameters.values())
         assert [q.name for q in params[:3]] == ["model", "request", "sites"], name
@@ -504,3 +504,45 @@ def test_every_method_runs_from_the_default_config():
     raw = yaml.safe_load(DEFAULT_CONFIG.read_text())["locate"]
     cfg = load(DEFAULT_CONFIG, ["locate.method=fisher"], registries())
     assert cfg.locate.params == {k: v for k, v in raw.items() if k != "method"}  # kept
+
+
+# -------------------------------------------------------------------------------- saliency ----
+def test_saliency_is_half_forget_fisher_times_weight_squared(planted):
+    """A plain loop: per batch of 2 forget facts, each fact's mean token loss averaged, its
+    gradient squared and averaged over batches, times theta^2 / 2."""
+    h, req = planted.handle, planted.request
+    sites = [f"blocks.{planted.layer}.mlp.W_in", f"blocks.{planted.layer}.mlp.W_out",
+             "unembed.W_U"]
+    imp = locate.saliency(h, req, sites, batch_size=2)
+    params = [h.parameter(s) for s in sites]
+    acc, n = [torch.zeros_like(p) for p in params], 0
+    for i in range(0, len(req.forget), 2):
+        b = h.encode(list(req.forget[i:i + 2]))
+        lp = h.token_logprobs(b)
+        m = b.target_mask[:, 1:]
+        grads = torch.autograd.grad((-(lp.sum(1) / m.sum(1))).mean(), params)
+        acc, n = [a + g ** 2 for a, g in zip(acc, grads)], n + 1
+    for s, p, a in zip(sites, params, acc):
+        torch.testing.assert_close(imp.parts["forget"][s], a / n, rtol=1e-4, atol=1e-12)
+        torch.testing.assert_close(imp.scores[s], 0.5 * a / n * p.detach() ** 2, rtol=1e-4,
+                                   atol=1e-12)
+    assert imp.method == "saliency" and imp.meta["n_forget"] == len(req.forget)
+
+
+def test_saliency_ranks_the_planted_neurons_weights_first(planted):
+    """The forget answers lean on the planted neuron: its input and output weights are the
+    top of the ranking among the MLP's weights; by unit, the neuron ranks first."""
+    h, req = planted.handle, planted.request
+    imp = locate.saliency(h, req, [f"blocks.{planted.layer}.mlp.W_in",
+                                   f"blocks.{planted.layer}.mlp.W_out"])
+    top = imp.top(20)
+    owners = {u.index[1] if u.site.endswith("W_in") else u.index[0] for u in top.units}
+    assert owners == {planted.neuron}, owners
+    _ranks_first(imp.by_unit(), Unit(planted.site, (planted.neuron,)))
+
+
+def test_saliency_refuses_activation_sites_and_bad_reduction(planted):
+    with pytest.raises(ValueError, match="saliency"):
+        locate.saliency(planted.handle, planted.request, ["blocks.0.mlp.post"])
+    with pytest.raises(ValueError, match=r"reduction.*'mean'"):
+        locate.saliency(planted.handle, planted.request, reduction="mean")
