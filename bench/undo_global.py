@@ -1,6 +1,9 @@
 """Global UNDO-style distillation on the natural organism, judged by the verdict (issue 14).
 
-Every weight shrunk and perturbed by ``alpha`` (``theta <- (1 - alpha) theta + alpha fresh``),
+Every weight (``--select METHOD:FRACTION``: only the top fraction of a parameter-level locate
+method's scores, located on the request in the teacher as it stands before any NPO - e.g.
+``saliency:0.1``, configs/saliency.yaml's recipe with ``--alpha 1 --steps 1000``) shrunk and
+perturbed by ``alpha`` (``theta <- (1 - alpha) theta + alpha fresh``),
 then the original distilled back into it (``edit.distill(units="all", labels="hard_facts",
 shared_text=True)``) on retain data: the retain facts, the retain text and the shared facts'
 sentences; ``--teacher-npo`` first applies global NPO to the teacher (the UNDO chain). Each
@@ -13,6 +16,7 @@ case).
     OMP_NUM_THREADS=2 python bench/undo_global.py --seeds 0 1 2 --alpha 0.8 --lr 3e-3
         --schedule linear [--grid quick|full] [--steps 1000] [--people 150-159]
         [--organism-seed 1] [--oracles 2] [--edit-seeds 2 3] [--teacher oracle-2]
+        [--select saliency:0.1]
         [--teacher-npo '{"steps": 20, "lr": 2e-4}'] [--json out.json]
 
 ``--alpha``, ``--lr`` and ``--schedule`` take several values: every combination runs on each
@@ -43,9 +47,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def m_share(m, original) -> float:
-    """The share of the parameters whose value differs from the original's."""
-    a, b = m.named_parameters(), original.named_parameters()
+def m_share(m, start) -> float:
+    """The share of the parameters whose value differs from ``start``'s (the student as it
+    stood before the edit)."""
+    a, b = m.named_parameters(), start.named_parameters()
     return sum(int((a[s] != b[s]).sum()) for s in a) / sum(p.numel() for p in b.values())
 
 
@@ -146,6 +151,7 @@ def main() -> None:
             # distill's teacher is the model as it stands (the original or an oracle, NPO'd or
             # not); alpha < 1 keeps (1 - alpha) of its weights in the student
             m = teacher.clone()
+            start = teacher.clone() if select is not None else None
             if a.teacher_npo:
                 edit.finetune(m, units="all", request=req, method="npo", seed=es,
                               **json.loads(a.teacher_npo))
@@ -161,7 +167,8 @@ def main() -> None:
                                                    "engine": a.engine,
                                                    "teacher": a.teacher,
                                                    "select": a.select,
-                                                   "params_share": m_share(m, org.model),
+                                                   "params_share": 1.0 if start is None else
+                                                   m_share(m, start),
                                                    "teacher_seconds": round(teacher_s, 1)})
             k = row.metrics
             print(f"seed {s} (people {people[0]}..{people[-1]}), alpha {alpha:g}, lr {lr:g} "

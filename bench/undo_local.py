@@ -74,7 +74,9 @@ def parse_spec(spec: str, cfg, methods) -> tuple:
     if units is not None:
         return ("units", units)
     parts = spec.split(":")
-    known = parts[0] in (PARAM_SCORES if len(parts) == 3 and parts[2] == "params" else methods)
+    params_only = {"saliency", "fisher_forget", "random"}  # no neuron / head scores
+    known = parts[0] in (PARAM_SCORES if len(parts) == 3 and parts[2] == "params" else
+                         set(methods) - params_only)
     if len(parts) == 3 and known and parts[2] in WHERE:
         try:
             k = float(parts[1])

@@ -100,4 +100,4 @@ def run_plots(imp: Importance, model, request, folder) -> list[str]:
 
 __all__ = ["METHODS", "StatsCache", "Trace", "activations", "attribution", "causal_trace",
            "circuit", "circuit_selection", "compare", "fact_lookup", "fisher", "grad_ratio",
-           "run_plots", "sae", "subnetwork", "trace", "traces"]
+           "run_plots", "sae", "saliency", "subnetwork", "trace", "traces"]

@@ -52,7 +52,9 @@ def test_saliency_config_redraws_only_its_top_weights(tmp_path, tiny):
     from excise.sites import Unit
 
     out = tmp_path / "run"
-    r = _run("configs/saliency.yaml", "--set", "organism.preset=tiny",
+    from excise.config import DEFAULT_CONFIG
+
+    r = _run(str(DEFAULT_CONFIG.parent / "saliency.yaml"), "--set", "organism.preset=tiny",
              "--set", "request.forget_people=3", "--set", "edit.steps=5",
              "--set", "verify.suite=behaviour", "--set", "verify.oracle=false",
              "--out", str(out), "--quiet")

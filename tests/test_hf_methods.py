@@ -63,6 +63,7 @@ LOCATE = {
     "circuit": {},
     "fact_lookup": {"positions": "last"},  # request() names no subjects (see test_fact_lookup)
     "subnetwork": {"steps": 5},
+    "saliency": {},
 }
 
 

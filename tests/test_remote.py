@@ -302,7 +302,7 @@ def test_methods_that_need_local_weights_refuse_naming_themselves(env, no_networ
                                               rf"model locally"):
             fn(remote, imp, units, **kw)
     for name in ("fisher", "grad_ratio", "circuit", "attribution", "causal_trace",
-                 "fact_lookup", "subnetwork"):
+                 "fact_lookup", "subnetwork", "saliency"):
         with pytest.raises(RemoteError, match=rf"^{name}: needs local weights - .*gradients"):
             locate.METHODS[name](remote, req)
     with pytest.raises(RemoteError, match="^sae: is not offered on a remote model"):
