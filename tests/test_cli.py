@@ -57,6 +57,7 @@ def test_saliency_config_redraws_only_its_top_weights(tmp_path, tiny):
     r = _run(str(DEFAULT_CONFIG.parent / "saliency.yaml"), "--set", "organism.preset=tiny",
              "--set", "request.forget_people=3", "--set", "edit.steps=5",
              "--set", "verify.suite=behaviour", "--set", "verify.oracle=false",
+             "--set", "verify.oracles=1",
              "--out", str(out), "--quiet")
     assert r.exit_code == 0, r.output
     m = json.loads((out / "metrics.json").read_text())
