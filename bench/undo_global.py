@@ -47,13 +47,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def m_share(m, start) -> float:
-    """The share of the parameters whose value differs from ``start``'s (the student as it
-    stood before the edit)."""
-    a, b = m.named_parameters(), start.named_parameters()
-    return sum(int((a[s] != b[s]).sum()) for s in a) / sum(p.numel() for p in b.values())
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="small")
@@ -151,11 +144,10 @@ def main() -> None:
             # distill's teacher is the model as it stands (the original or an oracle, NPO'd or
             # not); alpha < 1 keeps (1 - alpha) of its weights in the student
             m = teacher.clone()
-            start = teacher.clone() if select is not None else None
             if a.teacher_npo:
                 edit.finetune(m, units="all", request=req, method="npo", seed=es,
                               **json.loads(a.teacher_npo))
-            edit.distill(m, units=units, request=req, alpha=alpha, shared_text=True,
+            e = edit.distill(m, units=units, request=req, alpha=alpha, shared_text=True,
                          steps=a.steps, lr=lr, batch_size=a.batch_size, labels="hard_facts",
                          seed=es, schedule=schedule, engine=a.engine)
             build = time.time() - t + locate_s
@@ -167,8 +159,9 @@ def main() -> None:
                                                    "engine": a.engine,
                                                    "teacher": a.teacher,
                                                    "select": a.select,
-                                                   "params_share": 1.0 if start is None else
-                                                   m_share(m, start),
+                                                   # the distillation's own change (not NPO's)
+                                                   "params_share": e.n_changed()
+                                                   / m.n_parameters(),
                                                    "teacher_seconds": round(teacher_s, 1)})
             k = row.metrics
             print(f"seed {s} (people {people[0]}..{people[-1]}), alpha {alpha:g}, lr {lr:g} "

@@ -40,6 +40,7 @@ DEFAULT_UNITS = ["all", "mlp", "attn", "mlp01", "attn01", "blk0", "attn0", "attn
 WHERE = {"mlp": ["blocks.*.mlp.post"], "attn": ["blocks.*.attn.z"],
          "both": ["blocks.*.mlp.post", "blocks.*.attn.z"], "params": None}
 PARAM_SCORES = ("fisher", "grad_ratio", "saliency", "fisher_forget", "random")
+PARAMS_ONLY = {"saliency", "fisher_forget", "random"}  # no neuron / head scores
 KEYS = ("forget_recall", "paraphrase_recall", "retain_recall", "shared_recall", "holdout_recall",
         "perplexity")
 
@@ -74,9 +75,8 @@ def parse_spec(spec: str, cfg, methods) -> tuple:
     if units is not None:
         return ("units", units)
     parts = spec.split(":")
-    params_only = {"saliency", "fisher_forget", "random"}  # no neuron / head scores
     known = parts[0] in (PARAM_SCORES if len(parts) == 3 and parts[2] == "params" else
-                         set(methods) - params_only)
+                         set(methods) - PARAMS_ONLY)
     if len(parts) == 3 and known and parts[2] in WHERE:
         try:
             k = float(parts[1])
