@@ -89,6 +89,19 @@ def flat_index(shape, ix: tuple[int, ...]) -> int:
     return out
 
 
+def flat_indices(shape, idxs) -> Tensor:
+    """:func:`flat_index` of every index tuple in ``idxs`` at once (row-major, one tensor
+    product instead of a Python loop per element: a selection can hold a tenth of a model's
+    weights)."""
+    if len(shape) == 0 or any(len(ix) != len(shape) for ix in idxs):
+        return torch.tensor([flat_index(shape, ix) for ix in idxs], dtype=torch.long)
+    strides = torch.ones(len(shape), dtype=torch.long)
+    for d in range(len(shape) - 2, -1, -1):
+        strides[d] = strides[d + 1] * shape[d + 1]
+    return (torch.tensor(idxs, dtype=torch.long).reshape(len(idxs), len(shape))
+            * strides).sum(1)
+
+
 def param_slices(method: str, model: ModelHandle, units: Selection,
                  weights: str = "all") -> dict[str, Tensor]:
     """Flat parameter indices owned by ``units``: parameter-element units are themselves;
@@ -99,8 +112,7 @@ def param_slices(method: str, model: ModelHandle, units: Selection,
     for site, idxs in units.by_site().items():
         info = model.info(site)
         if info.kind == "param":
-            shape = model.parameter(site).shape
-            out.setdefault(site, []).append(torch.tensor([flat_index(shape, ix) for ix in idxs]))
+            out.setdefault(site, []).append(flat_indices(model.parameter(site).shape, idxs))
             continue
         L = layer_of(site)
         short = site.split(".", 2)[2] if L is not None else site

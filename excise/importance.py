@@ -70,14 +70,18 @@ class Importance:
         sites = list(self.scores)
         sizes = torch.tensor([self.scores[s].numel() for s in sites])
         starts = torch.cumsum(sizes, 0) - sizes
-        flat_idx = flat_idx.cpu()  # k positions, read back as units
+        flat_idx = flat_idx.cpu()  # k positions, read back as units (in their order)
         which = torch.searchsorted(starts, flat_idx, right=True) - 1  # [k] site position
         local = flat_idx - starts[which]
-        out = []
-        for w, i in zip(which.tolist(), local.tolist()):
+        out: list = [None] * len(flat_idx)
+        for w in torch.unique(which).tolist():  # one vectorised unravel per site
+            at = torch.nonzero(which == w).flatten()
             shape = self.scores[sites[w]].shape
-            idx = torch.unravel_index(torch.tensor(i), shape) if len(shape) > 1 else (i,)
-            out.append(Unit(sites[w], tuple(int(x) for x in idx)))
+            idx = local[at]
+            coords = torch.stack(torch.unravel_index(idx, shape), 1) if len(shape) > 1 \
+                else idx.unsqueeze(1)
+            for p, c in zip(at.tolist(), coords.tolist()):
+                out[p] = Unit(sites[w], tuple(c))
         return out
 
     # -- selection ---------------------------------------------------------------------------

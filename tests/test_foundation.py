@@ -215,6 +215,37 @@ def test_importance_save_load_top_and_bad_input(planted, tmp_path):
         Importance("x", {"a": torch.tensor([1.0, float("nan")])})
 
 
+def test_top_and_flat_indices_match_plain_per_element_loops():
+    """``Importance.top`` reads units back per site in one unravel, ``flat_indices`` (what
+    ``param_slices`` ravels parameter elements with) in one product: both equal a plain loop
+    over the elements, in the ranking's order, on scores of 0-d to 3-d sites with ties."""
+    from edit._common import flat_index, flat_indices
+
+    g = torch.Generator().manual_seed(0)
+    scores = {"a": torch.randint(0, 5, (7, 3, 4), generator=g).float(),
+              "b": torch.randint(0, 5, (11,), generator=g).float(),
+              "c": torch.tensor(9.0), "d": torch.randint(0, 5, (5, 6), generator=g).float()}
+    imp = Importance("x", scores)
+    got = imp.top(0.6).units
+    flat = torch.cat([s.reshape(-1) for s in scores.values()])
+    order = torch.sort(flat, descending=True, stable=True).indices[:len(got)].tolist()
+    want, where = [], [(s, t.numel(), t.shape) for s, t in scores.items()]
+    for i in order:  # the plain loop: walk the sites, unravel one index at a time
+        for site, n, shape in where:
+            if i < n:
+                ix = []
+                for d in reversed(shape):
+                    ix.insert(0, i % d)
+                    i //= d
+                want.append(Unit(site, tuple(ix) if shape else (i,)))
+                break
+            i -= n
+    assert list(got) == want and {u.site for u in got} == set(scores)
+    for site, _, shape in where:
+        idxs = [u.index for u in got if u.site == site]
+        assert flat_indices(shape, idxs).tolist() == [flat_index(shape, ix) for ix in idxs]
+
+
 def test_same_seed_same_metrics(tiny, tiny_request):
     runs = []
     for _ in range(2):
