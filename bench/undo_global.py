@@ -16,7 +16,7 @@ case).
     OMP_NUM_THREADS=2 python bench/undo_global.py --seeds 0 1 2 --alpha 0.8 --lr 3e-3
         --schedule linear [--grid quick|full] [--steps 1000] [--people 150-159]
         [--organism-seed 1] [--oracles 2] [--edit-seeds 2 3] [--teacher oracle-2]
-        [--select saliency:0.1]
+        [--select saliency:0.1] [--text-batch 16] [--temperature 1.5]
         [--teacher-npo '{"steps": 20, "lr": 2e-4}'] [--json out.json]
 
 ``--alpha``, ``--lr`` and ``--schedule`` take several values: every combination runs on each
@@ -56,6 +56,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1000)
     ap.add_argument("--lr", type=float, nargs="+", default=[1e-3])
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--text-batch", type=int, default=None,
+                    help="retain-text rows per step (default: --batch-size)")
+    ap.add_argument("--temperature", type=float, default=1.0,
+                    help="the teacher's whole distributions softened to softmax(logits / T)")
     ap.add_argument("--schedule", nargs="+", default=["constant"],
                     choices=("constant", "linear"))
     ap.add_argument("--people", default="", help="A-B: one request of these people")
@@ -81,6 +85,15 @@ def main() -> None:
                          "saliency:0.1), located on each request")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
+    from edit.distill import DistillSettings
+
+    try:  # the distillation's own checks, before any oracle trains
+        for alpha, lr in itertools.product(a.alpha, a.lr):
+            DistillSettings(alpha=alpha, steps=a.steps, lr=lr, batch_size=a.batch_size,
+                            labels="hard_facts", text_batch=a.text_batch,
+                            temperature=a.temperature)
+    except ValueError as e:
+        ap.error(str(e))
 
     import edit
     import excise
@@ -149,6 +162,7 @@ def main() -> None:
                               **json.loads(a.teacher_npo))
             e = edit.distill(m, units=units, request=req, alpha=alpha, shared_text=True,
                          steps=a.steps, lr=lr, batch_size=a.batch_size, labels="hard_facts",
+                         text_batch=a.text_batch, temperature=a.temperature,
                          seed=es, schedule=schedule, engine=a.engine)
             build = time.time() - t + locate_s
             row = judge("distill", m, req, oracle, org.model, s, people, build, cache=cache,
@@ -159,6 +173,8 @@ def main() -> None:
                                                    "engine": a.engine,
                                                    "teacher": a.teacher,
                                                    "select": a.select,
+                                                   "text_batch": a.text_batch,
+                                                   "temperature": a.temperature,
                                                    # the distillation's own change (not NPO's)
                                                    "params_share": e.n_changed()
                                                    / m.n_parameters(),

@@ -2,6 +2,8 @@
 parameters), behaviour only.
 
     OMP_NUM_THREADS=2 python bench/undo_local.py [--people 150-159] [--alpha 0.8]
+        [--steps 500] [--lr 3e-3] [--text-weight 1] [--text-batch 16]
+        [--temperature 1.5] [--seed 0]
         [--units mlp attn attn0 ... fisher:6:attn fact_lookup:0.2:mlp] [--json out.json]
 
 ``configs/default.yaml``'s edit (``edit.distill``: shrink-and-perturb by ``alpha``, then 500
@@ -115,10 +117,25 @@ def main() -> None:
     ap.add_argument("--people", default="150-159", help="A-B: the request's forget people")
     ap.add_argument("--alpha", type=float, default=0.8)
     ap.add_argument("--steps", type=int, default=500)
+    ap.add_argument("--lr", type=float, default=3e-3, help="the distillation's peak rate")
+    ap.add_argument("--text-weight", type=float, default=1.0,
+                    help="the retain text's weight against the retain facts")
+    ap.add_argument("--text-batch", type=int, default=None,
+                    help="retain-text rows per step (default: the batch size, 64)")
+    ap.add_argument("--temperature", type=float, default=1.0,
+                    help="the teacher's whole distributions softened to softmax(logits / T)")
     ap.add_argument("--seed", type=int, default=0, help="the edit's seed")
     ap.add_argument("--units", nargs="+", default=DEFAULT_UNITS)
     ap.add_argument("--json", default="")
     a = ap.parse_args()
+    from edit.distill import DistillSettings
+
+    try:  # the distillation's own checks, before anything runs
+        DistillSettings(alpha=a.alpha, steps=a.steps, lr=a.lr, batch_size=64,
+                        text_weight=a.text_weight, labels="hard_facts", seed=a.seed,
+                        text_batch=a.text_batch, temperature=a.temperature)
+    except ValueError as e:
+        ap.error(str(e))
 
     import edit
     import excise
@@ -164,8 +181,11 @@ def main() -> None:
         t = time.time()
         e = edit.distill(m, units=units if units == "all" else Selection(tuple(units),
                                                                           source=spec),
-                         request=req, alpha=a.alpha, steps=a.steps, lr=3e-3, batch_size=64,
-                         labels="hard_facts", shared_text=True, schedule="linear", seed=a.seed)
+                         request=req, alpha=a.alpha, steps=a.steps, lr=a.lr, batch_size=64,
+                         text_weight=a.text_weight, text_batch=a.text_batch,
+                         temperature=a.temperature,
+                         labels="hard_facts", shared_text=True,
+                         schedule="linear", seed=a.seed)
         secs = time.time() - t
         b = behaviour_metrics(m, req)
         share = e.n_changed() / total

@@ -9,7 +9,8 @@ then distill), the *student* is a copy whose ``units`` (default: the ``top`` neu
 ``theta <- (1 - alpha) * theta + alpha * fresh`` (``fresh`` drawn like the tensor's
 initialisation, :func:`edit._common.fresh_values`; ``alpha = 1`` re-initialises them whole).
 Only those units then train, to match the teacher's full next-token distribution (``KL(p_teacher
-|| p_student)`` over the vocabulary, averaged over every real position that predicts a next token)
+|| p_student)`` over the vocabulary, averaged over every real position that predicts a next token;
+with ``temperature`` T the teacher's is softened, ``softmax(logits / T)``, the student's is not)
 on the request's retain facts and, weighted by ``text_weight``, its retain text - or, with
 ``labels="hard"``, the teacher's greedy token at each of those positions (cross-entropy: the
 student learns what the teacher answers, not how much probability it keeps for every other token;
@@ -82,6 +83,8 @@ class DistillSettings:
     schedule: str = "constant"
     shared_text: bool = False
     engine: str = "fused"
+    text_batch: int | None = None
+    temperature: float = 1.0
 
     def __post_init__(self):
         check_number("distill", "alpha", self.alpha, low=0, high=1, low_open=True)
@@ -96,13 +99,28 @@ class DistillSettings:
         check_choice("distill", "labels", self.labels, LABELS)
         check_choice("distill", "schedule", self.schedule, SCHEDULES)
         check_choice("distill", "engine", self.engine, ENGINES)
+        if self.text_batch is not None:
+            try:
+                check_number("distill", "text_batch", self.text_batch, low=1, integer=True)
+            except ValueError as e:
+                raise ValueError(f"{e}, or null for batch_size") from None
+            if not self.text_weight:
+                raise ValueError(f"distill: text_batch={self.text_batch} draws retain text, but "
+                                 f"text_weight=0 trains on none; drop text_batch or set "
+                                 f"text_weight above 0")
+        check_number("distill", "temperature", self.temperature, low=0, low_open=True)
+        if self.temperature != 1.0 and self.labels == "hard":
+            raise ValueError(f"distill: temperature={self.temperature} softens whole "
+                             f"distributions, but labels='hard' learns greedy tokens only; use "
+                             f"labels 'soft', 'hard_facts' or 'data_facts', or drop temperature")
         if not isinstance(self.shared_text, bool):
             raise ValueError(f"distill: shared_text={self.shared_text!r}; must be true or false")
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d.pop("teacher_cache_mb")  # where the teacher's outputs are kept, not what is learned
-        for name, default in (("schedule", "constant"), ("shared_text", False)):
+        for name, default in (("schedule", "constant"), ("shared_text", False),
+                              ("text_batch", None), ("temperature", 1.0)):
             if d[name] == default:  # the defaults: earlier edits' parameters unchanged
                 d.pop(name)
         return d
@@ -114,6 +132,7 @@ def distill(model: ModelHandle, importance: Importance | None = None,
             text_weight: float = 1.0, optimizer: str = "adam", max_grad_norm: float = 1.0,
             seed: int = 0, teacher_cache_mb: float = 1024.0, labels: str = "soft",
             schedule: str = "constant", shared_text: bool = False, engine: str = "fused",
+            text_batch: int | None = None, temperature: float = 1.0,
             progress: bool = False) -> Edit:
     """Shrink-and-perturb the parameters of ``units`` by ``alpha``, then distill the model (as
     it stands) into them on the request's retain facts and retain text for ``steps`` steps.
@@ -125,20 +144,27 @@ def distill(model: ModelHandle, importance: Importance | None = None,
     facts' sentences join the retain text (they are not forget data and the model trained on
     them; a student re-drawn from scratch, ``units="all"``, cannot know them otherwise).
     ``engine``: the student's forward, ``"fused"`` or ``"serial"`` (module docstring).
-    Returns the applied Edit."""
+    ``text_batch``: rows of retain text per step (default ``batch_size``); the facts keep
+    ``batch_size``. ``temperature``: where the student learns whole distributions, the
+    target is the teacher's softened, ``softmax(logits / T)``, while the student's own logits
+    are not divided (T > 1: the student learns to be flatter than the teacher; greedy labels
+    are unchanged). Returns the applied Edit."""
     st = DistillSettings(alpha, steps, lr, batch_size, text_weight, optimizer, max_grad_norm,
-                         seed, teacher_cache_mb, labels, schedule, shared_text, engine)
+                         seed, teacher_cache_mb, labels, schedule, shared_text, engine,
+                         text_batch, temperature)
     req, selection, copy, params = start_unit_edit(
         "distill", model, importance, units, top, request, "(the teacher's outputs on its "
         "retain facts and retain text are distilled)", st.to_dict(), st.alpha, st.seed)
     work = copy.work
     fact_mode, text_mode = MODES[st.labels]
-    data = [(work.encode(list(req.retain)), 1.0, fact_mode)]  # (batch, weight, mode)
+    # (data, weight, mode, rows per step): the retain facts, then the retain text
+    data = [(work.encode(list(req.retain)), 1.0, fact_mode, st.batch_size)]
     text = list(req.retain_text) + ([f.text for f in req.shared] if st.shared_text else [])
     if st.text_weight and text:
-        data.append((work.encode_texts(text), st.text_weight, text_mode))
+        data.append((work.encode_texts(text), st.text_weight, text_mode,
+                     st.text_batch or st.batch_size))
     teachers = [None if mode == "data" else _Teacher(model, batch, st.teacher_cache_mb / len(data))
-                for batch, _, mode in data]
+                for batch, _, mode, _ in data]
     sampler = Sampler(st.seed)
     fwd = engine_for(work, st.engine, data[0][0])
     params["engine"] = "serial" if fwd is None else "fused"  # what ran (fused may step aside)
@@ -154,8 +180,8 @@ def distill(model: ModelHandle, importance: Importance | None = None,
 
     def loss_fn(_step: int) -> torch.Tensor:
         loss = None
-        for (batch, weight, mode), teacher in zip(data, teachers):  # retain facts, then text
-            rows = sampler.rows(len(batch), st.batch_size)
+        for (batch, weight, mode, size), teacher in zip(data, teachers):  # facts, then text
+            rows = sampler.rows(len(batch), size)
             b = batch[rows].trim()
             mask = predicting(b).to(work.device)
             student = student_logprobs(b, mask)
@@ -165,6 +191,8 @@ def distill(model: ModelHandle, importance: Importance | None = None,
                 term = weight * F.nll_loss(student, teacher.logprobs(rows, b)[mask].argmax(-1))
             else:
                 target = teacher.logprobs(rows, b)[mask]
+                if st.temperature != 1.0:  # log-probabilities differ from logits by a constant
+                    target = torch.log_softmax(target / st.temperature, -1)
                 term = weight * F.kl_div(student, target, log_target=True, reduction="batchmean")
             loss = term if loss is None else loss + term
         return loss

@@ -140,6 +140,11 @@ def test_bad_settings_are_refused_before_anything_changes(tiny_model, tiny_reque
            ("distill", {"alpha": 1.5}, "alpha"),
            ("distill", {"steps": 0}, "steps"),
            ("distill", {"teacher_cache_mb": -1}, "teacher_cache_mb"),
+           ("distill", {"text_batch": 0}, "text_batch=0 .*or null for batch_size"),
+           ("distill", {"text_batch": True}, "text_batch=True"),
+           ("distill", {"text_batch": 8, "text_weight": 0.0}, "text_weight=0"),
+           ("distill", {"temperature": 0}, "temperature=0"),
+           ("distill", {"temperature": 2.0, "labels": "hard"}, "labels='hard'"),
            ("finetune", {"cir_rank": -1}, "cir_rank"),
            ("finetune", {"cir_rank": 65}, "cir_rank=65.*1..64")]
     for name, kw, words in bad:
@@ -402,13 +407,16 @@ def test_distill_fused_engine_equals_serial(tiny, tiny_request):
                      engine="vmap")
 
 
-@pytest.mark.parametrize("labels", ["hard", "hard_facts", "soft", "data_facts"])
-def test_distillation_labels_are_the_plain_losses(tiny, tiny_request, labels):
+@pytest.mark.parametrize("labels, temperature", [("hard", 1.0), ("hard_facts", 1.0),
+                                                  ("soft", 1.0), ("data_facts", 1.0),
+                                                  ("soft", 2.0), ("hard_facts", 0.5)])
+def test_distillation_labels_are_the_plain_losses(tiny, tiny_request, labels, temperature):
     """One SGD step of ``distill`` equals a step on the loss written out here: on the retain
     facts and on the retain text, the mean over every real position that predicts a next token
     of the cross-entropy to the teacher's argmax token (``hard``; ``hard_facts`` on the facts
     only), to the fact's own next token (``data_facts`` on the facts) or of KL(teacher ||
-    student) (``soft``; ``hard_facts`` and ``data_facts`` on the text)."""
+    student) (``soft``; ``hard_facts`` and ``data_facts`` on the text), the teacher's
+    distribution softened to ``softmax(logits / temperature)`` where it is learned whole."""
     req, units, teacher = tiny_request, _units(), tiny.model
     facts = teacher.encode(list(req.retain)).trim()
     text = teacher.encode_texts(list(req.retain_text)).trim()
@@ -435,13 +443,14 @@ def test_distillation_labels_are_the_plain_losses(tiny, tiny_request, labels):
             elif mode == "hard":
                 loss = loss - s_.gather(1, t.argmax(-1, keepdim=True)).mean()
             else:
+                t = torch.log_softmax(t / temperature, -1)
                 loss = loss + (t.exp() * (t - s_)).sum(-1).mean()
         loss.backward()
         want = {k: start[k] - 0.5 * v.grad for k, v in params.items() if v.grad is not None}
         for v in params.values():
             v.requires_grad_(False)
     got = teacher.clone()
-    edit.distill(got, None, units, labels=labels, **kw)
+    edit.distill(got, None, units, labels=labels, temperature=temperature, **kw)
     got = got.named_parameters()
     moved = 0
     for k, w in want.items():
@@ -489,3 +498,37 @@ def test_distill_schedule_and_shared_text(tiny, tiny_request):
     e = edit.distill(m, None, units, **(kw | {"schedule": "linear"}))
     assert e.params["schedule"] == "linear" and "shared_text" not in e.params
     e.revert()
+
+
+def test_distill_text_batch_sets_the_text_rows_per_step(tiny, tiny_request, monkeypatch):
+    """``text_batch``: each step draws that many retain-text rows and ``batch_size`` fact rows;
+    unset, it is ``batch_size`` (the same edit bit for bit, its parameters unchanged).
+    ``text_batch`` and ``temperature`` join the edit's parameters only where they are set away
+    from their defaults (bad values: test_bad_settings_are_refused_before_anything_changes)."""
+    from excise.train import Sampler
+
+    req, units = tiny_request, _units()
+    kw = dict(request=req, alpha=0.5, steps=3, lr=1e-2, batch_size=8, seed=1,
+              labels="hard_facts", shared_text=True)
+    n_facts = len(req.retain)
+    n_text = len(req.retain_text) + len(req.shared)
+    calls = []
+    rows = Sampler.rows
+    monkeypatch.setattr(Sampler, "rows", lambda self, n, k: calls.append((n, k))
+                        or rows(self, n, k))
+
+    def weights(**extra):
+        m = tiny.model.clone()
+        e = edit.distill(m, None, units, **(kw | extra))
+        return m.named_parameters(), e.params
+
+    (plain, p0), (same, p1) = weights(), weights(text_batch=8)
+    assert all(torch.equal(plain[k], same[k]) for k in plain)
+    assert "text_batch" not in p0 and p1["text_batch"] == 8
+    calls.clear()
+    small, p2 = weights(text_batch=3)
+    assert calls == [(n_facts, 8), (n_text, 3)] * 3 and p2["text_batch"] == 3
+    assert any(not torch.equal(plain[k], small[k]) for k in plain)
+    _, p3 = weights(temperature=1.0)
+    _, p4 = weights(temperature=1.5)
+    assert "temperature" not in p3 and p4["temperature"] == 1.5
