@@ -121,9 +121,20 @@ def _keep_text(k: dict) -> str:
     if "control_keep" not in k:
         return "."
     w = f"{k['control_keep']:g}"
-    return (f", {k['control_steps']} steps at most, keeping utility (`keep={w}, keep_text="
+    own = ("" if k.get("latent_steps") is None
+           else f" ({k['latent_steps']} for the latent gains)")
+    return (f", {k['control_steps']} steps at most{own}, keeping utility (`keep={w}, keep_text="
             f"{k['control_keep_text']}`: the descent on retain facts, shared facts and retain "
             f"text weighted {w}x against the ascent)" + _objective(k) + ".")
+
+
+def _latent(k: dict) -> str:
+    if k.get("latent_layer") is None and k.get("latent_expansion") is None:
+        return " (through the steering attack's SAE)"
+    layer = "the attack's layer" if k.get("latent_layer") is None else f"block {k['latent_layer']}"
+    width = ("the attack's width" if k.get("latent_expansion") is None
+             else f"{k['latent_expansion']}x d_model latents")
+    return f" (through its own SAE: {layer}'s resid_post, {width})"
 
 
 def _objective(k: dict) -> str:
@@ -172,7 +183,7 @@ def write(d: dict, out: Path) -> None:
              "- **ascent_all / ascent_unembed / ascent_last / latent_gains** (suppressed): "
              "`probes.controls.gradient_ascent`, `unembed_ascent`, `last_block_ascent` (the "
              "last block only, lr 1e-3: chosen on validation people 12..19), "
-             "`latent_suppression`"
+             "`latent_suppression`" + _latent(k)
              + _keep_text(k),
              f"- **ascent_until_damaged** (damaged): global gradient ascent on the forget facts "
              f"(Adam, lr {k['damage_lr']:g}) until retain recall < {k['damage_below']:g}.",
@@ -183,6 +194,18 @@ def write(d: dict, out: Path) -> None:
     atomic_write_text(res / "calibration.md", "\n".join(lines))
     md = out / "results.md"
     write_marked_section(md, "\n".join(section(d)), START, END)
+
+
+# The latent-gains control's own SAE and steps per preset (Knobs.latent_*), chosen on tiny's
+# validation people 12..19: the steering attack's SAE (the last block's output) let it hide
+# nothing there. small keeps the attack's SAE, which its calibration (stop 42) used.
+LATENT = {"tiny": {"latent_layer": 0, "latent_expansion": 32, "latent_steps": 300}}
+
+
+def latent_knobs(a) -> dict:
+    given = {"latent_layer": a.latent_layer, "latent_expansion": a.latent_expansion,
+             "latent_steps": a.latent_steps}
+    return LATENT.get(a.preset, {}) | {k: v for k, v in given.items() if v is not None}
 
 
 def main() -> None:
@@ -220,6 +243,14 @@ def main() -> None:
                     help="the weight of the controls' descent on retain data (default: the "
                          "Knobs' 10, chosen on tiny; small's 2,898 retain and shared facts "
                          "need 30)")
+    ap.add_argument("--latent-layer", type=int, default=None,
+                    help="the block whose resid_post the latent-gains control's SAE reads "
+                         "(default: tiny's 0; small: the steering attack's SAE)")
+    ap.add_argument("--latent-expansion", type=int, default=None,
+                    help="that SAE's width in multiples of d_model (default: tiny's 32)")
+    ap.add_argument("--latent-steps", type=int, default=None,
+                    help="the latent-gains control's steps (default: tiny's 300; small: the "
+                         "controls' 100)")
     ap.add_argument("--json", default=None,
                     help="a partial run (--cases, --distill-teacher oracle) writes its rows "
                          "here and leaves the published report alone")
@@ -228,11 +259,13 @@ def main() -> None:
                or a.distill_labels != "hard_facts" or a.control_objective != "margin"
                or a.control_text != "kl" or a.distill_schedule != "constant"
                or a.distill_steps is not None or a.oracles is not None
-               or a.control_keep is not None)
+               or a.control_keep is not None or a.latent_layer is not None
+               or a.latent_expansion is not None or a.latent_steps is not None)
     if partial and not a.json:
         ap.error("--cases / --distill-teacher oracle / --distill-labels / --distill-schedule / "
-                 "--distill-steps / --oracles / --control-keep / --control-objective ascent / "
-                 "--control-text nll make a partial run: give --json PATH")
+                 "--distill-steps / --oracles / --control-keep / --latent-* / "
+                 "--control-objective ascent / --control-text nll make a partial run: give "
+                 "--json PATH")
     if a.from_json:
         write(json.loads(Path(a.from_json).read_text()), Path(a.out))
         return
@@ -254,7 +287,7 @@ def main() -> None:
                                 **({} if a.control_keep is None
                                    else {"control_keep": a.control_keep}),
                                 control_objective=a.control_objective,
-                                control_text=a.control_text),
+                                control_text=a.control_text, **latent_knobs(a)),
                     progress=lambda s: print(f"[{time.time() - t0:6.0f}s] {s}", flush=True),
                     on_row=row)
     d = cal.to_dict()

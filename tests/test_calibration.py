@@ -15,6 +15,8 @@ the calibration has cells off the diagonal (see docs/results/calibration.md).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -114,6 +116,58 @@ def test_controls_are_built_as_the_knobs_say(monkeypatch):
     assert C.Knobs().reinit_text_loss == "kl" and C.Knobs().reinit_shared
     for field, bad in (("control_objective", "hinge"), ("control_text", "mse"),
                        ("reinit_text_loss", "l2")):
+        with pytest.raises(ValueError, match=field):
+            C.Knobs(**{field: bad})
+
+
+def test_the_latent_control_hides_through_the_sae_the_knobs_name(monkeypatch):
+    """The latent-gains control: the steering attack's SAE and the controls' steps unless the
+    knobs name its own SAE (layer, width: trained as the attack's would be, on the original)
+    and steps; bad values are refused, naming the field."""
+    seen, trained = {}, []
+    monkeypatch.setattr(C.controls, "latent_suppression",
+                        lambda m, r, sae, site, scale, **kw: seen.update(kit=(sae, site, scale),
+                                                                         **kw) or m)
+    monkeypatch.setattr(C.A, "steering_kit",
+                        lambda src, req, cfg: trained.append(cfg) or ("own", "site", 2.0))
+
+    class Org:
+        model = "original"
+
+    attack_kit, cfg = ("attack sae", "blocks.1.resid_post", 1.0), C.A.AttackConfig()
+    assert C.latent_kit("original", "request", cfg, C.Knobs(), attack_kit) is attack_kit
+    assert C.latent_kit("original", "request", cfg, C.Knobs(latent_steps=300),
+                        attack_kit) is attack_kit
+    assert not trained  # nothing trained when the attack's SAE serves
+    list(C.plain_cases(Org(), "request", 0, C.Knobs(), attack_kit, ("latent_gains",),
+                       lambda _: None))
+    assert seen["kit"] == attack_kit and seen["steps"] == 100
+    # no attack kit to share: the attack's own SAE is trained, with the attack's settings
+    C.latent_kit("original", "request", cfg, C.Knobs(), None)
+    assert trained == [cfg]
+    knobs = C.Knobs(latent_layer=0, latent_expansion=32, latent_steps=300)
+    kit = C.latent_kit("original", "request", cfg, knobs, attack_kit)
+    assert kit == ("own", "site", 2.0) and len(trained) == 2
+    assert trained[1] == dataclasses.replace(cfg, sae_layer=0, sae_expansion=32)
+    C.latent_kit("original", "request", cfg, C.Knobs(latent_layer=1))
+    assert trained[2] == dataclasses.replace(cfg, sae_layer=1)
+    list(C.plain_cases(Org(), "request", 0, knobs, kit, ("latent_gains",), lambda _: None))
+    assert seen["kit"] == kit and seen["steps"] == 300 and seen["keep"] == 10.0
+    # which SAEs the calibration builds: the attack's only where it runs the SAE attack, the
+    # control's only where the latent-gains case is built
+    trained.clear()
+    with_sae = dataclasses.replace(cfg, attacks=("relearn", "sae"))
+    without = dataclasses.replace(cfg, attacks=("relearn",))
+    assert C.sae_kits("original", "request", without, knobs, ("original",)) == (None, None)
+    assert not trained
+    assert C.sae_kits("original", "request", with_sae, C.Knobs(), ("latent_gains",)) == \
+        (("own", "site", 2.0),) * 2 and trained == [with_sae]  # one SAE serves both
+    trained.clear()
+    a, c = C.sae_kits("original", "request", without, knobs, ("latent_gains",))
+    assert a is None and c == ("own", "site", 2.0) and len(trained) == 1
+    assert trained[0].sae_layer == 0
+    for field, bad in (("latent_layer", -1), ("latent_expansion", 0), ("latent_steps", 2.5),
+                       ("latent_steps", True)):
         with pytest.raises(ValueError, match=field):
             C.Knobs(**{field: bad})
 

@@ -235,6 +235,14 @@ class Knobs:
     the original's next-token distributions; ``"nll"``, the text's loss, under which the
     unembedding-only control learned the 60 retain sentences and general-text perplexity rose
     2.2-2.5x on ``tiny``).
+    ``latent_*``: the SAE the latent-gains control hides the facts through and its step budget
+    (``None``: the steering attack's SAE, ``blocks.{n_layers // 2}.resid_post`` at the attack's
+    width, and ``control_steps``). ``latent_layer``: the block whose ``resid_post`` it reads;
+    ``latent_expansion``: its width as a multiple of ``d_model``. On ``tiny`` the attack's SAE
+    reads the last block's output, where the gains cannot hide one person without the
+    others who share an answer: forget recall stayed 0.93-0.97 (validation people 12..19,
+    seeds 0 and 1); at block 0 with 4x the width and 300 steps it fell to 0.37-0.64 with
+    retain recall 1.000 (docs/results.md, "The latent-gains control on `tiny`").
     ``oracles``: how many reference retrain oracles judge every case
     (training seeds ``s``, then ``s + 2``, ``s + 3``, ...: :func:`oracles_for`)."""
 
@@ -257,6 +265,9 @@ class Knobs:
     control_keep_text: bool = True
     control_objective: str = "margin"
     control_text: str = "kl"
+    latent_layer: int | None = None
+    latent_expansion: int | None = None
+    latent_steps: int | None = None
 
     def __post_init__(self):
         check_choice("Knobs", "distill_teacher", self.distill_teacher, ["original", "oracle"])
@@ -271,6 +282,11 @@ class Knobs:
         check_choice("Knobs", "distill_labels", self.distill_labels, list(DISTILL_LABELS))
         check_choice("Knobs", "distill_schedule", self.distill_schedule,
                      list(DISTILL_SCHEDULES))
+        for name, low in (("latent_layer", 0), ("latent_expansion", 1), ("latent_steps", 1)):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+                raise ValueError(f"Knobs.{name}={v!r}: must be null (the steering attack's "
+                                 f"SAE and the controls' steps) or an integer >= {low}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -283,6 +299,28 @@ def oracles_for(org, request: ForgetRequest, n: int,
     from excise.organism import retrain_oracles
 
     return retrain_oracles(org, request, n, skip=[org.seed + 1], log=log)
+
+
+def latent_kit(source: ModelHandle, request: ForgetRequest, cfg: A.AttackConfig, knobs: Knobs,
+               attack_kit=None):
+    """``(sae, site, scale)`` the latent-gains control hides through: the steering attack's
+    (``attack_kit``, or trained as the attack would) unless ``knobs.latent_layer`` /
+    ``latent_expansion`` name another SAE, trained on ``source`` the same way."""
+    if knobs.latent_layer is None and knobs.latent_expansion is None:
+        return attack_kit if attack_kit is not None else A.steering_kit(source, request, cfg)
+    own = dataclasses.replace(
+        cfg, **({} if knobs.latent_layer is None else {"sae_layer": knobs.latent_layer}),
+        **({} if knobs.latent_expansion is None else {"sae_expansion": knobs.latent_expansion}))
+    return A.steering_kit(source, request, own)
+
+
+def sae_kits(source: ModelHandle, request: ForgetRequest, cfg: A.AttackConfig, knobs: Knobs,
+             cases: Sequence[str]):
+    """``(attack kit, control kit)``: the steering attack's SAE where ``cfg`` runs that attack,
+    the latent-gains control's where ``cases`` build it (:func:`latent_kit`); else None."""
+    kit = A.steering_kit(source, request, cfg) if "sae" in cfg.attacks else None
+    control = latent_kit(source, request, cfg, knobs, kit) if "latent_gains" in cases else None
+    return kit, control
 
 
 def plain_cases(org, request: ForgetRequest, seed: int, knobs: Knobs,
@@ -307,8 +345,9 @@ def plain_cases(org, request: ForgetRequest, seed: int, knobs: Knobs,
         "ascent_all": lambda: controls.gradient_ascent(original, request, **keep),
         "ascent_unembed": lambda: controls.unembed_ascent(original, request, **keep),
         "ascent_last": lambda: controls.last_block_ascent(original, request, **keep),
-        "latent_gains": lambda: controls.latent_suppression(original, request, kit[0], kit[1],
-                                                            kit[2], **keep),
+        "latent_gains": lambda: controls.latent_suppression(
+            original, request, kit[0], kit[1], kit[2],
+            **(keep | ({} if knobs.latent_steps is None else {"steps": knobs.latent_steps}))),
         "ascent_until_damaged": lambda: damage(original, request, knobs.damage_below,
                                                lr=knobs.damage_lr, seed=seed)[0],
         "original": lambda: original,
@@ -398,15 +437,17 @@ def calibrate(preset: str = "tiny", seeds: Sequence[int] = (0, 1), *, grid: str 
         org = excise.organism(preset, seed=seed, progress=False)
         req = org.request(list(people))
         log(f"seed {seed}: forget people {list(people)}")
+        n = org.model.n_layers
+        if "latent_gains" in cases and knobs.latent_layer is not None and knobs.latent_layer >= n:
+            raise ValueError(f"Knobs.latent_layer={knobs.latent_layer}: the {preset} organism "
+                             f"has blocks 0..{n - 1}")
         oracles = oracles_for(org, req, knobs.oracles, log)
         cfg = probes.VerifySettings(suite="verdict", seed=seed, grid=grid,
                                     attacks=attacks).attack_config()
-        kit = None
-        if "sae" in cfg.attacks or "latent_gains" in cases:  # one SAE: the attack's and the
-            kit = A.steering_kit(org.model, req, cfg)        # latent-gains control's
+        kit, control_kit = sae_kits(org.model, req, cfg, knobs, cases)
         kw = verify_kw | ({"sae": (kit[0], kit[2])} if kit is not None else {})
         cache: dict = {}
-        for case, model, secs in plain_cases(org, req, seed, knobs, kit, cases, log):
+        for case, model, secs in plain_cases(org, req, seed, knobs, control_kit, cases, log):
             log(f"seed {seed}: judging {case}")
             rows.append(judge(case, model, req, oracles, org.model, seed, people, secs,
                               cache=cache, verify_kw=kw))
