@@ -172,6 +172,28 @@ def test_the_latent_control_hides_through_the_sae_the_knobs_name(monkeypatch):
             C.Knobs(**{field: bad})
 
 
+def test_the_latent_control_hides_tiny_facts_through_block_0_not_the_last(tiny, tiny_request):
+    """Why tiny's calibration gives the latent-gains control its own SAE: through the steering
+    attack's SAE (the last block's output) 100 steps of gains leave most forget facts recalled;
+    through a 4x wider SAE on block 0's output the same budget hides most of them, with retain
+    and shared recall kept and the organism untouched."""
+    from probes.behaviour import behaviour_metrics
+
+    before = tiny.model.fingerprint()
+    cfg = C.A.AttackConfig()
+    knobs = C.Knobs(latent_layer=0, latent_expansion=4 * cfg.sae_expansion)
+    out = {}
+    for name, k in (("attack", C.Knobs()), ("own", knobs)):
+        kit = C.latent_kit(tiny.model, tiny_request, cfg, k)
+        (_, model, _), = C.plain_cases(tiny, tiny_request, 0, k, kit, ("latent_gains",),
+                                       lambda _: None)
+        out[name] = behaviour_metrics(model, tiny_request)
+    assert tiny.model.fingerprint() == before
+    assert out["own"]["forget_recall"] <= 0.5
+    assert out["attack"]["forget_recall"] >= out["own"]["forget_recall"] + 0.2
+    assert out["own"]["retain_recall"] >= 0.98 and out["own"]["shared_recall"] >= 0.98
+
+
 def test_damage_stops_at_the_first_measurement_below_the_threshold(tiny, tiny_request):
     before = tiny.model.fingerprint()
     m, steps = C.damage(tiny.model, tiny_request, 0.9, every=5)
