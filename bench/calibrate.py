@@ -197,8 +197,8 @@ def write(d: dict, out: Path) -> None:
 
 
 # The latent-gains control's own SAE and steps per preset (Knobs.latent_*), chosen on tiny's
-# validation people 12..19: the steering attack's SAE (the last block's output) let it hide
-# nothing there. small keeps the attack's SAE, which its calibration (stop 42) used.
+# validation people 12..19: through the steering attack's SAE (the last block's output) it hid
+# almost nothing there. small keeps the attack's SAE, which its calibration (stop 42) used.
 LATENT = {"tiny": {"latent_layer": 0, "latent_expansion": 32, "latent_steps": 300}}
 
 

@@ -239,10 +239,10 @@ class Knobs:
     (``None``: the steering attack's SAE, ``blocks.{n_layers // 2}.resid_post`` at the attack's
     width, and ``control_steps``). ``latent_layer``: the block whose ``resid_post`` it reads;
     ``latent_expansion``: its width as a multiple of ``d_model``. On ``tiny`` the attack's SAE
-    reads the last block's output, where the gains cannot hide one person without the
-    others who share an answer: forget recall stayed 0.93-0.97 (validation people 12..19,
-    seeds 0 and 1); at block 0 with 4x the width and 300 steps it fell to 0.37-0.64 with
-    retain recall 1.000 (docs/results.md, "The latent-gains control on `tiny`").
+    reads the last block's output, where 100 steps of gains hid almost nothing: forget recall
+    stayed 0.93-0.97 (validation people 12..19, seeds 0 and 1); at block 0 with 4x the width
+    and 300 steps it fell to 0.37-0.64 with retain recall 1.000 (docs/results.md, "The
+    latent-gains control on `tiny`").
     ``oracles``: how many reference retrain oracles judge every case
     (training seeds ``s``, then ``s + 2``, ``s + 3``, ...: :func:`oracles_for`)."""
 
