@@ -180,12 +180,15 @@ def main() -> None:
                                                    / m.n_parameters(),
                                                    "teacher_seconds": round(teacher_s, 1)})
             k = row.metrics
+            pp = row.detail.get("checks", {}).get("utility_perplexity", {})
+            vs_orig = (f" (/ original {pp['model'] / pp['original']:.3f})"
+                       if pp.get("original") else "")
             print(f"seed {s} (people {people[0]}..{people[-1]}), alpha {alpha:g}, lr {lr:g} "
                   f"{schedule}, edit seed {es}, teacher {a.teacher}: "
                   f"{row.got}; failed {row.failed}, open {row.open}; forget {k['forget']:.3f} "
                   f"(oracle {k['oracle_forget']:.3f}), retain {k['retain']:.3f}, shared "
-                  f"{k['shared']:.3f}, ppl/oracle {k['ppl_ratio']:.3f}, MIA {k['mia']:.3f} "
-                  f"(oracle {k['oracle_mia']:.3f}), worst attack upper "
+                  f"{k['shared']:.3f}, ppl / chosen oracle {k['ppl_ratio']:.3f}{vs_orig}, "
+                  f"MIA {k['mia']:.3f} (oracle {k['oracle_mia']:.3f}), worst attack upper "
                   f"{max(v for v in k['attack_uppers'].values() if v is not None):.3f}; "
                   f"{100 * rows[-1]['params_share']:.2f}% of the parameters changed, edit "
                   f"{build:.0f} s, oracle training {oracle_s:.0f} s (0: cached)", flush=True)
