@@ -2,7 +2,9 @@
 
 Every weight (``--select METHOD:FRACTION``: only the top fraction of a parameter-level locate
 method's scores, located on the request in the teacher as it stands before any NPO - e.g.
-``saliency:0.1``, configs/saliency.yaml's recipe with ``--alpha 1 --steps 1000``) shrunk and
+``saliency:0.1``, configs/saliency.yaml's recipe with ``--alpha 1 --steps 1000``;
+``METHOD:FRACTION:SITES`` chooses within parameter sites only, e.g.
+``saliency:0.1:blocks.*+embed.*``) shrunk and
 perturbed by ``alpha`` (``theta <- (1 - alpha) theta + alpha fresh``),
 then the original distilled back into it (``edit.distill(units="all", labels="hard_facts",
 shared_text=True)``) on retain data: the retain facts, the retain text and the shared facts'
@@ -80,9 +82,11 @@ def main() -> None:
                     help="the student's forward (edit.distill's engine; runs before stop 40: "
                          "serial)")
     ap.add_argument("--select", default="all",
-                    help="the weights the edit re-draws: 'all', or 'METHOD:FRACTION' - the top "
-                         "fraction of a parameter-level locate method's scores (e.g. "
-                         "saliency:0.1), located on each request")
+                    help="the weights the edit re-draws: 'all', or 'METHOD:FRACTION[:SITES]' - "
+                         "the top fraction of a parameter-level locate method's scores (e.g. "
+                         "saliency:0.1), located on each request; SITES: parameter site "
+                         "patterns joined by '+' (e.g. 'blocks.*+embed.*'), the fraction then "
+                         "of those sites' elements (Importance.top(fraction, sites))")
     ap.add_argument("--json", default="")
     a = ap.parse_args()
     from edit.distill import DistillSettings
@@ -116,14 +120,21 @@ def main() -> None:
         teacher_seed = int(match[1])
     select = None
     if a.select != "all":
-        method, _, frac = a.select.partition(":")
+        method, _, rest = a.select.partition(":")
+        frac, _, where = rest.partition(":")
         try:
-            select = (method, float(frac))
+            select = (method, float(frac), where.split("+") if where else None)
         except ValueError:
-            select = (method, -1.0)
+            select = (method, -1.0, None)
         if method not in locate.METHODS or not 0 < select[1] < 1:
-            ap.error(f"--select {a.select!r}: give 'all' or METHOD:FRACTION, METHOD one of "
+            ap.error(f"--select {a.select!r}: give 'all' or METHOD:FRACTION[:SITES], METHOD one of "
                      f"{sorted(locate.METHODS)}, FRACTION in (0, 1)")
+        if select[2]:
+            from excise.sites import expand
+            try:  # the sites checked before any oracle trains
+                expand(select[2], list(org.model.named_parameters()))
+            except ValueError as e:
+                ap.error(f"--select {a.select!r}: {e}")
     rows = []
     if a.people:
         try:
@@ -149,7 +160,7 @@ def main() -> None:
         teacher_s = time.time() - t
         t = time.time()
         units = "all" if select is None else \
-            locate.METHODS[select[0]](teacher, req).top(select[1])
+            locate.METHODS[select[0]](teacher, req).top(select[1], select[2])
         locate_s = time.time() - t
         for alpha, lr, schedule, es in itertools.product(a.alpha, a.lr, a.schedule,
                                                          a.edit_seeds or [s]):
