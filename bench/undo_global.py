@@ -3,8 +3,8 @@
 Every weight (``--select METHOD:FRACTION``: only the top fraction of a parameter-level locate
 method's scores, located on the request in the teacher as it stands before any NPO - e.g.
 ``saliency:0.1``, configs/saliency.yaml's recipe with ``--alpha 1 --steps 1000``;
-``METHOD:FRACTION:SITES`` chooses within parameter sites only, e.g.
-``saliency:0.1:blocks.*+embed.*``) shrunk and
+``METHOD:FRACTION:SITES``: the top FRACTION of the elements of those parameter sites only,
+patterns joined by '+', e.g. ``saliency:0.1:blocks.*+embed.*``) shrunk and
 perturbed by ``alpha`` (``theta <- (1 - alpha) theta + alpha fresh``),
 then the original distilled back into it (``edit.distill(units="all", labels="hard_facts",
 shared_text=True)``) on retain data: the retain facts, the retain text and the shared facts'
@@ -18,7 +18,7 @@ case).
     OMP_NUM_THREADS=2 python bench/undo_global.py --seeds 0 1 2 --alpha 0.8 --lr 3e-3
         --schedule linear [--grid quick|full] [--steps 1000] [--people 150-159]
         [--organism-seed 1] [--oracles 2] [--edit-seeds 2 3] [--teacher oracle-2]
-        [--select saliency:0.1] [--text-batch 16] [--temperature 1.5]
+        [--select saliency:0.1[:SITES]] [--text-batch 16] [--temperature 1.5]
         [--teacher-npo '{"steps": 20, "lr": 2e-4}'] [--json out.json]
 
 ``--alpha``, ``--lr`` and ``--schedule`` take several values: every combination runs on each
@@ -126,9 +126,10 @@ def main() -> None:
             select = (method, float(frac), where.split("+") if where else None)
         except ValueError:
             select = (method, -1.0, None)
-        if method not in locate.METHODS or not 0 < select[1] < 1:
+        if method not in locate.METHODS or not 0 < select[1] < 1 or (":" in rest and not where):
             ap.error(f"--select {a.select!r}: give 'all' or METHOD:FRACTION[:SITES], METHOD one of "
-                     f"{sorted(locate.METHODS)}, FRACTION in (0, 1)")
+                     f"{sorted(locate.METHODS)}, FRACTION in (0, 1), SITES parameter site "
+                     f"patterns joined by '+' (leave ':SITES' out for every site)")
         if select[2]:
             from excise.sites import expand
             try:  # the sites checked before any oracle trains
