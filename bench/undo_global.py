@@ -2,9 +2,10 @@
 
 Every weight (``--select METHOD:FRACTION``: only the top fraction of a parameter-level locate
 method's scores, located on the request in the teacher as it stands before any NPO - e.g.
-``saliency:0.1``, configs/saliency.yaml's recipe with ``--alpha 1 --steps 1000``;
+``saliency:0.1``, stop 43's recipe over every site;
 ``METHOD:FRACTION:SITES``: the top FRACTION of the elements of those parameter sites only,
-patterns joined by '+', e.g. ``saliency:0.1:blocks.*+embed.*``) shrunk and
+patterns joined by '+', e.g. configs/saliency.yaml's recipe with ``--alpha 1 --steps 1000``:
+``saliency:0.1:blocks.*.attn.*+blocks.*.mlp.*+embed.*+pos_embed.*+unembed.*``) shrunk and
 perturbed by ``alpha`` (``theta <- (1 - alpha) theta + alpha fresh``),
 then the original distilled back into it (``edit.distill(units="all", labels="hard_facts",
 shared_text=True)``) on retain data: the retain facts, the retain text and the shared facts'

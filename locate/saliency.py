@@ -11,10 +11,11 @@ they depend more than the retain facts do (``fisher``'s ratio): an edit that re-
 selected weights and then restores the retain behaviour by training on retain data
 (``edit.distill`` / ``edit.reinit``) repairs the retain side itself, and what it must reach is
 every weight the forget answers lean on. On the small organism, re-drawing the top 10% of the
-weights by this score and distilling the retain behaviour back (``configs/saliency.yaml``) is
-the first localized recipe the verdict called deleted on the natural (unplanted) organism,
-against the more favourable of two retrain oracles, inconclusive on another world
-(docs/results.md, "Deletion vs fraction touched", with the other scores screened).
+weights by this score outside the LayerNorms and distilling the retain behaviour back
+(``configs/saliency.yaml``) is the localized recipe the verdict calls deleted on every request of
+the 5% split under the full attack grid, against the more favourable of two retrain oracles,
+inconclusive on another world (docs/results.md, "Deletion vs fraction touched", with the other
+scores screened).
 
 One gradient pass over the forget facts (no retain pass); parameter sites only.
 """

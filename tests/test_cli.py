@@ -43,8 +43,9 @@ def test_run_writes_a_complete_run_folder(tmp_path, tiny, tiny_oracle):
 
 
 def test_saliency_config_redraws_only_its_top_weights(tmp_path, tiny):
-    """configs/saliency.yaml (locate.saliency, the top 10% of the weights, distill at alpha 1)
-    on tiny, a few steps: the edit changes the selected elements and nothing else."""
+    """configs/saliency.yaml (locate.saliency, the top 10% of the weights outside the
+    LayerNorms, distill at alpha 1) on tiny, a few steps: the edit changes the selected
+    elements and nothing else, and no norm parameter is selected."""
     import torch
 
     from edit._common import flat_index
@@ -62,13 +63,17 @@ def test_saliency_config_redraws_only_its_top_weights(tmp_path, tiny):
     assert r.exit_code == 0, r.output
     m = json.loads((out / "metrics.json").read_text())
     assert m["edit"]["locate"] == "saliency" and m["edit"]["method"] == "distill"
-    n = tiny.model.n_parameters()
-    chosen = json.loads((out / "selection.json").read_text())["units"]
-    assert len(chosen) == math.ceil(0.1 * n)
-    # fresh values differ from the old ones almost everywhere; the rest of the weights never
-    assert 0.095 <= m["edit"]["params_changed_frac"] <= len(chosen) / n
-    diff = Diff.load(out / "edit.safetensors")
     named = tiny.model.named_parameters()
+    norms = {s for s in named if ".ln" in f".{s}"}  # blocks.*.ln1.w, ln_final.b, ...
+    assert len(norms) == 4 * tiny.model.n_layers + 2  # ln1, ln2 (gain, bias) per block; ln_final
+    n = tiny.model.n_parameters()
+    n_sites = n - sum(named[s].numel() for s in norms)
+    chosen = json.loads((out / "selection.json").read_text())["units"]
+    assert len(chosen) == math.ceil(0.1 * n_sites)
+    assert not {Unit.parse(t).site for t in chosen} & norms
+    # fresh values differ from the old ones almost everywhere; the rest of the weights never
+    assert 0.095 * n_sites / n <= m["edit"]["params_changed_frac"] <= len(chosen) / n
+    diff = Diff.load(out / "edit.safetensors")
     changed = set()
     for site, c in diff.changes.items():
         moved = torch.nonzero(c.old != c.new).flatten()
