@@ -4,7 +4,8 @@ Every weight (``--select METHOD:FRACTION``: only the top fraction of a parameter
 method's scores, located on the request in the teacher as it stands before any NPO - e.g.
 ``saliency:0.1``, stop 43's recipe over every site;
 ``METHOD:FRACTION:SITES``: the top FRACTION of the elements of those parameter sites only,
-patterns joined by '+', e.g. configs/saliency.yaml's recipe with ``--alpha 1 --steps 1000``:
+patterns joined by '+', e.g. configs/saliency.yaml's recipe with ``--alpha 1 --steps 1000
+--lr 3e-3 --schedule linear --oracles 2``:
 ``saliency:0.1:blocks.*.attn.*+blocks.*.mlp.*+embed.*+pos_embed.*+unembed.*``) shrunk and
 perturbed by ``alpha`` (``theta <- (1 - alpha) theta + alpha fresh``),
 then the original distilled back into it (``edit.distill(units="all", labels="hard_facts",
