@@ -120,24 +120,10 @@ def main() -> None:
             ap.error(f"--teacher {a.teacher!r}: give 'original' or 'oracle-T', T an integer not "
                      f"among the judging oracles' training seeds {list(judges)}")
         teacher_seed = int(match[1])
-    select = None
-    if a.select != "all":
-        method, _, rest = a.select.partition(":")
-        frac, _, where = rest.partition(":")
-        try:
-            select = (method, float(frac), where.split("+") if where else None)
-        except ValueError:
-            select = (method, -1.0, None)
-        if method not in locate.METHODS or not 0 < select[1] < 1 or (":" in rest and not where):
-            ap.error(f"--select {a.select!r}: give 'all' or METHOD:FRACTION[:SITES], METHOD one of "
-                     f"{sorted(locate.METHODS)}, FRACTION in (0, 1), SITES parameter site "
-                     f"patterns joined by '+' (leave ':SITES' out for every site)")
-        if select[2]:
-            from excise.sites import expand
-            try:  # the sites checked before any oracle trains
-                expand(select[2], list(org.model.named_parameters()))
-            except ValueError as e:
-                ap.error(f"--select {a.select!r}: {e}")
+    try:  # the selection and its sites checked before any oracle trains
+        select = locate.parse_select(a.select, org.model)
+    except ValueError as e:
+        ap.error(f"--select: {e}")
     rows = []
     if a.people:
         try:

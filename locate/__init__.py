@@ -16,6 +16,10 @@ and returns an :class:`excise.importance.Importance`:
 ``saliency``       forget loss's rise if a weight were removed, F_forget theta^2 / 2 (OBD, SalUn)
 =================  =========================================================================
 
+Scripts name a parameter-level selection as ``METHOD:FRACTION[:SITES]`` (:func:`parse_select`,
+e.g. ``saliency:0.1:blocks.*.mlp.*+unembed.*``: the top 10% of those sites' elements by
+``saliency``).
+
 Notebook helpers: :func:`trace` / :class:`Trace` (causal-trace heatmaps), :func:`compare`
 (agreement between methods), :func:`circuit_selection` (labelled Selection from ``circuit``).
 """
@@ -41,6 +45,33 @@ METHODS = {"fisher": fisher, "grad_ratio": grad_ratio, "activations": activation
            "causal_trace": causal_trace, "attribution": attribution, "sae": sae,
            "circuit": circuit, "fact_lookup": fact_lookup, "subnetwork": subnetwork,
            "saliency": saliency}
+
+
+def parse_select(spec: str, model=None) -> tuple[str, float, list[str] | None] | None:
+    """``"all"`` -> None; ``"METHOD:FRACTION[:SITES]"`` -> ``(method, fraction, sites)``: the top
+    ``fraction`` of a locate method's scores (``Importance.top(fraction, sites)``), ``sites``
+    parameter site patterns joined by ``+`` (None: every site). With ``model``, the sites are
+    checked against its parameters. Raises ValueError naming the bad part and the choices."""
+    if spec == "all":
+        return None
+    method, _, rest = spec.partition(":")
+    frac, _, where = rest.partition(":")
+    try:
+        fraction = float(frac)
+    except ValueError:
+        fraction = -1.0
+    if method not in METHODS or not 0 < fraction < 1 or (":" in rest and not where):
+        raise ValueError(f"select {spec!r}: give 'all' or METHOD:FRACTION[:SITES], METHOD one of "
+                         f"{sorted(METHODS)}, FRACTION in (0, 1), SITES parameter site patterns "
+                         f"joined by '+' (leave ':SITES' out for every site)")
+    sites = where.split("+") if where else None
+    if sites and model is not None:
+        from excise.sites import expand
+        try:
+            expand(sites, list(model.named_parameters()))
+        except ValueError as e:
+            raise ValueError(f"select {spec!r}: {e}") from None
+    return method, fraction, sites
 
 
 def compare(importances: Sequence[Importance] | Mapping[str, Importance],

@@ -546,3 +546,24 @@ def test_saliency_refuses_activation_sites_and_bad_reduction(planted):
         locate.saliency(planted.handle, planted.request, ["blocks.0.mlp.post"])
     with pytest.raises(ValueError, match=r"reduction.*'mean'"):
         locate.saliency(planted.handle, planted.request, reduction="mean")
+
+
+def test_parse_select_reads_method_fraction_and_sites_and_names_bad_parts(planted):
+    """The scripts' selection grammar: 'all', METHOD:FRACTION, METHOD:FRACTION:SITES; the
+    parsed selection picks the same weights as calling the method and top() directly."""
+    h, req = planted.handle, planted.request
+    assert locate.parse_select("all") is None
+    mlp = f"blocks.{planted.layer}.mlp.*"
+    got = locate.parse_select(f"saliency:0.25:{mlp}+unembed.*", h)
+    assert got == ("saliency", 0.25, [mlp, "unembed.*"])
+    method, frac, sites = got
+    chosen = locate.METHODS[method](h, req).top(frac, sites)
+    direct = locate.saliency(h, req).top(0.25, [mlp, "unembed.*"])
+    assert chosen.units == direct.units and chosen.units
+    assert {u.site.split(".")[0] for u in chosen.units} <= {"blocks", "unembed"}
+    assert locate.parse_select("fisher:0.01") == ("fisher", 0.01, None)
+    for bad, why in (("nosuch:0.1", "METHOD one of"), ("saliency:1.5", r"FRACTION in \(0, 1\)"),
+                     ("saliency:ten", "FRACTION"), ("saliency:0.1:", "SITES"),
+                     ("saliency:0.1:nosuch.*", "nosuch")):
+        with pytest.raises(ValueError, match=why):
+            locate.parse_select(bad, h)
