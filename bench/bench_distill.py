@@ -11,8 +11,9 @@ shared recall).
         [--steps 1000] [--batch-size 64] [--json out.json]
         [--select saliency:0.1:SITES --alpha 1 --lr 5e-3 --steps 500 --engines fused]
 
-``--select METHOD:FRACTION[:SITES]`` times a localized edit instead (configs/saliency.yaml's: the
-top fraction of a locate method's scores on the original, re-drawn and distilled); its time
+``--select METHOD:FRACTION[:SITES]`` times a localized edit instead (as configs/saliency.yaml's
+selection: the top fraction of a locate method's scores on the original, re-drawn and
+distilled); its time
 includes the locate call. ``--engines``: which edit engines run (the retraining runs both).
 """
 
