@@ -549,21 +549,27 @@ def test_saliency_refuses_activation_sites_and_bad_reduction(planted):
 
 
 def test_parse_select_reads_method_fraction_and_sites_and_names_bad_parts(planted):
-    """The scripts' selection grammar: 'all', METHOD:FRACTION, METHOD:FRACTION:SITES; the
-    parsed selection picks the same weights as calling the method and top() directly."""
+    """The scripts' selection grammar: 'all', METHOD:FRACTION, METHOD:FRACTION:SITES; the parsed
+    sites confine top() to those sites' elements; a bad spec is refused by name."""
+    import re
+
+    from excise.sites import expand
+
     h, req = planted.handle, planted.request
     assert locate.parse_select("all") is None
+    assert locate.parse_select("fisher:0.01") == ("fisher", 0.01, None)
     mlp = f"blocks.{planted.layer}.mlp.*"
     got = locate.parse_select(f"saliency:0.25:{mlp}+unembed.*", h)
     assert got == ("saliency", 0.25, [mlp, "unembed.*"])
     method, frac, sites = got
+    named = h.named_parameters()
+    allowed = set(expand(sites, list(named)))
+    assert allowed and allowed != set(named)  # the patterns leave some sites out
     chosen = locate.METHODS[method](h, req).top(frac, sites)
-    direct = locate.saliency(h, req).top(0.25, [mlp, "unembed.*"])
-    assert chosen.units == direct.units and chosen.units
-    assert {u.site.split(".")[0] for u in chosen.units} <= {"blocks", "unembed"}
-    assert locate.parse_select("fisher:0.01") == ("fisher", 0.01, None)
-    for bad, why in (("nosuch:0.1", "METHOD one of"), ("saliency:1.5", r"FRACTION in \(0, 1\)"),
-                     ("saliency:ten", "FRACTION"), ("saliency:0.1:", "SITES"),
-                     ("saliency:0.1:nosuch.*", "nosuch")):
-        with pytest.raises(ValueError, match=why):
+    assert {u.site for u in chosen.units} <= allowed
+    assert len(chosen.units) == math.ceil(frac * sum(named[s].numel() for s in allowed))
+    for bad in ("nosuch:0.1", "saliency:1.5", "saliency:ten", "saliency:0.1:"):
+        with pytest.raises(ValueError, match=re.escape(repr(bad)) + ".*METHOD one of"):
             locate.parse_select(bad, h)
+    with pytest.raises(ValueError, match=r"'saliency:0.1:nosuch\.\*'.*nosuch"):
+        locate.parse_select("saliency:0.1:nosuch.*", h)
