@@ -148,6 +148,21 @@ class ForgetRequest:
             if clash:
                 raise ValueError(f"forget and {name} overlap, e.g. "
                                  f"{_show(self.forget, getattr(self, name), min(clash))}")
+        # the same fact in other words: a kept fact about a forget fact's subject with its
+        # target ("The Acropolis is in the city of" -> "Athens" kept while "The Acropolis is
+        # located in the city of" -> "Athens" is forgotten) asks the edit for both at once
+        said = {(normalize(f.subject).lower(), normalize(f.target).lower()): f
+                for f in self.forget if f.subject}
+        for name in ("retain", "neighbors"):
+            for f in getattr(self, name):
+                g = said.get((normalize(f.subject).lower(), normalize(f.target).lower())) \
+                    if f.subject else None
+                if g is not None:
+                    raise ValueError(
+                        f"{name} fact {f.prompt!r} -> {f.target!r} restates the forget fact "
+                        f"{g.prompt!r} -> {g.target!r} (subject {g.subject!r}, same target): a "
+                        f"fact cannot be both forgotten and kept; drop it from {name}, or list "
+                        f"it as a paraphrase of the forget fact")
 
     @property
     def keep(self) -> FactSet:

@@ -633,6 +633,27 @@ def test_config_files_that_are_not_a_mapping(tmp_path):
         C.load(tmp_path / "c.yaml")
 
 
+# ------------------------------------ a kept fact that restates a forget fact in other words
+def test_a_kept_fact_restating_a_forget_fact_is_refused():
+    from excise.request import Fact, FactSet
+
+    forget = FactSet("forget", (Fact("The Acropolis is located in the city of", "Athens",
+                                     subject="Acropolis"),))
+    same = Fact("The  acropolis is in the city of", " Athens", subject="acropolis ")
+    for name in ("retain", "neighbors"):
+        kept = {"retain": FactSet("retain", (Fact("x y", "z"),))} | {name: FactSet(name, (same,))}
+        with pytest.raises(ValueError, match=rf"{name} fact 'The  acropolis is in the city of' -> "
+                                             rf"' Athens' restates the forget fact 'The Acropolis "
+                                             rf"is located in the city of' -> 'Athens' \(subject "
+                                             rf"'Acropolis', same target\).*drop it from {name}"):
+            ForgetRequest(forget=forget, **kept)
+    # another target, another subject, or no subject: not a restatement
+    for f in (Fact("The Acropolis was built in the city of", "Athens?", subject="Acropolis"),
+              Fact("The Parthenon is in the city of", "Athens", subject="Parthenon"),
+              Fact("The Acropolis is in the city of", "Athens")):
+        ForgetRequest(forget=forget, retain=FactSet("retain", (f,)))
+
+
 # ------------------------------------------- facts that differ only in whitespace are one fact
 def test_facts_are_compared_after_normalisation():
     for forget, retain in ((("a b", "c"), ("a  b ", "c")), (("a b", "c"), ("a b", " c\n")),
