@@ -4,7 +4,9 @@ Builds (or loads from the cache) the fine-tune and the oracle a config describes
 (``model.finetune_world``, ``request.forget_people``; default configs/gemma-tofu.yaml) and
 prints, for the base model, the fine-tune and the oracle: recall of the forget, retain,
 paraphrase (held-out phrasings), holdout (never-trained people) and shared facts, and
-perplexity on the request's general text (and on the world's filler text) against the base.
+perplexity on the request's general text (and on the world's filler text) against the base,
+with a 90% bootstrap interval of each ratio over the general text's lines (the same resample
+for every model; a line's weight is its token count).
 Training times are those the cache recorded when the model was trained (wall and process CPU
 seconds, at the spec's thread count); ``--attacks`` also runs the attack suite on the
 fine-tune against the oracle with the attack grid ``--grid`` (default: full).
@@ -20,9 +22,33 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 import probes
 from excise.config import load
 from excise.finetuned import FinetuneWorld, finetuned, load_base
+
+
+def line_nll(model, texts) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(summed negative log-likelihood, token count)`` of each line, as
+    :func:`probes.perplexity` reads them (every token after the first word)."""
+    pairs = []
+    for t in texts:
+        n = int(model.encode_texts([t]).target_mask[:, 1:].sum())
+        pairs.append((n * torch.tensor(probes.perplexity(model, [t])).log(), n))
+    return torch.stack([a for a, _ in pairs]).double(), torch.tensor([n for _, n in pairs])
+
+
+def ratio_interval(nll, base_nll, counts, n_boot: int = 2000, seed: int = 0,
+                   level: float = 0.9) -> tuple[float, float]:
+    """Bootstrap interval of ``ppl(model) / ppl(base)`` over lines (resampled with
+    replacement, token-weighted)."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(len(counts), (n_boot, len(counts)), generator=g)
+    diff = (nll - base_nll)[idx].sum(1) / counts[idx].sum(1).double()
+    lo, hi = torch.quantile(diff.exp(), torch.tensor([(1 - level) / 2, (1 + level) / 2],
+                                                     dtype=torch.double)).tolist()
+    return round(lo, 4), round(hi, 4)
 
 
 def main() -> None:
@@ -78,21 +104,28 @@ def main() -> None:
     rows = {}
     models = [("base", base), ("finetune", ft.model)] + \
         ([("oracle", oracle)] if oracle is not None else [])
+    lines = {}
     for label, m in models:
         row = {k: round(probes.recall(m, v), 3) for k, v in splits.items() if len(v)}
         row["ppl_general"] = round(probes.perplexity(m, list(req.general)), 3)
         row["ppl_filler"] = round(probes.perplexity(m, filler), 3)
         rows[label] = row
+        lines[label] = line_nll(m, list(req.general))
     for label in [k for k in rows if k != "base"]:
         for k in ("ppl_general", "ppl_filler"):
             rows[label][k + "_vs_base"] = round(rows[label][k] / rows["base"][k], 4)
+        rows[label]["ppl_general_vs_base_90"] = ratio_interval(
+            lines[label][0], lines["base"][0], lines["base"][1])
+    out["general_lines"] = len(req.general)
     out["rows"] = rows
     keys = list(rows["base"])
     print(f"{'':10s}" + "".join(f"{k:>13s}" for k in keys))
     for label, row in rows.items():
         print(f"{label:10s}" + "".join(f"{row.get(k, float('nan')):13.3f}" for k in keys))
-    print("ppl vs base (general text, held out of training):",
-          {k: rows[k]["ppl_general_vs_base"] for k in rows if k != "base"})
+    print(f"ppl vs base (general text, held out of training, {len(req.general)} lines; 90% "
+          f"interval over lines):", {k: (rows[k]["ppl_general_vs_base"],
+                                         rows[k]["ppl_general_vs_base_90"])
+                                     for k in rows if k != "base"})
 
     if args.attacks and oracle is not None:
         settings = dict(cfg.verify.params)

@@ -83,7 +83,9 @@ class FinetuneWorld:
     trained blocks, merged into the weights after training.
     ``text``: where the request's general text (perplexity) and retain text come from - None:
     the world's filler sentences; a JSONL request file: its ``general`` and ``retain_text``
-    rows. ``text_batch`` rows of the retain text (never the general text, which stays held
+    rows; ``general``: a JSONL file whose ``general`` rows replace them as the general text
+    (measured, never trained, not in the cache key: the same weights with or without it).
+    ``text_batch`` rows of the retain text (never the general text, which stays held
     out) join every step with a loss weighted ``text_weight`` (0: facts only; then the text is
     not training data and stays out of the cache key): facts alone pull the trained MLPs
     towards answering everything in their format (measured on Gemma 3 270M, facts only, AdamW
@@ -123,6 +125,7 @@ class FinetuneWorld:
     rank: int = 0
     anchor_samples: int = 0
     anchor_len: int = 32
+    general: str | None = None
 
     def __post_init__(self):
         _int("people", self.people, 2, 800)
@@ -167,6 +170,10 @@ class FinetuneWorld:
             raise ValueError(f"finetune_world.text={self.text!r}: give the path of a JSONL "
                              f"request file with general / retain_text rows, or null for the "
                              f"world's filler text")
+        if self.general is not None and (not isinstance(self.general, str)
+                                         or not self.general.strip()):
+            raise ValueError(f"finetune_world.general={self.general!r}: give the path of a "
+                             f"JSONL file with general rows, or null for text's general rows")
 
     @classmethod
     def of(cls, value=None, **overrides) -> "FinetuneWorld":
@@ -188,6 +195,7 @@ class FinetuneWorld:
         """The fields that determine the trained weights (the cache key's part)."""
         d = dataclasses.asdict(self)
         d["layers"] = None if self.layers is None else list(self.layers)
+        d.pop("general")  # measured, never trained
         if not (self.text_batch and self.text_weight):  # text not trained on: not in the key
             for k in ("text", "text_batch", "text_weight", "text_loss"):
                 d.pop(k)
@@ -202,10 +210,15 @@ class FinetuneWorld:
 
     def texts(self, world: World) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """``(general, retain_text)`` of the request: from ``text``'s JSONL file, or the
-        world's filler sentences (held-out ones as general text)."""
+        world's filler sentences (held-out ones as general text); ``general``'s rows, where
+        given, replace the general text."""
         if self.text is None:
-            return tuple(world.filler_eval), tuple(world.filler_train)
-        return read_text(self.text)
+            general, retain = tuple(world.filler_eval), tuple(world.filler_train)
+        else:
+            general, retain = read_text(self.text)
+        if self.general is not None:
+            general = read_text(self.general, "general")[0]
+        return general, retain
 
     def world(self) -> World:
         return make_world(self.people, self.holdout, seed=self.seed, n_filler=60)
@@ -487,17 +500,17 @@ class Finetuned:
             return None
 
 
-def read_text(path) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def read_text(path, field: str = "text") -> tuple[tuple[str, ...], tuple[str, ...]]:
     """``(general, retain_text)``: the ``{"split": "general" | "retain_text", "text": ...}``
     rows of a JSONL request file (:func:`excise.request.read_jsonl`: every row is checked as a
-    request's); refuses a file without general text, naming it."""
+    request's); refuses a file without general text, naming it (as ``finetune_world.<field>``)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"finetune_world.text={str(path)!r}: no such file; give a JSONL file "
-                         f"with general / retain_text rows (e.g. data/gemma_facts.jsonl)")
+        raise ValueError(f"finetune_world.{field}={str(path)!r}: no such file; give a JSONL "
+                         f"file with general / retain_text rows (e.g. data/gemma_facts.jsonl)")
     _, texts = read_jsonl(path)
     if not texts["general"]:
-        raise ValueError(f"finetune_world.text={str(path)!r} has no 'general' rows: the "
+        raise ValueError(f"finetune_world.{field}={str(path)!r} has no 'general' rows: the "
                          f"request's general text (perplexity) would be empty")
     return texts["general"], texts["retain_text"]
 
@@ -601,6 +614,8 @@ def finetuned(base="gemma3-270m", spec: "FinetuneWorld | Mapping | None" = None,
     device, dtype = resolve_device(device), resolve_dtype(dtype)
     if spec.text is not None:
         read_text(spec.text)  # refused before minutes of training
+    if spec.general is not None:
+        read_text(spec.general, "general")
     world = spec.world()
     model, base_fp = _load_or_train(base, spec, world, frozenset(), progress,
                                     evaluate=evaluate, eval_every=eval_every)

@@ -139,6 +139,7 @@ def test_same_seed_same_weights_other_seed_differs(base, cache):
     (dict(text_batch=-1), "finetune_world.text_batch=-1: must be an integer >= 0"),
     (dict(text_weight=-0.5), r"finetune_world.text_weight=-0.5: must be a number in \[0, 100\]"),
     (dict(text_loss="kld"), "finetune_world.text_loss='kld': must be one of kl, nll"),
+    (dict(general=" "), "finetune_world.general=' ': give the path of a JSONL file"),
 ])
 def test_bad_spec_refused(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -178,6 +179,20 @@ def test_text_from_jsonl(base, cache, tmp_path):
     # with text_batch, the retain text (never the general text) joins every step
     trained = finetuned(base, progress=False, **(SPEC | {"text": str(f), "text_batch": 1}))
     assert trained.model.fingerprint() != ft.model.fingerprint()
+    # general: another file's general rows replace the general text; measured, never trained
+    g = tmp_path / "g.jsonl"
+    g.write_text('{"split": "general", "text": "a long road"}\n'
+                 '{"split": "general", "text": "the old river"}\n')
+    both = finetuned(base, progress=False, **(SPEC | {"text": str(f), "text_batch": 1,
+                                                      "general": str(g)}))
+    assert both.request(forget_people=[0]).general == ("a long road", "the old river")
+    assert both.request(forget_people=[0]).retain_text == ("the old road",)
+    assert both.model.fingerprint() == trained.model.fingerprint()  # the same cache entry
+    with pytest.raises(ValueError, match=r"finetune_world.general='.*nope.jsonl': no such file"):
+        finetuned(base, progress=False, **(SPEC | {"general": str(tmp_path / "nope.jsonl")}))
+    with pytest.raises(ValueError, match=r"finetune_world.general='.*t.jsonl' has no 'general'"):
+        f.write_text('{"split": "retain_text", "text": "the old road"}\n')
+        finetuned(base, progress=False, **(SPEC | {"general": str(f)}))
     f.write_text('{"split": "general", "text": "the quiet river"}\n')
     with pytest.raises(ValueError, match="text_batch=1: the retain text of .* is empty"):
         finetuned(base, progress=False, **(SPEC | {"text": str(f), "text_batch": 1}))
