@@ -2,7 +2,7 @@
 answer is known?
 
     python bench/probe_controls.py [--preset tiny] [--n-null 100] [--feature last]
-                                   [--per-count 16] [--unseen 32]
+                                   [--per-count 16] [--unseen 32] [--canary-seed 0]
                                    [--no-canaries] [--no-gemma] [--json out.json]
 
 1. Canaries on the organism: ``excise.organism(preset, canaries=True)`` - 16 random canaries
@@ -54,10 +54,10 @@ def spearman(a, b) -> float:
 
 
 def canaries(preset: str, n_null: int, feature: str, per_count: int = 16,
-             n_unseen: int = 32) -> dict:
+             n_unseen: int = 32, seed: int = 0) -> dict:
     t0, c0 = time.time(), time.process_time()
-    org = excise.organism(preset, canaries={"per_count": per_count, "n_unseen": n_unseen},
-                          progress=False)
+    org = excise.organism(preset, canaries={"per_count": per_count, "n_unseen": n_unseen,
+                                            "seed": seed}, progress=False)
     facts = org.canary_facts()
     out = {"preset": preset, "canaries": org.canaries.to_dict(), "feature": feature}
     for label, model in (("canaries", org.model), ("oracle", org.without_canaries())):
@@ -129,6 +129,8 @@ def main() -> None:
                     help="canaries per repetition count (excise.world.Canaries.per_count)")
     ap.add_argument("--unseen", type=int, default=32,
                     help="never-seen canaries, the negatives (Canaries.n_unseen)")
+    ap.add_argument("--canary-seed", type=int, default=0,
+                    help="the canaries' draw and where they enter training (Canaries.seed)")
     ap.add_argument("--no-canaries", action="store_true")
     ap.add_argument("--no-gemma", action="store_true")
     ap.add_argument("--json", type=Path)
@@ -140,7 +142,7 @@ def main() -> None:
     res = {}
     if not args.no_canaries:
         res["canaries"] = canaries(args.preset, args.n_null, args.feature, args.per_count,
-                                   args.unseen)
+                                   args.unseen, args.canary_seed)
     if not args.no_gemma:
         res["gemma"] = gemma(args.n_null)
     if args.json:
