@@ -506,8 +506,10 @@ def read_text(path, field: str = "text") -> tuple[tuple[str, ...], tuple[str, ..
     request's); refuses a file without general text, naming it (as ``finetune_world.<field>``)."""
     path = Path(path)
     if not path.is_file():
+        rows, example = (("general rows", "data/general_text.jsonl") if field == "general"
+                         else ("general / retain_text rows", "data/gemma_facts.jsonl"))
         raise ValueError(f"finetune_world.{field}={str(path)!r}: no such file; give a JSONL "
-                         f"file with general / retain_text rows (e.g. data/gemma_facts.jsonl)")
+                         f"file with {rows} (e.g. {example})")
     _, texts = read_jsonl(path)
     if not texts["general"]:
         raise ValueError(f"finetune_world.{field}={str(path)!r} has no 'general' rows: the "

@@ -160,9 +160,10 @@ class ForgetRequest:
                 if g is not None:
                     raise ValueError(
                         f"{name} fact {f.prompt!r} -> {f.target!r} restates the forget fact "
-                        f"{g.prompt!r} -> {g.target!r} (subject {g.subject!r}, same target): a "
-                        f"fact cannot be both forgotten and kept; drop it from {name}, or list "
-                        f"it as a paraphrase of the forget fact")
+                        f"{g.prompt!r} -> {g.target!r} (subject {g.subject!r}, same target): the "
+                        f"edit would have to forget and keep the same answer about the same "
+                        f"subject; drop it from {name}, or list it as a paraphrase of the "
+                        f"forget fact (the first such fact; fix every one)")
 
     @property
     def keep(self) -> FactSet:

