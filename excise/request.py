@@ -154,16 +154,16 @@ class ForgetRequest:
         said = {(normalize(f.subject).lower(), normalize(f.target).lower()): f
                 for f in self.forget if f.subject}
         for name in ("retain", "neighbors"):
-            for f in getattr(self, name):
-                g = said.get((normalize(f.subject).lower(), normalize(f.target).lower())) \
-                    if f.subject else None
-                if g is not None:
-                    raise ValueError(
-                        f"{name} fact {f.prompt!r} -> {f.target!r} restates the forget fact "
-                        f"{g.prompt!r} -> {g.target!r} (subject {g.subject!r}, same target): the "
-                        f"edit would have to forget and keep the same answer about the same "
-                        f"subject; drop it from {name}, or list it as a paraphrase of the "
-                        f"forget fact (the first such fact; fix every one)")
+            clash = [(f, said[k]) for f in getattr(self, name) if f.subject and (
+                k := (normalize(f.subject).lower(), normalize(f.target).lower())) in said]
+            if clash:
+                (f, g), n = clash[0], len(clash)
+                raise ValueError(
+                    f"{n} {name} fact(s) restate a forget fact, e.g. {f.prompt!r} -> "
+                    f"{f.target!r} restates {g.prompt!r} -> {g.target!r} (subject "
+                    f"{g.subject!r}, same target): the edit would have to forget and keep the "
+                    f"same answer about the same subject; drop them from {name}, or list them "
+                    f"as paraphrases of the forget facts")
 
     @property
     def keep(self) -> FactSet:
