@@ -27,16 +27,20 @@ import torch
 import probes
 from excise.config import load
 from excise.finetuned import FinetuneWorld, finetuned, load_base
+from probes.behaviour import token_logprobs_reader
 
 
-def line_nll(model, texts) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(summed negative log-likelihood, token count)`` of each line, as
-    :func:`probes.perplexity` reads them (every token after the first word)."""
-    pairs = []
-    for t in texts:
-        n = int(model.encode_texts([t]).target_mask[:, 1:].sum())
-        pairs.append((n * torch.tensor(probes.perplexity(model, [t])).log(), n))
-    return torch.stack([a for a, _ in pairs]).double(), torch.tensor([n for _, n in pairs])
+@torch.inference_mode()
+def line_nll(model, texts, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(summed negative log-likelihood, token count)`` of each line, read as
+    :func:`probes.perplexity` reads them (every token after the first word), batched."""
+    enc = model.encode_texts(list(texts))
+    read = token_logprobs_reader(model, "serial", enc)
+    nll, counts = [], []
+    for b in enc.chunks(batch_size):
+        nll.append(-read(b).sum(1).double())
+        counts.append(b.target_mask[:, 1:].sum(1))
+    return torch.cat(nll), torch.cat(counts)
 
 
 def ratio_interval(nll, base_nll, counts, n_boot: int = 2000, seed: int = 0,
