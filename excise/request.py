@@ -151,11 +151,13 @@ class ForgetRequest:
         # the same fact in other words: a kept fact about a forget fact's subject with its
         # target ("The Acropolis is in the city of" -> "Athens" kept while "The Acropolis is
         # located in the city of" -> "Athens" is forgotten) asks the edit for both at once
-        said = {(normalize(f.subject).lower(), normalize(f.target).lower()): f
-                for f in self.forget if f.subject}
+        def said(f: Fact) -> tuple[str, str]:
+            return normalize(f.subject).lower(), normalize(f.target).lower()
+
+        forgotten = {said(f): f for f in self.forget if f.subject}
         for name in ("retain", "neighbors"):
-            clash = [(f, said[k]) for f in getattr(self, name) if f.subject and (
-                k := (normalize(f.subject).lower(), normalize(f.target).lower())) in said]
+            clash = [(f, forgotten[said(f)]) for f in getattr(self, name)
+                     if f.subject and said(f) in forgotten]
             if clash:
                 (f, g), n = clash[0], len(clash)
                 raise ValueError(
