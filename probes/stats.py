@@ -296,6 +296,12 @@ def _check_xy(x, y) -> tuple[Tensor, Tensor]:
 
 
 # -- Ridge regression (unpenalised intercept) ------------------------------------------------------
+def _centre(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Column means of ``x`` [n, d] and ``y`` [n], and both centred: ``(xm, ym, xc, yc)``."""
+    xm, ym = x.mean(0), y.mean()
+    return xm, ym, x - xm, y - ym
+
+
 def ridge_fit(x: Tensor, y: Tensor, lam: float) -> tuple[Tensor, Tensor]:
     """Ridge fit  min ||y - x w - b||^2 + lam ||w||^2  with free intercept.
 
@@ -305,10 +311,7 @@ def ridge_fit(x: Tensor, y: Tensor, lam: float) -> tuple[Tensor, Tensor]:
     """
     x, y = _check_xy(x, y)
     n, d = x.shape
-    xm = x.mean(0)  # [d]
-    ym = y.mean()
-    xc = x - xm  # [n, d]
-    yc = y - ym  # [n]
+    xm, ym, xc, yc = _centre(x, y)
     if d <= n:
         g = xc.T @ xc + lam * torch.eye(d, dtype=_F64, device=x.device)  # [d, d]
         w = solve(g, xc.T @ yc)  # [d]
@@ -336,10 +339,7 @@ def ridge_loo(x: Tensor, y: Tensor, lam: float) -> Tensor:
     """
     x, y = _check_xy(x, y)
     n, d = x.shape
-    xm = x.mean(0)  # [d]
-    ym = y.mean()
-    xc = x - xm  # [n, d]
-    yc = y - ym  # [n]
+    xm, ym, xc, yc = _centre(x, y)
     if d <= n:
         g = xc.T @ xc + lam * torch.eye(d, dtype=_F64, device=x.device)  # [d, d]
         sol = solve(g, xc.T)  # [d, n] = G^-1 xc^T
