@@ -382,11 +382,30 @@ class Report:
         lines.insert(1, "  ".join("-" * x for x in w))
         return "\n".join(lines)
 
+    def verdict_text(self) -> str:
+        """``verdict: X``, and for each check left open (its interval straddles its limit) the
+        interval and, where known, about how many forget people would decide it at the same gap
+        (``probes.verdict.people_to_decide``)."""
+        if not self.verdict:
+            return ""
+        checks = (self.extra.get("verdict") or {}).get("checks") or {}
+        opened = []
+        for k, c in checks.items():
+            if check_outcome(c) != "open" or "upper" not in c:
+                continue
+            need = c.get("people_to_decide")
+            opened.append(f"{k} [{c['lower']:.3f}, {c['upper']:.3f}]"
+                          + (f" vs {c['limit']:g}" if "limit" in c else "")
+                          + (f": about {need} forget people would decide it at this gap"
+                             if need else ""))
+        return f"verdict: {self.verdict}" + (f" (open: {'; '.join(opened)})" if opened else "")
+
     def to_markdown(self, title: str = "excise report") -> str:
         rows = self.table()
         md = [f"# {title}", ""]
         if self.verdict:
-            md += [f"**Verdict: {self.verdict}**", "", f"Rule: {self.verdict_rule}", ""]
+            md += [f"**{self.verdict_text().replace('verdict: ', 'Verdict: ', 1)}**", "",
+                   f"Rule: {self.verdict_rule}", ""]
         md += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
         md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
         attacks = self.extra.get("attacks") or {}

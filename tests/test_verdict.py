@@ -512,3 +512,61 @@ def test_gate_reads_same_template_neighbors_where_the_request_has_them():
         hits[lab]["neighbors"] = torch.tensor((most if lab == "after" else full)[0])
     j = _decide(metrics, hits, groups, grids)
     assert not j.checks["utility_neighbors"]["ok"] and j.verdict == "damaged"
+
+
+def _replicated_bootstrap(back: list[int], copies: int, n_facts: int = 25):
+    """The bootstrap of a relearning gap (the oracle recovers nothing) over ``copies`` x the
+    people of ``back`` (person p recovers ``back[p]`` of ``n_facts``): the same people again,
+    so the gap stays and only the number of people grows."""
+    hits, groups = [], []
+    for r in range(copies):
+        for p, b in enumerate(back):
+            hits += [1.0] * b + [0.0] * (n_facts - b)
+            groups += [(r, p)] * n_facts
+    return group_bootstrap(torch.tensor(hits), None, groups, n_boot=2000, seed=0)
+
+
+@pytest.mark.parametrize("back, decided", [
+    ([8, 6, 0, 0, 0, 4, 0, 2, 0, 0], "pass"),   # gap 0.08 < 0.1: more people would pass it
+    ([25, 5, 0, 0, 5, 0, 0, 5, 0, 0], "fail"),  # gap 0.16 > 0.1: more people would fail it
+])
+def test_people_to_decide_an_open_check_matches_a_bootstrap_over_more_people(back, decided):
+    """The estimate of how many people would decide an open check, against the bootstrap itself
+    run over the same people copied: below half the estimate the check is still open, at 1.3x
+    it is decided the way the gap points."""
+    from probes.verdict import people_needed
+
+    n = len(back)
+    bs = _replicated_bootstrap(back, 1)
+    lo, hi = bs.lower(0.9), bs.upper(0.9)
+    assert lo <= 0.1 < hi  # open at 10 people
+    need = people_needed(bs.estimate, lo, hi, 0.1, n)
+    assert need is not None and need > n
+    few = _replicated_bootstrap(back, max(1, int(0.5 * need) // n))
+    assert few.lower(0.9) <= 0.1 < few.upper(0.9)
+    many = _replicated_bootstrap(back, -(-int(1.3 * need) // n))
+    assert (many.upper(0.9) <= 0.1) if decided == "pass" else (many.lower(0.9) > 0.1)
+    assert people_needed(0.1, 0.05, 0.15, 0.1, n) is None  # on the limit: nothing decides it
+    assert people_needed(0.02, 0.0, 0.08, 0.1, n) is None  # not open
+
+
+def test_an_open_check_says_how_many_people_would_decide_it():
+    """Relearning brings back 0.08 of one person's facts out of five: open. The check carries
+    the estimate and the run's verdict line names it; decided checks carry none."""
+    zero = [[0] * 25] * 5
+    metrics, hits, groups, _ = _inputs()
+    back = [[1] * 10 + [0] * 15] + [[0] * 25] * 4
+    grids = {"relearn": AttackGrid((_grid([zero, back], [zero, zero]),), "relearn_lr")}
+    j = _decide(metrics, hits, groups, grids)
+    assert j.verdict == "inconclusive"
+    c = j.checks["attack_relearn"]
+    assert c["people_to_decide"] > 5 and c["limit"] == 0.1
+    assert "people_to_decide" not in j.checks["forget_vs_oracle"]  # passed
+    report = Report(metrics=metrics, verdict=j.verdict, extra={"verdict": j.to_dict()})
+    line = report.verdict_text()
+    assert line.startswith("verdict: inconclusive (open: attack_relearn [")
+    assert f"about {c['people_to_decide']} forget people" in line
+    j = _decide(*_inputs())
+    assert j.verdict == "deleted"
+    assert Report(metrics=metrics, verdict=j.verdict,
+                  extra={"verdict": j.to_dict()}).verdict_text() == "verdict: deleted"

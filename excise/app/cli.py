@@ -105,7 +105,7 @@ def run(config: Optional[Path] = typer.Argument(None, help="Pipeline YAML (defau
     typer.echo(f"edit: {ed['method']} on {ed['locate']} - {ed['params_changed']:,} parameters "
                f"changed ({100 * ed['params_changed_frac']:.3f}%)")
     if r.verdict:
-        typer.echo(f"verdict: {r.verdict}")
+        typer.echo(r.verdict_text())
     typer.echo(f"run folder: {result.folder}  ({result.seconds:.0f} s)")
 
 
@@ -222,7 +222,7 @@ def verify(target: Path = typer.Argument(..., help="A run folder (with config.ya
             report.save(tmp)
     typer.echo(report.summary_text())
     if report.verdict:
-        typer.echo(f"verdict: {report.verdict}")
+        typer.echo(report.verdict_text())
     typer.echo(f"report: {folder}")
 
 
