@@ -391,7 +391,10 @@ class Report:
         checks = (self.extra.get("verdict") or {}).get("checks") or {}
         opened = []
         for k, c in checks.items():
-            if check_outcome(c) != "open" or "upper" not in c:
+            if check_outcome(c) != "open":
+                continue
+            if "upper" not in c or "lower" not in c:  # open without an interval: say why
+                opened.append(f"{k} ({c['why']})" if c.get("why") else k)
                 continue
             need = c.get("people_to_decide")
             opened.append(f"{k} [{c['lower']:.3f}, {c['upper']:.3f}]"
@@ -530,7 +533,8 @@ class Report:
                            for r in rows[1:])
             return f"<table><tr>{head}</tr>{body}</table>"
 
-        v = f"<p><b>Verdict: {self.verdict}</b></p>" if self.verdict else ""
+        v = (f"<p><b>{escape(self.verdict_text().replace('verdict: ', 'Verdict: ', 1))}</b></p>"
+             if self.verdict else "")
         grid = self.grid_table()
         g = f"<p>Attack grid</p>{html(grid)}" if grid else ""
         f = "".join(f"<p>{escape(split)}</p>"

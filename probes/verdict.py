@@ -471,7 +471,7 @@ def decide(metrics: Mapping[str, Mapping[str, float]], hits: Mapping[str, Mappin
     checks["forget_vs_oracle"] = {"model": m["forget_recall"], "oracle": o["forget_recall"],
                                   "gap": bs.estimate, "lower": bs.lower(lvl), "upper": hi,
                                   "ok": hi <= rule.margin, "fails": bs.lower(lvl) > rule.margin,
-                                  "limit": rule.margin,
+                                  "limit": rule.margin, "people": bs.n_groups,
                                   "need": f"upper bound of model - oracle <= {rule.margin:g}"}
     am, ao = m.get("mia_auc_loss"), o.get("mia_auc_loss")
     if am is None or ao is None or math.isnan(am) or math.isnan(ao):
@@ -499,7 +499,7 @@ def decide(metrics: Mapping[str, Mapping[str, float]], hits: Mapping[str, Mappin
             g, label, grid_bootstrap(g, label, rule), rule, "oracle",
             f"upper bound of the worst gap <= {rule.tolerance:g}")
     v = verdict_of(gate, checks, ORACLE_CHECKS)
-    people_to_decide(checks, len(set(groups["forget"])))
+    people_to_decide(checks)  # (decide_comparator does not: its forget interval is unpaired)
     return Judgement(v, rule.text(list(grids)), checks,
                      bar(metrics, grids, label, params_changed))
 
@@ -576,6 +576,7 @@ def _attack_check(g: AttackGrid, label: str, bs, rule: Rule, reference: str,
     else:
         c |= {"gap": bs.estimate, "lower": bs.lower(rule.confidence),
               "upper": bs.upper(rule.confidence), "limit": rule.tolerance,
+              "people": bs.n_groups,
               "ok": bs.upper(rule.confidence) <= rule.tolerance,
               "fails": bs.lower(rule.confidence) > rule.tolerance}
     return c | {"need": need}
@@ -587,9 +588,13 @@ def people_needed(gap: float, lower: float, upper: float, limit: float, n: int) 
     gap: a bootstrap interval's half-width shrinks as 1/sqrt(people), so the side of the
     interval facing the limit reaches it at ``n * (half-width / distance)^2`` people - the
     upper bound falls to the limit where ``gap < limit`` (it would pass), the lower bound rises
-    to it where ``gap > limit`` (it would credibly fail). None where the gap sits on the limit
-    (no number of people decides it) or the interval does not straddle it."""
-    if not lower <= limit < upper or not n > 0:
+    to it where ``gap > limit`` (it would credibly fail); at least ``n + 1``. None where the
+    gap sits on the limit (no number of people decides it), the interval does not straddle it,
+    a number is not finite or ``n`` is not positive. "Half-width": the distance from the gap
+    to the bound facing the limit."""
+    if not all(map(math.isfinite, (gap, lower, upper, limit))) or not n > 0:
+        return None
+    if not lower <= limit < upper:
         return None
     width, dist = (upper - gap, limit - gap) if gap < limit else (gap - lower, gap - limit)
     if dist <= 0 or width <= 0:
@@ -597,17 +602,18 @@ def people_needed(gap: float, lower: float, upper: float, limit: float, n: int) 
     return max(n + 1, math.ceil(n * (width / dist) ** 2))
 
 
-def people_to_decide(checks: Mapping[str, dict], n_people: int) -> None:
-    """Annotate every open check (neither ``ok`` nor ``fails``) that has an interval and a
-    ``limit`` with ``people_to_decide`` (:func:`people_needed`): what "the request's people
-    cannot decide" would take, an estimate at the same gap, not a promise."""
+def people_to_decide(checks: Mapping[str, dict]) -> None:
+    """Annotate every open check (neither ``ok`` nor ``fails``) that has a paired interval over
+    ``people`` people, its ``gap`` and its ``limit`` with ``people_to_decide``
+    (:func:`people_needed`): what "the request's people cannot decide" would take, an estimate
+    at the same gap, not a promise. Against a retrain oracle only: without one the forget
+    interval is unpaired, over the forget people and the never-known facts at once."""
     for c in checks.values():
-        if c.get("ok") or c.get("fails", True) or "limit" not in c or "upper" not in c:
+        if c.get("ok") or c.get("fails", True):
             continue
-        gap = c.get("gap", c.get("worst_gap"))
-        if gap is not None:
-            c["people_to_decide"] = people_needed(gap, c["lower"], c["upper"], c["limit"],
-                                                  n_people)
+        if all(k in c for k in ("gap", "lower", "upper", "limit", "people")):
+            c["people_to_decide"] = people_needed(c["gap"], c["lower"], c["upper"],
+                                                  c["limit"], c["people"])
 
 
 def verdict_of(gate: bool, checks: Mapping[str, Mapping], deletion: Sequence[str]) -> str:

@@ -570,3 +570,31 @@ def test_an_open_check_says_how_many_people_would_decide_it():
     assert j.verdict == "deleted"
     assert Report(metrics=metrics, verdict=j.verdict,
                   extra={"verdict": j.to_dict()}).verdict_text() == "verdict: deleted"
+
+
+def test_verdict_text_names_every_open_check_as_the_checks_hold_it():
+    """The verdict line from checks written by hand: an open interval check with its limit and
+    estimate (stop 51's other world: gap 0.03, [0.007, 0.053] over 20 people, margin 0.05), an
+    open check without an interval (its reason instead), and checks that pass, fail or carry no
+    interval at all (the probe, a point MIA) - only the open ones are named."""
+    from probes.verdict import people_to_decide
+
+    checks = {
+        "forget_vs_oracle": {"gap": 0.03, "lower": 0.00667, "upper": 0.05333, "limit": 0.05,
+                             "people": 20, "ok": False, "fails": False},
+        "mia_vs_oracle": {"ok": False, "fails": False, "why": "membership AUC not measured"},
+        "probe": {"model": 0.47, "ok": True, "used": False},
+        "attack_relearn": {"gap": 0.02, "lower": -0.01, "upper": 0.05, "limit": 0.1,
+                           "people": 20, "ok": True, "fails": False},
+        "attack_lens": {"worst_gap": 0.3, "ok": False, "fails": True, "why": "no interval"},
+    }
+    people_to_decide(checks)
+    assert checks["forget_vs_oracle"]["people_to_decide"] == 28  # ceil(20 (0.02333/0.02)^2)
+    assert all("people_to_decide" not in c for k, c in checks.items() if k != "forget_vs_oracle")
+    report = Report(metrics={}, verdict="inconclusive", extra={"verdict": {"checks": checks}})
+    line = report.verdict_text()
+    assert line == ("verdict: inconclusive (open: forget_vs_oracle [0.007, 0.053] vs 0.05: about "
+                    "28 forget people would decide it at this gap; mia_vs_oracle (membership "
+                    "AUC not measured))")
+    assert Report(metrics={}, verdict="inconclusive").verdict_text() == "verdict: inconclusive"
+    assert Report(metrics={}).verdict_text() == ""
