@@ -382,8 +382,8 @@ class Report:
         lines.insert(1, "  ".join("-" * x for x in w))
         return "\n".join(lines)
 
-    def verdict_text(self) -> str:
-        """``verdict: X``, and for each check left open (its interval straddles its limit) the
+    def verdict_text(self, label: str = "verdict") -> str:
+        """``{label}: X``, and for each check left open (its interval straddles its limit) the
         interval and, where known, about how many forget people would decide it at the same gap
         (``probes.verdict.people_to_decide``)."""
         if not self.verdict:
@@ -401,13 +401,13 @@ class Report:
                           + (f" vs {c['limit']:g}" if "limit" in c else "")
                           + (f": about {need} forget people would decide it at this gap"
                              if need else ""))
-        return f"verdict: {self.verdict}" + (f" (open: {'; '.join(opened)})" if opened else "")
+        return f"{label}: {self.verdict}" + (f" (open: {'; '.join(opened)})" if opened else "")
 
     def to_markdown(self, title: str = "excise report") -> str:
         rows = self.table()
         md = [f"# {title}", ""]
         if self.verdict:
-            md += [f"**{self.verdict_text().replace('verdict: ', 'Verdict: ', 1)}**", "",
+            md += [f"**{self.verdict_text('Verdict')}**", "",
                    f"Rule: {self.verdict_rule}", ""]
         md += ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
         md += ["| " + " | ".join(r) + " |" for r in rows[1:]]
@@ -533,8 +533,7 @@ class Report:
                            for r in rows[1:])
             return f"<table><tr>{head}</tr>{body}</table>"
 
-        v = (f"<p><b>{escape(self.verdict_text().replace('verdict: ', 'Verdict: ', 1))}</b></p>"
-             if self.verdict else "")
+        v = f"<p><b>{escape(self.verdict_text('Verdict'))}</b></p>" if self.verdict else ""
         grid = self.grid_table()
         g = f"<p>Attack grid</p>{html(grid)}" if grid else ""
         f = "".join(f"<p>{escape(split)}</p>"

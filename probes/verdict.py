@@ -594,11 +594,10 @@ def people_needed(gap: float, lower: float, upper: float, limit: float, n: int) 
     to the bound facing the limit."""
     if not all(map(math.isfinite, (gap, lower, upper, limit))) or not n > 0:
         return None
-    if not lower <= limit < upper:
+    if not lower <= limit < upper or gap == limit:
         return None
+    # the bound facing the limit lies beyond it, so both distances are positive
     width, dist = (upper - gap, limit - gap) if gap < limit else (gap - lower, gap - limit)
-    if dist <= 0 or width <= 0:
-        return None
     return max(n + 1, math.ceil(n * (width / dist) ** 2))
 
 
