@@ -5,13 +5,15 @@
 
 Verifies the model edited by the localized recipe (grad_ratio + SSD dampening, configs/dampen.yaml)
 beside the original and the oracle, and prints the metric table, the verdict and seconds per
-suite. ``--engines``: the whole suite twice instead, fused then serial: the fine-tuning and
-steering attacks, the quantization reads and the behaviour and privacy reads on the fused path
-and on the serial (TransformerLens) one (``AttackConfig.engine``;
-excise's own two paths, same steps, learning rates, batches, people and seeds): seconds of each,
-the ratio, whether the attack grids and recalls agree exactly, and how far the other metrics
-(sums of log-probabilities through two forwards) differ. Needs the organism and its oracle
-in the cache (trains them otherwise - minutes).
+suite. ``--engines``: the whole suite three times instead: the fine-tuning and steering attacks,
+the quantization reads and the behaviour and privacy reads on the fused path with the grid's
+settings run at once (``AttackConfig.workers`` left to its default: one per torch thread here),
+on the fused path one setting at a time (``workers: 1``), and on the serial (TransformerLens)
+path one setting at a time - the suite before either speed-up (``AttackConfig.engine``; excise's
+own paths, same steps, learning rates, batches, people and seeds): seconds of each, the ratios
+against the serial path, whether the attack grids and recalls agree exactly, and how far the
+other metrics (sums of log-probabilities through two forwards) differ. Needs the organism and
+its oracle in the cache (trains them otherwise - minutes).
 """
 
 from __future__ import annotations
@@ -87,13 +89,19 @@ def engines(edited, req, oracle, original) -> None:
     import probes
 
     reps, secs = {}, {}
-    for engine in ("fused", "serial"):
+    paths = {"fused": {"engine": "fused"},  # settings at once (workers: one per thread)
+             "fused-1": {"engine": "fused", "workers": 1},
+             "serial": {"engine": "serial", "workers": 1}}
+    for name, attacks in paths.items():
         t = time.perf_counter()
-        reps[engine] = probes.verify(edited, req, oracle=oracle, suite="all", label="after",
-                                     original=original, attacks={"engine": engine})
-        secs[engine] = time.perf_counter() - t
-        print(f"{engine:7s} {secs[engine]:6.1f} s  per suite: "
-              f"{reps[engine].extra['verify_seconds']}")
+        reps[name] = probes.verify(edited, req, oracle=oracle, suite="all", label="after",
+                                   original=original, attacks=attacks)
+        secs[name] = time.perf_counter() - t
+        print(f"{name:7s} {secs[name]:6.1f} s  per suite: {reps[name].extra['verify_seconds']}",
+              flush=True)
+    print(f"fused, one setting at a time: {secs['serial'] / secs['fused-1']:.2f}x the serial "
+          f"path; attack grid identical to the serial path's: "
+          f"{reps['fused-1'].extra['attack_grid'] == reps['serial'].extra['attack_grid']}")
     f, s = reps["fused"], reps["serial"]
     grids = f.extra["attack_grid"] == s.extra["attack_grid"]
     # recalls are counts of facts: identical or not; perplexity, membership scores and
@@ -112,8 +120,8 @@ def engines(edited, req, oracle, original) -> None:
     if not keys:
         print("the two paths report different metrics: "
               f"{sorted(f.metrics)} / {sorted(s.metrics)}")
-    print(f"suite all, quick grid, {torch.get_num_threads()} thread(s): serial "
-          f"{secs['serial']:.1f} s, fused {secs['fused']:.1f} s: "
+    print(f"suite all, quick grid, {torch.get_num_threads()} thread(s): serial, one setting at "
+          f"a time {secs['serial']:.1f} s, fused with settings at once {secs['fused']:.1f} s: "
           f"{secs['serial'] / secs['fused']:.2f}x; attack grids identical: {grids}; every "
           f"recall identical: {recalls}; other metrics: {len(diffs)} differ, at most "
           f"{worst[1]:.1e} relative ({worst[0]}); verdict {f.verdict} / {s.verdict}")

@@ -219,3 +219,73 @@ def test_privacy_through_the_fused_engine_equals_the_handle(tiny, tiny_request):
     assert "exposure_forget" in want and got.keys() == want.keys()
     for k in want:
         assert got[k] == pytest.approx(want[k], rel=1e-5), k
+
+
+# -- several settings at once (AttackConfig.workers) ---------------------------------------------
+def _flat(grids):
+    return {name: [(p.lr, p.seed, {k: (c.x, c.y, c.hits, c.aux)
+                                   for k, c in p.curves.curves.items()})
+                   for p in g.points] for name, g in grids.items()}
+
+
+def test_grid_in_workers_equals_one_setting_at_a_time(tiny, tiny_request, tiny_oracle):
+    """Two settings at once, each at one thread, give exactly what one setting at a time gives at
+    one thread - every curve, hit and aux value - whatever order the tasks finish in; the
+    caller's thread count and deterministic-algorithms setting come back unchanged."""
+    cfg = dataclasses.replace(CFG, engine="fused", grid="quick",
+                              attacks=("relearn", "benign", "refit", "sae", "quantize"))
+    kit = A.steering_kit(tiny.model, tiny_request, CFG)
+    models = {"after": tiny.model, "oracle": tiny_oracle}
+    prev = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.set_num_threads(1)
+        alone = A.run_grid(models, tiny_request, dataclasses.replace(cfg, workers=1), kit=kit)
+        torch.set_num_threads(2)
+        assert A.grid_workers(models, cfg, 100) == 2  # auto: one per thread on the fused CPU path
+        both = A.run_grid(models, tiny_request, cfg, kit=kit)
+        assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == \
+            (2, prev[1])
+    finally:
+        torch.set_num_threads(prev[0])
+    assert _flat(both) == _flat(alone)
+    assert len(both["relearn"].points) == 4  # 2 learning rates x 2 seeds
+    assert all(m.hook_count() == 0 for m in models.values())  # the workers ran on copies
+
+
+def test_grid_workers_rule_and_errors(tiny, tiny_request):
+    models = {"after": tiny.model}
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert A.grid_workers(models, A.AttackConfig(engine="serial"), 10) == 1
+        assert A.grid_workers(models, A.AttackConfig(), 1) == 1  # never more than the tasks
+        assert A.grid_workers(models, A.AttackConfig(workers=3), 10) == 3
+        torch.set_num_threads(1)
+        assert A.grid_workers(models, A.AttackConfig(), 10) == 1
+    finally:
+        torch.set_num_threads(prev)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="workers="):
+            A.AttackConfig(workers=bad)
+
+
+def test_a_failing_setting_fails_the_grid_and_restores_the_threads(tiny, tiny_request):
+    calls = []
+
+    def boom(model, request, cfg, kit):
+        calls.append(cfg.relearn_lr)
+        if cfg.relearn_lr == 1e-3 and cfg.seed == 1:
+            raise RuntimeError("setting lr 1e-3 seed 1 broke")
+        return A.quantize(model, request, cfg)
+
+    prev = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with pytest.raises(RuntimeError, match="lr 1e-3 seed 1 broke"):
+            A.run_grid({"after": tiny.model}, tiny_request,
+                       A.AttackConfig(attacks=("relearn",), grid="quick", workers=2),
+                       runners={"relearn": boom})
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(prev)
+    assert 1e-3 in calls
