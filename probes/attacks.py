@@ -60,10 +60,11 @@ serial path runs. Training several settings at once with ``torch.func.vmap`` was
 left out: on the CPU it is no faster than running them one after another (0.9-1.0x on small).
 What is faster there is running them side by side (``AttackConfig.workers``, :func:`in_workers`):
 the grid's settings x models are independent tasks, and on a small model two tasks at one torch
-thread each get more from two cores than one task at two threads (the relearning grid of the
-small organism, 20 forget people, edited model and oracle: 114 s against 153 s at two threads,
-every curve identical). By default :func:`run_grid` runs one task per torch thread wherever
-every model is a CPU model the fused engine runs, each worker on its own copies of the models.
+thread each get more from two cores than one task at two threads (the quick grid of every
+attack on the small organism and its oracle, 20 forget people: 114 s against 153 s one setting
+at a time at two threads, every curve identical; the whole suite: bench/bench_probes.py). By
+default :func:`run_grid` runs one task per torch thread wherever every model is a CPU model the
+fused engine runs, each worker on its own copies of the models.
 
 Defaults are tuned on positive controls (models where the facts are known to be only
 suppressed, see tests/test_probes.py), not on the edit methods being judged.
