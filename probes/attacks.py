@@ -72,6 +72,7 @@ suppressed, see tests/test_probes.py), not on the edit methods being judged.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import fnmatch
 import random
@@ -186,7 +187,8 @@ class AttackConfig:
     # models at (torch threads // workers) intra-op threads; None: one worker per torch thread
     # where every model is a CPU model the fused engine runs (a small model's matmuls gain less
     # from a second thread than from a second job), else 1. The per-job thread count it implies
-    # decides the last bits of the arithmetic (same threads and workers, same numbers)
+    # decides the last bits of the arithmetic (same threads and workers, same numbers). A value
+    # given applies to any model: each worker then holds its own copies (memory x workers)
     workers: int | None = None
 
     def __post_init__(self):
@@ -807,16 +809,22 @@ def run_grid(models: dict[str, ModelHandle], request: ForgetRequest,
     tasks = [(name, i, label) for name, settings in grid.items()
              for i in range(len(settings)) for label in models]
 
-    def run(task: tuple[str, int, str], copies: Mapping[str, ModelHandle]) -> Curve:
+    def run(task: tuple[str, int, str], state: tuple) -> Curve:
         name, i, label = task
+        ms, kit_ = state
         c = grid[name][i]
         if log and label == next(iter(models)):
             lr = getattr(c, LR_FIELDS[name]) if name in LR_FIELDS else None
             log(f"attack: {name}" + (f" lr {lr:g}" if lr is not None else "")
                 + (f" seed {c.seed}" if lr is not None or len(grid[name]) > 1 else ""))
-        return runners[name](copies[label], request, c, kit)
+        return runners[name](ms[label], request, c, kit_)
 
-    curves = dict(zip(tasks, in_workers(tasks, models, run, grid_workers(models, cfg, len(tasks)))))
+    def private(state: tuple) -> tuple:  # a worker's own models and SAE kit
+        ms, kit_ = state
+        return {k: m.clone() for k, m in ms.items()}, copy.deepcopy(kit_)
+
+    curves = dict(zip(tasks, in_workers(tasks, run, grid_workers(models, cfg, len(tasks)),
+                                        (dict(models), kit), private)))
     out: dict[str, AttackGrid] = {}
     for name, settings in grid.items():
         points = []
@@ -844,17 +852,22 @@ def grid_workers(models: Mapping[str, ModelHandle], cfg: AttackConfig, n_tasks: 
     return max(1, min(w, n_tasks))
 
 
-def in_workers(tasks: Sequence, models: Mapping[str, ModelHandle],
-               fn: Callable[[object, Mapping[str, ModelHandle]], object], workers: int) -> list:
-    """``[fn(task, models) for task in tasks]``, ``workers`` tasks at a time. With more than one
-    worker, each runs on its own copies of ``models`` (nothing is shared that a task might hook
-    or read while another changes it) in a thread of this process, at (torch threads //
-    workers) intra-op threads, under :func:`excise.train.deterministic` entered once here (the
-    tasks' own training loops then leave that global setting as it is). Every task's result
-    depends on its own inputs and that thread count only, never on the order tasks finish."""
+def in_workers(tasks: Sequence, fn: Callable[[object, object], object], workers: int,
+               state: object, private: Callable[[object], object]) -> list:
+    """``[fn(task, state) for task in tasks]``, ``workers`` tasks at a time. With more than one
+    worker, each worker gets its own ``private(state)`` (copies of the models and of anything a
+    task might write to, such as an SAE's normalisation buffers) and runs in a thread of this
+    process at (torch threads // workers) intra-op threads, under
+    :func:`excise.train.deterministic` entered once here (the tasks' own training loops then
+    rewrite that global setting with the same values). A worker's copy serves the tasks it
+    runs one after another, so ``fn`` must leave it as it found it (the attacks train clones).
+    Results come back in task order and depend on each task's inputs and that thread count
+    only, never on the order tasks finish. The first failure (in task order among those that
+    failed by then) is raised as soon as any task fails; tasks not yet started are cancelled,
+    running ones finish first."""
     if workers <= 1:
-        return [fn(t, models) for t in tasks]
-    from concurrent.futures import ThreadPoolExecutor
+        return [fn(t, state) for t in tasks]
+    from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
     from queue import SimpleQueue
 
     from excise.train import deterministic, using_threads
@@ -862,7 +875,7 @@ def in_workers(tasks: Sequence, models: Mapping[str, ModelHandle],
     per_job = max(1, torch.get_num_threads() // workers)
     copies: SimpleQueue = SimpleQueue()
     for _ in range(workers):
-        copies.put({k: m.clone() for k, m in models.items()})
+        copies.put(private(state))
 
     def one(task):
         mine = copies.get()
@@ -875,6 +888,10 @@ def in_workers(tasks: Sequence, models: Mapping[str, ModelHandle],
         pool = ThreadPoolExecutor(workers, thread_name_prefix="excise-attack")
         try:
             futures = [pool.submit(one, t) for t in tasks]
+            wait(futures, return_when=FIRST_EXCEPTION)
+            failed = [f for f in futures if f.done() and not f.cancelled() and f.exception()]
+            if failed:
+                raise failed[0].exception()
             return [f.result() for f in futures]
         finally:
             pool.shutdown(wait=True, cancel_futures=True)

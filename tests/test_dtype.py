@@ -363,6 +363,11 @@ CPU_ALLOWED = {
         "float32 (bit-reproducible, one cache for every placement); the loaded model is then "
         "moved to the asked device / dtype",
     },
+    "probes/attacks.py": {
+        'm.device.type == "cpu" and fused_forward(m)': "the attack grid runs its settings side "
+        "by side by default only on the CPU, where a small model's matmuls gain less from a "
+        "second thread than from a second job",
+    },
     "excise/remote.py": {
         'map_location="cpu"': "a remote run's results arrive as bytes and are read onto the CPU",
         'return torch.device("cpu")': "a remote model has no local weights: inputs are built "
