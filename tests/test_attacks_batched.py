@@ -230,8 +230,8 @@ def _flat(grids):
 
 def test_grid_in_workers_equals_one_setting_at_a_time(tiny, tiny_request, tiny_oracle):
     """Two settings at once, each at one thread, give exactly what one setting at a time gives at
-    one thread - every curve, hit and aux value - whatever order the tasks finish in; the
-    caller's thread count and deterministic-algorithms setting come back unchanged."""
+    one thread - every curve, hit and aux value; the caller's thread count and
+    deterministic-algorithms setting come back unchanged (completion order: the next test)."""
     cfg = dataclasses.replace(CFG, engine="fused", grid="quick",
                               attacks=("relearn", "benign", "refit", "sae", "quantize"))
     kit = A.steering_kit(tiny.model, tiny_request, CFG)
