@@ -56,6 +56,7 @@ from dataclasses import dataclass
 
 import torch
 
+from excise.fused import engine_for, target_logits
 from excise.handle import Batch, ModelHandle
 from excise.request import Fact, FactSet, ForgetRequest, fact_key, normalize
 
@@ -193,9 +194,10 @@ def subject_pools(request: ForgetRequest, metric_subjects: Sequence[str] = (),
     return metric, retain
 
 
-def _next_logprobs(model: ModelHandle, seqs: Sequence[list[int]]) -> torch.Tensor:
+def _next_logprobs(model: ModelHandle, seqs: Sequence[list[int]], fused=None) -> torch.Tensor:
     """Log-probabilities of the next token after each token sequence ``[n, V]``: only the last
-    position of each row is unembedded (``target_logprobs`` with one placeholder target)."""
+    position of each row is unembedded (``target_logprobs`` with one placeholder target, or
+    through ``fused``: :func:`excise.fused.target_logits` with the model's parameters)."""
     T = max(map(len, seqs)) + 1
     tok = torch.zeros((len(seqs), T), dtype=torch.long)  # right padding: never read
     tmask = torch.zeros((len(seqs), T), dtype=torch.bool)
@@ -203,25 +205,34 @@ def _next_logprobs(model: ModelHandle, seqs: Sequence[list[int]]) -> torch.Tenso
         tok[i, :len(q)] = torch.tensor(q)
         tmask[i, len(q)] = True
     lengths = torch.tensor([len(q) + 1 for q in seqs])
-    return model.target_logprobs(Batch(tok, tmask, torch.zeros_like(tmask), lengths)).float()
+    batch = Batch(tok, tmask, torch.zeros_like(tmask), lengths)
+    if fused is not None:
+        logits, _ = target_logits(fused, model.named_parameters(), batch)
+        return torch.log_softmax(logits.float(), -1)
+    return model.target_logprobs(batch).float()
 
 
 @torch.inference_mode()
 def greedy_continuations(model: ModelHandle, prompts: Sequence[str],
                          max_new_tokens: int = 4, batch_size: int = 64,
-                         dummy: str = "x") -> tuple[list[str], list[float]]:
+                         dummy: str = "x", engine: str = "serial"
+                         ) -> tuple[list[str], list[float]]:
     """Per prompt: the decoded greedy continuation (``max_new_tokens`` tokens) and the
     probability of its first token. ``dummy``: a target the tokenizer can encode (prompts are
-    encoded as facts, so BOS and tokenization are the handle's own)."""
+    encoded as facts, so BOS and tokenization are the handle's own). ``engine``: the forward
+    (``excise.fused.ENGINES``; "fused" where it applies, else the handle's)."""
     texts: list[str] = []
     probs: list[float] = []
+    fused = None
     for s in range(0, len(prompts), batch_size):
         chunk = list(prompts[s:s + batch_size])
         b = model.encode([Fact(p, dummy) for p in chunk])
+        if s == 0:
+            fused = engine_for(model, engine, b)
         starts = b.target_mask.float().argmax(1).tolist()  # first target = prompt end
         seqs = [b.tokens[i, :starts[i]].tolist() for i in range(len(chunk))]
         for step in range(max_new_tokens):
-            lp = _next_logprobs(model, seqs)
+            lp = _next_logprobs(model, seqs, fused)
             if step == 0:
                 probs += lp.max(-1).values.exp().tolist()
             seqs = [q + [int(t)] for q, t in zip(seqs, lp.argmax(-1).tolist())]

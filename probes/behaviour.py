@@ -16,7 +16,7 @@ from typing import Sequence
 
 import torch
 
-from excise.fused import engine_for, fused_hits, fused_token_logprobs
+from excise.fused import engine_for, fused_hits, fused_token_logprobs, target_logits
 from excise.handle import Batch, ModelHandle
 from excise.request import FactSet, fact_key
 
@@ -197,25 +197,66 @@ LISTING_SPLITS = ("forget", "paraphrase", "retain", "neighbors", "same_template"
 
 @torch.inference_mode()
 def fact_listing(model: ModelHandle, request, same_template: FactSet | None = None,
-                 max_new_tokens: int = 3, batch_size: int = 64) -> dict[str, list[dict]]:
+                 max_new_tokens: int = 3, batch_size: int = 64,
+                 engine: str = "serial") -> dict[str, list[dict]]:
     """Every fact of every split the request has (and the generated same-template neighbors):
     ``{split: [{"prompt", "target", "answer", "p_target", "hit"}]}`` - the greedy continuation
     (``max_new_tokens`` tokens, first line), the target's probability (product over its
-    tokens) and whether greedy decoding reproduces the target (the recall test)."""
+    tokens) and whether greedy decoding reproduces the target (the recall test). A (prompt,
+    target) in several splits is measured once (on the organism every same-template neighbor
+    is a retain fact); ``engine`` as :func:`fact_hits`."""
     from excise.templates import greedy_continuations
 
-    out: dict[str, list[dict]] = {}
+    splits = {}
     for split in LISTING_SPLITS:
         facts = list(same_template or ()) if split == "same_template" else \
             list(getattr(request, split))
-        if not facts:
-            continue
-        hits = fact_hits(model, facts, batch_size).tolist()
-        lp, _ = target_logprobs(model, facts, batch_size)
-        texts, _ = greedy_continuations(model, [f.prompt for f in facts], max_new_tokens,
-                                        batch_size, dummy=facts[0].target)
-        out[split] = [{"prompt": f.prompt, "target": f.target,
-                       "answer": (t.strip().splitlines() or [""])[0],
-                       "p_target": float(math.exp(float(v))), "hit": bool(h)}
-                      for f, t, v, h in zip(facts, texts, lp.tolist(), hits)]
-    return out
+        if facts:
+            splits[split] = facts
+    if not splits:
+        return {}
+    unique = list({(f.prompt, f.target): f for fs in splits.values() for f in fs}.values())
+    hits, lp = target_readout(model, unique, batch_size, engine)
+    prompts = list(dict.fromkeys(f.prompt for f in unique))
+    texts, _ = greedy_continuations(model, prompts, max_new_tokens, batch_size,
+                                    dummy=unique[0].target, engine=engine)
+    answer = {p: (t.strip().splitlines() or [""])[0] for p, t in zip(prompts, texts)}
+    row = {(f.prompt, f.target): {"answer": answer[f.prompt], "p_target": math.exp(v),
+                                  "hit": h}
+           for f, v, h in zip(unique, lp.tolist(), hits.tolist())}
+    return {split: [{"prompt": f.prompt, "target": f.target} | row[(f.prompt, f.target)]
+                    for f in fs] for split, fs in splits.items()}
+
+
+@torch.inference_mode()
+def target_readout(model: ModelHandle, facts: Sequence, batch_size: int = 256,
+                   engine: str = "serial") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per fact, from one forward pass over its prompt and target: whether greedy decoding
+    reproduces the target (every target token the argmax, as :func:`fact_hits`) ``[n]`` bool,
+    and the summed target log-probability ``[n]`` (as :func:`target_logprobs`); ``engine`` as
+    :func:`fact_hits`."""
+    facts = list(facts)
+    if not facts:
+        return torch.zeros(0, dtype=torch.bool), torch.zeros(0)
+    enc = model.encode(facts)
+    fwd = engine_for(model, engine, enc)
+    params = model.named_parameters() if fwd is not None else None
+    hits, lps = [], []
+    for b in enc.chunks(batch_size):
+        b = b.trim()
+        mask = b.target_mask[:, 1:]
+        if fwd is not None:
+            logits, tok = target_logits(fwd, params, b)
+            lp_all = torch.log_softmax(logits.float(), -1)
+        else:
+            lp_all = model.target_logprobs(b)
+            tok = b.tokens[:, 1:][mask].to(lp_all.device)
+        rows = torch.nonzero(mask)[:, 0].to(lp_all.device)  # row of each target token
+        missed = (lp_all.argmax(-1) != tok).double()
+        lp = lp_all.gather(-1, tok[:, None])[:, 0].double()
+        n = len(b)
+        hits.append(torch.zeros(n, dtype=torch.float64, device=rows.device)
+                    .index_add_(0, rows, missed).eq(0).cpu())
+        lps.append(torch.zeros(n, dtype=torch.float64, device=rows.device)
+                   .index_add_(0, rows, lp).cpu())
+    return torch.cat(hits), torch.cat(lps)

@@ -270,3 +270,52 @@ def test_gemma_recipe_keeps_same_template_neighbors_on_a_held_out_request(tmp_pa
     assert before["same_template_prompts"] >= 8
     assert after["same_template_recall"] >= 0.9
     assert "same_template" in res.report.extra["facts"]
+
+
+@pytest.mark.parametrize("engine", ["serial", "fused"])
+def test_listing_matches_a_plain_loop_per_split(tiny, tiny_request, engine):
+    """The listing measures each (prompt, target) once, in one forward pass for the hit and the
+    target probability: checked against the three measurements run split by split as separate
+    calls (``fact_hits``, ``target_logprobs``, ``greedy_continuations`` - the listing before it
+    shared them), on the organism, where every same-template neighbor is also a retain fact."""
+    from probes.behaviour import LISTING_SPLITS, target_logprobs
+
+    model, req = tiny.model, tiny_request
+    st = templates.organism_same_template(req)
+    assert len(st) and {(f.prompt, f.target) for f in st} <= {(f.prompt, f.target)
+                                                              for f in req.retain}
+    if engine == "fused":  # the fused forward applies to the organism
+        from excise.fused import engine_for
+        assert engine_for(model, "fused", model.encode(list(req.forget)[:8])) is not None
+    got = fact_listing(model, req, st, engine=engine)
+    for split in LISTING_SPLITS:
+        facts = list(st) if split == "same_template" else list(getattr(req, split))
+        if not facts:
+            assert split not in got
+            continue
+        hits = fact_hits(model, facts, 64).tolist()
+        lp, _ = target_logprobs(model, facts, 64)
+        texts, _ = templates.greedy_continuations(model, [f.prompt for f in facts], 3, 64,
+                                                  dummy=facts[0].target)
+        rows = got[split]
+        assert [(r["prompt"], r["target"]) for r in rows] == [(f.prompt, f.target)
+                                                             for f in facts]
+        assert [r["hit"] for r in rows] == hits
+        assert [r["answer"] for r in rows] == [(t.strip().splitlines() or [""])[0]
+                                               for t in texts]
+        want = torch.tensor(lp.tolist(), dtype=torch.float64).exp()
+        have = torch.tensor([r["p_target"] for r in rows], dtype=torch.float64)
+        assert torch.allclose(have, want, rtol=1e-4, atol=1e-9), split
+    assert any(r["hit"] for r in got["retain"]) and not all(r["hit"] for r in got["holdout"])
+
+
+def test_greedy_continuations_fused_equals_serial(tiny, tiny_request):
+    model = tiny.model
+    facts = list(tiny_request.forget)[:40] + list(tiny_request.holdout)[:40]
+    prompts, dummy = [f.prompt for f in facts], facts[0].target
+    a, pa = templates.greedy_continuations(model, prompts, 3, 16, dummy=dummy)
+    b, pb = templates.greedy_continuations(model, prompts, 3, 16, dummy=dummy, engine="fused")
+    assert a == b and torch.allclose(torch.tensor(pa), torch.tensor(pb), rtol=1e-4)
+    assert len(set(a)) > 1  # not one answer for every prompt
+    with pytest.raises(ValueError, match="engine='fast'"):
+        templates.greedy_continuations(model, prompts, 3, 16, dummy=dummy, engine="fast")

@@ -401,7 +401,7 @@ def _run(cfg: RunConfig, out: Path, *, overwrite: bool, progress: bool,
             after = probes.verify(model, req, oracle=oracle, label="after",
                                   suite=cfg.verify.suite, original=original,
                                   cache=verify_cache(cfg, log), **cfg.verify.params)
-            listing = {"after": fact_listing(model, req, original)}
+            listing = {"after": fact_listing(cfg, model, req, original)}
         finally:
             for e in reversed(edits):
                 e.revert()
@@ -413,7 +413,7 @@ def _run(cfg: RunConfig, out: Path, *, overwrite: bool, progress: bool,
                         request=req.summary() | {"forget_people": req.forget_people()})
         report.merge(after)
         # every fact, before and after, by split (the edit is reverted: model is the original)
-        report.extra["facts"] = facts_by_split({"before": fact_listing(model, req, original)}
+        report.extra["facts"] = facts_by_split({"before": fact_listing(cfg, model, req, original)}
                                                | listing)
         planted = getattr(subject.organism, "planted", None)
         if planted is not None:  # the planted organism: where its designated facts live
@@ -481,14 +481,20 @@ def training_request(cfg: RunConfig, model, request: ForgetRequest, *,
     return templates.with_retain(request, st)
 
 
-def fact_listing(model, request: ForgetRequest, original) -> dict[str, list[dict]]:
+def fact_listing(cfg: RunConfig, model, request: ForgetRequest, original
+                 ) -> dict[str, list[dict]]:
     """Every fact of ``request`` and its same-template neighbors (generated from the unedited
     ``original``, once per run: :func:`excise.templates.cached`) on ``model``
-    (``probes.behaviour.fact_listing``)."""
+    (``probes.behaviour.fact_listing``), through the forward the verification's attacks use
+    (``verify: {attacks: {engine: ...}}``)."""
     from excise import templates
     from probes.behaviour import fact_listing as listing
+    from probes.suites import VerifySettings
 
-    return listing(model, request, templates.cached(original, request).metric)
+    settings = VerifySettings(suite=cfg.verify.suite, **{
+        k: v for k, v in cfg.verify.params.items() if k in VerifySettings.__dataclass_fields__})
+    return listing(model, request, templates.cached(original, request).metric,
+                   engine=settings.attack_config().engine)
 
 
 def _units_changed(e) -> int:
