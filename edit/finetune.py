@@ -19,6 +19,13 @@ term fits the text and can *lower* held-out perplexity, which is change too). Th
 ``neighbors`` and ``paraphrase`` facts never enter training: they stay the held-out checks that
 nearby knowledge survives and that the forgetting is not tied to the exact prompts.
 
+``retain_loss`` picks the retain term the same way: ``"nll"`` (the formulas above: keep
+producing each retain fact's target) or ``"kl"`` - ``KL(p_before || p_now)`` of the next-token
+distribution at the positions that predict a retain fact's target (TOFU's "KL" regulariser):
+the whole answer distribution of a retain prompt stays where it was, not only its top answer -
+so the ranking of the other answers a prompt of that kind can take (the neighbouring countries
+of a forgotten one) is held too.
+
 Only the parameters of ``units`` train: gradients outside their slices are masked to zero, and the
 edit is computed on a private copy of the model, then written back as a weight diff holding only
 the selected elements that changed - everything else is bit-identical by construction, and
@@ -85,11 +92,13 @@ class FinetuneSettings:
     text_weight: float = 0.0
     text_loss: str = "nll"
     cir_rank: int = 0
+    retain_loss: str = "nll"
 
     def __post_init__(self):
         check_choice("finetune", "method", self.method, METHODS)
         check_choice("finetune", "optimizer", self.optimizer, OPTIMIZERS)
         check_choice("finetune", "text_loss", self.text_loss, TEXT_LOSSES)
+        check_choice("finetune", "retain_loss", self.retain_loss, TEXT_LOSSES)
         check_number("finetune", "steps", self.steps, low=1, integer=True)
         check_number("finetune", "lr", self.lr, low=0, low_open=True)
         check_number("finetune", "batch_size", self.batch_size, low=1, integer=True)
@@ -104,6 +113,8 @@ class FinetuneSettings:
         d = asdict(self)
         if not self.cir_rank:  # off: recorded as before the option existed (same edit key)
             d.pop("cir_rank")
+        if self.retain_loss == "nll":  # likewise
+            d.pop("retain_loss")
         return d
 
 
@@ -113,13 +124,14 @@ def finetune(model: ModelHandle, importance: Importance | None = None,
              top: int | float = 0.02, beta: float = 0.1, retain_weight: float = 1.0,
              optimizer: str = "adam", max_grad_norm: float = 1.0,
              text_weight: float = 0.0, text_loss: str = "nll", cir_rank: int = 0,
-             progress: bool = False) -> Edit:
+             retain_loss: str = "nll", progress: bool = False) -> Edit:
     """Fine-tune the parameters of ``units`` (default: the ``top`` neurons/heads of
     ``importance``; ``"all"``: every parameter) with ``method`` for ``steps`` steps
     (``progress``: a tqdm bar over the steps). ``cir_rank > 0``: common-direction projection
     (see the module docstring)."""
     settings = FinetuneSettings(method, steps, lr, batch_size, seed, beta, retain_weight,
-                                optimizer, max_grad_norm, text_weight, text_loss, cir_rank)
+                                optimizer, max_grad_norm, text_weight, text_loss, cir_rank,
+                                retain_loss)
     req = need_request("finetune", request, "(its forget facts are unlearned, its retain facts "
                        "kept)")
     check_inputs("finetune", model, importance)
@@ -160,21 +172,24 @@ def _train(model: ModelHandle, slices: dict[str, torch.Tensor], req: ForgetReque
     sampler = Sampler(st.seed)
     # KL to the unedited model from its statistics, computed once (exact; see
     # ModelHandle.kl_reference), where the model's readout allows it and the unembedding stays
-    kl_ref = None
-    if (fast and not bases and text is not None and st.text_loss == "kl"
-            and model.affine_readout and not _trains_unembedding(work, slices)):
-        kl_ref = model.kl_reference(text)
+    exact_kl = fast and not bases and model.affine_readout and \
+        not _trains_unembedding(work, slices)
+    kl_ref = model.kl_reference(text) if (exact_kl and text is not None
+                                           and st.text_loss == "kl") else None
     ref = None
     if st.method == "npo":
         with torch.no_grad():
             ref = torch.cat([_seq_logprob(work, b) for b in forget.chunks(256)])
 
     use_retain = st.method == "gd" or (st.method == "npo" and st.retain_weight > 0)
+    kl_retain = model.kl_reference(retain) if (exact_kl and use_retain and len(retain)
+                                               and st.retain_loss == "kl") else None
     # one forward for the three batches and one unembedding of every target position they
     # have: on a large vocabulary each pass over the unembedding costs about as much as the
     # whole body (Gemma: 262k x 640 floats read per pass, whatever the number of positions)
     fused = (fast and not bases and work.affine_readout
-             and (text is None or st.text_loss == "nll" or kl_ref is not None))
+             and (text is None or st.text_loss == "nll" or kl_ref is not None)
+             and (not use_retain or st.retain_loss == "nll" or kl_retain is not None))
     frozen_head = fused and not _trains_unembedding(work, slices)
 
     def fused_loss(fi: torch.Tensor, ri: torch.Tensor | None, ti: torch.Tensor | None
@@ -206,7 +221,11 @@ def _train(model: ModelHandle, slices: dict[str, torch.Tensor], req: ForgetReque
         end = n_f
         if ri is not None:
             sel = (row >= end) & (row < end + len(ri))
-            loss = loss + st.retain_weight * (-lp[sel].sum() / sel.sum().clamp(min=1))
+            if st.retain_loss == "kl":
+                keep = kl_retain.take(ri).kl(hidden[sel], lse[sel]).mean().to(lp.dtype)
+            else:
+                keep = -lp[sel].sum() / sel.sum().clamp(min=1)
+            loss = loss + st.retain_weight * keep
             end += len(ri)
         if ti is not None:
             sel = row >= end
@@ -232,7 +251,8 @@ def _train(model: ModelHandle, slices: dict[str, torch.Tensor], req: ForgetReque
             loss = -work.loss(fb)
         if use_retain:
             ri = sampler.rows(len(retain), st.batch_size)
-            loss = loss + st.retain_weight * work.loss(retain[ri].trim())
+            loss = loss + st.retain_weight * keep_text_loss(st.retain_loss, work, model,
+                                                            retain[ri].trim())
         if text is not None:
             ti = sampler.rows(len(text), st.batch_size)
             loss = loss + st.text_weight * keep_text_loss(st.text_loss, work, model,
