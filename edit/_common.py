@@ -269,9 +269,10 @@ class MaskedCopy:
 
 
 def keep_text_loss(kind: str, work: ModelHandle, reference: ModelHandle, batch) -> Tensor:
-    """The term that keeps general text modelled: ``"nll"`` - the text's NLL under ``work``;
-    ``"kl"`` - ``KL(p_reference || p_work)`` of the next-token distribution at every target
-    position (``reference`` run without gradients)."""
+    """The term that keeps a batch as it was - general text, or retain facts (``finetune``'s
+    ``retain_loss``): ``"nll"`` - the batch's NLL under ``work``; ``"kl"`` -
+    ``KL(p_reference || p_work)`` of the next-token distribution at every target position
+    (``reference`` run without gradients)."""
     import torch.nn.functional as F
 
     if kind == "nll":

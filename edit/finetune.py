@@ -38,9 +38,9 @@ head's rows / columns) train as small deltas added by forward hooks (:class:`Sli
 dense gradient of the whole matrix), the three batches of a step run as one forward with one
 unembedding of all their target positions (``ModelHandle.target_hidden`` / ``unembed``: on
 Gemma each pass over the 262k x 640 unembedding costs about as much as the whole body), and
-the text KL's reference is computed once (``ModelHandle.kl_reference``: per text position a
-``d_model`` vector and a scalar, exact) instead of a forward of the unedited model at every
-step. Same objective and draws; equal to the plain path up to float rounding.
+the text KL's reference (and the retain KL's) is computed once (``ModelHandle.kl_reference``:
+per position a ``d_model`` vector and a scalar, exact) instead of a forward of the unedited
+model at every step. Same objective and draws; equal to the plain path up to float rounding.
 
 ``cir_rank > 0``: common-direction projection (CIR, "Collapsing Irrelevant Representations",
 2025). Before training, the top ``cir_rank`` directions of the retain activations are computed
@@ -158,10 +158,11 @@ def _train(model: ModelHandle, slices: dict[str, torch.Tensor], req: ForgetReque
     models train exactly as with ``fast=False``): selected whole rows / columns of
     ``nn.Linear`` weights train as small deltas (:class:`SliceCopy`); the forget, retain and
     text batches of a step run as one forward whose target positions go through the
-    unembedding together (``target_hidden`` / ``unembed``); the text KL's reference is
-    computed once up front (``ModelHandle.kl_reference``, exact) instead of a forward of the
-    unedited model at every step. Same objective, equal up to float rounding (tests/
-    test_fast_loss.py); ``fast=False`` is the old path (bench/gemma_edit_step.py times both)."""
+    unembedding together (``target_hidden`` / ``unembed``); the text KL's (and the retain
+    KL's) reference is computed once up front (``ModelHandle.kl_reference``, exact) instead
+    of a forward of the unedited model at every step. Same objective, equal up to float
+    rounding (tests/test_fast_loss.py); ``fast=False`` is the old path
+    (bench/gemma_edit_step.py times both)."""
     st = settings
     copy = (MaskedCopy(model, slices) if bases or not fast else SliceCopy(model, slices))
     work = copy.work

@@ -189,11 +189,16 @@ def fused_hits(forward: FusedForward, params: Mapping[str, Tensor], batch: Batch
     return out
 
 
+def check_engine(engine: str) -> str:
+    """``engine`` if it is one of :data:`ENGINES`, else a ValueError naming the choices."""
+    if engine not in ENGINES:
+        raise ValueError(f"engine={engine!r}: choose one of {list(ENGINES)}")
+    return engine
+
+
 def engine_for(m: ModelHandle, engine: str, data: Batch) -> FusedForward | None:
     """The fused forward of ``m`` when ``engine`` asks for it and it applies (checked against
     the handle's logits on a few rows of ``data``), else None: the serial path."""
-    if engine not in ENGINES:
-        raise ValueError(f"engine={engine!r}: choose one of {list(ENGINES)}")
-    if engine == "serial" or not len(data):
+    if check_engine(engine) == "serial" or not len(data):
         return None
     return fused_forward(m, data[:8].trim().tokens)

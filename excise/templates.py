@@ -56,7 +56,7 @@ from dataclasses import dataclass
 
 import torch
 
-from excise.fused import engine_for, target_logits
+from excise.fused import check_engine, engine_for, target_logits
 from excise.handle import Batch, ModelHandle
 from excise.request import Fact, FactSet, ForgetRequest, fact_key, normalize
 
@@ -221,6 +221,7 @@ def greedy_continuations(model: ModelHandle, prompts: Sequence[str],
     probability of its first token. ``dummy``: a target the tokenizer can encode (prompts are
     encoded as facts, so BOS and tokenization are the handle's own). ``engine``: the forward
     (``excise.fused.ENGINES``; "fused" where it applies, else the handle's)."""
+    check_engine(engine)
     texts: list[str] = []
     probs: list[float] = []
     fused = None

@@ -16,7 +16,8 @@ from typing import Sequence
 
 import torch
 
-from excise.fused import engine_for, fused_hits, fused_token_logprobs, target_logits
+from excise.fused import (check_engine, engine_for, fused_hits, fused_token_logprobs,
+                          target_logits)
 from excise.handle import Batch, ModelHandle
 from excise.request import FactSet, fact_key
 
@@ -207,6 +208,7 @@ def fact_listing(model: ModelHandle, request, same_template: FactSet | None = No
     is a retain fact); ``engine`` as :func:`fact_hits`."""
     from excise.templates import greedy_continuations
 
+    check_engine(engine)
     splits = {}
     for split in LISTING_SPLITS:
         facts = list(same_template or ()) if split == "same_template" else \
@@ -235,6 +237,7 @@ def target_readout(model: ModelHandle, facts: Sequence, batch_size: int = 256,
     reproduces the target (every target token the argmax, as :func:`fact_hits`) ``[n]`` bool,
     and the summed target log-probability ``[n]`` (as :func:`target_logprobs`); ``engine`` as
     :func:`fact_hits`."""
+    check_engine(engine)
     facts = list(facts)
     if not facts:
         return torch.zeros(0, dtype=torch.bool), torch.zeros(0)

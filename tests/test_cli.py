@@ -34,6 +34,14 @@ def test_run_writes_a_complete_run_folder(tmp_path, tiny, tiny_oracle):
     assert set(m["edit"]) >= {"method", "units_changed", "params_changed_frac"}
     assert m["after"]["forget_recall"] < m["before"]["forget_recall"]
     assert "forget recall" in r.output and "oracle" in r.output
+    # where the time went: every stage the run passed through, within the run's seconds
+    stages = m["probes"]["stage_seconds"]
+    assert set(stages) == {"model", "request", "locate", "plots", "edit", "oracle", "verify",
+                           "listing"}
+    assert all(v >= 0 for v in stages.values()) and stages["verify"] > 0
+    assert sum(stages.values()) <= m["probes"]["seconds"] + 0.5
+    # a run's listing: every fact of every split, before and after
+    assert len(m["probes"]["facts"]["forget"]) == m["request"]["forget"] > 0
     # a second run into the same folder is refused, and the first run is left intact
     before = (out / "metrics.json").read_text()
     r2 = _run("--set", "organism.preset=tiny", "--out", str(out), "--quiet")

@@ -112,6 +112,18 @@ def test_kl_to_reference_equals_kl_div(kind):
         work.kl_to_reference(text[torch.tensor([0])].trim(), stats.take([1]))
     with pytest.raises(ValueError, match="another unembedding"):
         tiny_hf(kind, seed=1).kl_to_reference(text, stats)
+    # on facts (finetune's retain_loss="kl"): the positions that predict the targets only
+    facts, _ = _batches(ref_model)
+    stats = ref_model.kl_reference(facts, chunk=2, positions=3)
+    assert stats.u.shape[0] == int(facts.target_mask.sum())
+    for rows in ([0, 1, 2], [2, 1]):
+        b = facts[torch.tensor(rows)].trim()
+        want = F.kl_div(ModelHandle.target_logprobs(work, b),
+                        ModelHandle.target_logprobs(ref_model, b).detach(), log_target=True,
+                        reduction="batchmean")
+        assert want > 1e-3
+        torch.testing.assert_close(work.kl_to_reference(b, stats.take(rows)), want, rtol=0,
+                                   atol=1e-5)
 
 
 def _units():
@@ -147,7 +159,16 @@ def test_finetune_fast_path_equals_masked_path(kind, method, text_loss, retain_l
     st = FinetuneSettings(method=method, steps=6, lr=1e-3, batch_size=3, text_weight=1.0,
                           text_loss=text_loss, retain_loss=retain_loss)
     slow = _train(h, slices, req, st, progress=False, fast=False)
-    fast = _train(h, slices, req, st, progress=False, fast=True)
+    refs = []  # the batches whose KL statistics the fast path computes up front
+    plain = h.kl_reference
+    h.kl_reference = lambda batch, **kw: refs.append(len(batch)) or plain(batch, **kw)
+    try:
+        fast = _train(h, slices, req, st, progress=False, fast=True)
+    finally:
+        del h.kl_reference
+    want_refs = ([len(req.retain_text)] if text_loss == "kl" else []) + \
+        ([len(req.retain)] if retain_loss == "kl" and method != "ga" else [])
+    assert sorted(refs) == sorted(want_refs)  # each KL term on the exact, one-pass path
     assert isinstance(fast, SliceCopy) and not isinstance(slow, SliceCopy)
     linear = {s for s in slices if "mlp.W_" in s or "attn.W_" in s}
     assert set(fast.deltas) == linear and len(linear) == 3 + 3 + 2  # 2 MLPs, W_Q and W_O

@@ -273,7 +273,7 @@ def test_gemma_recipe_keeps_same_template_neighbors_on_a_held_out_request(tmp_pa
 
 
 @pytest.mark.parametrize("engine", ["serial", "fused"])
-def test_listing_matches_a_plain_loop_per_split(tiny, tiny_request, engine):
+def test_listing_matches_a_plain_loop_per_split(tiny, tiny_request, engine, monkeypatch):
     """The listing measures each (prompt, target) once, in one forward pass for the hit and the
     target probability: checked against the three measurements run split by split as separate
     calls (``fact_hits``, ``target_logprobs``, ``greedy_continuations`` - the listing before it
@@ -287,7 +287,17 @@ def test_listing_matches_a_plain_loop_per_split(tiny, tiny_request, engine):
     if engine == "fused":  # the fused forward applies to the organism
         from excise.fused import engine_for
         assert engine_for(model, "fused", model.encode(list(req.forget)[:8])) is not None
+    import excise.templates as T
+    import probes.behaviour as PB
+
+    calls = []  # the fused forward's target readout, in the listing and its greedy steps
+    for mod in (T, PB):
+        plain = mod.target_logits
+        monkeypatch.setattr(mod, "target_logits",
+                            lambda *a, _f=plain, **k: calls.append(1) or _f(*a, **k))
     got = fact_listing(model, req, st, engine=engine)
+    assert bool(calls) == (engine == "fused")
+    monkeypatch.undo()
     for split in LISTING_SPLITS:
         facts = list(st) if split == "same_template" else list(getattr(req, split))
         if not facts:
@@ -309,13 +319,24 @@ def test_listing_matches_a_plain_loop_per_split(tiny, tiny_request, engine):
     assert any(r["hit"] for r in got["retain"]) and not all(r["hit"] for r in got["holdout"])
 
 
-def test_greedy_continuations_fused_equals_serial(tiny, tiny_request):
+def test_greedy_continuations_fused_equals_serial(tiny, tiny_request, monkeypatch):
+    """Greedy continuations through the fused forward (which the test sees called) are the
+    handle's, and the engine is validated even for no prompts."""
+    import excise.templates as T
+
     model = tiny.model
+    calls = []
+    plain = T.target_logits
+    monkeypatch.setattr(T, "target_logits", lambda *a, **k: calls.append(1) or plain(*a, **k))
     facts = list(tiny_request.forget)[:40] + list(tiny_request.holdout)[:40]
     prompts, dummy = [f.prompt for f in facts], facts[0].target
     a, pa = templates.greedy_continuations(model, prompts, 3, 16, dummy=dummy)
     b, pb = templates.greedy_continuations(model, prompts, 3, 16, dummy=dummy, engine="fused")
     assert a == b and torch.allclose(torch.tensor(pa), torch.tensor(pb), rtol=1e-4)
+    assert len(calls) == 3 * math.ceil(len(prompts) / 16)  # fused: every step of every chunk
     assert len(set(a)) > 1  # not one answer for every prompt
+    for few in (prompts, []):
+        with pytest.raises(ValueError, match="engine='fast'"):
+            templates.greedy_continuations(model, few, 3, 16, dummy=dummy, engine="fast")
     with pytest.raises(ValueError, match="engine='fast'"):
-        templates.greedy_continuations(model, prompts, 3, 16, dummy=dummy, engine="fast")
+        fact_listing(model, tiny_request, engine="fast")

@@ -14,6 +14,7 @@ Shared with ``excise verify`` and the sweep: the stage registries (:func:`regist
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import random
 import time
@@ -365,28 +366,34 @@ def _run(cfg: RunConfig, out: Path, *, overwrite: bool, progress: bool,
     locate_fn = regs["locate"][cfg.locate.method]
     t0 = time.time()
     torch.manual_seed(cfg.seed)
+    stage = Stages()
     with staged(out, overwrite=overwrite, kind="run", log=log) as tmp:
         write_yaml(tmp / "config.yaml", cfg.to_dict())
-        subject = setup.build(progress=progress, log=log)
+        with stage("model"):  # the organism trained or loaded, or the real model loaded
+            subject = setup.build(progress=progress, log=log)
         model, req = subject.model, subject.request
         log(f"request: {req.summary()}")
-        train_req = training_request(cfg, model, req, log=log)  # what locate and edit keep
+        with stage("request"):
+            train_req = training_request(cfg, model, req, log=log)  # what locate and edit keep
         log(f"locate: {cfg.locate.method}")
-        imp = locate_with(locate_fn, model, train_req, cfg.locate.sites, cfg.locate.params,
-                          progress=progress)
+        with stage("locate"):
+            imp = locate_with(locate_fn, model, train_req, cfg.locate.sites, cfg.locate.params,
+                              progress=progress)
         imp.save(tmp / "importance.safetensors")
-        plot_paths = [plots.save(imp.plot("heatmap"), tmp / "importance.png"),
-                      plots.save(imp.plot("bar"), tmp / "importance_top.png")]
-        run_plots = getattr(locate, "run_plots", None)
-        if run_plots is not None:  # method-specific figures (e.g. causal-trace heatmaps)
-            plot_paths += run_plots(imp, model, req, tmp)
+        with stage("plots"):
+            plot_paths = [plots.save(imp.plot("heatmap"), tmp / "importance.png"),
+                          plots.save(imp.plot("bar"), tmp / "importance_top.png")]
+            run_plots = getattr(locate, "run_plots", None)
+            if run_plots is not None:  # method-specific figures (e.g. causal-trace heatmaps)
+                plot_paths += run_plots(imp, model, req, tmp)
         units = None
         if cfg.select.top is not None:
             units = imp.top(cfg.select.top, cfg.select.sites)
             write_json(tmp / "selection.json", {"source": units.source,
                                                 "units": units.to_list()})
         original = model.clone()
-        edits = apply_edits(cfg, model, imp, units, train_req, progress=progress, log=log)
+        with stage("edit"):
+            edits = apply_edits(cfg, model, imp, units, train_req, progress=progress, log=log)
         try:
             for name, e in zip(diff_names(cfg), edits):
                 e.diff.save(tmp / name)
@@ -396,25 +403,30 @@ def _run(cfg: RunConfig, out: Path, *, overwrite: bool, progress: bool,
             oracle = None
             if cfg.verify.oracle and req.forget_people():
                 log("retrain oracle (trained once per forget split, then cached)")
-                oracle = subject.oracle(n=cfg.verify.oracles)
+                with stage("oracle"):
+                    oracle = subject.oracle(n=cfg.verify.oracles)
             log(f"verify: {cfg.verify.suite}")
-            after = probes.verify(model, req, oracle=oracle, label="after",
-                                  suite=cfg.verify.suite, original=original,
-                                  cache=verify_cache(cfg, log), **cfg.verify.params)
-            listing = {"after": fact_listing(cfg, model, req, original)}
+            with stage("verify"):
+                after = probes.verify(model, req, oracle=oracle, label="after",
+                                      suite=cfg.verify.suite, original=original,
+                                      cache=verify_cache(cfg, log), **cfg.verify.params)
+            with stage("listing"):
+                listing = {"after": fact_listing(cfg, model, req, original)}
         finally:
             for e in reversed(edits):
                 e.revert()
         # the suites measure the original model as "before" when they need it; otherwise measure
         # its behaviour here (the edit is reverted, so the model is the original again)
-        before = after.metrics.get("before") or \
-            probes.verify(model, req, label="before").metrics["before"]
+        with stage("verify"):
+            before = after.metrics.get("before") or \
+                probes.verify(model, req, label="before").metrics["before"]
         report = Report(metrics={"before": before},
                         request=req.summary() | {"forget_people": req.forget_people()})
         report.merge(after)
         # every fact, before and after, by split (the edit is reverted: model is the original)
-        report.extra["facts"] = facts_by_split({"before": fact_listing(cfg, model, req, original)}
-                                               | listing)
+        with stage("listing"):
+            listing["before"] = fact_listing(cfg, model, req, original)
+        report.extra["facts"] = facts_by_split({"before": listing.pop("before")} | listing)
         planted = getattr(subject.organism, "planted", None)
         if planted is not None:  # the planted organism: where its designated facts live
             report.extra["planted"] = planted.to_dict()
@@ -424,7 +436,8 @@ def _run(cfg: RunConfig, out: Path, *, overwrite: bool, progress: bool,
             report.verdict, report.verdict_rule = after.verdict, after.verdict_rule
         write_plots = getattr(probes, "write_plots", None)
         if write_plots is not None:  # attack curves, per-depth probes ...
-            plot_paths += write_plots(report, tmp)
+            with stage("plots"):
+                plot_paths += write_plots(report, tmp)
         if not cfg.chained:
             m = edits[0].manifest
             report.edit = {"method": cfg.edit.method, "units_changed": _units_changed(edits[0]),
@@ -444,13 +457,33 @@ def _run(cfg: RunConfig, out: Path, *, overwrite: bool, progress: bool,
                            "locate": cfg.locate.method}
         keys = plots.recall_keys({k: report.metrics[k] for k in ("before", "after", "oracle")
                                   if k in report.metrics})
-        plot_paths.append(plots.save(plots.metrics_bars(report.metrics, keys),
-                                     tmp / "recall.png"))
+        with stage("plots"):
+            plot_paths.append(plots.save(plots.metrics_bars(report.metrics, keys),
+                                         tmp / "recall.png"))
         report.plots = [Path(p).name for p in plot_paths]
         report.extra["seconds"] = round(time.time() - t0, 1)
+        report.extra["stage_seconds"] = stage.seconds
+        log("seconds by stage: " + ", ".join(f"{k} {v:.0f}" for k, v in stage.seconds.items())
+            + f" (all {report.extra['seconds']:.0f})")
         report.extra["threads"] = torch.get_num_threads()
         report.save(tmp)
     return RunResult(out, report, time.time() - t0)
+
+
+class Stages:
+    """Wall seconds per stage of a run, summed over a stage's blocks (``stage("edit")`` as a
+    context manager): ``report.extra["stage_seconds"]`` and the run's last log line."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t = time.time()
+        try:
+            yield
+        finally:
+            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.time() - t, 1)
 
 
 def verify_cache(cfg: RunConfig, log: Callable[[str], None] | None = None):
