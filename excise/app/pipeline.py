@@ -472,7 +472,8 @@ def _run(cfg: RunConfig, out: Path, *, overwrite: bool, progress: bool,
 
 class Stages:
     """Wall seconds per stage of a run, summed over a stage's blocks (``stage("edit")`` as a
-    context manager): ``report.extra["stage_seconds"]`` and the run's last log line."""
+    context manager): ``report.extra["stage_seconds"]`` and one log line (stderr) when the
+    run is written up."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
