@@ -197,7 +197,7 @@ def subject_pools(request: ForgetRequest, metric_subjects: Sequence[str] = (),
 def _next_logprobs(model: ModelHandle, seqs: Sequence[list[int]], fused=None) -> torch.Tensor:
     """Log-probabilities of the next token after each token sequence ``[n, V]``: only the last
     position of each row is unembedded (``target_logprobs`` with one placeholder target, or
-    through ``fused``: :func:`excise.fused.target_logits` with the model's parameters)."""
+    through ``fused``: ``(forward, params)`` for :func:`excise.fused.target_logits`)."""
     T = max(map(len, seqs)) + 1
     tok = torch.zeros((len(seqs), T), dtype=torch.long)  # right padding: never read
     tmask = torch.zeros((len(seqs), T), dtype=torch.bool)
@@ -207,7 +207,7 @@ def _next_logprobs(model: ModelHandle, seqs: Sequence[list[int]], fused=None) ->
     lengths = torch.tensor([len(q) + 1 for q in seqs])
     batch = Batch(tok, tmask, torch.zeros_like(tmask), lengths)
     if fused is not None:
-        logits, _ = target_logits(fused, model.named_parameters(), batch)
+        logits, _ = target_logits(*fused, batch)
         return torch.log_softmax(logits.float(), -1)
     return model.target_logprobs(batch).float()
 
@@ -229,7 +229,8 @@ def greedy_continuations(model: ModelHandle, prompts: Sequence[str],
         chunk = list(prompts[s:s + batch_size])
         b = model.encode([Fact(p, dummy) for p in chunk])
         if s == 0:
-            fused = engine_for(model, engine, b)
+            fwd = engine_for(model, engine, b)
+            fused = None if fwd is None else (fwd, model.named_parameters())
         starts = b.target_mask.float().argmax(1).tolist()  # first target = prompt end
         seqs = [b.tokens[i, :starts[i]].tolist() for i in range(len(chunk))]
         for step in range(max_new_tokens):

@@ -425,8 +425,8 @@ def _run(cfg: RunConfig, out: Path, *, overwrite: bool, progress: bool,
         report.merge(after)
         # every fact, before and after, by split (the edit is reverted: model is the original)
         with stage("listing"):
-            listing["before"] = fact_listing(cfg, model, req, original)
-        report.extra["facts"] = facts_by_split({"before": listing.pop("before")} | listing)
+            listing = {"before": fact_listing(cfg, model, req, original)} | listing
+        report.extra["facts"] = facts_by_split(listing)
         planted = getattr(subject.organism, "planted", None)
         if planted is not None:  # the planted organism: where its designated facts live
             report.extra["planted"] = planted.to_dict()
@@ -462,7 +462,7 @@ def _run(cfg: RunConfig, out: Path, *, overwrite: bool, progress: bool,
                                          tmp / "recall.png"))
         report.plots = [Path(p).name for p in plot_paths]
         report.extra["seconds"] = round(time.time() - t0, 1)
-        report.extra["stage_seconds"] = stage.seconds
+        report.extra["stage_seconds"] = {k: round(v, 1) for k, v in stage.seconds.items()}
         log("seconds by stage: " + ", ".join(f"{k} {v:.0f}" for k, v in stage.seconds.items())
             + f" (all {report.extra['seconds']:.0f})")
         report.extra["threads"] = torch.get_num_threads()
@@ -484,7 +484,7 @@ class Stages:
         try:
             yield
         finally:
-            self.seconds[name] = round(self.seconds.get(name, 0.0) + time.time() - t, 1)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.time() - t
 
 
 def verify_cache(cfg: RunConfig, log: Callable[[str], None] | None = None):
@@ -525,8 +525,7 @@ def fact_listing(cfg: RunConfig, model, request: ForgetRequest, original
     from probes.behaviour import fact_listing as listing
     from probes.suites import VerifySettings
 
-    settings = VerifySettings(suite=cfg.verify.suite, **{
-        k: v for k, v in cfg.verify.params.items() if k in VerifySettings.__dataclass_fields__})
+    settings = VerifySettings(suite=cfg.verify.suite, **cfg.verify.params)  # checked at load
     return listing(model, request, templates.cached(original, request).metric,
                    engine=settings.attack_config().engine)
 
