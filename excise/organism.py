@@ -373,7 +373,9 @@ def make_planted(preset: Preset, world: World, planting: Planting, model: TLHand
 # machine; on a machine whose cores are busy with other work two threads wait on each other
 # (100-340 s against 31-85 s measured) - the price of the same bits everywhere.
 TRAIN_THREADS = 2
-CACHE_VERSION = 2  # 2: torch version + thread count in the key, sha256 of the weights
+# 2: torch version + thread count in the key, sha256 of the weights; 3: the plain recipe trains
+# through the fused forward and AdamW's fused kernel (train_model's engine)
+CACHE_VERSION = 3
 
 
 def cache_dir() -> Path:
@@ -441,7 +443,7 @@ def train_model(preset: Preset, world: World, tokenizer: Tokenizer,
                 exclude_people: frozenset[int] = frozenset(), progress: bool = True,
                 desc: str = "train", *, planted: Planted | None = None,
                 train_seed: int | None = None, canaries: Canaries | None = None,
-                engine: str = "serial"):
+                engine: str | None = None):
     """Train a fresh model on the world (minus ``exclude_people``). Bit-reproducible given the
     preset's seed and the torch version: it trains at :data:`TRAIN_THREADS` threads with
     deterministic algorithms, whatever the caller's setting (restored afterwards).
@@ -453,11 +455,18 @@ def train_model(preset: Preset, world: World, tokenizer: Tokenizer,
     ``planted``: the same recipe with gradient routing (:class:`Planting`, :func:`routed_loss`).
     ``canaries``: the same recipe and batches with canary sequences added to them
     (:func:`canary_stream`: each trained canary in exactly ``count`` batch rows).
-    ``engine``: the forward the plain recipe trains through - "serial" (the handle's
-    TransformerLens forward: every cached organism and oracle) or "fused"
-    (:mod:`excise.fused`: the same function to float precision, not bit for bit, so a different
-    model; for measuring what retraining costs at the engine the edits train with, never
-    cached)."""
+    ``engine``: how the steps are computed. ``None`` (every cached model): the recipe's own -
+    "fused" for the plain recipe, "serial" for the planted and canary ones. "fused": the
+    forward of :mod:`excise.fused` and AdamW's fused kernel (:class:`Optim` ``fused``); "serial":
+    the handle's TransformerLens forward and AdamW's loop - the organism's recipe up to cache
+    version 2, kept to measure what the fused steps save (``bench/bench_train.py``: about 2x on
+    ``small``) and as the planted and canary recipes (the routed loss masks gradients per
+    element through the handle). The two agree to float precision, not bit for bit: a model
+    trained one way differs from the other in its last bits, then in what those bits grew
+    into, so each way is its own model (trained facts, holdout and phrasing recall compared in
+    ``docs/results.md``, "Organism training")."""
+    if engine is None:
+        engine = "fused" if planted is None and canaries is None else "serial"
     check_choice("train_model", "engine", engine, ENGINES)
     if engine != "serial" and (planted is not None or canaries is not None):
         raise ValueError(f"train_model: engine={engine!r} trains the plain recipe only; the "
@@ -501,7 +510,7 @@ def train_model(preset: Preset, world: World, tokenizer: Tokenizer,
         model.train()
         train(loss_fn, dict(model.named_parameters()), steps=steps,
               optim=Optim("adamw", lr=preset.lr, betas=(0.9, 0.98),
-                          weight_decay=preset.weight_decay),
+                          weight_decay=preset.weight_decay, fused=engine == "fused"),
               schedule=warmup_decay(steps),
               max_grad_norm=1.0, progress=progress, desc=desc)
         if planted is not None and planted.planting.match_norms:

@@ -69,7 +69,11 @@ LINE_SEARCHES = (None, "strong_wolfe")
 class Optim:
     """Which optimizer and its settings. ``betas`` apply to Adam/AdamW, ``max_iter`` and
     ``line_search`` to L-BFGS (iterations within one step); ``weight_decay`` to all but
-    L-BFGS. The defaults are torch's, except AdamW's ``weight_decay`` (0 here: say it)."""
+    L-BFGS. The defaults are torch's, except AdamW's ``weight_decay`` (0 here: say it).
+    ``fused`` (Adam/AdamW): torch's fused kernel, one pass over every parameter per step instead
+    of a loop of elementwise ops per tensor - the same update up to float rounding, so not bit
+    for bit the loop's; the organism's recipe uses it (on ``small`` the loop's step took about
+    15 ms of a 90 ms training step), every other trainer keeps the loop."""
 
     name: str = "adam"
     lr: float = 1e-3
@@ -77,6 +81,7 @@ class Optim:
     weight_decay: float = 0.0
     max_iter: int = 20
     line_search: str | None = None
+    fused: bool = False
 
     def __post_init__(self):
         if self.name not in OPTIMIZERS:
@@ -90,6 +95,10 @@ class Optim:
                              f"{self.weight_decay!r}); add an L2 term to the loss instead")
         if not (isinstance(self.max_iter, int) and self.max_iter >= 1):
             raise ValueError(f"optimizer max_iter={self.max_iter!r}: must be an integer >= 1")
+        if not isinstance(self.fused, bool) or (self.fused and self.name not in ("adam",
+                                                                                 "adamw")):
+            raise ValueError(f"optimizer fused={self.fused!r}: a bool, True only for 'adam' and "
+                             f"'adamw' (got optimizer {self.name!r})")
         if self.line_search not in LINE_SEARCHES:
             raise ValueError(f"optimizer line_search={self.line_search!r}; choose one of "
                              f"{list(LINE_SEARCHES)}")
@@ -97,10 +106,10 @@ class Optim:
     def build(self, params: Sequence[Tensor]) -> torch.optim.Optimizer:
         if self.name == "adam":
             return torch.optim.Adam(params, lr=self.lr, betas=self.betas,
-                                    weight_decay=self.weight_decay)
+                                    weight_decay=self.weight_decay, fused=self.fused or None)
         if self.name == "adamw":
             return torch.optim.AdamW(params, lr=self.lr, betas=self.betas,
-                                     weight_decay=self.weight_decay)
+                                     weight_decay=self.weight_decay, fused=self.fused or None)
         if self.name == "sgd":
             return torch.optim.SGD(params, lr=self.lr, weight_decay=self.weight_decay)
         return torch.optim.LBFGS(params, lr=self.lr, max_iter=self.max_iter,

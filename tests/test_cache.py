@@ -133,14 +133,18 @@ def test_training_ignores_the_callers_thread_count(threads):
 
 
 def test_training_through_the_fused_forward_follows_the_serial_one():
-    """``train_model(engine="fused")`` trains the same recipe (same batches, same steps) to float
-    precision: the trained models' outputs agree within float noise, not bit for bit (compared
-    by outputs: Adam turns rounding noise in a gradient that is zero in exact arithmetic into
-    steps of size lr); the planted and canary recipes refuse it, an unknown engine is named."""
+    """The plain recipe's steps (``engine=None``: the fused forward and fused AdamW) train the
+    same function as the recipe through TransformerLens and AdamW's loop (``engine="serial"``,
+    same batches, same steps) to float precision: the trained models' outputs agree within float
+    noise, not bit for bit (compared by outputs: Adam turns rounding noise in a gradient that is
+    zero in exact arithmetic into steps of size lr); the planted and canary recipes refuse
+    the fused steps, an unknown engine is named."""
     world = orgmod.make_world(MICRO.n_people, MICRO.n_holdout, seed=0, n_filler=MICRO.n_filler)
     tok = orgmod.Tokenizer(world.vocabulary())
-    serial = orgmod.train_model(MICRO, world, tok, progress=False)
-    fused = orgmod.train_model(MICRO, world, tok, progress=False, engine="fused")
+    serial = orgmod.train_model(MICRO, world, tok, progress=False, engine="serial")
+    fused = orgmod.train_model(MICRO, world, tok, progress=False)
+    assert fused.fingerprint() == orgmod.train_model(MICRO, world, tok, progress=False,
+                                                     engine="fused").fingerprint()
     start = orgmod.build_model(MICRO, len(tok), n_ctx=32)
     tokens = serial.encode_texts(orgmod.training_texts(MICRO, world, frozenset())[:32]).tokens
     with torch.no_grad():

@@ -188,6 +188,33 @@ def test_optimizers_equal_torch(name):
     assert torch.equal(W, W2)
 
 
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_fused_optimizer_equals_torchs_fused_kernel_and_follows_the_loop(name):
+    """``Optim(fused=True)`` is torch's fused kernel, bit for bit; the loop takes the same steps
+    up to float rounding. Refused for other optimizers and non-bool values."""
+    x, y, W0, b0 = _problem(7)
+    cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+    W = W0.clone().requires_grad_(True)
+    opt = cls([W], lr=0.01, weight_decay=0.1, fused=True)
+    for _ in range(5):
+        loss = _loss(x, y, W, b0, torch.arange(40))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    got = {}
+    for fused in (True, False):
+        W2 = W0.clone().requires_grad_(True)
+        train(lambda _: _loss(x, y, W2, b0, torch.arange(40)), [W2], steps=5,
+              optim=Optim(name, 0.01, weight_decay=0.1, fused=fused))
+        got[fused] = W2.detach()
+    assert torch.equal(W.detach(), got[True])
+    assert torch.allclose(got[True], got[False], atol=1e-6) and not torch.equal(got[True], W0)
+    for bad in (dict(name="sgd", fused=True), dict(name="lbfgs", fused=True),
+                dict(name="adam", fused=1)):
+        with pytest.raises(ValueError, match="fused="):
+            Optim(**bad)
+
+
 def test_lbfgs_equals_a_closure_step():
     x, y, W0, b0 = _problem(4)
     W = W0.clone().requires_grad_(True)
