@@ -49,7 +49,9 @@ def _stream(monkeypatch, canaries):
 
     monkeypatch.setattr(orgmod.TLHandle, "loss", record)
     monkeypatch.setattr(orgmod, "train", fake_train)
-    orgmod.train_model(MICRO, world, tok, progress=False, canaries=canaries)
+    # the serial steps draw through TLHandle.loss (the plain recipe's fused steps draw the same
+    # batches from the same sampler, through fused_loss)
+    orgmod.train_model(MICRO, world, tok, progress=False, canaries=canaries, engine="serial")
     return world, steps
 
 
