@@ -51,6 +51,32 @@ def test_fused_logits_loss_and_gradients_match_the_handle(tiny, tiny_request):
     assert torch.equal(fused_hits(fwd, params, b), A.fact_hits(m, b))
 
 
+def test_fused_attention_both_forms_equal_the_handle(tiny, monkeypatch):
+    """Attention runs as batched matmuls up to ``_MATH_ATTENTION_MAX_T`` positions and through
+    torch's kernel beyond: both give the handle's logits (a random model with room for 96
+    positions, rows of 20 and of 80 tokens), and the two forms agree with each other."""
+    import excise.fused as fused_mod
+    from excise.organism import PRESETS, build_model
+
+    model = build_model(PRESETS["tiny"], len(tiny.tokenizer), n_ctx=96)
+    h = TLHandle(model, tiny.tokenizer)
+    kernel_calls = []
+    real = fused_mod.F.scaled_dot_product_attention
+    monkeypatch.setattr(fused_mod.F, "scaled_dot_product_attention",
+                        lambda *a, **k: kernel_calls.append(a[0].shape[2]) or real(*a, **k))
+    fwd = fused_forward(h)
+    gen = torch.Generator().manual_seed(0)
+    for T in (20, 80):
+        tokens = torch.randint(1, len(tiny.tokenizer), (3, T), generator=gen)
+        with torch.no_grad():
+            assert (fwd(h.named_parameters(), tokens) - h.logits(tokens)).abs().max() < 1e-4
+    assert set(kernel_calls) == {80} and 80 > fused_mod._MATH_ATTENTION_MAX_T >= 20
+    q, k, v = torch.randn(3, 2, 4, 12, 8, generator=gen)
+    mask = torch.full((12, 12), float("-inf")).triu_(1)
+    a = fused_mod._causal_attention(q, k, v, 0.3, mask)
+    assert torch.allclose(a, fused_mod._causal_attention(q, k, v, 0.3, None), atol=1e-6)
+
+
 def test_fused_kept_positions_equal_the_full_logits_there(tiny, tiny_request):
     """``keep``: the last block runs at the kept positions only; the logits there equal the
     full forward's, with a hook on an earlier block and on the last one (which sees every
