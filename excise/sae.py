@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,7 +38,7 @@ from torch import Tensor
 
 from excise.edits import HookSpec
 from excise.handle import Batch, ModelHandle
-from excise.io import CacheWarning, checksum_problem, file_lock, file_sha256
+from excise.io import CacheWarning, checksum_problem, file_lock, file_sha256, partial_dir
 from excise.request import FactSet
 from excise.train import Optim, Sampler, train
 
@@ -216,7 +215,7 @@ def _save_sae(sae_model, path: Path, info: dict) -> None:
     """Write the SAE (sae-lens' files, then ``excise.json`` with their sha256) into a hidden
     folder beside ``path`` and rename it into place: an interrupted write is never a cache."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    tmp = partial_dir(path, f".{path.name}.partial-")
     try:
         sae_model.save_model(tmp)
         sums = {name: file_sha256(tmp / name) for name in SAE_FILES}

@@ -464,3 +464,34 @@ def test_signals_held_puts_every_handler_back_and_delivers_each_signal_once():
     finally:
         for s, h in before.items():
             signal.signal(s, h)
+
+
+def test_files_and_staged_folders_get_the_permissions_open_and_mkdir_give(tmp_path):
+    """Atomic writes go through a private temp file and staged folders through a private temp
+    folder; what lands carries the umask's permissions (0644 / 0755 at umask 022, 0640 / 0750
+    at 027), a replaced file keeps its own mode, and a run folder renamed into place is as
+    readable as a folder the user made."""
+    from excise.app.folders import staged
+    from excise.io import atomic_write_text, partial_dir
+
+    old = os.umask(0o022)
+    try:
+        for mask, file_mode, dir_mode in ((0o022, 0o644, 0o755), (0o027, 0o640, 0o750)):
+            os.umask(mask)
+            f = tmp_path / f"new-{mask:o}.json"
+            atomic_write_text(f, "{}")
+            assert f.stat().st_mode & 0o777 == file_mode
+            d = partial_dir(tmp_path / f"x-{mask:o}", ".x-")
+            assert d.stat().st_mode & 0o777 == dir_mode and d.parent == tmp_path
+            out = tmp_path / f"run-{mask:o}"
+            with staged(out, overwrite=False, kind="run", log=lambda _: None) as tmp:
+                atomic_write_text(tmp / "metrics.json", "{}")
+            assert out.stat().st_mode & 0o777 == dir_mode
+            assert (out / "metrics.json").stat().st_mode & 0o777 == file_mode
+        kept = tmp_path / "kept.json"
+        kept.write_text("{}")
+        kept.chmod(0o600)
+        atomic_write_text(kept, "[]")
+        assert kept.stat().st_mode & 0o777 == 0o600 and kept.read_text() == "[]"
+    finally:
+        os.umask(old)

@@ -27,7 +27,6 @@ import re
 import shutil
 import signal
 import socket
-import tempfile
 import threading
 import time
 import uuid
@@ -37,7 +36,7 @@ from pathlib import Path, PurePosixPath
 from typing import Callable, Iterator
 
 from excise.config import ConfigError
-from excise.io import write_json
+from excise.io import partial_dir, write_json
 
 MANIFEST = "run.json"
 FORMAT = "excise.run/1"
@@ -319,8 +318,7 @@ def clear_stale(parent: Path, log: Callable[[str], None] = print) -> list[Path]:
 def _make_partial(out: Path) -> Path:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-",
-                                    dir=out.parent))
+        tmp = partial_dir(out, f".{out.name}.partial-{os.getpid()}-")
     except OSError as e:
         raise OutFolderError(f"--out {out}: cannot create a folder in {out.parent} "
                              f"({e.strerror or e}); give a writable folder") from None
