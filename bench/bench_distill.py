@@ -2,8 +2,9 @@
 engines: the student's fused forward (``edit.distill(engine="fused")``, the default) against the
 handle's serial TransformerLens forward (own loop), and both against training the retrain oracle
 from scratch (``excise.organism.train_model`` without the forget people: what the edit imitates;
-issue 14's "cheaper than retraining" compares these wall times) at each engine too (serial: how
-every cached oracle is trained; fused: the same recipe through the fused forward). One run, one
+issue 14's "cheaper than retraining" compares these wall times) at each engine too (serial: the
+organism's steps up to cache version 2; fused: its steps since cache version 3, how every cached
+oracle is trained now - the fused forward and fused AdamW). One run, one
 request, same seeds; prints seconds, the ratios and what each model does (forget / retain /
 shared recall).
 
@@ -92,7 +93,7 @@ def main() -> None:
         out["fused_vs_serial"] = round(ratio, 3)
     if not a.no_retrain:
         out["retrain"] = {}
-        for engine in ("serial", "fused"):  # serial: how every cached oracle is trained
+        for engine in ("serial", "fused"):  # fused: how every cached oracle trains since v3
             t = time.perf_counter()
             oracle = train_model(org.preset, org.world, org.tokenizer, frozenset(people),
                                  progress=False, desc="oracle", engine=engine)
@@ -106,7 +107,7 @@ def main() -> None:
             print(f"edit / retraining, both {engine}: "
                   f"{rows[engine]['seconds'] / out['retrain'][engine]['seconds']:.2f}")
         if "fused" in rows:
-            print(f"edit (fused) / retraining (serial, as the cached oracles): "
+            print(f"edit (fused) / retraining (serial, the recipe up to cache version 2): "
                   f"{rows['fused']['seconds'] / out['retrain']['serial']['seconds']:.2f}")
     if a.json:
         from excise.io import atomic_write_text

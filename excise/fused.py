@@ -106,7 +106,7 @@ def fused_forward(model: ModelHandle, check: Tensor | None = None) -> FusedForwa
                  + F.embedding(flat % T, P["pos_embed.W_pos"]))
         last = c.n_layers - 1 if cut is not None and c.n_layers - 1 not in at else None
         causal = None if T > _MATH_ATTENTION_MAX_T else \
-            torch.full((T, T), float("-inf"), device=dev).triu_(1)
+            torch.full((T, T), float("-inf"), dtype=x.dtype, device=dev).triu_(1)
         for L in range(c.n_layers):
             p = f"blocks.{L}."
             h = F.layer_norm(x, (d,), P[p + "ln1.w"], P[p + "ln1.b"], eps)
@@ -146,9 +146,10 @@ def fused_forward(model: ModelHandle, check: Tensor | None = None) -> FusedForwa
 
 
 # Up to this many positions attention runs as two batched matmuls and a softmax; beyond, torch's
-# scaled_dot_product_attention. At the organism's lengths (at most 32) the explicit form's
-# forward and backward took half the time of the CPU flash kernel (B 64, 8 heads, T 28, d_head
-# 32: 4.6 against 9.1 ms, one layer, two threads) - the kernel's blocking pays off on long rows.
+# scaled_dot_product_attention. At the organism's lengths (its context holds 32 positions; its
+# training rows at most 18 tokens) the explicit form's forward and backward took half the time
+# of the CPU flash kernel (B 64, 8 heads, T 28, d_head 32: 4.6 against 9.1 ms, one layer, two
+# threads) - the kernel's blocking pays off on long rows.
 _MATH_ATTENTION_MAX_T = 64
 
 

@@ -35,7 +35,8 @@ def partial_dir(target: Path, prefix: str) -> Path:
     renamed into place when complete, with the permissions ``mkdir`` gives (``mkdtemp`` makes
     it private, 0700: a run folder renamed from it would be unreadable to the user's group)."""
     tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=target.parent))
-    os.chmod(tmp, 0o777 & ~_umask())
+    with contextlib.suppress(OSError):  # best effort: a file system without modes keeps its own
+        os.chmod(tmp, (0o777 & ~_umask()) | (tmp.stat().st_mode & stat.S_ISGID))
     return tmp
 
 
@@ -47,13 +48,14 @@ def _atomic(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        if hasattr(os, "fchmod"):
-            try:
-                mode = stat.S_IMODE(path.stat().st_mode)
-            except OSError:
-                mode = 0o666 & ~_umask()
-            os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):
+                try:
+                    mode = path.stat().st_mode & 0o777
+                except OSError:
+                    mode = 0o666 & ~_umask()
+                with contextlib.suppress(OSError):  # best effort, as in partial_dir
+                    os.fchmod(f.fileno(), mode)
             write(f)
             f.flush()
             os.fsync(f.fileno())

@@ -207,6 +207,8 @@ def test_fused_optimizer_equals_torchs_fused_kernel_and_follows_the_loop(name):
         train(lambda _: _loss(x, y, W2, b0, torch.arange(40)), [W2], steps=5,
               optim=Optim(name, 0.01, weight_decay=0.1, fused=fused))
         got[fused] = W2.detach()
+    assert Optim(name, fused=True).build([W]).defaults["fused"] is True
+    assert not Optim(name).build([W]).defaults["fused"]
     assert torch.equal(W.detach(), got[True])
     assert torch.allclose(got[True], got[False], atol=1e-6) and not torch.equal(got[True], W0)
     for bad in (dict(name="sgd", fused=True), dict(name="lbfgs", fused=True),
