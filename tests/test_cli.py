@@ -521,13 +521,14 @@ def test_staged_folder_api(tmp_path, monkeypatch):
 def test_unwritable_out_is_refused_before_anything_runs(tmp_path, monkeypatch):
     import errno
     import os
+    import tempfile
 
     from excise.app import folders
 
     def read_only(*a, **k):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr(folders.tempfile, "mkdtemp", read_only)
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)  # the staged folder's (excise.io)
     r = _run(*TINY, "--out", str(tmp_path / "run"))
     assert r.exit_code == 2, r.output
     assert r.stderr.strip().splitlines() == [
