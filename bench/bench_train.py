@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import json
 import os
 import statistics
@@ -54,8 +55,6 @@ def main() -> None:
     a = ap.parse_args()
 
     import torch
-
-    import importlib
 
     from excise.world import Tokenizer, make_world
 
